@@ -1,0 +1,231 @@
+"""What every runner does: parse flags (defaults from its config.py), load, run, check, write the JSON.
+
+The runners are thin entry points that call `main` with their config file and scheme.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+import time
+
+import torch
+
+from splitinfer.engine import SplitLlama
+from splitinfer.errors import UserError
+from splitinfer.inputs import build_batch, read_prompts
+from splitinfer.metrics import synchronize
+from splitinfer.models import DEFAULT_MODEL, PRESETS, LoadedModel, load_model
+from splitinfer.reference import compare, reference_logits
+from splitinfer.results import (environment_block, percentage_block, steady_state_block, timing_block,
+                                write_atomically, write_json)
+from splitinfer.schemes import make_scheme
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+TEE_ONLY = "tee_only"
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line on stderr and exit status 2."""
+
+    def error(self, message: str) -> None:
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def load_config(path: str):
+    spec = importlib.util.spec_from_file_location(f"_runner_config_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def build_parser(config, scheme: str, prog: str) -> argparse.ArgumentParser:
+    where = "everything on the CPU (the TEE-only baseline)" if scheme == TEE_ONLY else (
+        f"split between the CPU TEE and the GPU, scheme '{scheme}'")
+    p = OneLineParser(prog=prog, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                      description=f"LLaMA prefill, {where}. Writes a timing JSON and checks the logits "
+                                  "against transformers' LlamaForCausalLM. Defaults come from config.py.")
+    p.add_argument("--model", default=config.MODEL,
+                   help=f"checkpoint directory, '{DEFAULT_MODEL}' (SmolLM2-135M-Instruct), or preset:NAME with NAME "
+                        f"in {', '.join(PRESETS)} (random weights of the real shape)")
+    p.add_argument("--prefill-length", type=int, default=config.PREFILL_TOKEN_LENGTH,
+                   help="tokens per sequence; the prompt is cut or repeated to exactly this many")
+    p.add_argument("--batch-size", type=int, default=config.BATCH_SIZE,
+                   help="sequences per inference; sequence b uses prompt b of the prompts file (cycling)")
+    p.add_argument("--ragged", action="store_true",
+                   help="give later sequences fewer real tokens (right padding) to exercise the padding mask")
+    p.add_argument("--dtype", choices=list(DTYPES), default=config.DTYPE,
+                   help="weights and activations; default float16 with CUDA, float32 without")
+    p.add_argument("--gpu-device", default=config.GPU_DEVICE,
+                   help="the untrusted device; falls back to the CPU, with a warning, when CUDA is absent")
+    p.add_argument("--prompts-file", default=config.PROMPTS_FILE, help="one prompt per line")
+    p.add_argument("--output", default=config.OUTPUT_FILE, help="where the timing JSON goes")
+    p.add_argument("--seed", type=int, default=config.SEED,
+                   help="seed for preset weights (0 when unset) and for masks (OS CSPRNG when unset)")
+    p.add_argument("--warmup", type=int, default=config.WARMUP,
+                   help="untimed inferences before the timed one (0: the first inference is the one timed)")
+    p.add_argument("--repeat", type=int, default=config.REPEAT,
+                   help="further inferences after the timed one, summarised under steady_state")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--save-logits", metavar="PATH", default=None,
+                   help="torch.save {input_ids, attention_mask, logits} (float32, last real position) here")
+    p.add_argument("--no-reference", action="store_true",
+                   help="skip the transformers reference (for models too large to run twice)")
+    return p
+
+
+def main(config_path: str, scheme: str, argv: list[str] | None = None) -> int:
+    """Entry point shared by every runner. Returns the process exit status."""
+    config = load_config(config_path)
+    args = build_parser(config, scheme, os.path.basename(sys.argv[0])).parse_args(argv)
+    try:
+        run(args, scheme)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def resolve_gpu_device(name: str) -> tuple[torch.device, bool]:
+    """The device the GPU side runs on, and whether it fell back to the CPU."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"'{name}' is not a device name (use cuda, cuda:N or cpu)") from None
+    if device.type == "cpu":
+        return device, True
+    if device.type != "cuda":
+        raise UserError(f"--gpu-device must be a CUDA device (cuda or cuda:N) or cpu, not '{name}'")
+    if not torch.cuda.is_available():
+        print(f"warning: CUDA is not available, so the GPU side ('{name}') runs on the CPU; "
+              "the JSON records the fallback", file=sys.stderr)
+        return torch.device("cpu"), True
+    index = device.index or 0
+    if index >= torch.cuda.device_count():
+        raise UserError(f"CUDA device '{name}' does not exist ({torch.cuda.device_count()} visible)")
+    return torch.device("cuda", index), False
+
+
+def check_writable(path: str, flag: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise UserError(f"{flag} '{path}' is a directory")
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise UserError(f"{flag} '{path}': folder '{folder}' does not exist or is not writable")
+
+
+def validate(args) -> None:
+    for flag, value, least in (("--prefill-length", args.prefill_length, 1), ("--batch-size", args.batch_size, 1),
+                               ("--warmup", args.warmup, 0), ("--repeat", args.repeat, 0)):
+        if value < least:
+            raise UserError(f"{flag} must be at least {least}, got {value}")
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads must be at least 1, got {args.threads}")
+    check_writable(args.output, "--output")
+    if args.save_logits:
+        check_writable(args.save_logits, "--save-logits")
+
+
+def progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def run(args, scheme_name: str) -> dict:
+    """Load, run the timed inference(s), check against transformers, write the result. Returns it."""
+    validate(args)
+    tee_only = scheme_name == TEE_ONLY
+    gpu_device, fallback = (torch.device("cpu"), False) if tee_only else resolve_gpu_device(args.gpu_device)
+    dtype_name = args.dtype or ("float16" if gpu_device.type == "cuda" else "float32")
+    dtype = DTYPES[dtype_name]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    prompts = read_prompts(args.prompts_file)
+
+    progress(f"loading model '{args.model}' ({dtype_name})")
+    model = load_model(args.model, dtype, gpu_device, args.seed)
+    if args.prefill_length > model.config.max_position_embeddings:
+        raise UserError(f"--prefill-length {args.prefill_length} exceeds the model's max_position_embeddings "
+                        f"({model.config.max_position_embeddings})")
+    ids, mask = build_batch(model.tokenizer, prompts, args.prefill_length, args.batch_size, args.ragged)
+
+    progress(f"setting up: weights to {gpu_device}" + (" (the TEE)" if tee_only else ""))
+    start = time.perf_counter()
+    scheme = make_scheme("plain" if tee_only else scheme_name, seed=args.seed)
+    engine = SplitLlama(model.config, model.state_dict, scheme, gpu_device, dtype, tee_only=tee_only)
+    if gpu_device.type == "cuda":  # context and cuBLAS handle belong to set-up, not to the first inference
+        torch.ones(8, 8, device=gpu_device, dtype=dtype) @ torch.ones(8, 8, device=gpu_device, dtype=dtype)
+    synchronize(gpu_device)
+    setup_ms = (time.perf_counter() - start) * 1e3
+    info = model_info(model)
+    model.state_dict = {}  # the engine holds what it needs; drop the loader's copies
+
+    for _ in range(args.warmup):
+        engine.timed_forward(ids, mask)
+    progress(f"timed inference: batch {args.batch_size} x {args.prefill_length} tokens")
+    logits, figures = engine.timed_forward(ids, mask)
+    repeats = [engine.timed_forward(ids, mask)[1] for _ in range(args.repeat)]
+
+    correctness = {"reference": None, "skipped": True}
+    if not args.no_reference:
+        progress("transformers reference (float32, CPU), outside the timed region")
+        correctness = compare(logits, reference_logits(model.config, engine.export_state_dict(), ids, mask))
+
+    predictions = [{"prompt": model.tokenizer.decode(ids[b, : int(mask[b].sum())].tolist()),
+                    "next_token_id": int(t), "next_token": model.tokenizer.decode([int(t)])}
+                   for b, t in enumerate(logits.argmax(-1))]
+    print_summary(predictions, figures, correctness, model.random_weights)
+
+    real_tokens = int(mask.sum())
+    result = {
+        "timing": timing_block(figures, setup_ms),
+        "timing_breakdown": figures["breakdown"],
+        "timing_percentage": percentage_block(figures),
+        "data_transfer": figures["data_transfer"],
+        "operation_counts": figures["counts"],
+        "benchmark_info": {**info, "prefill_length": args.prefill_length, "batch_size": args.batch_size,
+                           "real_tokens": real_tokens, "ragged": args.ragged, "dtype": dtype_name,
+                           "scheme": scheme_name, "encryption_scheme": scheme.encryption_scheme,
+                           "throughput_tokens_per_sec": real_tokens / (figures["total_ms"] / 1e3),
+                           "logits_shape": list(logits.shape), "lm_head_positions": "last real token",
+                           "gpu_device": str(gpu_device), "gpu_fallback_to_cpu": fallback,
+                           "warmup": args.warmup, "repeat": args.repeat, "seed": args.seed,
+                           "prompts_file": os.path.abspath(args.prompts_file)},
+        "correctness": correctness,
+        "predictions": predictions,
+        "environment": environment_block(gpu_device, fallback, torch.get_num_threads()),
+    }
+    if repeats:
+        result["steady_state"] = steady_state_block(repeats)
+    write_json(args.output, result)
+    progress(f"wrote {args.output}")
+    if args.save_logits:
+        payload = {"input_ids": ids, "attention_mask": mask, "logits": logits}
+        write_atomically(args.save_logits, lambda f: torch.save(payload, f))
+        progress(f"wrote {args.save_logits}")
+    return result
+
+
+def model_info(model: LoadedModel) -> dict:
+    c = model.config
+    return {"model": model.name, "model_source": model.source, "random_weights": model.random_weights,
+            "params": model.n_params, "layers": c.num_hidden_layers, "hidden_size": c.hidden_size,
+            "heads": c.num_attention_heads, "kv_heads": c.num_key_value_heads, "vocab_size": c.vocab_size}
+
+
+def print_summary(predictions: list[dict], figures: dict, correctness: dict, random_weights: bool) -> None:
+    for p in predictions[:4]:
+        print(f"prompt: {p['prompt']!r}")
+        print(f"next token: {p['next_token']!r} (id {p['next_token_id']})"
+              + ("  [random weights: meaningless]" if random_weights else ""))
+    if len(predictions) > 4:
+        print(f"... and {len(predictions) - 4} more sequences")
+    c = figures["categories"]
+    print(f"total {figures['total_ms']:.1f} ms: transfer {c['transfer_to_gpu'] + c['transfer_to_cpu']:.1f}, "
+          f"gpu {c['gpu_compute']:.1f}, cpu {c['cpu_compute']:.1f}, crypto {c['crypto']:.1f}, "
+          f"other {c['other']:.1f}" + (f"; offline {c['offline']:.1f}" if c["offline"] else ""))
+    if not correctness.get("skipped"):
+        print(f"vs transformers: max abs logit error {correctness['max_abs_logit_error']:.3g}, "
+              f"relative {correctness['rel_logit_error']:.3g}, top-1 agreement {correctness['top1_agreement']:.2f}")
+

@@ -1,0 +1,202 @@
+"""The LLaMA prefill, written top to bottom, with every TEE <-> GPU hop a visible call.
+
+The TEE (CPU) holds the norms and runs every nonlinear op; the GPU holds the projection weights and
+runs every linear op. A scheme protects what crosses; `plain` protects nothing.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import LlamaConfig
+
+from splitinfer.boundary import Boundary
+from splitinfer.metrics import Metrics
+from splitinfer.inputs import last_positions
+from splitinfer.schemes import Plain
+from splitinfer.tee_ops import Rotary, apply_rope, attention_bias, masked_softmax, rms_norm, silu_gate
+
+
+class Gpu:
+    """The untrusted device: the projection weights and the linear work.
+
+    In the TEE-only runner the same object runs on the CPU, and its time counts as CPU compute.
+    """
+
+    def __init__(self, device: torch.device, metrics: Metrics, in_tee: bool = False):
+        self.device, self.metrics = device, metrics
+        self.category, self.prefix = ("cpu_compute", "cpu") if in_tee else ("gpu_compute", "gpu")
+        self.weights: dict[str, torch.Tensor] = {}
+        self.biases: dict[str, torch.Tensor | None] = {}
+
+    def upload(self, name: str, weights: list[torch.Tensor], biases: list[torch.Tensor] | None, dtype: torch.dtype):
+        """Place one (possibly fused) weight on the device; parts are moved first, then fused there."""
+        self.weights[name] = self._fuse(weights, dtype)
+        self.biases[name] = None if biases is None else self._fuse(biases, dtype)
+
+    def _fuse(self, parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        parts = [p.to(self.device, dtype) for p in parts]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def linear(self, x: torch.Tensor, name: str, kind: str) -> torch.Tensor:
+        with self.metrics.time(self.category, kind, f"{self.prefix}_{'lm_head' if kind == 'lm_head' else 'linear'}"):
+            return F.linear(x, self.weights[name], self.biases[name])
+
+    def matmul(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """a [B, H, n, k] @ b [B, Hkv, k, m] -> [B, H, n, m]; query heads share their group's b (GQA broadcast)."""
+        with self.metrics.time(self.category, "matmul", f"{self.prefix}_matmul"):
+            batch, heads, n, _ = a.shape
+            groups = b.shape[1]
+            out = a.view(batch, groups, heads // groups, n, -1) @ b.unsqueeze(2)
+            return out.view(batch, heads, n, -1)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        with self.metrics.time(self.category, "embedding", f"{self.prefix}_embedding"):
+            return F.embedding(ids, self.weights["embed"])
+
+
+@dataclass
+class TeeLayer:
+    attn_norm: torch.Tensor
+    mlp_norm: torch.Tensor
+
+
+class SplitLlama:
+    """A LLaMA prefill split between the TEE and the GPU under a protection scheme."""
+
+    def __init__(self, config: LlamaConfig, state_dict: dict[str, torch.Tensor], scheme: Plain,
+                 gpu_device: torch.device, dtype: torch.dtype, tee_only: bool = False):
+        self.config, self.scheme, self.dtype = config, scheme, dtype
+        self.tee_device = torch.device("cpu")
+        self.metrics = Metrics(gpu_device)
+        self.link = Boundary(gpu_device, self.tee_device, self.metrics, crossing=not tee_only)
+        self.gpu = Gpu(gpu_device, self.metrics, in_tee=tee_only)
+        self.n_heads = config.num_attention_heads
+        self.n_kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.n_heads
+        self.scale = self.head_dim ** -0.5
+        self.eps = config.rms_norm_eps
+        self.rotary = Rotary(config)
+        self._place_weights(state_dict)
+
+    def _place_weights(self, sd: dict[str, torch.Tensor]) -> None:
+        def tee(name: str) -> torch.Tensor:
+            return sd[name].to(self.tee_device, self.dtype)
+
+        def bias(*names: str) -> list[torch.Tensor] | None:
+            return [sd[n] for n in names] if names[0] in sd else None
+
+        self.layers: list[TeeLayer] = []
+        for i in range(self.config.num_hidden_layers):
+            p = f"model.layers.{i}."
+            qkv = [p + f"self_attn.{x}_proj" for x in "qkv"]
+            gate_up = [p + "mlp.gate_proj", p + "mlp.up_proj"]
+            self.gpu.upload(f"{i}.qkv", [sd[n + ".weight"] for n in qkv], bias(*[n + ".bias" for n in qkv]), self.dtype)
+            self.gpu.upload(f"{i}.o", [sd[p + "self_attn.o_proj.weight"]], bias(p + "self_attn.o_proj.bias"), self.dtype)
+            self.gpu.upload(f"{i}.gate_up", [sd[n + ".weight"] for n in gate_up],
+                            bias(*[n + ".bias" for n in gate_up]), self.dtype)
+            self.gpu.upload(f"{i}.down", [sd[p + "mlp.down_proj.weight"]], bias(p + "mlp.down_proj.bias"), self.dtype)
+            self.layers.append(TeeLayer(tee(p + "input_layernorm.weight"), tee(p + "post_attention_layernorm.weight")))
+        self.final_norm = tee("model.norm.weight")
+        self.gpu.upload("embed", [sd["model.embed_tokens.weight"]], None, self.dtype)
+        if self.config.tie_word_embeddings or "lm_head.weight" not in sd:
+            self.gpu.weights["lm_head"], self.gpu.biases["lm_head"] = self.gpu.weights["embed"], None
+        else:
+            self.gpu.upload("lm_head", [sd["lm_head.weight"]], None, self.dtype)
+
+    # ---- the hops: every crossing of the TEE/GPU boundary goes through one of these ----
+
+    def linear(self, x: torch.Tensor, weight: str, kind: str, layer: int | None = None) -> torch.Tensor:
+        """TEE -> GPU -> TEE: y = x Wᵀ (+ b) computed on the GPU on a protected x."""
+        masked, secret = self.scheme.protect_linear(x, weight)
+        y = self.link.to_tee(self.gpu.linear(self.link.to_gpu(masked, kind, layer), weight, kind), kind)
+        return self.scheme.recover_linear(y, secret)
+
+    def matmul(self, a: torch.Tensor, b: torch.Tensor, layer: int) -> torch.Tensor:
+        """TEE -> GPU -> TEE: a @ b with both operands private, broadcast over GQA groups on the GPU."""
+        a_masked, b_masked, secret = self.scheme.protect_matmul(a, b)
+        a_gpu = self.link.to_gpu(a_masked, "matmul", layer)
+        b_gpu = self.link.to_gpu(b_masked, "matmul", layer)
+        return self.scheme.recover_matmul(self.link.to_tee(self.gpu.matmul(a_gpu, b_gpu), "matmul"), secret)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids -> hidden states: on the GPU (ids cross) in the plain scheme."""
+        return self.link.to_tee(self.gpu.embed(self.link.to_gpu(ids, "embedding")), "embedding")
+
+    def tee(self, op: str, fn, *args) -> torch.Tensor:
+        """Run a nonlinear op in the TEE, timed as CPU compute."""
+        with self.metrics.time("cpu_compute", op, f"cpu_{op}"):
+            return fn(*args)
+
+    # ---- the forward ----
+
+    def timed_forward(self, ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """One inference with fresh counters: (logits, its figures)."""
+        self.metrics.reset()
+        self.link.reset()
+        with self.metrics.time("offline", "masks"):
+            self.scheme.start_inference()
+        with self.metrics.total():
+            logits = self.forward(ids, attention_mask)
+        figures = self.metrics.snapshot()
+        figures["data_transfer"] = self.link.summary()
+        return logits, figures
+
+    @torch.no_grad()
+    def forward(self, ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Logits [B, vocab] (float32) at the last real position of each (right-padded) sequence."""
+        batch, n = ids.shape
+        x = self.embed(ids)
+        cos, sin = self.tee("rotary_tables", self.rotary.tables, n, self.dtype)
+        bias = self.tee("attention_mask", attention_bias, attention_mask, torch.float32)
+        for i, layer in enumerate(self.layers):
+            x = x + self.attention(self.tee("rmsnorm", rms_norm, x, layer.attn_norm, self.eps), i, cos, sin, bias)
+            x = x + self.mlp(self.tee("rmsnorm", rms_norm, x, layer.mlp_norm, self.eps), i)
+        last = x[torch.arange(batch), last_positions(attention_mask)]
+        h = self.tee("rmsnorm", rms_norm, last, self.final_norm, self.eps)
+        return self.linear(h, "lm_head", "lm_head").float()
+
+    def attention(self, h: torch.Tensor, i: int, cos: torch.Tensor, sin: torch.Tensor,
+                  bias: torch.Tensor) -> torch.Tensor:
+        batch, n, _ = h.shape
+        qkv = self.linear(h, f"{i}.qkv", "linear_attn", i)
+        qkv = qkv.view(batch, n, self.n_heads + 2 * self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = qkv.split([self.n_heads, self.n_kv_heads, self.n_kv_heads], dim=1)
+        q = self.tee("rotary", apply_rope, q, cos, sin)
+        k = self.tee("rotary", apply_rope, k, cos, sin)
+        scores = self.matmul(q, k.transpose(-1, -2), i)
+        probs = self.tee("softmax", masked_softmax, scores, self.scale, bias)
+        out = self.matmul(probs, v, i)
+        return self.linear(out.transpose(1, 2).reshape(batch, n, -1), f"{i}.o", "linear_attn", i)
+
+    def mlp(self, h: torch.Tensor, i: int) -> torch.Tensor:
+        gate_up = self.linear(h, f"{i}.gate_up", "linear_mlp", i)
+        return self.linear(self.tee("silu", silu_gate, gate_up), f"{i}.down", "linear_mlp", i)
+
+    # ---- for the reference ----
+
+    def export_state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights the engine holds, under transformers' names (views where possible, no copies)."""
+        sd: dict[str, torch.Tensor] = {}
+        q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        for i, layer in enumerate(self.layers):
+            p = f"model.layers.{i}."
+            parts = {f"{i}.qkv": ([q_size, kv_size, kv_size], [f"self_attn.{x}_proj" for x in "qkv"]),
+                     f"{i}.o": (None, ["self_attn.o_proj"]),
+                     f"{i}.gate_up": (2, ["mlp.gate_proj", "mlp.up_proj"]),
+                     f"{i}.down": (None, ["mlp.down_proj"])}
+            for name, (split, names) in parts.items():
+                for kind, tensor in (("weight", self.gpu.weights[name]), ("bias", self.gpu.biases[name])):
+                    if tensor is None:
+                        continue
+                    pieces = [tensor] if split is None else (
+                        tensor.chunk(split) if isinstance(split, int) else tensor.split(split))
+                    for n, piece in zip(names, pieces):
+                        sd[f"{p}{n}.{kind}"] = piece
+            sd[p + "input_layernorm.weight"] = layer.attn_norm
+            sd[p + "post_attention_layernorm.weight"] = layer.mlp_norm
+        sd["model.norm.weight"] = self.final_norm
+        sd["model.embed_tokens.weight"] = self.gpu.weights["embed"]
+        sd["lm_head.weight"] = self.gpu.weights["lm_head"]
+        return sd

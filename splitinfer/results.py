@@ -1,0 +1,94 @@
+"""The JSON result: timing, where it went, bytes, op counts, model, correctness, environment."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+
+import torch
+import transformers
+
+from splitinfer.metrics import ONLINE
+
+PERCENT_GROUPS = {"transfer_pct": ("transfer_to_gpu", "transfer_to_cpu"), "gpu_compute_pct": ("gpu_compute",),
+                  "cpu_compute_pct": ("cpu_compute",), "crypto_pct": ("crypto",), "other_pct": ("other",)}
+
+
+def timing_block(figures: dict, setup_ms: float) -> dict:
+    c = figures["categories"]
+    return {"transfer_to_gpu_ms": c["transfer_to_gpu"], "transfer_to_cpu_ms": c["transfer_to_cpu"],
+            "total_transfer_ms": c["transfer_to_gpu"] + c["transfer_to_cpu"],
+            "gpu_compute_ms": c["gpu_compute"], "cpu_compute_ms": c["cpu_compute"],
+            "total_crypto_ms": c["crypto"], "offline_ms": c["offline"], "other_ms": c["other"],
+            "total_ms": figures["total_ms"], "setup_ms": setup_ms}
+
+
+def percentage_block(figures: dict) -> dict:
+    total = figures["total_ms"] or 1.0
+    c = figures["categories"]
+    return {name: 100.0 * sum(c[k] for k in keys) / total for name, keys in PERCENT_GROUPS.items()}
+
+
+def steady_state_block(runs: list[dict]) -> dict:
+    """median/min/max/p90 per category (and total) over the repeated inferences."""
+    series = {f"{k}_ms": [r["categories"][k] for r in runs] for k in (*ONLINE, "other", "offline")}
+    series["total_ms"] = [r["total_ms"] for r in runs]
+    return {"runs": len(runs), **{name: _stats(values) for name, values in series.items()}}
+
+
+def _stats(values: list[float]) -> dict:
+    ordered = sorted(values)
+    p90 = ordered[min(len(ordered) - 1, int(round(0.9 * (len(ordered) - 1))))]
+    return {"median": statistics.median(ordered), "min": ordered[0], "max": ordered[-1], "p90": p90}
+
+
+def environment_block(gpu_device: torch.device, gpu_fallback: bool, threads: int) -> dict:
+    cuda = gpu_device.type == "cuda"
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "gpu": torch.cuda.get_device_name(gpu_device) if cuda else None,
+            "cuda": torch.version.cuda if cuda else None, "gpu_fallback_to_cpu": gpu_fallback,
+            "cpu": cpu_model(), "cpu_count": os.cpu_count(), "threads": threads,
+            "tdx_guest": in_tdx_guest(), "argv": sys.argv}
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def in_tdx_guest() -> bool:
+    """True inside an Intel TDX trust domain (the guest device node or the CPU flag)."""
+    if os.path.exists("/dev/tdx_guest"):
+        return True
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and "tdx_guest" in line.split() for line in f)
+    except OSError:
+        return False
+
+
+def write_atomically(path: str, write) -> None:
+    """Write via a temporary file in the same folder and rename, so no half-written file is ever left."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def write_json(path: str, result: dict) -> None:
+    write_atomically(path, lambda f: f.write(json.dumps(result, indent=2).encode() + b"\n"))

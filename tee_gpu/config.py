@@ -1,0 +1,16 @@
+"""Defaults shared by the three split runners (tee_runner_optimized/ours/otp.py). Every one is a flag too."""
+import os
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+MODEL = "default"            # checkpoint directory, "default" (SmolLM2-135M-Instruct) or "preset:NAME"
+PREFILL_TOKEN_LENGTH = 8     # tokens per sequence
+BATCH_SIZE = 1
+GPU_DEVICE = "cuda:0"        # the untrusted device; CPU fallback when CUDA is absent
+CPU_DEVICE = "cpu"           # the TEE
+DTYPE = None                 # None: float16 with CUDA, float32 without
+SEED = None                  # None: preset weights seeded with 0, masks from the OS CSPRNG
+WARMUP = 0                   # 0: the first inference is the one timed
+REPEAT = 0                   # extra inferences for steady-state statistics
+OUTPUT_FILE = "tee_gpu_results.json"
+PROMPTS_FILE = os.path.join(_HERE, "..", "tee_only_llama", "prompts.txt")  # the same prompts for every runner

@@ -1,0 +1,85 @@
+"""The hand-written split and TEE-only forwards against transformers' LlamaForCausalLM, in float32 on the CPU."""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import VARIANTS
+
+from splitinfer.engine import SplitLlama
+from splitinfer.inputs import build_batch, last_positions
+from splitinfer.models import ByteTokenizer, load_model
+from splitinfer.reference import compare, reference_logits
+from splitinfer.schemes import Plain
+
+PROMPTS = ["The quick brown fox jumps over the lazy dog.", "Private prompts stay in the TEE."]
+CPU = torch.device("cpu")
+
+
+def run_engine(path: str, tee_only: bool, batch: int, ragged: bool, n: int = 12):
+    model = load_model(path, torch.float32, CPU)
+    ids, mask = build_batch(model.tokenizer, PROMPTS, n, batch, ragged)
+    reference = reference_logits(model.config, model.state_dict, ids, mask)
+    engine = SplitLlama(model.config, model.state_dict, Plain(), CPU, torch.float32, tee_only=tee_only)
+    logits, figures = engine.timed_forward(ids, mask)
+    return logits, reference, figures, ids, mask
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("tee_only", [False, True], ids=["split", "tee-only"])
+def test_matches_transformers(tiny_models, variant, tee_only):
+    logits, reference, _, _, _ = run_engine(tiny_models[variant], tee_only, batch=1, ragged=False)
+    err = compare(logits, reference)
+    assert err["rel_logit_error"] <= 1e-4, err
+    assert err["top1_agreement"] == 1.0
+
+
+@pytest.mark.parametrize("variant", ["gqa-tied", "rope-llama3", "biases"])
+def test_batch_with_padding(tiny_models, variant):
+    logits, reference, _, ids, mask = run_engine(tiny_models[variant], False, batch=3, ragged=True)
+    assert mask.sum(1).tolist() == [12, 10, 8]  # ragged really pads
+    err = compare(logits, reference)
+    assert err["rel_logit_error"] <= 1e-4, err
+    assert err["top1_agreement"] == 1.0
+    # each row is the logits of its own last real token: the same as running that sequence alone
+    for b in range(3):
+        alone_ids = ids[b: b + 1, : int(mask[b].sum())]
+        model = load_model(tiny_models[variant], torch.float32, CPU)
+        alone = reference_logits(model.config, model.state_dict, alone_ids, torch.ones_like(alone_ids))
+        assert torch.allclose(logits[b], alone[0], atol=1e-4)
+
+
+def test_gqa_kv_never_expanded_before_crossing(tiny_models):
+    """K and V cross at their own head count: the GPU broadcasts over the query heads of a group."""
+    _, _, figures, _, _ = run_engine(tiny_models["gqa-head-dim"], False, batch=1, ragged=False, n=8)
+    # per layer: q (4 heads) and k (1 head) for scores, probs (4 heads) and v (1 head) for PV
+    heads, kv_heads, head_dim, n, layers = 4, 1, 24, 8, 2
+    matmul_in = layers * 4 * (heads * n * head_dim + kv_heads * n * head_dim + heads * n * n + kv_heads * n * head_dim)
+    assert figures["breakdown"]["transfer_to_gpu"]["matmul"] > 0
+    linear_in = layers * 4 * n * (64 + 64 + 4 * 24 + 96)  # qkv, gate_up inputs (hidden), o input (heads*hd), down
+    embed_in, lm_head_in = 8 * n, 4 * 64
+    assert figures["data_transfer"]["to_gpu_bytes"] == matmul_in + linear_in + embed_in + lm_head_in
+
+
+def test_figures_add_up(tiny_models):
+    _, _, figures, _, _ = run_engine(tiny_models["mha-untied"], False, batch=1, ragged=False)
+    online = sum(v for k, v in figures["categories"].items() if k != "offline")
+    assert abs(online - figures["total_ms"]) <= 0.02 * figures["total_ms"]
+    counts = figures["counts"]
+    assert counts["gpu_linear"] == 2 * 4 and counts["gpu_matmul"] == 2 * 2
+    assert counts["cpu_rmsnorm"] == 2 * 2 + 1 and counts["cpu_softmax"] == 2 and counts["gpu_lm_head"] == 1
+
+
+def test_tee_only_never_crosses(tiny_models):
+    _, _, figures, _, _ = run_engine(tiny_models["mha-untied"], True, batch=1, ragged=False)
+    assert figures["data_transfer"]["total_mb"] == 0
+    assert figures["categories"]["gpu_compute"] == 0
+    assert "cpu_linear" in figures["counts"] and "gpu_linear" not in figures["counts"]
+
+
+def test_inputs_cut_and_repeat():
+    tok = ByteTokenizer(256)
+    ids, mask = build_batch(tok, ["abc"], 7, 1)
+    assert bytes(ids[0].tolist()) == b"abcabca" and mask.all()
+    ids, mask = build_batch(tok, ["abcdefghij"], 4, 2, ragged=True)
+    assert bytes(ids[0].tolist()) == b"abcd" and mask.tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
+    assert last_positions(mask).tolist() == [3, 2]

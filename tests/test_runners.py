@@ -1,0 +1,149 @@
+"""The runners end to end on tiny checkpoints: the JSON, --save-logits, and every bad-input case."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, make_checkpoint
+
+from splitinfer import cli
+from splitinfer.reference import compare, reference_logits
+from splitinfer.models import load_model
+
+SPLIT_CONFIG = os.path.join(ROOT, "tee_gpu", "config.py")
+TEE_CONFIG = os.path.join(ROOT, "tee_only_llama", "config.py")
+RUNNERS = {"plain": SPLIT_CONFIG, cli.TEE_ONLY: TEE_CONFIG}
+
+
+def run(scheme: str, *argv: str) -> int:
+    return cli.main(RUNNERS[scheme], scheme, list(argv))
+
+
+@pytest.mark.parametrize("scheme", list(RUNNERS))
+def test_json_result(tiny_models, tmp_path, scheme):
+    out = tmp_path / "r.json"
+    logits_path = tmp_path / "l.pt"
+    assert run(scheme, "--model", tiny_models["gqa-tied"], "--prefill-length", "10", "--batch-size", "2",
+               "--ragged", "--repeat", "2", "--output", str(out), "--save-logits", str(logits_path)) == 0
+    r = json.loads(out.read_text())
+    t = r["timing"]
+    parts = t["total_transfer_ms"] + t["gpu_compute_ms"] + t["cpu_compute_ms"] + t["total_crypto_ms"] + t["other_ms"]
+    assert abs(parts - t["total_ms"]) <= 0.02 * t["total_ms"]
+    assert abs(sum(r["timing_percentage"].values()) - 100) < 2
+    info = r["benchmark_info"]
+    assert info["scheme"] == scheme and info["batch_size"] == 2 and info["prefill_length"] == 10
+    assert info["logits_shape"] == [2, 320] and info["real_tokens"] == 10 + 7
+    assert info["random_weights"] is False and info["params"] > 0
+    assert r["correctness"]["rel_logit_error"] <= 1e-4 and r["correctness"]["top1_agreement"] == 1.0
+    assert r["steady_state"]["runs"] == 2 and set(r["steady_state"]["total_ms"]) == {"median", "min", "max", "p90"}
+    env = r["environment"]
+    assert {"python", "torch", "transformers", "gpu", "cuda", "cpu", "threads", "tdx_guest", "argv"} <= set(env)
+    if scheme == "plain":
+        assert info["gpu_fallback_to_cpu"] is True and r["data_transfer"]["to_gpu_calls"] > 0
+    else:
+        assert r["data_transfer"]["total_mb"] == 0
+    saved = torch.load(logits_path)
+    assert saved["input_ids"].shape == (2, 10) and saved["logits"].dtype == torch.float32
+    model = load_model(tiny_models["gqa-tied"], torch.float32, torch.device("cpu"))
+    ref = reference_logits(model.config, model.state_dict, saved["input_ids"], saved["attention_mask"])
+    assert compare(saved["logits"], ref)["rel_logit_error"] <= 1e-4
+
+
+def test_preset_and_half_precision(tmp_path):
+    out = tmp_path / "r.json"
+    assert run("plain", "--model", "preset:smollm2-135m", "--dtype", "bfloat16", "--output", str(out)) == 0
+    r = json.loads(out.read_text())
+    assert r["benchmark_info"]["random_weights"] is True and r["benchmark_info"]["dtype"] == "bfloat16"
+    assert r["benchmark_info"]["params"] == 134_515_008
+    assert r["correctness"]["top1_agreement"] == 1.0
+
+
+@pytest.fixture
+def not_llama(tmp_path):
+    path = tmp_path / "gpt2ish"
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    return str(path)
+
+
+BAD_INPUTS = {
+    "missing path": (["--model", "/no/such/checkpoint"], "not a directory"),
+    "non-llama": (["--model", "{not_llama}"], "only model_type 'llama'"),
+    "no weights": (["--model", "{empty_llama}"], "no safetensors"),
+    "unknown preset": (["--model", "preset:gpt-5"], "unknown preset"),
+    "unknown dtype": (["--dtype", "float8"], "invalid choice"),
+    "prefill zero": (["--prefill-length", "0"], "at least 1"),
+    "prefill too long": (["--prefill-length", "65"], "max_position_embeddings"),
+    "batch zero": (["--batch-size", "0"], "at least 1"),
+    "empty prompts": (["--prompts-file", "{empty_prompts}"], "holds no prompt"),
+    "unreadable prompts": (["--prompts-file", "/no/such/prompts.txt"], "cannot read prompts"),
+    "bad device name": (["--gpu-device", "banana"], "not a device name"),
+    "output folder missing": (["--output", "/no/such/folder/r.json"], "does not exist"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input(tiny_models, tmp_path, capsys, not_llama, case):
+    empty_prompts = tmp_path / "empty.txt"
+    empty_prompts.write_text("\n# only a comment\n")
+    empty_llama = tmp_path / "empty_llama"
+    empty_llama.mkdir()
+    (empty_llama / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    argv, expected = BAD_INPUTS[case]
+    argv = [a.format(not_llama=not_llama, empty_prompts=empty_prompts, empty_llama=empty_llama) for a in argv]
+    out = tmp_path / "r.json"
+    out.write_text("previous result")
+    if "--model" not in argv:
+        argv = ["--model", tiny_models["mha-untied"], *argv]
+    if "--output" not in argv:
+        argv += ["--output", str(out)]
+    with pytest.raises(SystemExit) if case == "unknown dtype" else _no_raise() as caught:
+        status = run("plain", *argv)
+    if case == "unknown dtype":
+        status = caught.value.code
+    assert status == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(err) == 1 and expected in err[0], err
+    assert out.read_text() == "previous result"  # nothing written or overwritten
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp-")]
+
+
+class _no_raise:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_missing_cuda_device(tiny_models, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert run("plain", "--model", tiny_models["mha-untied"], "--gpu-device", "cuda:3",
+               "--output", str(tmp_path / "r.json")) == 2
+    assert "does not exist (1 visible)" in capsys.readouterr().err
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_script_bad_input_has_no_traceback(tmp_path):
+    """As a user runs it: one line on stderr, exit 2, no traceback."""
+    script = os.path.join(ROOT, "tee_gpu", "tee_runner_optimized.py")
+    done = subprocess.run([sys.executable, script, "--model", "preset:nope", "--output", str(tmp_path / "r.json")],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == "error: unknown preset 'nope'; choose one of: " \
+        "smollm2-135m, llama-3.2-1b, llama-3.2-3b, llama-2-7b, llama-3.1-8b"
+
+
+def test_help_lists_every_flag():
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "tee_only_llama", "tee_runner.py"), "--help"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0
+    for flag in ("--model", "--prefill-length", "--batch-size", "--dtype", "--gpu-device", "--output", "--seed",
+                 "--warmup", "--repeat", "--save-logits", "--no-reference"):
+        assert flag in done.stdout
