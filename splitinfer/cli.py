@@ -12,14 +12,15 @@ import time
 
 import torch
 
+from splitinfer.audit import AuditLog, prepare_audit_dir
 from splitinfer.engine import SplitLlama
 from splitinfer.errors import UserError
 from splitinfer.inputs import build_batch, read_prompts
 from splitinfer.metrics import synchronize
 from splitinfer.models import DEFAULT_MODEL, PRESETS, LoadedModel, load_model
 from splitinfer.reference import compare, reference_logits
-from splitinfer.results import (environment_block, percentage_block, steady_state_block, timing_block,
-                                write_atomically, write_json)
+from splitinfer.results import (environment_block, memory_block, percentage_block, steady_state_block,
+                                timing_block, write_atomically, write_json)
 from splitinfer.schemes import make_scheme
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -73,6 +74,14 @@ def build_parser(config, scheme: str, prog: str) -> argparse.ArgumentParser:
                    help="torch.save {input_ids, attention_mask, logits} (float32, last real position) here")
     p.add_argument("--no-reference", action="store_true",
                    help="skip the transformers reference (for models too large to run twice)")
+    if scheme != TEE_ONLY:
+        p.add_argument("--audit-dir", default=None,
+                       help="write every tensor sent to the GPU during the timed inference here, in order, "
+                            "labelled with layer and op (a new or empty folder)")
+    if scheme == "otp":
+        p.add_argument("--pad-scale", type=float, default=config.OTP_PAD_SCALE,
+                       help="pad standard deviation as a multiple of the padded tensor's RMS: larger hides more "
+                            "and loses more precision")
     return p
 
 
@@ -126,6 +135,10 @@ def validate(args) -> None:
     check_writable(args.output, "--output")
     if args.save_logits:
         check_writable(args.save_logits, "--save-logits")
+    if getattr(args, "pad_scale", 1.0) <= 0:
+        raise UserError(f"--pad-scale must be positive, got {args.pad_scale}")
+    if getattr(args, "audit_dir", None):
+        prepare_audit_dir(args.audit_dir)
 
 
 def progress(message: str) -> None:
@@ -152,7 +165,8 @@ def run(args, scheme_name: str) -> dict:
 
     progress(f"setting up: weights to {gpu_device}" + (" (the TEE)" if tee_only else ""))
     start = time.perf_counter()
-    scheme = make_scheme("plain" if tee_only else scheme_name, seed=args.seed)
+    options = {"pad_scale": args.pad_scale} if scheme_name == "otp" else {}
+    scheme = make_scheme("plain" if tee_only else scheme_name, seed=args.seed, **options)
     engine = SplitLlama(model.config, model.state_dict, scheme, gpu_device, dtype, tee_only=tee_only)
     if gpu_device.type == "cuda":  # context and cuBLAS handle belong to set-up, not to the first inference
         torch.ones(8, 8, device=gpu_device, dtype=dtype) @ torch.ones(8, 8, device=gpu_device, dtype=dtype)
@@ -164,8 +178,15 @@ def run(args, scheme_name: str) -> dict:
     for _ in range(args.warmup):
         engine.timed_forward(ids, mask)
     progress(f"timed inference: batch {args.batch_size} x {args.prefill_length} tokens")
+    audit = AuditLog() if getattr(args, "audit_dir", None) else None
+    engine.link.audit = audit
     logits, figures = engine.timed_forward(ids, mask)
+    engine.link.audit = None
     repeats = [engine.timed_forward(ids, mask)[1] for _ in range(args.repeat)]
+    memory = memory_block(gpu_device, figures["offline_mask_bytes"])  # before the reference adds its own
+    if audit is not None:
+        audit.write(args.audit_dir)
+        progress(f"wrote {len(audit.records)} crossings to {args.audit_dir}")
 
     correctness = {"reference": None, "skipped": True}
     if not args.no_reference:
@@ -179,7 +200,7 @@ def run(args, scheme_name: str) -> dict:
 
     real_tokens = int(mask.sum())
     result = {
-        "timing": timing_block(figures, setup_ms),
+        "timing": timing_block(figures, setup_ms, scheme.steps if scheme.masked else ()),
         "timing_breakdown": figures["breakdown"],
         "timing_percentage": percentage_block(figures),
         "data_transfer": figures["data_transfer"],
@@ -193,6 +214,7 @@ def run(args, scheme_name: str) -> dict:
                            "warmup": args.warmup, "repeat": args.repeat, "seed": args.seed,
                            "prompts_file": os.path.abspath(args.prompts_file)},
         "correctness": correctness,
+        "memory": memory,
         "predictions": predictions,
         "environment": environment_block(gpu_device, fallback, torch.get_num_threads()),
     }

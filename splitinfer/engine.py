@@ -15,7 +15,8 @@ from splitinfer.boundary import Boundary
 from splitinfer.metrics import Metrics
 from splitinfer.inputs import last_positions
 from splitinfer.schemes import Plain
-from splitinfer.tee_ops import Rotary, apply_rope, attention_bias, masked_softmax, rms_norm, silu_gate
+from splitinfer.tee_ops import (Rotary, apply_rope, attention_bias, grouped_matmul, masked_softmax, rms_norm,
+                                silu_gate)
 
 
 class Gpu:
@@ -46,10 +47,7 @@ class Gpu:
     def matmul(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """a [B, H, n, k] @ b [B, Hkv, k, m] -> [B, H, n, m]; query heads share their group's b (GQA broadcast)."""
         with self.metrics.time(self.category, "matmul", f"{self.prefix}_matmul"):
-            batch, heads, n, _ = a.shape
-            groups = b.shape[1]
-            out = a.view(batch, groups, heads // groups, n, -1) @ b.unsqueeze(2)
-            return out.view(batch, heads, n, -1)
+            return grouped_matmul(a, b)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         with self.metrics.time(self.category, "embedding", f"{self.prefix}_embedding"):
@@ -84,45 +82,80 @@ class SplitLlama:
         def tee(name: str) -> torch.Tensor:
             return sd[name].to(self.tee_device, self.dtype)
 
-        def bias(*names: str) -> list[torch.Tensor] | None:
-            return [sd[n] for n in names] if names[0] in sd else None
-
+        tied = self.config.tie_word_embeddings or "lm_head.weight" not in sd
+        self.sources: dict[str, list[str]] = {}  # GPU weight -> the transformers modules fused into it
         self.layers: list[TeeLayer] = []
         for i in range(self.config.num_hidden_layers):
             p = f"model.layers.{i}."
-            qkv = [p + f"self_attn.{x}_proj" for x in "qkv"]
-            gate_up = [p + "mlp.gate_proj", p + "mlp.up_proj"]
-            self.gpu.upload(f"{i}.qkv", [sd[n + ".weight"] for n in qkv], bias(*[n + ".bias" for n in qkv]), self.dtype)
-            self.gpu.upload(f"{i}.o", [sd[p + "self_attn.o_proj.weight"]], bias(p + "self_attn.o_proj.bias"), self.dtype)
-            self.gpu.upload(f"{i}.gate_up", [sd[n + ".weight"] for n in gate_up],
-                            bias(*[n + ".bias" for n in gate_up]), self.dtype)
-            self.gpu.upload(f"{i}.down", [sd[p + "mlp.down_proj.weight"]], bias(p + "mlp.down_proj.bias"), self.dtype)
+            self.sources[f"{i}.qkv"] = [p + f"self_attn.{x}_proj" for x in "qkv"]
+            self.sources[f"{i}.o"] = [p + "self_attn.o_proj"]
+            self.sources[f"{i}.gate_up"] = [p + "mlp.gate_proj", p + "mlp.up_proj"]
+            self.sources[f"{i}.down"] = [p + "mlp.down_proj"]
             self.layers.append(TeeLayer(tee(p + "input_layernorm.weight"), tee(p + "post_attention_layernorm.weight")))
+        self.sources["lm_head"] = ["model.embed_tokens" if tied else "lm_head"]
         self.final_norm = tee("model.norm.weight")
-        self.gpu.upload("embed", [sd["model.embed_tokens.weight"]], None, self.dtype)
-        if self.config.tie_word_embeddings or "lm_head.weight" not in sd:
-            self.gpu.weights["lm_head"], self.gpu.biases["lm_head"] = self.gpu.weights["embed"], None
+
+        self.tee_biases: dict[str, torch.Tensor] = {}
+        for name, modules in self.sources.items():
+            biases = [sd[m + ".bias"] for m in modules if m + ".bias" in sd] or None
+            # masked schemes add the bias in the TEE after recovery: the GPU's product is still masked
+            self.gpu.upload(name, [sd[m + ".weight"] for m in modules], None if self.scheme.masked else biases,
+                            self.dtype)
+            if self.scheme.masked and biases:
+                self.tee_biases[name] = torch.cat([b.to(self.tee_device, self.dtype) for b in biases])
+        if self.scheme.masked:  # token ids are private: the lookup table stays in the TEE
+            self.embed_table = tee("model.embed_tokens.weight")
+        elif tied:
+            self.gpu.weights["embed"] = self.gpu.weights["lm_head"]
         else:
-            self.gpu.upload("lm_head", [sd["lm_head.weight"]], None, self.dtype)
+            self.gpu.upload("embed", [sd["model.embed_tokens.weight"]], None, self.dtype)
+        self.split_sizes = {name: [sd[m + ".weight"].shape[0] for m in modules] for name, modules in self.sources.items()}
+        # the TEE's copy of the weights, for schemes whose offline phase multiplies pads by them
+        self.tee_weights = ({name: w.to(self.tee_device) for name, w in self.gpu.weights.items()}
+                            if self.scheme.needs_tee_weights else {})
+
+    def mask_shapes(self, batch: int, n: int) -> tuple[dict, dict]:
+        """The input shape of every linear and matmul of one inference, keyed as the hops name them."""
+        h, heads, kv_heads = self.head_dim, self.n_heads, self.n_kv_heads
+        linears = {name: (batch, n, self.gpu.weights[name].shape[1]) for name in self.sources if name != "lm_head"}
+        linears["lm_head"] = (batch, self.gpu.weights["lm_head"].shape[1])
+        matmuls = {}
+        for i in range(len(self.layers)):
+            matmuls[f"{i}.scores"] = ((batch, heads, n, h), (batch, kv_heads, h, n))
+            matmuls[f"{i}.attend"] = ((batch, heads, n, n), (batch, kv_heads, n, h))
+        return linears, matmuls
 
     # ---- the hops: every crossing of the TEE/GPU boundary goes through one of these ----
 
     def linear(self, x: torch.Tensor, weight: str, kind: str, layer: int | None = None) -> torch.Tensor:
         """TEE -> GPU -> TEE: y = x Wᵀ (+ b) computed on the GPU on a protected x."""
-        masked, secret = self.scheme.protect_linear(x, weight)
-        y = self.link.to_tee(self.gpu.linear(self.link.to_gpu(masked, kind, layer), weight, kind), kind)
-        return self.scheme.recover_linear(y, secret)
+        masked, secret = self.crypto(0, kind, self.scheme.protect_linear, x, weight)
+        z = self.link.to_tee(self.gpu.linear(self.link.to_gpu(masked, kind, layer), weight, kind), kind)
+        y = self.crypto(1, kind, self.scheme.recover_linear, z, secret)
+        bias = self.tee_biases.get(weight)
+        return y if bias is None else self.tee("bias", torch.add, y, bias)
 
-    def matmul(self, a: torch.Tensor, b: torch.Tensor, layer: int) -> torch.Tensor:
+    def matmul(self, a: torch.Tensor, b: torch.Tensor, name: str, layer: int) -> torch.Tensor:
         """TEE -> GPU -> TEE: a @ b with both operands private, broadcast over GQA groups on the GPU."""
-        a_masked, b_masked, secret = self.scheme.protect_matmul(a, b)
+        a_masked, b_masked, secret = self.crypto(0, "matmul", self.scheme.protect_matmul, a, b, name)
         a_gpu = self.link.to_gpu(a_masked, "matmul", layer)
         b_gpu = self.link.to_gpu(b_masked, "matmul", layer)
-        return self.scheme.recover_matmul(self.link.to_tee(self.gpu.matmul(a_gpu, b_gpu), "matmul"), secret)
+        c = self.link.to_tee(self.gpu.matmul(a_gpu, b_gpu), "matmul")
+        return self.crypto(1, "matmul", self.scheme.recover_matmul, c, secret)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        """Token ids -> hidden states: on the GPU (ids cross) in the plain scheme."""
+        """Token ids -> hidden states: in the TEE under a masked scheme, else on the GPU (the ids cross)."""
+        if self.scheme.masked:
+            return self.tee("embedding", F.embedding, ids, self.embed_table)
         return self.link.to_tee(self.gpu.embed(self.link.to_gpu(ids, "embedding")), "embedding")
+
+    def crypto(self, step: int, kind: str, fn, *args):
+        """A scheme's protect (step 0) or recover (step 1), timed as crypto; the plain scheme has none."""
+        if not self.scheme.masked:
+            return fn(*args)
+        name = self.scheme.steps[step]
+        with self.metrics.time("crypto", f"{name}_{kind}", name):
+            return fn(*args)
 
     def tee(self, op: str, fn, *args) -> torch.Tensor:
         """Run a nonlinear op in the TEE, timed as CPU compute."""
@@ -136,11 +169,12 @@ class SplitLlama:
         self.metrics.reset()
         self.link.reset()
         with self.metrics.time("offline", "masks"):
-            self.scheme.start_inference()
+            mask_bytes = self.scheme.prepare(*self.mask_shapes(*ids.shape), self.tee_weights.get)
         with self.metrics.total():
             logits = self.forward(ids, attention_mask)
         figures = self.metrics.snapshot()
         figures["data_transfer"] = self.link.summary()
+        figures["offline_mask_bytes"] = mask_bytes
         return logits, figures
 
     @torch.no_grad()
@@ -165,9 +199,9 @@ class SplitLlama:
         q, k, v = qkv.split([self.n_heads, self.n_kv_heads, self.n_kv_heads], dim=1)
         q = self.tee("rotary", apply_rope, q, cos, sin)
         k = self.tee("rotary", apply_rope, k, cos, sin)
-        scores = self.matmul(q, k.transpose(-1, -2), i)
+        scores = self.matmul(q, k.transpose(-1, -2), f"{i}.scores", i)
         probs = self.tee("softmax", masked_softmax, scores, self.scale, bias)
-        out = self.matmul(probs, v, i)
+        out = self.matmul(probs, v, f"{i}.attend", i)
         return self.linear(out.transpose(1, 2).reshape(batch, n, -1), f"{i}.o", "linear_attn", i)
 
     def mlp(self, h: torch.Tensor, i: int) -> torch.Tensor:
@@ -179,24 +213,15 @@ class SplitLlama:
     def export_state_dict(self) -> dict[str, torch.Tensor]:
         """The weights the engine holds, under transformers' names (views where possible, no copies)."""
         sd: dict[str, torch.Tensor] = {}
-        q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        for name, modules in self.sources.items():
+            bias = self.gpu.biases[name] if self.gpu.biases[name] is not None else self.tee_biases.get(name)
+            for kind, fused in (("weight", self.gpu.weights[name]), ("bias", bias)):
+                if fused is not None:
+                    sd.update(zip([f"{m}.{kind}" for m in modules], fused.split(self.split_sizes[name])))
         for i, layer in enumerate(self.layers):
-            p = f"model.layers.{i}."
-            parts = {f"{i}.qkv": ([q_size, kv_size, kv_size], [f"self_attn.{x}_proj" for x in "qkv"]),
-                     f"{i}.o": (None, ["self_attn.o_proj"]),
-                     f"{i}.gate_up": (2, ["mlp.gate_proj", "mlp.up_proj"]),
-                     f"{i}.down": (None, ["mlp.down_proj"])}
-            for name, (split, names) in parts.items():
-                for kind, tensor in (("weight", self.gpu.weights[name]), ("bias", self.gpu.biases[name])):
-                    if tensor is None:
-                        continue
-                    pieces = [tensor] if split is None else (
-                        tensor.chunk(split) if isinstance(split, int) else tensor.split(split))
-                    for n, piece in zip(names, pieces):
-                        sd[f"{p}{n}.{kind}"] = piece
-            sd[p + "input_layernorm.weight"] = layer.attn_norm
-            sd[p + "post_attention_layernorm.weight"] = layer.mlp_norm
+            sd[f"model.layers.{i}.input_layernorm.weight"] = layer.attn_norm
+            sd[f"model.layers.{i}.post_attention_layernorm.weight"] = layer.mlp_norm
         sd["model.norm.weight"] = self.final_norm
-        sd["model.embed_tokens.weight"] = self.gpu.weights["embed"]
-        sd["lm_head.weight"] = self.gpu.weights["lm_head"]
+        sd["model.embed_tokens.weight"] = self.embed_table if self.scheme.masked else self.gpu.weights["embed"]
+        sd.setdefault("lm_head.weight", self.gpu.weights["lm_head"])
         return sd

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import resource
 import statistics
 import sys
 import tempfile
@@ -11,15 +12,21 @@ import tempfile
 import torch
 import transformers
 
+from splitinfer.boundary import MIB
 from splitinfer.metrics import ONLINE
 
 PERCENT_GROUPS = {"transfer_pct": ("transfer_to_gpu", "transfer_to_cpu"), "gpu_compute_pct": ("gpu_compute",),
                   "cpu_compute_pct": ("cpu_compute",), "crypto_pct": ("crypto",), "other_pct": ("other",)}
 
 
-def timing_block(figures: dict, setup_ms: float) -> dict:
+def timing_block(figures: dict, setup_ms: float, crypto_steps: tuple[str, ...] = ()) -> dict:
+    """The timing fields; `crypto_steps` names a masked scheme's protect and recover steps, whose
+    per-op-kind figures (e.g. encryption_linear_attn_ms) and totals (encryption_ms) are added."""
     c = figures["categories"]
-    return {"transfer_to_gpu_ms": c["transfer_to_gpu"], "transfer_to_cpu_ms": c["transfer_to_cpu"],
+    crypto = figures["breakdown"].get("crypto", {})
+    per_step = {f"{step}_ms": sum(ms for op, ms in crypto.items() if op.startswith(step)) for step in crypto_steps}
+    per_kind = {f"{op}_ms": ms for op, ms in sorted(crypto.items())}
+    return {**per_step, **per_kind, "transfer_to_gpu_ms": c["transfer_to_gpu"], "transfer_to_cpu_ms": c["transfer_to_cpu"],
             "total_transfer_ms": c["transfer_to_gpu"] + c["transfer_to_cpu"],
             "gpu_compute_ms": c["gpu_compute"], "cpu_compute_ms": c["cpu_compute"],
             "total_crypto_ms": c["crypto"], "offline_ms": c["offline"], "other_ms": c["other"],
@@ -43,6 +50,14 @@ def _stats(values: list[float]) -> dict:
     ordered = sorted(values)
     p90 = ordered[min(len(ordered) - 1, int(round(0.9 * (len(ordered) - 1))))]
     return {"median": statistics.median(ordered), "min": ordered[0], "max": ordered[-1], "p90": p90}
+
+
+def memory_block(gpu_device: torch.device, offline_mask_bytes: int) -> dict:
+    """Peak host RSS and peak GPU memory of the process so far, and what the offline masks hold."""
+    peak_rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    gpu = torch.cuda.max_memory_allocated(gpu_device) / MIB if gpu_device.type == "cuda" else None
+    return {"peak_host_rss_mb": peak_rss_kib * 1024 / MIB, "peak_gpu_mb": gpu,
+            "offline_mask_mb": offline_mask_bytes / MIB, "mb_unit": "MiB"}
 
 
 def environment_block(gpu_device: torch.device, gpu_fallback: bool, threads: int) -> dict:

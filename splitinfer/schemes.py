@@ -1,13 +1,26 @@
 """Protection schemes: what the TEE does to a tensor before the GPU sees it, and after the GPU answers.
 
 A scheme answers two questions, each with a protect and a recover step:
-- linear:  the GPU computes Y' = X' Wᵀ from a protected X'; the TEE recovers Y = X Wᵀ.
+- linear:  the GPU computes Z = X' Wᵀ from a protected X'; the TEE recovers Y = X Wᵀ.
 - matmul:  the GPU computes C' = A' B' from protected A', B'; the TEE recovers C = A B.
-`plain` protects nothing: it is the speed reference and the upper bound of what the GPU learns.
+Masks depend only on shapes, so they are drawn in `prepare`, the offline phase, before the prompt is
+seen; the online steps only apply and remove them. tee_gpu/README.md gives the math and what the GPU sees.
+
+Shapes: a linear input is [..., n, d] (n tokens of one sequence, mixed by `matrix`) or [rows, d] for
+the LM head; a matmul is a [B, H, n, k] @ b [B, G, k, m] with G <= H (GQA groups share b).
 """
 from __future__ import annotations
 
+import math
+import secrets
+from typing import Callable
+
 import torch
+
+from splitinfer.tee_ops import grouped_matmul
+
+MaskShapes = dict[str, tuple[int, ...]]
+MatmulShapes = dict[str, tuple[tuple[int, ...], tuple[int, ...]]]
 
 
 class Plain:
@@ -15,28 +28,200 @@ class Plain:
 
     name = "plain"
     encryption_scheme: str | None = None
-    masked = False  # masked schemes keep token ids and biases in the TEE
+    masked = False            # masked schemes keep token ids and biases in the TEE
+    needs_tee_weights = False  # whether `prepare` needs the linear weights in the TEE
+    steps = ("encryption", "decryption")  # how the JSON names the protect and recover steps
 
     def __init__(self, seed: int | None = None):
         self.seed = seed
+        self.generator = torch.Generator().manual_seed(secrets.randbits(63) if seed is None else seed)
 
-    def start_inference(self) -> None:
-        """Called before each inference; masked schemes draw fresh masks here."""
+    def prepare(self, linears: MaskShapes, matmuls: MatmulShapes,
+                weights: Callable[[str], torch.Tensor] | None = None) -> int:
+        """Offline phase: draw every mask of one inference. Returns the bytes the masks hold."""
+        return 0
 
-    def protect_linear(self, x: torch.Tensor, weight: str) -> tuple[torch.Tensor, object]:
+    def protect_linear(self, x: torch.Tensor, name: str) -> tuple[torch.Tensor, object]:
         return x, None
 
-    def recover_linear(self, y: torch.Tensor, secret: object) -> torch.Tensor:
-        return y
+    def recover_linear(self, z: torch.Tensor, secret: object) -> torch.Tensor:
+        return z
 
-    def protect_matmul(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, object]:
+    def protect_matmul(self, a: torch.Tensor, b: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor, object]:
         return a, b, None
 
     def recover_matmul(self, c: torch.Tensor, secret: object) -> torch.Tensor:
         return c
 
+    # ---- mask distributions, shared by the masked schemes ----
 
-SCHEMES = {"plain": Plain}
+    def _signed_uniform(self, shape: tuple[int, ...], low: float, high: float) -> torch.Tensor:
+        """Magnitudes uniform in [low, high], signs random: bounded away from 0, so division is stable."""
+        magnitude = torch.empty(shape).uniform_(low, high, generator=self.generator)
+        sign = torch.randint(0, 2, shape, generator=self.generator) * 2 - 1
+        return magnitude * sign
+
+    def _permutations(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """Uniformly random permutations of the last dimension (argsort of uniform draws)."""
+        return torch.rand(shape, generator=self.generator).argsort(dim=-1)
+
+
+class Matrix(Plain):
+    """`ours`: token-mixing matrix M = D + αβᵀ for linears, permutation and diagonal masks for matmuls.
+
+    Linear:  the GPU gets M X and returns M (X Wᵀ); the TEE applies M⁻¹ by Sherman–Morrison.
+    Matmul:  A' = D₁P₁ A P₂D₂,  B' = D₂⁻¹P₂⁻¹ B P₃D₃,  so A'B' = D₁P₁ (AB) P₃D₃.
+    """
+
+    name = "matrix"
+    encryption_scheme = "matrix transformation (D + αβᵀ token mixing; permutation-diagonal matmul masks)"
+    masked = True
+    D_RANGE = (1.0, 2.0)        # |diagonal entries|, signs random: recovery divides by at most 1
+    RANK1_RANGE = (0.5, 1.5)    # |α_i|, |β_i| before the n^(-1/4) scaling that keeps αβᵀ X about as large as D X
+
+    def prepare(self, linears, matmuls, weights=None) -> int:
+        self.linear_masks = {name: self._mixing_mask(shape) for name, shape in linears.items()}
+        self.matmul_masks = {name: self._matmul_mask(a, b) for name, (a, b) in matmuls.items()}
+        tensors = [t for m in (*self.linear_masks.values(), *self.matmul_masks.values()) for t in m.values()]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def _mixing_mask(self, shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
+        """D, α, β for every sequence of a [..., n, d] input, plus a dummy row where n is 1."""
+        sequences, n = _sequences(shape)
+        rows = max(n, 2)  # one row alone would only be scaled, not mixed: pad with a random dummy row
+        d = self._signed_uniform((sequences, rows), *self.D_RANGE)
+        spread = rows ** -0.25
+        alpha = self._signed_uniform((sequences, rows), *self.RANK1_RANGE) * spread
+        beta = self._signed_uniform((sequences, rows), *self.RANK1_RANGE) * spread
+        # Accept only draws with βᵀD⁻¹α >= 0, so that |1 + βᵀD⁻¹α| >= 1 and Sherman–Morrison never divides
+        # by a small number. Flipping β's sign maps each rejected draw to an accepted one of equal
+        # probability: rejection sampling without the loop.
+        beta[(beta * alpha / d).sum(-1) < 0] *= -1
+        mask = {"d": d, "alpha": alpha, "beta": beta}
+        if rows > n:
+            mask["dummy"] = torch.randn((sequences, rows - n, shape[-1]), generator=self.generator)
+        return mask
+
+    def _matmul_mask(self, a: tuple[int, ...], b: tuple[int, ...]) -> dict[str, torch.Tensor]:
+        batch, heads, n, k = a
+        groups, m = b[1], b[3]
+        per_head = (batch, groups, heads // groups)
+        return {"p1": self._permutations((*per_head, n)), "d1": self._signed_uniform((*per_head, n), *self.D_RANGE),
+                "p2": self._permutations((batch, groups, 1, k)),
+                "d2": self._signed_uniform((batch, groups, 1, k), *self.D_RANGE),
+                "p3": self._permutations((batch, groups, 1, m)),
+                "d3": self._signed_uniform((batch, groups, 1, m), *self.D_RANGE)}
+
+    def protect_linear(self, x, name):
+        mask = self.linear_masks[name]
+        sequences, n = _sequences(x.shape)
+        xf = x.float().reshape(sequences, n, x.shape[-1])
+        # Mix unit-RMS rows, i.e. M·diag(1/r): one outlier token (an attention sink) would otherwise
+        # dominate βᵀX and drown every other row in half-precision rounding; it also hides row norms.
+        norms = _row_rms(xf)
+        xf = xf / norms
+        if "dummy" in mask:
+            xf = torch.cat([xf, mask["dummy"]], dim=1)
+        mixed = mask["d"][..., None] * xf + mask["alpha"][..., None] * (mask["beta"][:, None, :] @ xf)
+        shape = x.shape if "dummy" not in mask else (-1, x.shape[-1])
+        return mixed.reshape(shape).to(x.dtype), (mask, x.shape, norms)
+
+    def recover_linear(self, z, secret):
+        mask, in_shape, norms = secret
+        d, alpha, beta = mask["d"], mask["alpha"], mask["beta"]
+        zf = z.float().reshape(d.shape[0], d.shape[1], z.shape[-1])
+        u = zf / d[..., None]                               # D⁻¹Z
+        w = alpha / d                                       # D⁻¹α
+        c = (beta[:, None, :] @ u) / (1 + (beta * w).sum(-1))[:, None, None]
+        y = u - w[..., None] * c                            # M⁻¹Z, in O(n·out)
+        y = y[:, : norms.shape[1]] * norms                  # drop the dummy row, restore row scales
+        return y.reshape(*in_shape[:-1], z.shape[-1]).to(z.dtype)
+
+    def protect_matmul(self, a, b, name):
+        m = self.matmul_masks[name]
+        batch, heads, n, k = a.shape
+        groups = b.shape[1]
+        a5 = a.float().view(batch, groups, heads // groups, n, k)
+        a5 = torch.take_along_dim(a5, m["p1"][..., None], dim=-2) * m["d1"][..., None]
+        a5 = torch.take_along_dim(a5, m["p2"][..., None, :], dim=-1) * m["d2"][..., None, :]
+        bf = torch.take_along_dim(b.float(), m["p2"][:, :, 0, :, None], dim=-2) / m["d2"][:, :, 0, :, None]
+        bf = torch.take_along_dim(bf, m["p3"], dim=-1) * m["d3"]
+        return a5.view(a.shape).to(a.dtype), bf.to(b.dtype), (m, groups)
+
+    def recover_matmul(self, c, secret):
+        m, groups = secret
+        batch, heads, n, cols = c.shape
+        c5 = c.float().view(batch, groups, heads // groups, n, cols) / (m["d1"][..., None] * m["d3"][..., None, :])
+        c5 = torch.take_along_dim(c5, m["p1"].argsort(dim=-1)[..., None], dim=-2)
+        c5 = torch.take_along_dim(c5, m["p3"].argsort(dim=-1)[..., None, :], dim=-1)
+        return c5.view(c.shape).to(c.dtype)
+
+
+class Otp(Plain):
+    """One-time pads: the GPU sees X − R; the TEE adds back R Wᵀ, computed offline.
+
+    Pads are σ·N with N ~ N(0, 1) drawn offline and σ = pad_scale · rms taken online (per row for
+    linears, per tensor for matmul operands), so that R Wᵀ = diag(σ) (N Wᵀ) is still precomputed. Matmuls use two independent pads and recover the cross terms
+    in the TEE:  A B = (A − R₁)(B − R₂) + A R₂ + R₁ (B − R₂).
+    """
+
+    name = "otp"
+    encryption_scheme = "additive one-time pads (offline R·Wᵀ; two-pad matmul with TEE cross terms)"
+    masked = True
+    needs_tee_weights = True
+    steps = ("masking", "recovery")
+
+    def __init__(self, seed: int | None = None, pad_scale: float = 1.0):
+        super().__init__(seed)
+        self.pad_scale = pad_scale
+
+    def prepare(self, linears, matmuls, weights=None) -> int:
+        self.linear_pads = {}
+        for name, shape in linears.items():
+            weight = weights(name)
+            noise = torch.randn(shape, generator=self.generator).to(weight.dtype)
+            # N Wᵀ costs as much as the linear itself; kept in float32 so recovery adds no rounding of its own
+            projected = (noise @ weight.T).float()
+            self.linear_pads[name] = (noise, projected)
+        self.matmul_pads = {name: (torch.randn(a, generator=self.generator), torch.randn(b, generator=self.generator))
+                            for name, (a, b) in matmuls.items()}
+        tensors = [t for pads in (*self.linear_pads.values(), *self.matmul_pads.values()) for t in pads]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def protect_linear(self, x, name):
+        noise, projected = self.linear_pads[name]
+        # One scale per row: a pad sized for an outlier token would drown the others in rounding.
+        sigma = self.pad_scale * _row_rms(x.float())
+        return (x.float() - sigma * noise.float()).to(x.dtype), (projected, sigma)
+
+    def recover_linear(self, z, secret):
+        projected, sigma = secret
+        return (z.float() + sigma * projected).to(z.dtype)
+
+    def protect_matmul(self, a, b, name):
+        noise_a, noise_b = self.matmul_pads[name]
+        pad_a = self.pad_scale * a.float().pow(2).mean().sqrt() * noise_a
+        pad_b = self.pad_scale * b.float().pow(2).mean().sqrt() * noise_b
+        masked_b = b.float() - pad_b
+        return (a.float() - pad_a).to(a.dtype), masked_b.to(b.dtype), (a.float(), pad_a, pad_b, masked_b)
+
+    def recover_matmul(self, c, secret):
+        a, pad_a, pad_b, masked_b = secret
+        # the two cross terms cost twice the matmul itself, in the TEE: the price of no strippable mask
+        return (c.float() + grouped_matmul(a, pad_b) + grouped_matmul(pad_a, masked_b)).to(c.dtype)
+
+
+def _row_rms(x: torch.Tensor) -> torch.Tensor:
+    """RMS of each row (last dimension), kept as a column and kept away from zero."""
+    return x.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-12)
+
+
+def _sequences(shape: tuple[int, ...]) -> tuple[int, int]:
+    """(number of sequences, tokens per sequence) of a linear input; a 2-D input is one sequence of rows."""
+    return (1, shape[0]) if len(shape) == 2 else (math.prod(shape[:-2]), shape[-2])
+
+
+SCHEMES = {"plain": Plain, "matrix": Matrix, "otp": Otp}
 
 
 def make_scheme(name: str, **kwargs) -> Plain:

@@ -55,3 +55,14 @@ def silu_gate(gate_up: torch.Tensor) -> torch.Tensor:
     """SiLU(gate) * up, where gate_up holds [gate | up] along the last dimension."""
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+def grouped_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a [B, H, n, k] @ b [B, G, k, m] -> [B, H, n, m], each group of H/G query heads sharing one b.
+
+    The broadcast never materialises b per query head (GQA). The GPU's matmul and the TEE's
+    recovery of cross terms both use it.
+    """
+    batch, heads, n, _ = a.shape
+    groups = b.shape[1]
+    return (a.reshape(batch, groups, heads // groups, n, -1) @ b.unsqueeze(2)).reshape(batch, heads, n, -1)

@@ -14,3 +14,4 @@ WARMUP = 0                   # 0: the first inference is the one timed
 REPEAT = 0                   # extra inferences for steady-state statistics
 OUTPUT_FILE = "tee_gpu_results.json"
 PROMPTS_FILE = os.path.join(_HERE, "..", "tee_only_llama", "prompts.txt")  # the same prompts for every runner
+OTP_PAD_SCALE = 1.0          # otp: pad std as a multiple of the padded tensor's RMS

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
 import torch
 from conftest import ROOT
 from transformers import AutoTokenizer, LlamaForCausalLM
@@ -47,3 +48,16 @@ def test_tee_only_on_default_model_in_bfloat16(tmp_path):
     assert r["benchmark_info"]["dtype"] == "bfloat16" and r["benchmark_info"]["scheme"] == cli.TEE_ONLY
     assert r["correctness"]["top1_agreement"] == 1.0
     assert r["correctness"]["rel_logit_error"] < 0.1  # bfloat16 against a float32 reference
+
+
+@pytest.mark.parametrize("scheme", ["matrix", "otp"])
+def test_masked_runners_on_default_model(tmp_path, scheme):
+    """float32 on the CPU: within 1e-3 of transformers with the same top-1, batch 1 and batch 2 with padding."""
+    for batch in ("1", "2"):
+        out = tmp_path / f"{scheme}{batch}.json"
+        status = cli.main(os.path.join(ROOT, "tee_gpu", "config.py"), scheme,
+                          ["--prefill-length", "16", "--batch-size", batch, "--ragged", "--output", str(out)])
+        assert status == 0
+        r = json.loads(out.read_text())
+        assert r["correctness"]["rel_logit_error"] <= 1e-3 and r["correctness"]["top1_agreement"] == 1.0
+        assert r["benchmark_info"]["real_tokens"] == (16 if batch == "1" else 16 + 12)

@@ -16,7 +16,8 @@ from splitinfer.models import load_model
 
 SPLIT_CONFIG = os.path.join(ROOT, "tee_gpu", "config.py")
 TEE_CONFIG = os.path.join(ROOT, "tee_only_llama", "config.py")
-RUNNERS = {"plain": SPLIT_CONFIG, cli.TEE_ONLY: TEE_CONFIG}
+RUNNERS = {"plain": SPLIT_CONFIG, "matrix": SPLIT_CONFIG, "otp": SPLIT_CONFIG, cli.TEE_ONLY: TEE_CONFIG}
+CRYPTO_STEPS = {"matrix": ("encryption", "decryption"), "otp": ("masking", "recovery")}
 
 
 def run(scheme: str, *argv: str) -> int:
@@ -38,14 +39,25 @@ def test_json_result(tiny_models, tmp_path, scheme):
     assert info["scheme"] == scheme and info["batch_size"] == 2 and info["prefill_length"] == 10
     assert info["logits_shape"] == [2, 320] and info["real_tokens"] == 10 + 7
     assert info["random_weights"] is False and info["params"] > 0
-    assert r["correctness"]["rel_logit_error"] <= 1e-4 and r["correctness"]["top1_agreement"] == 1.0
+    assert r["correctness"]["rel_logit_error"] <= (1e-3 if scheme in CRYPTO_STEPS else 1e-4)
+    assert r["correctness"]["top1_agreement"] == 1.0
     assert r["steady_state"]["runs"] == 2 and set(r["steady_state"]["total_ms"]) == {"median", "min", "max", "p90"}
     env = r["environment"]
     assert {"python", "torch", "transformers", "gpu", "cuda", "cpu", "threads", "tdx_guest", "argv"} <= set(env)
-    if scheme == "plain":
-        assert info["gpu_fallback_to_cpu"] is True and r["data_transfer"]["to_gpu_calls"] > 0
-    else:
+    if scheme == cli.TEE_ONLY:
         assert r["data_transfer"]["total_mb"] == 0
+    else:
+        assert info["gpu_fallback_to_cpu"] is True and r["data_transfer"]["to_gpu_calls"] > 0
+    if scheme in CRYPTO_STEPS:
+        protect, recover = CRYPTO_STEPS[scheme]
+        assert info["encryption_scheme"] and t["total_crypto_ms"] > 0 and t["offline_ms"] > 0
+        assert abs(t[f"{protect}_ms"] + t[f"{recover}_ms"] - t["total_crypto_ms"]) < 1e-6
+        for kind in ("linear_attn", "linear_mlp", "matmul", "lm_head"):
+            assert t[f"{protect}_{kind}_ms"] > 0 and t[f"{recover}_{kind}_ms"] > 0
+        assert r["operation_counts"][protect] == r["operation_counts"][recover] > 0
+        assert "gpu_embedding" not in r["operation_counts"] and r["operation_counts"]["cpu_embedding"] == 1
+        assert r["memory"]["offline_mask_mb"] > 0
+    assert r["memory"]["peak_host_rss_mb"] > 0
     saved = torch.load(logits_path)
     assert saved["input_ids"].shape == (2, 10) and saved["logits"].dtype == torch.float32
     model = load_model(tiny_models["gqa-tied"], torch.float32, torch.device("cpu"))
@@ -83,6 +95,7 @@ BAD_INPUTS = {
     "unreadable prompts": (["--prompts-file", "/no/such/prompts.txt"], "cannot read prompts"),
     "bad device name": (["--gpu-device", "banana"], "not a device name"),
     "output folder missing": (["--output", "/no/such/folder/r.json"], "does not exist"),
+    "audit dir not empty": (["--audit-dir", "{tee_only_dir}"], "not empty"),
 }
 
 
@@ -94,7 +107,8 @@ def test_bad_input(tiny_models, tmp_path, capsys, not_llama, case):
     empty_llama.mkdir()
     (empty_llama / "config.json").write_text(json.dumps({"model_type": "llama"}))
     argv, expected = BAD_INPUTS[case]
-    argv = [a.format(not_llama=not_llama, empty_prompts=empty_prompts, empty_llama=empty_llama) for a in argv]
+    argv = [a.format(not_llama=not_llama, empty_prompts=empty_prompts, empty_llama=empty_llama,
+                     tee_only_dir=os.path.join(ROOT, "tee_only_llama")) for a in argv]
     out = tmp_path / "r.json"
     out.write_text("previous result")
     if "--model" not in argv:
@@ -118,6 +132,12 @@ class _no_raise:
 
     def __exit__(self, *exc):
         return False
+
+
+def test_pad_scale_must_be_positive(tiny_models, tmp_path, capsys):
+    assert run("otp", "--model", tiny_models["mha-untied"], "--pad-scale", "0", "--output", str(tmp_path / "r.json")) == 2
+    assert "--pad-scale must be positive" in capsys.readouterr().err
+    assert not (tmp_path / "r.json").exists()
 
 
 def test_missing_cuda_device(tiny_models, tmp_path, monkeypatch, capsys):

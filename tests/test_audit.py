@@ -1,0 +1,87 @@
+"""What the GPU sees under each masked scheme: never the plaintext, never a row-wise rescaling of it, never ids."""
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import ROOT
+
+from splitinfer import cli
+from splitinfer.audit import read_audit
+
+CONFIG = os.path.join(ROOT, "tee_gpu", "config.py")
+
+
+def crossings(folder, model: str, scheme: str, *extra: str) -> dict[tuple, torch.Tensor]:
+    """(layer, op, occurrence) -> tensor sent to the GPU."""
+    assert cli.main(CONFIG, scheme, ["--model", model, "--prefill-length", "12", "--batch-size", "2", "--ragged",
+                                     "--seed", "11", "--audit-dir", str(folder),
+                                     "--output", str(folder) + ".json", *extra]) == 0
+    seen = defaultdict(int)
+    out = {}
+    for record in read_audit(str(folder)):
+        key = (record["layer"], record["op"])
+        out[(*key, seen[key])] = record["tensor"]
+        seen[key] += 1
+    return out
+
+
+def row_proportionality(masked: torch.Tensor, plain: torch.Tensor) -> float:
+    """Cosine between the masked tensor and the best row-wise rescaling diag(c)·plain of the plaintext.
+
+    1 means the GPU got the plaintext up to one factor per row; rows are compared position by position
+    (a dummy row that a scheme appends has no plaintext partner and is left out).
+    """
+    width = masked.shape[-1]
+    m = masked.reshape(-1, width).float()
+    p = plain.reshape(-1, width).float()
+    rows = min(len(m), len(p))
+    m, p = m[:rows], p[:rows]
+    cos = F.cosine_similarity(m, p, dim=-1)
+    weights = m.pow(2).sum(-1)
+    return ((weights * cos.pow(2)).sum() / weights.sum()).sqrt().item()
+
+
+@pytest.mark.parametrize("scheme", ["matrix", "otp"])
+@pytest.mark.parametrize("variant", ["gqa-tied", "rope-llama3", "mha-untied"])
+def test_gpu_never_sees_plaintext(tiny_models, tmp_path, scheme, variant):
+    plain = crossings(tmp_path / "plain", tiny_models[variant], "plain")
+    masked = crossings(tmp_path / scheme, tiny_models[variant], scheme)
+    # the plain runner sends the ids for the embedding; a masked runner never does
+    assert any(op == "embedding" for _, op, _ in plain)
+    assert not any(op == "embedding" for _, op, _ in masked)
+    assert all(t.is_floating_point() for t in masked.values())
+    ids = plain[(None, "embedding", 0)]
+    assert set(masked) == set(plain) - {(None, "embedding", 0)}  # the same hops, in the same places
+    for key, tensor in masked.items():
+        reference = plain[key]
+        assert not torch.allclose(tensor.float().reshape(-1)[: reference.numel()],
+                                  reference.float().reshape(-1)[: tensor.numel()], rtol=1e-2, atol=1e-3), key
+        assert row_proportionality(tensor, reference) < 0.99, key
+        assert not (tensor.numel() == ids.numel() and torch.equal(tensor.reshape(-1).long(), ids.reshape(-1)))
+
+
+def test_matrix_mixing_keeps_the_row_space(tiny_models, tmp_path):
+    """The known limit of token mixing: M·X only recombines X's rows, so where the rows are nearly
+    identical (here, large biases dominate every hidden state) the GPU sees them almost unchanged.
+    The one-time pads hide the same tensors."""
+    plain = crossings(tmp_path / "plain", tiny_models["biases"], "plain")
+    matrix = crossings(tmp_path / "matrix", tiny_models["biases"], "matrix")
+    otp = crossings(tmp_path / "otp", tiny_models["biases"], "otp")
+    key = (1, "linear_mlp", 0)
+    assert row_proportionality(matrix[key], plain[key]) > 0.99
+    assert row_proportionality(otp[key], plain[key]) < 0.9
+
+
+def test_audit_dir_must_be_writable(tiny_models, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    status = cli.main(CONFIG, "matrix", ["--model", tiny_models["gqa-tied"], "--audit-dir", str(blocker / "audit"),
+                                         "--output", str(tmp_path / "r.json")])
+    assert status == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(err) == 1 and "--audit-dir" in err[0]
+    assert not (tmp_path / "r.json").exists()

@@ -1,0 +1,97 @@
+"""Each scheme's recovery on its own, against the unmasked product, and end to end against transformers."""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import VARIANTS
+
+from splitinfer.engine import SplitLlama
+from splitinfer.inputs import build_batch
+from splitinfer.models import load_model
+from splitinfer.reference import compare, reference_logits
+from splitinfer.schemes import Matrix, Otp, make_scheme
+from splitinfer.tee_ops import grouped_matmul
+
+CPU = torch.device("cpu")
+PROMPTS = ["The quick brown fox jumps over the lazy dog.", "Private prompts stay in the TEE."]
+
+
+def _weights(out_features: int, in_features: int) -> dict[str, torch.Tensor]:
+    return {"w": torch.randn(out_features, in_features, generator=torch.Generator().manual_seed(7))}
+
+
+@pytest.mark.parametrize("scheme_cls", [Matrix, Otp])
+@pytest.mark.parametrize("shape", [(2, 9, 16), (3, 16), (1, 16), (2, 1, 16)], ids=["seq", "rows", "one-row", "n=1"])
+def test_linear_recovery(scheme_cls, shape):
+    weights = _weights(24, 16)
+    scheme = scheme_cls(seed=3)
+    scheme.prepare({"w": shape}, {}, weights.get)
+    x = torch.randn(shape) * torch.rand(shape[:-1] + (1,)) * 10  # rows of very different norms
+    masked, secret = scheme.protect_linear(x, "w")
+    rows = x.reshape(-1, shape[-1])
+    assert not torch.allclose(masked.reshape(-1, shape[-1])[: len(rows)], rows)
+    y = scheme.recover_linear(masked @ weights["w"].T, secret)
+    torch.testing.assert_close(y, x @ weights["w"].T, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("scheme_cls", [Matrix, Otp])
+@pytest.mark.parametrize("heads,groups", [(4, 4), (4, 2), (6, 1)])
+def test_matmul_recovery(scheme_cls, heads, groups):
+    a_shape, b_shape = (2, heads, 7, 5), (2, groups, 5, 7)
+    scheme = scheme_cls(seed=5)
+    scheme.prepare({}, {"mm": (a_shape, b_shape)})
+    a, b = torch.randn(a_shape), torch.randn(b_shape)
+    a_masked, b_masked, secret = scheme.protect_matmul(a, b, "mm")
+    assert b_masked.shape == b.shape  # the K/V side is never expanded to the query heads
+    c = scheme.recover_matmul(grouped_matmul(a_masked, b_masked), secret)
+    torch.testing.assert_close(c, grouped_matmul(a, b), rtol=1e-4, atol=1e-4)
+
+
+def test_matrix_permutations_are_not_identity():
+    scheme = Matrix(seed=0)
+    scheme.prepare({}, {"mm": ((1, 2, 16, 8), (1, 1, 8, 16))})
+    masks = scheme.matmul_masks["mm"]
+    identity = torch.arange(16)
+    assert not torch.equal(masks["p1"][0, 0, 0], identity) and not torch.equal(masks["p3"][0, 0, 0], identity)
+    assert not torch.equal(masks["p2"][0, 0, 0], torch.arange(8))
+    # a permutation applied on one side only (the original implementation's bug) must not recover
+    a, b = torch.randn(1, 2, 16, 8), torch.randn(1, 1, 8, 16)
+    a_masked, b_masked, secret = scheme.protect_matmul(a, b, "mm")
+    wrong = dict(masks, p1=masks["p1"].argsort(-1))
+    c_wrong = scheme.recover_matmul(grouped_matmul(a_masked, b_masked), (wrong, 1))
+    assert not torch.allclose(c_wrong, grouped_matmul(a, b), atol=1e-3)
+
+
+def test_matrix_sherman_morrison_is_stable():
+    scheme = Matrix(seed=1)
+    scheme.prepare({"w": (64, 128, 8)}, {})
+    m = scheme.linear_masks["w"]
+    denominators = 1 + (m["beta"] * m["alpha"] / m["d"]).sum(-1)
+    assert denominators.min() >= 1.0
+    assert m["d"].abs().min() >= Matrix.D_RANGE[0] and m["d"].abs().max() <= Matrix.D_RANGE[1]
+
+
+def test_masks_are_fresh_and_seedable():
+    shapes = ({"w": (1, 4, 8)}, {"mm": ((1, 2, 4, 3), (1, 2, 3, 4))})
+    first, second, again = Matrix(seed=1), Matrix(seed=None), Matrix(seed=1)
+    for s in (first, second, again):
+        s.prepare(*shapes)
+    assert torch.equal(first.linear_masks["w"]["d"], again.linear_masks["w"]["d"])
+    assert not torch.equal(first.linear_masks["w"]["d"], second.linear_masks["w"]["d"])
+    before = first.linear_masks["w"]["d"].clone()
+    first.prepare(*shapes)  # the next inference draws new masks
+    assert not torch.equal(before, first.linear_masks["w"]["d"])
+
+
+@pytest.mark.parametrize("scheme", ["matrix", "otp"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_masked_engine_matches_transformers(tiny_models, scheme, variant):
+    model = load_model(tiny_models[variant], torch.float32, CPU)
+    for batch, ragged in ((1, False), (2, True)):
+        ids, mask = build_batch(model.tokenizer, PROMPTS, 12, batch, ragged)
+        engine = SplitLlama(model.config, model.state_dict, make_scheme(scheme), CPU, torch.float32)
+        logits, figures = engine.timed_forward(ids, mask)
+        err = compare(logits, reference_logits(model.config, model.state_dict, ids, mask))
+        assert err["rel_logit_error"] <= 1e-3, (batch, err)
+        assert err["top1_agreement"] == 1.0
+        assert figures["categories"]["crypto"] > 0 and figures["categories"]["offline"] > 0
