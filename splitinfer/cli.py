@@ -238,7 +238,8 @@ def model_info(model: LoadedModel) -> dict:
 
 def print_summary(predictions: list[dict], figures: dict, correctness: dict, random_weights: bool) -> None:
     for p in predictions[:4]:
-        print(f"prompt: {p['prompt']!r}")
+        prompt = p["prompt"] if len(p["prompt"]) <= 100 else p["prompt"][:100] + "..."
+        print(f"prompt: {prompt!r}")
         print(f"next token: {p['next_token']!r} (id {p['next_token_id']})"
               + ("  [random weights: meaningless]" if random_weights else ""))
     if len(predictions) > 4:
