@@ -70,6 +70,8 @@ def build_parser(config, scheme: str, prog: str) -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=int, default=config.REPEAT,
                    help="further inferences after the timed one, summarised under steady_state")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--per-layer", action="store_true",
+                   help="add a per-layer table (time per category in each decoder layer) to the output and JSON")
     p.add_argument("--save-logits", metavar="PATH", default=None,
                    help="torch.save {input_ids, attention_mask, logits} (float32, last real position) here")
     p.add_argument("--no-reference", action="store_true",
@@ -216,8 +218,13 @@ def run(args, scheme_name: str) -> dict:
         "correctness": correctness,
         "memory": memory,
         "predictions": predictions,
-        "environment": environment_block(gpu_device, fallback, torch.get_num_threads()),
+        "environment": {**environment_block(gpu_device, fallback, torch.get_num_threads()),
+                        "model": info["model"], "random_weights": info["random_weights"], "params": info["params"],
+                        "dtype": dtype_name, "seed": args.seed},
     }
+    if args.per_layer:
+        result["per_layer"] = figures["per_layer"]
+        print_per_layer(figures["per_layer"])
     if repeats:
         result["steady_state"] = steady_state_block(repeats)
     write_json(args.output, result)
@@ -227,6 +234,14 @@ def run(args, scheme_name: str) -> dict:
         write_atomically(args.save_logits, lambda f: torch.save(payload, f))
         progress(f"wrote {args.save_logits}")
     return result
+
+
+def print_per_layer(rows: list[dict]) -> None:
+    columns = ("total_ms", "transfer_to_gpu_ms", "transfer_to_cpu_ms", "gpu_compute_ms", "cpu_compute_ms",
+               "crypto_ms", "other_ms")
+    print("layer " + " ".join(f"{c[:-3]:>15}" for c in columns))
+    for row in rows:
+        print(f"{row['layer']:>5} " + " ".join(f"{row[c]:>15.2f}" for c in columns))
 
 
 def model_info(model: LoadedModel) -> dict:

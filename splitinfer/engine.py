@@ -168,8 +168,10 @@ class SplitLlama:
         """One inference with fresh counters: (logits, its figures)."""
         self.metrics.reset()
         self.link.reset()
-        with self.metrics.time("offline", "masks"):
-            mask_bytes = self.scheme.prepare(*self.mask_shapes(*ids.shape), self.tee_weights.get)
+        mask_bytes = 0
+        if self.scheme.masked:  # the offline phase: every mask of this inference, before the prompt is seen
+            with self.metrics.time("offline", "masks"):
+                mask_bytes = self.scheme.prepare(*self.mask_shapes(*ids.shape), self.tee_weights.get)
         with self.metrics.total():
             logits = self.forward(ids, attention_mask)
         figures = self.metrics.snapshot()
@@ -185,8 +187,9 @@ class SplitLlama:
         cos, sin = self.tee("rotary_tables", self.rotary.tables, n, self.dtype)
         bias = self.tee("attention_mask", attention_bias, attention_mask, torch.float32)
         for i, layer in enumerate(self.layers):
-            x = x + self.attention(self.tee("rmsnorm", rms_norm, x, layer.attn_norm, self.eps), i, cos, sin, bias)
-            x = x + self.mlp(self.tee("rmsnorm", rms_norm, x, layer.mlp_norm, self.eps), i)
+            with self.metrics.in_layer(i):
+                x = x + self.attention(self.tee("rmsnorm", rms_norm, x, layer.attn_norm, self.eps), i, cos, sin, bias)
+                x = x + self.mlp(self.tee("rmsnorm", rms_norm, x, layer.mlp_norm, self.eps), i)
         last = x[torch.arange(batch), last_positions(attention_mask)]
         h = self.tee("rmsnorm", rms_norm, last, self.final_norm, self.eps)
         return self.linear(h, "lm_head", "lm_head").float()

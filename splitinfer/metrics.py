@@ -31,6 +31,8 @@ class Metrics:
         self.ms: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
         self.counts: Counter = Counter()
         self.total_ms = 0.0
+        self.layer: int | None = None  # the decoder layer being run, for the per-layer table
+        self.layer_ms: dict[int, dict[str, float]] = defaultdict(lambda: defaultdict(float))
 
     @contextmanager
     def time(self, category: str, op: str, count: str | None = None) -> Iterator[None]:
@@ -42,9 +44,25 @@ class Metrics:
             yield
         finally:
             synchronize(self.device)
-            self.ms[category][op] += (time.perf_counter() - start) * 1e3
+            elapsed = (time.perf_counter() - start) * 1e3
+            self.ms[category][op] += elapsed
+            if self.layer is not None:
+                self.layer_ms[self.layer][category] += elapsed
             if count:
                 self.counts[count] += 1
+
+    @contextmanager
+    def in_layer(self, layer: int) -> Iterator[None]:
+        """Attribute the regions inside to `layer`, and time the layer as a whole."""
+        synchronize(self.device)
+        start = time.perf_counter()
+        self.layer = layer
+        try:
+            yield
+        finally:
+            synchronize(self.device)
+            self.layer = None
+            self.layer_ms[layer]["total"] = (time.perf_counter() - start) * 1e3
 
     @contextmanager
     def total(self) -> Iterator[None]:
@@ -67,4 +85,11 @@ class Metrics:
     def snapshot(self) -> dict:
         """A copy of this inference's figures, safe to keep after reset()."""
         return {"total_ms": self.total_ms, "categories": self.category_ms(),
-                "breakdown": {c: dict(ops) for c, ops in self.ms.items()}, "counts": dict(self.counts)}
+                "breakdown": {c: dict(ops) for c, ops in self.ms.items()}, "counts": dict(self.counts),
+                "per_layer": [self._layer_row(i) for i in sorted(self.layer_ms)]}
+
+    def _layer_row(self, layer: int) -> dict:
+        row = {"layer": layer, **{f"{c}_ms": self.layer_ms[layer].get(c, 0.0) for c in ONLINE}}
+        row["total_ms"] = self.layer_ms[layer]["total"]
+        row["other_ms"] = max(0.0, row["total_ms"] - sum(row[f"{c}_ms"] for c in ONLINE))
+        return row

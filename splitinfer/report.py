@@ -1,0 +1,185 @@
+"""Comparison report from runner JSONs: a Markdown table, a CSV and a PNG, for one length or a sweep.
+
+Everything is rendered in memory first and only then written (each file atomically), so a failure
+leaves no partial report behind.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+from splitinfer.errors import UserError
+from splitinfer.results import write_atomically
+
+METHODS = ("optimized", "ours", "otp", "tee_only")  # report order; "optimized" is the plain split
+PLAIN, TEE_ONLY = "optimized", "tee_only"
+CATEGORIES = (("transfer", "total_transfer_ms"), ("gpu", "gpu_compute_ms"), ("cpu", "cpu_compute_ms"),
+              ("crypto", "total_crypto_ms"), ("other", "other_ms"))
+COLORS = {"transfer": "#4c72b0", "gpu": "#55a868", "cpu": "#c44e52", "crypto": "#8172b2", "other": "#937860"}
+
+
+def load_result(path: str) -> dict:
+    try:
+        with open(path) as f:
+            result = json.load(f)
+    except FileNotFoundError:
+        raise UserError(f"result file '{path}' does not exist") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot read result file '{path}': {e}") from None
+    if "timing" not in result or "benchmark_info" not in result:
+        raise UserError(f"'{path}' is not a runner result (no timing or benchmark_info block)")
+    return result
+
+
+def comparison_rows(results: dict[str, dict]) -> list[dict]:
+    """One row per method: total, each category, offline, overhead against the plain split, speedup
+    against the TEE-only runner, logit error and top-1."""
+    plain = results[PLAIN]["timing"]["total_ms"] if PLAIN in results else None
+    tee = results[TEE_ONLY]["timing"]["total_ms"] if TEE_ONLY in results else None
+    rows = []
+    for method in sorted(results, key=lambda m: METHODS.index(m) if m in METHODS else len(METHODS)):
+        r = results[method]
+        t, info, corr = r["timing"], r["benchmark_info"], r["correctness"]
+        row = {"method": method, "tokens": info["prefill_length"], "batch": info["batch_size"],
+               "dtype": info["dtype"], "device": info["gpu_device"], "total_ms": t["total_ms"]}
+        row.update({f"{name}_ms": t[key] for name, key in CATEGORIES})
+        row["offline_ms"] = t["offline_ms"]
+        row["overhead_vs_plain"] = t["total_ms"] / plain if plain and method != TEE_ONLY else None
+        row["speedup_vs_tee_only"] = tee / t["total_ms"] if tee and method != TEE_ONLY else None
+        row["rel_logit_error"] = None if corr.get("skipped") else corr["rel_logit_error"]
+        row["top1_agreement"] = None if corr.get("skipped") else corr["top1_agreement"]
+        rows.append(row)
+    return rows
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return f"{value:.2e}" if 0 < abs(value) < 1e-2 else f"{value:.2f}"
+    return str(value)
+
+
+def markdown_table(rows: list[dict], columns: list[str] | None = None) -> str:
+    columns = columns or list(rows[0])
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def csv_text(rows: list[dict]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
+    return out.getvalue()
+
+
+def _title(results: dict[str, dict]) -> str:
+    info = next(iter(results.values()))["benchmark_info"]
+    env = next(iter(results.values()))["environment"]
+    where = env.get("gpu") or "no GPU: the GPU side ran on the CPU"
+    return f"{info['model']} · {info['dtype']} · batch {info['batch_size']} · {where}"
+
+
+def breakdown_png(rows: list[dict], title: str) -> bytes:
+    """Stacked bars of where each method's time went; offline time drawn apart, since it is not in the total."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    positions = list(range(len(rows)))
+    bottom = [0.0] * len(rows)
+    for name, _ in CATEGORIES:
+        values = [r[f"{name}_ms"] for r in rows]
+        ax.bar([x - 0.12 for x in positions], values, width=0.55, bottom=bottom, label=name, color=COLORS[name])
+        bottom = [b + v for b, v in zip(bottom, values)]
+    offline = [r["offline_ms"] for r in rows]
+    if any(offline):
+        ax.bar([x + 0.3 for x in positions], offline, width=0.2, fill=False, hatch="//",
+               label="offline (not in total)")
+    for x, total in zip(positions, bottom):
+        ax.annotate(f"{total:.1f} ms", (x - 0.12, total), ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(positions, [r["method"] for r in rows])
+    ax.set_ylabel("time per inference (ms)")
+    ax.set_title(f"{rows[0]['tokens']} tokens · {title}", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def sweep_rows(sweep: dict[int, dict[str, dict]]) -> list[dict]:
+    """Long format: one comparison row per (length, method), ready to plot."""
+    return [row for length in sorted(sweep) for row in comparison_rows(sweep[length])]
+
+
+def sweep_summary(sweep: dict[int, dict[str, dict]]) -> list[dict]:
+    """One row per length: each method's total, masked overheads, and speedups against TEE-only."""
+    rows = []
+    for length in sorted(sweep):
+        by_method = {r["method"]: r for r in comparison_rows(sweep[length])}
+        row = {"tokens": length}
+        row.update({f"{m} ms": r["total_ms"] for m, r in by_method.items()})
+        row.update({f"{m}/plain": r["overhead_vs_plain"] for m, r in by_method.items() if m in ("ours", "otp")})
+        row.update({f"{m} speedup vs TEE": r["speedup_vs_tee_only"] for m, r in by_method.items()
+                    if r["speedup_vs_tee_only"] is not None})
+        rows.append(row)
+    return rows
+
+
+def scaling_png(sweep: dict[int, dict[str, dict]], title: str) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=120)
+    methods = [m for m in METHODS if all(m in sweep[n] for n in sweep)]
+    lengths = sorted(sweep)
+    for method in methods:
+        ax.plot(lengths, [sweep[n][method]["timing"]["total_ms"] for n in lengths], marker="o", label=method)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(lengths, [str(n) for n in lengths])
+    ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xlabel("prefill tokens")
+    ax.set_ylabel("time per inference (ms)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def write_files(files: dict[str, bytes | str]) -> None:
+    """Write every rendered file; each lands whole or not at all."""
+    for path, content in files.items():
+        data = content.encode() if isinstance(content, str) else content
+        write_atomically(path, lambda f, data=data: f.write(data))
+
+
+def comparison_report(results: dict[str, dict], stem: str) -> tuple[str, dict[str, bytes | str]]:
+    """(Markdown table, files to write) for one length: STEM.md, STEM.csv, STEM.png."""
+    rows = comparison_rows(results)
+    table = markdown_table(rows)
+    return table, {f"{stem}.md": f"# {_title(results)}\n\n{table}", f"{stem}.csv": csv_text(rows),
+                   f"{stem}.png": breakdown_png(rows, _title(results))}
+
+
+def sweep_report(sweep: dict[int, dict[str, dict]], stem: str) -> tuple[str, dict[str, bytes | str]]:
+    """(Markdown table, files to write) across lengths: STEM.md, STEM.csv (long format), STEM.png."""
+    title = _title(next(iter(sweep.values())))
+    table = markdown_table(sweep_summary(sweep))
+    return table, {f"{stem}.md": f"# {title}\n\n{table}", f"{stem}.csv": csv_text(sweep_rows(sweep)),
+                   f"{stem}.png": scaling_png(sweep, title)}

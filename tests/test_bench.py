@@ -1,0 +1,121 @@
+"""The benchmark harness: per-layer figures, the comparison report, sweeps, and its bad-input handling."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+
+from splitinfer import bench, cli
+from splitinfer.report import comparison_rows, sweep_report
+
+CONFIG = os.path.join(ROOT, "tee_gpu", "config.py")
+TEE_CONFIG = os.path.join(ROOT, "tee_only_llama", "config.py")
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def results(tiny_models, tmp_path_factory) -> dict[int, dict[str, str]]:
+    """Result files of all four runners on a tiny model at two lengths: {length: {method: path}}."""
+    folder = tmp_path_factory.mktemp("results")
+    paths: dict[int, dict[str, str]] = {}
+    for n in (8, 16):
+        for method, scheme in (("optimized", "plain"), ("ours", "matrix"), ("otp", "otp"), ("tee_only", cli.TEE_ONLY)):
+            out = str(folder / f"{method}_n{n}.json")
+            config = TEE_CONFIG if scheme == cli.TEE_ONLY else CONFIG
+            assert cli.main(config, scheme, ["--model", tiny_models["gqa-tied"], "--prefill-length", str(n),
+                                             "--dtype", "float32", "--per-layer", "--output", out]) == 0
+            paths.setdefault(n, {})[method] = out
+    return paths
+
+
+def test_per_layer_table(results):
+    r = json.loads(open(results[8]["ours"]).read())
+    layers = r["per_layer"]
+    assert [row["layer"] for row in layers] == [0, 1]
+    for row in layers:
+        parts = sum(row[k] for k in ("transfer_to_gpu_ms", "transfer_to_cpu_ms", "gpu_compute_ms",
+                                     "cpu_compute_ms", "crypto_ms", "other_ms"))
+        assert abs(parts - row["total_ms"]) <= 0.02 * row["total_ms"] + 1e-6
+        assert row["crypto_ms"] > 0 and row["gpu_compute_ms"] > 0
+    assert sum(row["total_ms"] for row in layers) <= r["timing"]["total_ms"]
+
+
+def test_comparison_report(results, tmp_path, capsys):
+    pairs = [f"{method}={path}" for method, path in results[8].items()]
+    assert bench.main(["report", "--out-dir", str(tmp_path), *pairs]) == 0
+    table = capsys.readouterr().out
+    for method in ("optimized", "ours", "otp", "tee_only"):
+        assert f"| {method} |" in table
+    assert (tmp_path / "comparison.md").read_text().count("\n| ") == 5  # header + four methods
+    rows = list(csv.DictReader(open(tmp_path / "comparison.csv")))
+    assert [row["method"] for row in rows] == ["optimized", "ours", "otp", "tee_only"]
+    assert float(rows[0]["overhead_vs_plain"]) == 1.0 and rows[3]["speedup_vs_tee_only"] == ""
+    assert (tmp_path / "comparison.png").read_bytes().startswith(PNG)
+
+
+def test_comparison_figures(results):
+    loaded = {m: json.loads(open(p).read()) for m, p in results[8].items()}
+    rows = {r["method"]: r for r in comparison_rows(loaded)}
+    plain, tee = loaded["optimized"]["timing"]["total_ms"], loaded["tee_only"]["timing"]["total_ms"]
+    assert rows["ours"]["overhead_vs_plain"] == pytest.approx(loaded["ours"]["timing"]["total_ms"] / plain)
+    assert rows["otp"]["speedup_vs_tee_only"] == pytest.approx(tee / loaded["otp"]["timing"]["total_ms"])
+    assert rows["otp"]["offline_ms"] > 0 and rows["ours"]["crypto_ms"] > 0
+    assert all(r["top1_agreement"] == 1.0 for r in rows.values())
+
+
+def test_sweep_report(results, tmp_path):
+    sweep = {n: {m: json.loads(open(p).read()) for m, p in by_method.items()} for n, by_method in results.items()}
+    table, files = sweep_report(sweep, str(tmp_path / "sweep"))
+    assert "| 8 |" in table and "| 16 |" in table and "ours/plain" in table
+    assert files[str(tmp_path / "sweep.png")].startswith(PNG)
+    rows = list(csv.DictReader(files[str(tmp_path / "sweep.csv")].splitlines()))
+    assert len(rows) == 8 and {r["tokens"] for r in rows} == {"8", "16"}
+
+
+def test_compare_script_end_to_end(tiny_models, tmp_path):
+    """The script as a user runs it, from another directory, with flags passed through."""
+    script = os.path.join(ROOT, "tee_only_llama", "benchmarks", "compare_split_vs_tee.sh")
+    done = subprocess.run(["bash", script, "--out-dir", str(tmp_path / "out"), "--model", tiny_models["mha-untied"],
+                           "--prefill-length", "6", "--repeat", "1"], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "| tee_only |" in done.stdout
+    for name in ("comparison.md", "comparison.csv", "comparison.png", "optimized.json", "tee_only.json"):
+        assert (tmp_path / "out" / name).exists()
+    r = json.loads((tmp_path / "out" / "ours.json").read_text())
+    assert r["benchmark_info"]["prefill_length"] == 6 and r["steady_state"]["runs"] == 1
+    assert "wrote" in done.stderr and "[4/4] tee_only" in done.stderr
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["compare", "--lengths", "8,x"], "not a comma-separated list"),
+    (["compare", "--lengths", "0"], "at least 1"),
+    (["split", "--bogus"], "unrecognized arguments: --bogus"),
+    (["split", "--output", "x.json"], "set per runner by the bench"),
+    (["compare", "--lengths", "8", "--prefill-length", "4"], "either --lengths or --prefill-length"),
+    (["report", "optimized=/no/such/result.json"], "does not exist"),
+    (["report"], "METHOD=RESULT.json"),
+    (["nonsense"], "invalid choice"),
+])
+def test_bench_bad_input(tmp_path, capsys, argv, expected):
+    out = tmp_path / "out"
+    try:
+        status = bench.main([argv[0], "--out-dir", str(out), *argv[1:]])
+    except SystemExit as e:  # argparse's own one-line errors
+        status = e.code
+    assert status == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(err) == 1 and expected in err[0], err
+    assert not out.exists() or not any(f.startswith(("comparison", "sweep")) for f in os.listdir(out))
+
+
+def test_failing_runner_leaves_no_report(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "splitinfer.bench", "split", "--out-dir", str(tmp_path),
+                           "--model", str(tmp_path / "missing")], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 1
+    assert "runner optimized failed (exit 2); no report written" in done.stderr
+    assert not any(f.startswith("comparison") for f in os.listdir(tmp_path))
