@@ -96,6 +96,9 @@ def write_atomically(path: str, write) -> None:
     """Write via a temporary file in the same folder and rename, so no half-written file is ever left."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make results private to their writer
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
