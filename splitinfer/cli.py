@@ -220,7 +220,7 @@ def run(args, scheme_name: str) -> dict:
         "predictions": predictions,
         "environment": {**environment_block(gpu_device, fallback, torch.get_num_threads()),
                         "model": info["model"], "random_weights": info["random_weights"], "params": info["params"],
-                        "dtype": dtype_name, "seed": args.seed},
+                        "dtype": dtype_name, "seed": args.seed, "tee_allocator": engine.allocator},
     }
     if args.per_layer:
         result["per_layer"] = figures["per_layer"]

@@ -5,6 +5,7 @@ runs every linear op. A scheme protects what crosses; `plain` protects nothing.
 """
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +18,27 @@ from splitinfer.inputs import last_positions
 from splitinfer.schemes import Plain
 from splitinfer.tee_ops import (Rotary, apply_rope, attention_bias, grouped_matmul, masked_softmax, rms_norm,
                                 silu_gate)
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+_ALLOCATOR_SETTING: str | None = None
+
+
+def keep_freed_memory() -> str:
+    """Make glibc keep freed memory for reuse (mmap threshold 32 MiB, no trimming) instead of returning it
+    to the OS and faulting fresh pages in for every temporary of the next op. The TEE's ops allocate many
+    short-lived tensors; measured on the 2-core VM, the first engine of a process ran 512 tokens in
+    ~740 ms instead of ~930 ms. In a TDX guest each fresh page also costs an acceptance. Returns what
+    was set, for the JSON."""
+    global _ALLOCATOR_SETTING
+    if _ALLOCATOR_SETTING is None:
+        try:
+            libc = ctypes.CDLL("libc.so.6")
+            ok = libc.mallopt(M_MMAP_THRESHOLD, 32 * 2 ** 20) == 1 and libc.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1) == 1
+            _ALLOCATOR_SETTING = "glibc: mmap threshold 32 MiB, trim threshold 2 GiB" if ok else "default"
+        except (OSError, AttributeError):
+            _ALLOCATOR_SETTING = "default (not glibc)"
+    return _ALLOCATOR_SETTING
 
 
 class Gpu:
@@ -66,6 +88,7 @@ class SplitLlama:
     def __init__(self, config: LlamaConfig, state_dict: dict[str, torch.Tensor], scheme: Plain,
                  gpu_device: torch.device, dtype: torch.dtype, tee_only: bool = False):
         self.config, self.scheme, self.dtype = config, scheme, dtype
+        self.allocator = keep_freed_memory()
         self.tee_device = torch.device("cpu")
         self.metrics = Metrics(gpu_device)
         self.link = Boundary(gpu_device, self.tee_device, self.metrics, crossing=not tee_only)

@@ -10,17 +10,23 @@ from splitinfer.inputs import last_positions
 REFERENCE_DTYPE = torch.float32
 
 
+def build_transformers_model(config: LlamaConfig, state_dict: dict[str, torch.Tensor],
+                             device: torch.device = torch.device("cpu"),
+                             dtype: torch.dtype = REFERENCE_DTYPE) -> LlamaForCausalLM:
+    """transformers' LlamaForCausalLM around the given weights (copied only where device or dtype differ)."""
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    model.load_state_dict({name: t.to(device, dtype) for name, t in state_dict.items()}, assign=True, strict=False)
+    model.tie_weights()
+    model.model.rotary_emb = LlamaRotaryEmbedding(config).to(device)  # its buffers are not in a state dict
+    return model.eval()
+
+
 @torch.no_grad()
 def reference_logits(config: LlamaConfig, state_dict: dict[str, torch.Tensor], ids: torch.Tensor,
                      attention_mask: torch.Tensor) -> torch.Tensor:
-    """float32 logits [B, vocab] at the last real position of each sequence."""
-    with torch.device("meta"):
-        model = LlamaForCausalLM(config)
-    weights = {name: t.to("cpu", REFERENCE_DTYPE) for name, t in state_dict.items()}
-    model.load_state_dict(weights, assign=True, strict=False)
-    model.tie_weights()
-    model.model.rotary_emb = LlamaRotaryEmbedding(config)  # its buffers are not in a state dict
-    model.eval()
+    """float32 logits [B, vocab] at the last real position of each sequence, computed on the CPU."""
+    model = build_transformers_model(config, state_dict)
     logits = model(input_ids=ids, attention_mask=attention_mask).logits
     return logits[torch.arange(ids.shape[0]), last_positions(attention_mask)].float()
 

@@ -106,54 +106,59 @@ class Matrix(Plain):
         batch, heads, n, k = a
         groups, m = b[1], b[3]
         per_head = (batch, groups, heads // groups)
-        return {"p1": self._permutations((*per_head, n)), "d1": self._signed_uniform((*per_head, n), *self.D_RANGE),
-                "p2": self._permutations((batch, groups, 1, k)),
-                "d2": self._signed_uniform((batch, groups, 1, k), *self.D_RANGE),
-                "p3": self._permutations((batch, groups, 1, m)),
-                "d3": self._signed_uniform((batch, groups, 1, m), *self.D_RANGE)}
+        mask = {"p1": self._permutations((*per_head, n)), "d1": self._signed_uniform((*per_head, n), *self.D_RANGE),
+                "p2": self._permutations((batch, groups, k)),
+                "d2": self._signed_uniform((batch, groups, k), *self.D_RANGE),
+                "p3": self._permutations((batch, groups, m)),
+                "d3": self._signed_uniform((batch, groups, m), *self.D_RANGE)}
+        mask["p1_inverse"], mask["p3_inverse"] = mask["p1"].argsort(-1), mask["p3"].argsort(-1)
+        return mask
 
     def protect_linear(self, x, name):
         mask = self.linear_masks[name]
         sequences, n = _sequences(x.shape)
         xf = x.float().reshape(sequences, n, x.shape[-1])
-        # Mix unit-RMS rows, i.e. M·diag(1/r): one outlier token (an attention sink) would otherwise
+        # Mix unit-RMS rows, i.e. send M·diag(1/r)·X: one outlier token (an attention sink) would otherwise
         # dominate βᵀX and drown every other row in half-precision rounding; it also hides row norms.
-        norms = _row_rms(xf)
-        xf = xf / norms
+        norms = _row_rms(xf)[..., 0]
         if "dummy" in mask:
             xf = torch.cat([xf, mask["dummy"]], dim=1)
-        mixed = mask["d"][..., None] * xf + mask["alpha"][..., None] * (mask["beta"][:, None, :] @ xf)
+            norms = torch.cat([norms, torch.ones(sequences, xf.shape[1] - n)], dim=1)
+        shared = (mask["beta"] / norms)[:, None, :] @ xf                     # βᵀ diag(1/r) X
+        mixed = xf * (mask["d"] / norms)[..., None]                          # D diag(1/r) X
+        mixed.baddbmm_(mask["alpha"][..., None], shared)                     # + α βᵀ diag(1/r) X
         shape = x.shape if "dummy" not in mask else (-1, x.shape[-1])
-        return mixed.reshape(shape).to(x.dtype), (mask, x.shape, norms)
+        return mixed.reshape(shape).to(x.dtype), (mask, x.shape, norms, n)
 
     def recover_linear(self, z, secret):
-        mask, in_shape, norms = secret
+        mask, in_shape, norms, n = secret
         d, alpha, beta = mask["d"], mask["alpha"], mask["beta"]
         zf = z.float().reshape(d.shape[0], d.shape[1], z.shape[-1])
-        u = zf / d[..., None]                               # D⁻¹Z
-        w = alpha / d                                       # D⁻¹α
-        c = (beta[:, None, :] @ u) / (1 + (beta * w).sum(-1))[:, None, None]
-        y = u - w[..., None] * c                            # M⁻¹Z, in O(n·out)
-        y = y[:, : norms.shape[1]] * norms                  # drop the dummy row, restore row scales
-        return y.reshape(*in_shape[:-1], z.shape[-1]).to(z.dtype)
+        # diag(r) M⁻¹ Z by Sherman–Morrison, in O(n·out), never forming M:
+        #   M⁻¹Z = D⁻¹Z − D⁻¹α (βᵀD⁻¹Z) / (1 + βᵀD⁻¹α)
+        shared = ((beta / d)[:, None, :] @ zf) / (1 + (beta * alpha / d).sum(-1))[:, None, None]
+        y = zf * (norms / d)[..., None]
+        y.baddbmm_((norms * alpha / d)[..., None], shared, alpha=-1)
+        return y[:, :n].reshape(*in_shape[:-1], z.shape[-1]).to(z.dtype)
 
     def protect_matmul(self, a, b, name):
         m = self.matmul_masks[name]
         batch, heads, n, k = a.shape
         groups = b.shape[1]
-        a5 = a.float().view(batch, groups, heads // groups, n, k)
-        a5 = torch.take_along_dim(a5, m["p1"][..., None], dim=-2) * m["d1"][..., None]
-        a5 = torch.take_along_dim(a5, m["p2"][..., None, :], dim=-1) * m["d2"][..., None, :]
-        bf = torch.take_along_dim(b.float(), m["p2"][:, :, 0, :, None], dim=-2) / m["d2"][:, :, 0, :, None]
-        bf = torch.take_along_dim(bf, m["p3"], dim=-1) * m["d3"]
-        return a5.view(a.shape).to(a.dtype), bf.to(b.dtype), (m, groups)
+        a5 = _permute_rows(a.float().view(batch, groups, heads // groups, n, k), m["p1"])   # P₁ A
+        a5 = _permute_cols(a5, m["p2"][:, :, None, None, :])                                # (P₁A) P₂
+        a5.mul_(m["d1"][..., None]).mul_(m["d2"][:, :, None, None, :])                      # D₁ · · D₂
+        b4 = _permute_cols(_permute_rows(b.float(), m["p2"]), m["p3"][:, :, None, :])       # P₂⁻¹ B P₃
+        b4.div_(m["d2"][..., None]).mul_(m["d3"][:, :, None, :])                            # D₂⁻¹ · · D₃
+        return a5.view(a.shape).to(a.dtype), b4.to(b.dtype), (m, groups)
 
     def recover_matmul(self, c, secret):
         m, groups = secret
         batch, heads, n, cols = c.shape
-        c5 = c.float().view(batch, groups, heads // groups, n, cols) / (m["d1"][..., None] * m["d3"][..., None, :])
-        c5 = torch.take_along_dim(c5, m["p1"].argsort(dim=-1)[..., None], dim=-2)
-        c5 = torch.take_along_dim(c5, m["p3"].argsort(dim=-1)[..., None, :], dim=-1)
+        c5 = c.float().view(batch, groups, heads // groups, n, cols)
+        c5 = c5 / m["d1"][..., None]
+        c5.div_(m["d3"][:, :, None, None, :])
+        c5 = _permute_cols(_permute_rows(c5, m["p1_inverse"]), m["p3_inverse"][:, :, None, None, :])
         return c5.view(c.shape).to(c.dtype)
 
 
@@ -209,6 +214,20 @@ class Otp(Plain):
         a, pad_a, pad_b, masked_b = secret
         # the two cross terms cost twice the matmul itself, in the TEE: the price of no strippable mask
         return (c.float() + grouped_matmul(a, pad_b) + grouped_matmul(pad_a, masked_b)).to(c.dtype)
+
+
+def _permute_rows(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """out[..., i, :] = x[..., perm[..., i], :], one permutation per matrix (perm has x's shape less the last dim).
+
+    A single index_select over the flattened rows: a row copy, far cheaper than a broadcast gather."""
+    rows = x.shape[-2]
+    offsets = torch.arange(0, perm.numel(), rows).view(*perm.shape[:-1], 1)
+    return x.reshape(-1, x.shape[-1]).index_select(0, (perm + offsets).reshape(-1)).view(x.shape)
+
+
+def _permute_cols(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """out[..., j] = x[..., perm[..., j]], with perm broadcast over the rows (and heads) it is shared by."""
+    return torch.gather(x, -1, perm.expand(x.shape))
 
 
 def _row_rms(x: torch.Tensor) -> torch.Tensor:

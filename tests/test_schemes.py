@@ -52,12 +52,13 @@ def test_matrix_permutations_are_not_identity():
     scheme.prepare({}, {"mm": ((1, 2, 16, 8), (1, 1, 8, 16))})
     masks = scheme.matmul_masks["mm"]
     identity = torch.arange(16)
-    assert not torch.equal(masks["p1"][0, 0, 0], identity) and not torch.equal(masks["p3"][0, 0, 0], identity)
-    assert not torch.equal(masks["p2"][0, 0, 0], torch.arange(8))
-    # a permutation applied on one side only (the original implementation's bug) must not recover
+    assert not torch.equal(masks["p1"][0, 0, 0], identity) and not torch.equal(masks["p3"][0, 0], identity)
+    assert not torch.equal(masks["p2"][0, 0], torch.arange(8))
+    assert torch.equal(masks["p1"].gather(-1, masks["p1_inverse"]), identity.expand(1, 1, 2, 16))
+    # undoing a permutation with itself instead of its inverse (the original implementation's bug) fails
     a, b = torch.randn(1, 2, 16, 8), torch.randn(1, 1, 8, 16)
     a_masked, b_masked, secret = scheme.protect_matmul(a, b, "mm")
-    wrong = dict(masks, p1=masks["p1"].argsort(-1))
+    wrong = dict(masks, p1_inverse=masks["p1"])
     c_wrong = scheme.recover_matmul(grouped_matmul(a_masked, b_masked), (wrong, 1))
     assert not torch.allclose(c_wrong, grouped_matmul(a, b), atol=1e-3)
 

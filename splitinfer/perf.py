@@ -1,0 +1,176 @@
+"""Performance comparison in one process: the split runners, the TEE-only baseline, and transformers'
+own forward on the CPU (and on the GPU when there is one), on the same weights and ids. Prints the
+ratios the performance targets are stated in and writes them as JSON.
+
+    python -m splitinfer.perf --model preset:llama-3.2-1b --lengths 128,512 --out-dir perf_results
+
+Every method is warmed up, then timed `--repeat` times (median, min, max); `first_ms` is each method's
+first inference in this process, after its own set-up. Engines are built one at a time and freed, so
+large presets fit.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+from splitinfer.cli import DTYPES, OneLineParser, progress, resolve_gpu_device
+from splitinfer.engine import SplitLlama
+from splitinfer.errors import UserError
+from splitinfer.inputs import build_batch, read_prompts
+from splitinfer.metrics import synchronize
+from splitinfer.models import load_model
+from splitinfer.reference import build_transformers_model
+from splitinfer.results import environment_block, memory_block, write_json
+from splitinfer.schemes import make_scheme
+
+SPLIT = {"optimized": "plain", "ours": "matrix", "otp": "otp"}
+DEFAULT_PROMPTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tee_only_llama",
+                               "prompts.txt")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog="splitinfer.perf", description=__doc__.split("\n\n")[0],
+                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="default", help="checkpoint directory, 'default' or preset:NAME")
+    p.add_argument("--lengths", default="128", help="comma-separated prefill lengths")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--dtype", choices=list(DTYPES), help="split runners' dtype (float16 with CUDA, float32 without)")
+    p.add_argument("--tee-dtype", choices=list(DTYPES),
+                   help="TEE-only runner's dtype (bfloat16 with CUDA, the split dtype without)")
+    p.add_argument("--gpu-device", default="cuda:0")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out-dir", default="perf_results", help="perf.json goes here")
+    return p
+
+
+def time_calls(fn, device: torch.device, warmup: int, repeat: int) -> dict:
+    """First call, then `warmup` untimed, then `repeat` timed calls (synchronised around each)."""
+    def once() -> float:
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        return (time.perf_counter() - start) * 1e3
+
+    first = once()
+    for _ in range(warmup):
+        once()
+    runs = [once() for _ in range(repeat)]
+    return {"first_ms": first, "median_ms": statistics.median(runs), "min_ms": min(runs), "max_ms": max(runs)}
+
+
+def time_engine(engine: SplitLlama, ids, mask, warmup: int, repeat: int) -> dict:
+    figures = []
+    out = time_calls(lambda: figures.append(engine.timed_forward(ids, mask)[1]), engine.metrics.device, warmup,
+                     repeat)
+    timed = figures[1 + warmup:]
+    # the engine's own total excludes the offline phase, which time_calls' wall clock includes
+    out["median_ms"] = statistics.median(f["total_ms"] for f in timed)
+    out["first_ms"] = figures[0]["total_ms"]
+    out["min_ms"], out["max_ms"] = min(f["total_ms"] for f in timed), max(f["total_ms"] for f in timed)
+    out["categories_median_ms"] = {c: statistics.median(f["categories"][c] for f in timed)
+                                   for c in timed[0]["categories"]}
+    out["bytes_to_gpu"], out["bytes_to_cpu"] = (timed[0]["data_transfer"]["to_gpu_bytes"],
+                                                timed[0]["data_transfer"]["to_cpu_bytes"])
+    return out
+
+
+def measure(args) -> dict:
+    gpu_device, fallback = resolve_gpu_device(args.gpu_device)
+    cuda = gpu_device.type == "cuda"
+    dtype_name = args.dtype or ("float16" if cuda else "float32")
+    tee_name = args.tee_dtype or ("bfloat16" if cuda else dtype_name)
+    dtype, tee_dtype = DTYPES[dtype_name], DTYPES[tee_name]
+    lengths = sorted({int(x) for x in args.lengths.split(",")})
+    progress(f"loading {args.model} ({dtype_name}; TEE-only {tee_name})")
+    model = load_model(args.model, dtype, gpu_device)
+    state = model.state_dict
+    results: dict = {"lengths": {}}
+    for n in lengths:
+        if n > model.config.max_position_embeddings:
+            raise UserError(f"length {n} exceeds max_position_embeddings ({model.config.max_position_embeddings})")
+        ids, mask = build_batch(model.tokenizer, read_prompts(DEFAULT_PROMPTS), n, args.batch_size)
+        row: dict = {}
+        for method, scheme in SPLIT.items():
+            progress(f"{n} tokens: {method}")
+            engine = SplitLlama(model.config, state, make_scheme(scheme), gpu_device, dtype)
+            row[method] = time_engine(engine, ids, mask, args.warmup, args.repeat)
+            del engine
+            gc.collect()
+        progress(f"{n} tokens: tee_only ({tee_name})")
+        engine = SplitLlama(model.config, state, make_scheme("plain"), torch.device("cpu"), tee_dtype, tee_only=True)
+        row["tee_only"] = time_engine(engine, ids, mask, args.warmup, args.repeat)
+        del engine
+        gc.collect()
+        for label, device, hf_dtype in (("transformers_cpu", torch.device("cpu"), dtype if not cuda else tee_dtype),
+                                        ("transformers_gpu", gpu_device, dtype)):
+            if label == "transformers_gpu" and not cuda:
+                continue
+            progress(f"{n} tokens: {label} ({str(hf_dtype).replace('torch.', '')})")
+            hf = build_transformers_model(model.config, state, device, hf_dtype)
+            with torch.no_grad():
+                row[label] = time_calls(lambda: hf(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                                   logits_to_keep=1), device, args.warmup, args.repeat)
+            row[label]["dtype"] = str(hf_dtype).replace("torch.", "")
+            del hf
+            gc.collect()
+        row["ratios"] = ratios(row)
+        results["lengths"][n] = row
+    results["setup"] = {"model": model.name, "random_weights": model.random_weights, "dtype": dtype_name,
+                        "tee_dtype": tee_name, "batch_size": args.batch_size, "gpu_device": str(gpu_device),
+                        "gpu_fallback_to_cpu": fallback, "warmup": args.warmup, "repeat": args.repeat}
+    results["memory"] = memory_block(gpu_device, 0)
+    results["environment"] = environment_block(gpu_device, fallback, torch.get_num_threads())
+    return results
+
+
+def ratios(row: dict) -> dict:
+    """The figures the performance targets are stated in (warm medians)."""
+    plain = row["optimized"]["median_ms"]
+    out = {"ours_over_plain": row["ours"]["median_ms"] / plain, "otp_online_over_plain": row["otp"]["median_ms"] / plain,
+           "plain_over_transformers_cpu": plain / row["transformers_cpu"]["median_ms"]}
+    for method in SPLIT:
+        out[f"{method}_speedup_vs_tee_only"] = row["tee_only"]["median_ms"] / row[method]["median_ms"]
+        out[f"{method}_first_minus_warm_ms"] = row[method]["first_ms"] - row[method]["median_ms"]
+    if "transformers_gpu" in row:
+        out["plain_over_transformers_gpu"] = plain / row["transformers_gpu"]["median_ms"]
+    return out
+
+
+def print_table(results: dict) -> None:
+    for n, row in results["lengths"].items():
+        print(f"\n{n} tokens (warm median ms; first in parentheses)")
+        for method, r in row.items():
+            if method != "ratios":
+                print(f"  {method:<17} {r['median_ms']:9.2f}  ({r['first_ms']:.2f})")
+        for name, value in row["ratios"].items():
+            print(f"  {name:<34} {value:8.2f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        os.makedirs(args.out_dir, exist_ok=True)
+        results = measure(args)
+    except (UserError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print_table(results)
+    path = os.path.join(args.out_dir, "perf.json")
+    write_json(path, results)
+    progress(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
