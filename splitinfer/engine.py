@@ -76,6 +76,12 @@ class Gpu:
             return F.embedding(ids, self.weights["embed"])
 
 
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """[B, H, N, h] -> [B, N, H·h], the layout the o projection reads."""
+    batch, heads, n, head_dim = x.shape
+    return x.transpose(1, 2).reshape(batch, n, heads * head_dim)
+
+
 @dataclass
 class TeeLayer:
     attn_norm: torch.Tensor
@@ -148,6 +154,29 @@ class SplitLlama:
             matmuls[f"{i}.attend"] = ((batch, heads, n, n), (batch, kv_heads, n, h))
         return linears, matmuls
 
+    def minimum_crossing_bytes(self, batch: int, n: int) -> tuple[int, int]:
+        """(to GPU, to TEE) bytes that this op placement cannot do without in one inference.
+
+        tee_gpu/README.md derives them: per layer, every linear input and output crosses once and each
+        attention matmul ships its operands and product, except that the plain split keeps v, P·V and
+        the o-projection input on the GPU; plus the embedding (plain only) and the LM head rows."""
+        size = torch.finfo(self.dtype).bits // 8
+        d, inner = self.config.hidden_size, self.gpu.weights["0.down"].shape[1]
+        q, kv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        tokens, scores = batch * n, batch * self.n_heads * n * n
+        if self.scheme.masked:
+            to_gpu = tokens * (2 * d + 2 * q + 2 * kv + inner) + scores
+            to_tee = tokens * (2 * q + 2 * kv + 2 * d + 2 * inner) + scores
+            embed_to_gpu, embed_to_tee = 0, 0
+        else:
+            to_gpu = tokens * (2 * d + q + kv + inner) + scores
+            to_tee = tokens * (q + kv + 2 * d + 2 * inner) + scores
+            embed_to_gpu, embed_to_tee = 8 * tokens, size * tokens * d  # int64 ids, hidden states
+        layers = len(self.layers)
+        lm_head = self.gpu.weights["lm_head"]
+        return (layers * to_gpu * size + embed_to_gpu + size * batch * lm_head.shape[1],
+                layers * to_tee * size + embed_to_tee + size * batch * lm_head.shape[0])
+
     # ---- the hops: every crossing of the TEE/GPU boundary goes through one of these ----
 
     def linear(self, x: torch.Tensor, weight: str, kind: str, layer: int | None = None) -> torch.Tensor:
@@ -199,6 +228,11 @@ class SplitLlama:
             logits = self.forward(ids, attention_mask)
         figures = self.metrics.snapshot()
         figures["data_transfer"] = self.link.summary()
+        if self.link.crossing:
+            to_gpu, to_tee = self.minimum_crossing_bytes(*ids.shape)
+            moved = figures["data_transfer"]["to_gpu_bytes"] + figures["data_transfer"]["to_cpu_bytes"]
+            figures["data_transfer"].update(minimum_to_gpu_bytes=to_gpu, minimum_to_cpu_bytes=to_tee,
+                                            excess_over_minimum=moved / (to_gpu + to_tee) - 1)
         figures["offline_mask_bytes"] = mask_bytes
         return logits, figures
 
@@ -219,16 +253,37 @@ class SplitLlama:
 
     def attention(self, h: torch.Tensor, i: int, cos: torch.Tensor, sin: torch.Tensor,
                   bias: torch.Tensor) -> torch.Tensor:
-        batch, n, _ = h.shape
+        if not self.scheme.masked:
+            return self.plain_attention(h, i, cos, sin, bias)
         qkv = self.linear(h, f"{i}.qkv", "linear_attn", i)
-        qkv = qkv.view(batch, n, self.n_heads + 2 * self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k, v = qkv.split([self.n_heads, self.n_kv_heads, self.n_kv_heads], dim=1)
+        q, k, v = self.heads(qkv)
         q = self.tee("rotary", apply_rope, q, cos, sin)
         k = self.tee("rotary", apply_rope, k, cos, sin)
         scores = self.matmul(q, k.transpose(-1, -2), f"{i}.scores", i)
         probs = self.tee("softmax", masked_softmax, scores, self.scale, bias)
         out = self.matmul(probs, v, f"{i}.attend", i)
-        return self.linear(out.transpose(1, 2).reshape(batch, n, -1), f"{i}.o", "linear_attn", i)
+        return self.linear(merge_heads(out), f"{i}.o", "linear_attn", i)
+
+    def plain_attention(self, h: torch.Tensor, i: int, cos: torch.Tensor, sin: torch.Tensor,
+                        bias: torch.Tensor) -> torch.Tensor:
+        """Unprotected attention: v and P·V need no TEE step, so they never leave the GPU."""
+        qkv = self.gpu.linear(self.link.to_gpu(h, "linear_attn", i), f"{i}.qkv", "linear_attn")
+        q_and_k = (self.n_heads + self.n_kv_heads) * self.head_dim
+        q, k, _ = self.heads(self.link.to_tee(qkv[..., :q_and_k], "linear_attn"))
+        _, _, v = self.heads(qkv)
+        q = self.tee("rotary", apply_rope, q, cos, sin)
+        k = self.tee("rotary", apply_rope, k, cos, sin)
+        scores = self.gpu.matmul(self.link.to_gpu(q, "matmul", i), self.link.to_gpu(k.transpose(-1, -2), "matmul", i))
+        probs = self.tee("softmax", masked_softmax, self.link.to_tee(scores, "matmul"), self.scale, bias)
+        out = self.gpu.matmul(self.link.to_gpu(probs, "matmul", i), v)
+        return self.link.to_tee(self.gpu.linear(merge_heads(out), f"{i}.o", "linear_attn"), "linear_attn")
+
+    def heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[B, N, (H + 2·Hkv)·h] (or just its q and k part) -> q [B, H, N, h], k and v [B, Hkv, N, h]."""
+        batch, n, width = qkv.shape
+        per_head = qkv.view(batch, n, width // self.head_dim, self.head_dim).transpose(1, 2)
+        q, k = per_head[:, : self.n_heads], per_head[:, self.n_heads: self.n_heads + self.n_kv_heads]
+        return q, k, per_head[:, self.n_heads + self.n_kv_heads:]
 
     def mlp(self, h: torch.Tensor, i: int) -> torch.Tensor:
         gate_up = self.linear(h, f"{i}.gate_up", "linear_mlp", i)

@@ -10,23 +10,48 @@ import torch.nn.functional as F
 from conftest import ROOT
 
 from splitinfer import cli
-from splitinfer.audit import read_audit
+from splitinfer.audit import AuditLog, read_audit
+from splitinfer.engine import SplitLlama
+from splitinfer.inputs import build_batch, read_prompts
+from splitinfer.models import load_model
+from splitinfer.schemes import Plain
 
 CONFIG = os.path.join(ROOT, "tee_gpu", "config.py")
 
 
-def crossings(folder, model: str, scheme: str, *extra: str) -> dict[tuple, torch.Tensor]:
-    """(layer, op, occurrence) -> tensor sent to the GPU."""
+def crossings(folder, model: str, scheme: str) -> dict[tuple, torch.Tensor]:
+    """(layer, op, occurrence) -> tensor the runner sent to the GPU, read back from its --audit-dir."""
     assert cli.main(CONFIG, scheme, ["--model", model, "--prefill-length", "12", "--batch-size", "2", "--ragged",
                                      "--seed", "11", "--audit-dir", str(folder),
-                                     "--output", str(folder) + ".json", *extra]) == 0
-    seen = defaultdict(int)
+                                     "--output", str(folder) + ".json"]) == 0
+    return keyed([(r["layer"], r["op"], r["tensor"]) for r in read_audit(str(folder))])
+
+
+def keyed(records: list[tuple]) -> dict[tuple, torch.Tensor]:
+    seen: dict[tuple, int] = defaultdict(int)
     out = {}
-    for record in read_audit(str(folder)):
-        key = (record["layer"], record["op"])
-        out[(*key, seen[key])] = record["tensor"]
-        seen[key] += 1
+    for layer, op, tensor in records:
+        out[(layer, op, seen[(layer, op)])] = tensor
+        seen[(layer, op)] += 1
     return out
+
+
+class InTheClear(Plain):
+    """The masked runners' placement (ids and biases in the TEE, every operand crossing) with no masks:
+    what the GPU would see at each of their hops if nothing protected it."""
+
+    masked = True
+
+
+def plaintext_crossings(model_path: str) -> tuple[dict[tuple, torch.Tensor], torch.Tensor]:
+    model = load_model(model_path, torch.float32, torch.device("cpu"))
+    ids, mask = build_batch(model.tokenizer, read_prompts(os.path.join(ROOT, "tee_only_llama", "prompts.txt")),
+                            12, 2, ragged=True)
+    engine = SplitLlama(model.config, model.state_dict, InTheClear(), torch.device("cpu"), torch.float32)
+    log = AuditLog()
+    engine.link.audit = log
+    engine.timed_forward(ids, mask)
+    return keyed(log.records), ids
 
 
 def row_proportionality(masked: torch.Tensor, plain: torch.Tensor) -> float:
@@ -48,27 +73,29 @@ def row_proportionality(masked: torch.Tensor, plain: torch.Tensor) -> float:
 @pytest.mark.parametrize("scheme", ["matrix", "otp"])
 @pytest.mark.parametrize("variant", ["gqa-tied", "rope-llama3", "mha-untied"])
 def test_gpu_never_sees_plaintext(tiny_models, tmp_path, scheme, variant):
-    plain = crossings(tmp_path / "plain", tiny_models[variant], "plain")
+    plain, ids = plaintext_crossings(tiny_models[variant])
     masked = crossings(tmp_path / scheme, tiny_models[variant], scheme)
-    # the plain runner sends the ids for the embedding; a masked runner never does
-    assert any(op == "embedding" for _, op, _ in plain)
-    assert not any(op == "embedding" for _, op, _ in masked)
+    assert set(masked) == set(plain)  # the same hops, in the same order
+    assert not any(op == "embedding" for _, op, _ in masked)  # the ids never cross ...
     assert all(t.is_floating_point() for t in masked.values())
-    ids = plain[(None, "embedding", 0)]
-    assert set(masked) == set(plain) - {(None, "embedding", 0)}  # the same hops, in the same places
     for key, tensor in masked.items():
         reference = plain[key]
+        assert not (tensor.numel() == ids.numel() and torch.equal(tensor.reshape(-1).long(), ids.reshape(-1)))
         assert not torch.allclose(tensor.float().reshape(-1)[: reference.numel()],
                                   reference.float().reshape(-1)[: tensor.numel()], rtol=1e-2, atol=1e-3), key
         assert row_proportionality(tensor, reference) < 0.99, key
-        assert not (tensor.numel() == ids.numel() and torch.equal(tensor.reshape(-1).long(), ids.reshape(-1)))
+
+
+def test_plain_runner_sends_the_ids(tiny_models, tmp_path):
+    plain = crossings(tmp_path / "plain", tiny_models["gqa-tied"], "plain")
+    assert plain[(None, "embedding", 0)].dtype == torch.long
 
 
 def test_matrix_mixing_keeps_the_row_space(tiny_models, tmp_path):
     """The known limit of token mixing: M·X only recombines X's rows, so where the rows are nearly
     identical (here, large biases dominate every hidden state) the GPU sees them almost unchanged.
     The one-time pads hide the same tensors."""
-    plain = crossings(tmp_path / "plain", tiny_models["biases"], "plain")
+    plain, _ = plaintext_crossings(tiny_models["biases"])
     matrix = crossings(tmp_path / "matrix", tiny_models["biases"], "matrix")
     otp = crossings(tmp_path / "otp", tiny_models["biases"], "otp")
     key = (1, "linear_mlp", 0)

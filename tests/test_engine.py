@@ -9,7 +9,7 @@ from splitinfer.engine import SplitLlama
 from splitinfer.inputs import build_batch, last_positions
 from splitinfer.models import ByteTokenizer, load_model
 from splitinfer.reference import compare, reference_logits
-from splitinfer.schemes import Plain
+from splitinfer.schemes import Plain, make_scheme
 
 PROMPTS = ["The quick brown fox jumps over the lazy dog.", "Private prompts stay in the TEE."]
 CPU = torch.device("cpu")
@@ -49,15 +49,24 @@ def test_batch_with_padding(tiny_models, variant):
 
 
 def test_gqa_kv_never_expanded_before_crossing(tiny_models):
-    """K and V cross at their own head count: the GPU broadcasts over the query heads of a group."""
+    """K and V cross at their own head count: the GPU broadcasts them over the query heads of a group.
+    The plain split keeps v and P·V on the GPU, and moves exactly the minimum for its placement."""
     _, _, figures, _, _ = run_engine(tiny_models["gqa-head-dim"], False, batch=1, ragged=False, n=8)
-    # per layer: q (4 heads) and k (1 head) for scores, probs (4 heads) and v (1 head) for PV
-    heads, kv_heads, head_dim, n, layers = 4, 1, 24, 8, 2
-    matmul_in = layers * 4 * (heads * n * head_dim + kv_heads * n * head_dim + heads * n * n + kv_heads * n * head_dim)
-    assert figures["breakdown"]["transfer_to_gpu"]["matmul"] > 0
-    linear_in = layers * 4 * n * (64 + 64 + 4 * 24 + 96)  # qkv, gate_up inputs (hidden), o input (heads*hd), down
-    embed_in, lm_head_in = 8 * n, 4 * 64
-    assert figures["data_transfer"]["to_gpu_bytes"] == matmul_in + linear_in + embed_in + lm_head_in
+    heads, kv_heads, head_dim, n, layers, hidden, inner, vocab = 4, 1, 24, 8, 2, 64, 96, 320
+    per_layer = 4 * n * (2 * hidden + heads * head_dim + kv_heads * head_dim + inner) + 4 * heads * n * n
+    assert figures["data_transfer"]["to_gpu_bytes"] == layers * per_layer + 8 * n + 4 * hidden
+    back = 4 * n * ((heads + kv_heads) * head_dim + 2 * hidden + 2 * inner) + 4 * heads * n * n
+    assert figures["data_transfer"]["to_cpu_bytes"] == layers * back + 4 * n * hidden + 4 * vocab
+    assert figures["data_transfer"]["excess_over_minimum"] == 0
+
+
+@pytest.mark.parametrize("scheme", ["matrix", "otp"])
+def test_masked_crossings_near_minimum(tiny_models, scheme):
+    model = load_model(tiny_models["gqa-tied"], torch.float32, CPU)
+    ids, mask = build_batch(model.tokenizer, PROMPTS, 16, 1)
+    engine = SplitLlama(model.config, model.state_dict, make_scheme(scheme), CPU, torch.float32)
+    figures = engine.timed_forward(ids, mask)[1]
+    assert 0 <= figures["data_transfer"]["excess_over_minimum"] <= 0.10
 
 
 def test_figures_add_up(tiny_models):
