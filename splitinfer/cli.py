@@ -64,7 +64,9 @@ def build_parser(config, scheme: str, prog: str) -> argparse.ArgumentParser:
     p.add_argument("--prompts-file", default=config.PROMPTS_FILE, help="one prompt per line")
     p.add_argument("--output", default=config.OUTPUT_FILE, help="where the timing JSON goes")
     p.add_argument("--seed", type=int, default=config.SEED,
-                   help="seed for preset weights (0 when unset) and for masks (OS CSPRNG when unset)")
+                   help="seed for the masks (unset: drawn from the OS CSPRNG); the weights do not depend on it")
+    p.add_argument("--weights-seed", type=int, default=config.WEIGHTS_SEED,
+                   help="seed of a preset's random weights (the same for every runner unless changed)")
     p.add_argument("--warmup", type=int, default=config.WARMUP,
                    help="untimed inferences before the timed one (0: the first inference is the one timed)")
     p.add_argument("--repeat", type=int, default=config.REPEAT,
@@ -159,7 +161,7 @@ def run(args, scheme_name: str) -> dict:
     prompts = read_prompts(args.prompts_file)
 
     progress(f"loading model '{args.model}' ({dtype_name})")
-    model = load_model(args.model, dtype, gpu_device, args.seed)
+    model = load_model(args.model, dtype, gpu_device, args.weights_seed)
     if args.prefill_length > model.config.max_position_embeddings:
         raise UserError(f"--prefill-length {args.prefill_length} exceeds the model's max_position_embeddings "
                         f"({model.config.max_position_embeddings})")
@@ -214,6 +216,7 @@ def run(args, scheme_name: str) -> dict:
                            "logits_shape": list(logits.shape), "lm_head_positions": "last real token",
                            "gpu_device": str(gpu_device), "gpu_fallback_to_cpu": fallback,
                            "warmup": args.warmup, "repeat": args.repeat, "seed": args.seed,
+                           "weights_seed": args.weights_seed if model.random_weights else None,
                            "prompts_file": os.path.abspath(args.prompts_file)},
         "correctness": correctness,
         "memory": memory,

@@ -128,7 +128,7 @@ def cache_dir() -> str:
     return os.path.join(base, "tee-split-llama")
 
 
-def load_model(spec: str, dtype: torch.dtype, device: torch.device, seed: int | None = None) -> LoadedModel:
+def load_model(spec: str, dtype: torch.dtype, device: torch.device, seed: int = 0) -> LoadedModel:
     """Load `spec`: "default", "preset:NAME" or a checkpoint directory. Raises UserError on bad input."""
     if spec == DEFAULT_MODEL:
         path = ensure_default_checkpoint()
@@ -139,7 +139,7 @@ def load_model(spec: str, dtype: torch.dtype, device: torch.device, seed: int | 
         name = spec[len(PRESET_PREFIX):]
         if name not in PRESETS:
             raise UserError(f"unknown preset '{name}'; choose one of: {', '.join(PRESETS)}")
-        return _random_preset(name, dtype, device, 0 if seed is None else seed)
+        return _random_preset(name, dtype, device, seed)
     return _load_checkpoint(spec, dtype)
 
 
