@@ -140,8 +140,10 @@ class SplitLlama:
             self.gpu.upload("embed", [sd["model.embed_tokens.weight"]], None, self.dtype)
         self.split_sizes = {name: [sd[m + ".weight"].shape[0] for m in modules] for name, modules in self.sources.items()}
         # the TEE's copy of the weights, for schemes whose offline phase multiplies pads by them
-        self.tee_weights = ({name: w.to(self.tee_device) for name, w in self.gpu.weights.items()}
-                            if self.scheme.needs_tee_weights else {})
+        self.tee_weights = ({name: w.to(self.tee_device) for name, w in self.gpu.weights.items()
+                             if not (tied and name == "lm_head")} if self.scheme.needs_tee_weights else {})
+        if self.scheme.needs_tee_weights and tied:
+            self.tee_weights["lm_head"] = self.embed_table  # a tied LM head is the TEE's embedding table
 
     def mask_shapes(self, batch: int, n: int) -> tuple[dict, dict]:
         """The input shape of every linear and matmul of one inference, keyed as the hops name them."""
@@ -223,7 +225,7 @@ class SplitLlama:
         mask_bytes = 0
         if self.scheme.masked:  # the offline phase: every mask of this inference, before the prompt is seen
             with self.metrics.time("offline", "masks"):
-                mask_bytes = self.scheme.prepare(*self.mask_shapes(*ids.shape), self.tee_weights.get)
+                mask_bytes = self.scheme.prepare(*self.mask_shapes(*ids.shape), self.tee_weights.get, self.dtype)
         with self.metrics.total():
             logits = self.forward(ids, attention_mask)
         figures = self.metrics.snapshot()

@@ -37,8 +37,9 @@ class Plain:
         self.generator = torch.Generator().manual_seed(secrets.randbits(63) if seed is None else seed)
 
     def prepare(self, linears: MaskShapes, matmuls: MatmulShapes,
-                weights: Callable[[str], torch.Tensor] | None = None) -> int:
-        """Offline phase: draw every mask of one inference. Returns the bytes the masks hold."""
+                weights: Callable[[str], torch.Tensor] | None = None, dtype: torch.dtype = torch.float32) -> int:
+        """Offline phase: draw every mask of one inference (`dtype` is the model's, for masks that may be
+        stored in it; `weights` gives the TEE's copy of a linear's weight). Returns the bytes the masks hold."""
         return 0
 
     def protect_linear(self, x: torch.Tensor, name: str) -> tuple[torch.Tensor, object]:
@@ -79,7 +80,7 @@ class Matrix(Plain):
     D_RANGE = (1.0, 2.0)        # |diagonal entries|, signs random: recovery divides by at most 1
     RANK1_RANGE = (0.5, 1.5)    # |α_i|, |β_i| before the n^(-1/4) scaling that keeps αβᵀ X about as large as D X
 
-    def prepare(self, linears, matmuls, weights=None) -> int:
+    def prepare(self, linears, matmuls, weights=None, dtype=torch.float32) -> int:
         self.linear_masks = {name: self._mixing_mask(shape) for name, shape in linears.items()}
         self.matmul_masks = {name: self._matmul_mask(a, b) for name, (a, b) in matmuls.items()}
         tensors = [t for m in (*self.linear_masks.values(), *self.matmul_masks.values()) for t in m.values()]
@@ -180,7 +181,7 @@ class Otp(Plain):
         super().__init__(seed)
         self.pad_scale = pad_scale
 
-    def prepare(self, linears, matmuls, weights=None) -> int:
+    def prepare(self, linears, matmuls, weights=None, dtype=torch.float32) -> int:
         self.linear_pads = {}
         for name, shape in linears.items():
             weight = weights(name)
@@ -188,7 +189,10 @@ class Otp(Plain):
             # N Wᵀ costs as much as the linear itself; kept in float32 so recovery adds no rounding of its own
             projected = (noise @ weight.T).float()
             self.linear_pads[name] = (noise, projected)
-        self.matmul_pads = {name: (torch.randn(a, generator=self.generator), torch.randn(b, generator=self.generator))
+        # The attention pads are exact in any dtype (masking and recovery use the same stored values), so they
+        # are kept in the model's: half the memory of float32 for the largest pads, the [n, n] ones.
+        self.matmul_pads = {name: (torch.randn(a, generator=self.generator).to(dtype),
+                                   torch.randn(b, generator=self.generator).to(dtype))
                             for name, (a, b) in matmuls.items()}
         tensors = [t for pads in (*self.linear_pads.values(), *self.matmul_pads.values()) for t in pads]
         return sum(t.numel() * t.element_size() for t in tensors)
@@ -205,8 +209,8 @@ class Otp(Plain):
 
     def protect_matmul(self, a, b, name):
         noise_a, noise_b = self.matmul_pads[name]
-        pad_a = self.pad_scale * a.float().pow(2).mean().sqrt() * noise_a
-        pad_b = self.pad_scale * b.float().pow(2).mean().sqrt() * noise_b
+        pad_a = self.pad_scale * a.float().pow(2).mean().sqrt() * noise_a.float()
+        pad_b = self.pad_scale * b.float().pow(2).mean().sqrt() * noise_b.float()
         masked_b = b.float() - pad_b
         return (a.float() - pad_a).to(a.dtype), masked_b.to(b.dtype), (a.float(), pad_a, pad_b, masked_b)
 
