@@ -26,7 +26,7 @@ RUNNERS = {"optimized": os.path.join(ROOT, "tee_gpu", "tee_runner_optimized.py")
            "tee_only": os.path.join(ROOT, "tee_only_llama", "tee_runner.py")}
 MODES = {"split": ("optimized", "ours", "otp"), "tee": ("tee_only",), "compare": tuple(RUNNERS)}
 SET_BY_BENCH = ("--output", "--audit-dir", "--save-logits")  # one value per runner: the bench chooses
-OTP_ONLY = ("--pad-scale",)
+ONLY_FOR = {"--pad-scale": "otp", "--mask-rank": "ours"}  # scheme-specific runner flags
 
 
 class RunnerFailed(Exception):
@@ -63,6 +63,7 @@ def runner_flags(passthrough: list[str]) -> list[str]:
         if any(arg == flag or arg.startswith(flag + "=") for arg in passthrough):
             raise UserError(f"{flag} is set per runner by the bench; use --out-dir")
     parser = build_parser(load_config(os.path.join(ROOT, "tee_gpu", "config.py")), "otp", "runner flags")
+    parser.add_argument("--mask-rank", type=int)  # the ours runner's; every other flag is in otp's parser
     parser.parse_args(passthrough)  # exits 2 with one line on an unknown flag or a bad value
     return passthrough
 
@@ -74,7 +75,7 @@ def flags_for(method: str, flags: list[str], tee_dtype: str | None) -> list[str]
             skip = False
             continue
         name = arg.split("=", 1)[0]
-        if method != "otp" and name in OTP_ONLY:
+        if name in ONLY_FOR and ONLY_FOR[name] != method:
             skip = "=" not in arg
             continue
         if method == "tee_only" and tee_dtype and name == "--dtype":

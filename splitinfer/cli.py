@@ -82,6 +82,10 @@ def build_parser(config, scheme: str, prog: str) -> argparse.ArgumentParser:
         p.add_argument("--audit-dir", default=None,
                        help="write every tensor sent to the GPU during the timed inference here, in order, "
                             "labelled with layer and op (a new or empty folder)")
+    if scheme == "matrix":
+        p.add_argument("--mask-rank", type=int, default=config.MASK_RANK,
+                       help="rank k of the token-mixing part of M = D + ABᵀ (1: the original D + αβᵀ); "
+                            "recovery costs O(n·k·out)")
     if scheme == "otp":
         p.add_argument("--pad-scale", type=float, default=config.OTP_PAD_SCALE,
                        help="pad standard deviation as a multiple of the padded tensor's RMS: larger hides more "
@@ -139,6 +143,8 @@ def validate(args) -> None:
     check_writable(args.output, "--output")
     if args.save_logits:
         check_writable(args.save_logits, "--save-logits")
+    if getattr(args, "mask_rank", 1) < 1:
+        raise UserError(f"--mask-rank must be at least 1, got {args.mask_rank}")
     if getattr(args, "pad_scale", 1.0) <= 0:
         raise UserError(f"--pad-scale must be positive, got {args.pad_scale}")
     if getattr(args, "audit_dir", None):
@@ -169,7 +175,8 @@ def run(args, scheme_name: str) -> dict:
 
     progress(f"setting up: weights to {gpu_device}" + (" (the TEE)" if tee_only else ""))
     start = time.perf_counter()
-    options = {"pad_scale": args.pad_scale} if scheme_name == "otp" else {}
+    options = ({"pad_scale": args.pad_scale} if scheme_name == "otp" else
+               {"rank": args.mask_rank} if scheme_name == "matrix" else {})
     scheme = make_scheme("plain" if tee_only else scheme_name, seed=args.seed, **options)
     engine = SplitLlama(model.config, model.state_dict, scheme, gpu_device, dtype, tee_only=tee_only)
     if gpu_device.type == "cuda":  # context and cuBLAS handle belong to set-up, not to the first inference

@@ -68,17 +68,24 @@ class Plain:
 
 
 class Matrix(Plain):
-    """`ours`: token-mixing matrix M = D + αβᵀ for linears, permutation and diagonal masks for matmuls.
+    """`ours`: token-mixing matrix M = D + A Bᵀ (A, B n×k; k = 1 is the original D + αβᵀ) for linears,
+    permutation and diagonal masks for matmuls.
 
-    Linear:  the GPU gets M X and returns M (X Wᵀ); the TEE applies M⁻¹ by Sherman–Morrison.
+    Linear:  the GPU gets M X and returns M (X Wᵀ); the TEE applies M⁻¹ by Woodbury (Sherman–Morrison at k = 1).
     Matmul:  A' = D₁P₁ A P₂D₂,  B' = D₂⁻¹P₂⁻¹ B P₃D₃,  so A'B' = D₁P₁ (AB) P₃D₃.
     """
 
     name = "matrix"
-    encryption_scheme = "matrix transformation (D + αβᵀ token mixing; permutation-diagonal matmul masks)"
+    encryption_scheme = "matrix transformation (D + ABᵀ token mixing; permutation-diagonal matmul masks)"
     masked = True
     D_RANGE = (1.0, 2.0)        # |diagonal entries|, signs random: recovery divides by at most 1
-    RANK1_RANGE = (0.5, 1.5)    # |α_i|, |β_i| before the n^(-1/4) scaling that keeps αβᵀ X about as large as D X
+    LOW_RANK_RANGE = (0.5, 1.5)  # |A_ij|, |B_ij| before the (n^(1/4)·√k) scaling that keeps ABᵀX about as large as DX
+
+    def __init__(self, seed: int | None = None, rank: int = 1):
+        super().__init__(seed)
+        self.rank = rank
+        if rank > 1:
+            self.encryption_scheme = self.encryption_scheme.replace("ABᵀ", f"ABᵀ, rank {rank}")
 
     def prepare(self, linears, matmuls, weights=None, dtype=torch.float32) -> int:
         self.linear_masks = {name: self._mixing_mask(shape) for name, shape in linears.items()}
@@ -87,18 +94,22 @@ class Matrix(Plain):
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def _mixing_mask(self, shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
-        """D, α, β for every sequence of a [..., n, d] input, plus a dummy row where n is 1."""
+        """D, A, B (and the k×k core of the Woodbury inverse) for every sequence of a [..., n, d] input,
+        plus a dummy row where n is 1."""
         sequences, n = _sequences(shape)
         rows = max(n, 2)  # one row alone would only be scaled, not mixed: pad with a random dummy row
         d = self._signed_uniform((sequences, rows), *self.D_RANGE)
-        spread = rows ** -0.25
-        alpha = self._signed_uniform((sequences, rows), *self.RANK1_RANGE) * spread
-        beta = self._signed_uniform((sequences, rows), *self.RANK1_RANGE) * spread
-        # Accept only draws with βᵀD⁻¹α >= 0, so that |1 + βᵀD⁻¹α| >= 1 and Sherman–Morrison never divides
-        # by a small number. Flipping β's sign maps each rejected draw to an accepted one of equal
-        # probability: rejection sampling without the loop.
-        beta[(beta * alpha / d).sum(-1) < 0] *= -1
-        mask = {"d": d, "alpha": alpha, "beta": beta}
+        spread = rows ** -0.25 / math.sqrt(self.rank)
+        a = self._signed_uniform((sequences, rows, self.rank), *self.LOW_RANK_RANGE) * spread
+        b = self._signed_uniform((sequences, rows, self.rank), *self.LOW_RANK_RANGE) * spread
+        # Woodbury divides by G = I + BᵀD⁻¹A. Rotate B by the orthogonal Q = U Vᵀ from BᵀD⁻¹A = U S Vᵀ:
+        # then G = I + V S Vᵀ is symmetric with every eigenvalue >= 1, so recovery never amplifies error.
+        # At k = 1 this is flipping β's sign to make βᵀD⁻¹α >= 0, a measure-preserving map of the draws:
+        # rejection sampling of the badly conditioned ones, without the loop.
+        u, _, vh = torch.linalg.svd(b.transpose(1, 2) @ (a / d[..., None]))
+        b = b @ (u @ vh)
+        core = torch.eye(self.rank) + b.transpose(1, 2) @ (a / d[..., None])
+        mask = {"d": d, "a": a, "b": b, "core_inverse": torch.linalg.inv(core)}
         if rows > n:
             mask["dummy"] = torch.randn((sequences, rows - n, shape[-1]), generator=self.generator)
         return mask
@@ -120,26 +131,26 @@ class Matrix(Plain):
         sequences, n = _sequences(x.shape)
         xf = x.float().reshape(sequences, n, x.shape[-1])
         # Mix unit-RMS rows, i.e. send M·diag(1/r)·X: one outlier token (an attention sink) would otherwise
-        # dominate βᵀX and drown every other row in half-precision rounding; it also hides row norms.
+        # dominate BᵀX and drown every other row in half-precision rounding; it also hides row norms.
         norms = _row_rms(xf)[..., 0]
         if "dummy" in mask:
             xf = torch.cat([xf, mask["dummy"]], dim=1)
             norms = torch.cat([norms, torch.ones(sequences, xf.shape[1] - n)], dim=1)
-        shared = (mask["beta"] / norms)[:, None, :] @ xf                     # βᵀ diag(1/r) X
-        mixed = xf * (mask["d"] / norms)[..., None]                          # D diag(1/r) X
-        mixed.baddbmm_(mask["alpha"][..., None], shared)                     # + α βᵀ diag(1/r) X
+        shared = (mask["b"] / norms[..., None]).transpose(1, 2) @ xf       # Bᵀ diag(1/r) X, k×d
+        mixed = xf * (mask["d"] / norms)[..., None]                        # D diag(1/r) X
+        mixed.baddbmm_(mask["a"], shared)                                  # + A Bᵀ diag(1/r) X
         shape = x.shape if "dummy" not in mask else (-1, x.shape[-1])
         return mixed.reshape(shape).to(x.dtype), (mask, x.shape, norms, n)
 
     def recover_linear(self, z, secret):
         mask, in_shape, norms, n = secret
-        d, alpha, beta = mask["d"], mask["alpha"], mask["beta"]
+        d, a, b = mask["d"], mask["a"], mask["b"]
         zf = z.float().reshape(d.shape[0], d.shape[1], z.shape[-1])
-        # diag(r) M⁻¹ Z by Sherman–Morrison, in O(n·out), never forming M:
-        #   M⁻¹Z = D⁻¹Z − D⁻¹α (βᵀD⁻¹Z) / (1 + βᵀD⁻¹α)
-        shared = ((beta / d)[:, None, :] @ zf) / (1 + (beta * alpha / d).sum(-1))[:, None, None]
+        # diag(r) M⁻¹ Z by Woodbury, in O(n·k·out), never forming M:
+        #   M⁻¹Z = D⁻¹Z − D⁻¹A (I + BᵀD⁻¹A)⁻¹ BᵀD⁻¹Z
+        shared = mask["core_inverse"] @ ((b / d[..., None]).transpose(1, 2) @ zf)
         y = zf * (norms / d)[..., None]
-        y.baddbmm_((norms * alpha / d)[..., None], shared, alpha=-1)
+        y.baddbmm_(a * (norms / d)[..., None], shared, alpha=-1)
         return y[:, :n].reshape(*in_shape[:-1], z.shape[-1]).to(z.dtype)
 
     def protect_matmul(self, a, b, name):

@@ -16,3 +16,4 @@ REPEAT = 0                   # extra inferences for steady-state statistics
 OUTPUT_FILE = "tee_gpu_results.json"
 PROMPTS_FILE = os.path.join(_HERE, "..", "tee_only_llama", "prompts.txt")  # the same prompts for every runner
 OTP_PAD_SCALE = 1.0          # otp: pad std as a multiple of the padded tensor's RMS
+MASK_RANK = 1                # ours: rank k of the token mixing in M = D + ABᵀ (1: the original D + αβᵀ)

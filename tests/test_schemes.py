@@ -63,13 +63,30 @@ def test_matrix_permutations_are_not_identity():
     assert not torch.allclose(c_wrong, grouped_matmul(a, b), atol=1e-3)
 
 
-def test_matrix_sherman_morrison_is_stable():
-    scheme = Matrix(seed=1)
+@pytest.mark.parametrize("rank", [1, 3])
+def test_matrix_woodbury_is_stable(rank):
+    scheme = Matrix(seed=1, rank=rank)
     scheme.prepare({"w": (64, 128, 8)}, {})
     m = scheme.linear_masks["w"]
-    denominators = 1 + (m["beta"] * m["alpha"] / m["d"]).sum(-1)
-    assert denominators.min() >= 1.0
+    core = torch.eye(rank) + m["b"].transpose(1, 2) @ (m["a"] / m["d"][..., None])
+    assert torch.allclose(core, core.transpose(1, 2), atol=1e-5)
+    assert torch.linalg.eigvalsh(core).min() >= 1 - 1e-5  # recovery never divides by a small number
     assert m["d"].abs().min() >= Matrix.D_RANGE[0] and m["d"].abs().max() <= Matrix.D_RANGE[1]
+
+
+@pytest.mark.parametrize("rank", [2, 4, 16])
+def test_matrix_rank_k_recovery(rank):
+    weights = _weights(24, 16)
+    scheme = Matrix(seed=2, rank=rank)
+    scheme.prepare({"w": (2, 9, 16)}, {}, weights.get)
+    x = torch.randn(2, 9, 16)
+    masked, secret = scheme.protect_linear(x, "w")
+    # M really is D + ABᵀ of rank k: removing D leaves a rank-k mixing
+    m = scheme.linear_masks["w"]
+    mixing = m["a"] @ m["b"].transpose(1, 2)
+    assert torch.linalg.matrix_rank(mixing[0]) == min(rank, 9)
+    torch.testing.assert_close(scheme.recover_linear(masked @ weights["w"].T, secret), x @ weights["w"].T,
+                               rtol=1e-4, atol=1e-4)
 
 
 def test_masks_are_fresh_and_seedable():
