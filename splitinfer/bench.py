@@ -17,7 +17,7 @@ import sys
 
 from splitinfer.cli import OneLineParser, build_parser, load_config
 from splitinfer.errors import UserError
-from splitinfer.report import comparison_report, load_result, sweep_report, write_files
+from splitinfer.report import comparison_report, load_privacy, load_result, sweep_report, write_files
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNNERS = {"optimized": os.path.join(ROOT, "tee_gpu", "tee_runner_optimized.py"),
@@ -52,6 +52,8 @@ def build_bench_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", default="results", help="where the JSONs and the report go (default: results)")
     p.add_argument("--lengths", help="sweep over these prefill lengths, e.g. 8,32,128,512 (one table and a "
                                      "scaling plot across them)")
+    p.add_argument("--leakage", metavar="LEAKAGE_JSON",
+                   help="an evaluate_leakage.py result: adds each method's best attack recovery rate (privacy)")
     p.add_argument("--tee-dtype", choices=["float32", "float16", "bfloat16"],
                    help="dtype of the TEE-only runner alone (default: the same as the split runners)")
     return p
@@ -109,6 +111,7 @@ def run_runners(methods: tuple[str, ...], flags: list[str], lengths: list[int | 
 def main(argv: list[str] | None = None) -> int:
     args, passthrough = build_bench_parser().parse_known_args(argv)
     try:
+        privacy = load_privacy(args.leakage) if args.leakage else None
         if args.mode == "report":
             pairs = [a.partition("=") for a in passthrough]
             if not pairs or any(not sep or not name for name, sep, _ in pairs):
@@ -127,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         if len(sweep) > 1:
             table, files = sweep_report(sweep, os.path.join(args.out_dir, "sweep"))
         else:
-            table, files = comparison_report(next(iter(sweep.values())), os.path.join(args.out_dir, "comparison"))
+            table, files = comparison_report(next(iter(sweep.values())), os.path.join(args.out_dir, "comparison"),
+                                             privacy)
         write_files(files)
     except (UserError, RunnerFailed) as e:
         print(f"error: {e}", file=sys.stderr)

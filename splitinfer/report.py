@@ -32,9 +32,23 @@ def load_result(path: str) -> dict:
     return result
 
 
-def comparison_rows(results: dict[str, dict]) -> list[dict]:
+def load_privacy(path: str) -> dict[str, str]:
+    """runner -> "best attack: rate" from an evaluate_leakage.py result."""
+    try:
+        with open(path) as f:
+            leakage = json.load(f)
+        return {r["runner"]: f"{100 * r['best']['token_recovery_rate']:.0f}% ({r['best']['attack']})"
+                for r in leakage["schemes"].values()}
+    except FileNotFoundError:
+        raise UserError(f"leakage file '{path}' does not exist") from None
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise UserError(f"'{path}' is not an evaluate_leakage.py result: {e}") from None
+
+
+def comparison_rows(results: dict[str, dict], privacy: dict[str, str] | None = None) -> list[dict]:
     """One row per method: total, each category, offline, overhead against the plain split, speedup
-    against the TEE-only runner, logit error and top-1."""
+    against the TEE-only runner, logit error and top-1, and with `privacy` the best attack's token
+    recovery rate from the leakage evaluation."""
     plain = results[PLAIN]["timing"]["total_ms"] if PLAIN in results else None
     tee = results[TEE_ONLY]["timing"]["total_ms"] if TEE_ONLY in results else None
     rows = []
@@ -49,6 +63,8 @@ def comparison_rows(results: dict[str, dict]) -> list[dict]:
         row["speedup_vs_tee_only"] = tee / t["total_ms"] if tee and method != TEE_ONLY else None
         row["rel_logit_error"] = None if corr.get("skipped") else corr["rel_logit_error"]
         row["top1_agreement"] = None if corr.get("skipped") else corr["top1_agreement"]
+        if privacy is not None:
+            row["best_attack_recovery"] = privacy.get(method)
         rows.append(row)
     return rows
 
@@ -169,9 +185,10 @@ def write_files(files: dict[str, bytes | str]) -> None:
         write_atomically(path, lambda f, data=data: f.write(data))
 
 
-def comparison_report(results: dict[str, dict], stem: str) -> tuple[str, dict[str, bytes | str]]:
+def comparison_report(results: dict[str, dict], stem: str,
+                      privacy: dict[str, str] | None = None) -> tuple[str, dict[str, bytes | str]]:
     """(Markdown table, files to write) for one length: STEM.md, STEM.csv, STEM.png."""
-    rows = comparison_rows(results)
+    rows = comparison_rows(results, privacy)
     table = markdown_table(rows)
     return table, {f"{stem}.md": f"# {_title(results)}\n\n{table}", f"{stem}.csv": csv_text(rows),
                    f"{stem}.png": breakdown_png(rows, _title(results))}

@@ -119,3 +119,18 @@ def test_failing_runner_leaves_no_report(tmp_path):
     assert done.returncode == 1
     assert "runner optimized failed (exit 2); no report written" in done.stderr
     assert not any(f.startswith("comparison") for f in os.listdir(tmp_path))
+
+
+def test_privacy_column(results, tmp_path, capsys):
+    leakage = tmp_path / "leakage.json"
+    best = {"attack": "shared_direction", "layer": 0, "token_recovery_rate": 0.979, "tokens": 96, "correct": 94}
+    leakage.write_text(json.dumps({"schemes": {
+        "plain": {"runner": "optimized", "best": dict(best, attack="ids_in_clear", token_recovery_rate=1.0)},
+        "matrix": {"runner": "ours", "best": best}}}))
+    pairs = [f"{method}={path}" for method, path in results[8].items()]
+    assert bench.main(["report", "--out-dir", str(tmp_path), "--leakage", str(leakage), *pairs]) == 0
+    table = capsys.readouterr().out
+    assert "best_attack_recovery" in table and "98% (shared_direction)" in table and "100% (ids_in_clear)" in table
+    assert bench.main(["report", "--out-dir", str(tmp_path / "x"), "--leakage", str(tmp_path / "nope.json"),
+                       *pairs]) == 2
+    assert "leakage file" in capsys.readouterr().err
