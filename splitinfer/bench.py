@@ -26,7 +26,7 @@ RUNNERS = {"optimized": os.path.join(ROOT, "tee_gpu", "tee_runner_optimized.py")
            "tee_only": os.path.join(ROOT, "tee_only_llama", "tee_runner.py")}
 MODES = {"split": ("optimized", "ours", "otp"), "tee": ("tee_only",), "compare": tuple(RUNNERS)}
 SET_BY_BENCH = ("--output", "--audit-dir", "--save-logits")  # one value per runner: the bench chooses
-ONLY_FOR = {"--pad-scale": "otp", "--mask-rank": "ours"}  # scheme-specific runner flags
+ONLY_FOR = {"--pad-scale": "otp", "--mask-rank": "ours", "--mix-scale": "ours"}  # scheme-specific runner flags
 
 
 class RunnerFailed(Exception):
@@ -65,7 +65,8 @@ def runner_flags(passthrough: list[str]) -> list[str]:
         if any(arg == flag or arg.startswith(flag + "=") for arg in passthrough):
             raise UserError(f"{flag} is set per runner by the bench; use --out-dir")
     parser = build_parser(load_config(os.path.join(ROOT, "tee_gpu", "config.py")), "otp", "runner flags")
-    parser.add_argument("--mask-rank", type=int)  # the ours runner's; every other flag is in otp's parser
+    parser.add_argument("--mask-rank", type=int)  # the ours runner's two; every other flag is in otp's parser
+    parser.add_argument("--mix-scale", type=float)
     parser.parse_args(passthrough)  # exits 2 with one line on an unknown flag or a bad value
     return passthrough
 

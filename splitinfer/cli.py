@@ -43,8 +43,10 @@ def load_config(path: str):
 
 
 def build_parser(config, scheme: str, prog: str) -> argparse.ArgumentParser:
+    runner = {"plain": "optimized: no protection", "matrix": "ours: matrix-transformation masks",
+              "otp": "otp: additive one-time pads"}
     where = "everything on the CPU (the TEE-only baseline)" if scheme == TEE_ONLY else (
-        f"split between the CPU TEE and the GPU, scheme '{scheme}'")
+        f"split between the CPU TEE and the GPU ({runner[scheme]})")
     p = OneLineParser(prog=prog, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                       description=f"LLaMA prefill, {where}. Writes a timing JSON and checks the logits "
                                   "against transformers' LlamaForCausalLM. Defaults come from config.py.")
@@ -58,7 +60,7 @@ def build_parser(config, scheme: str, prog: str) -> argparse.ArgumentParser:
     p.add_argument("--ragged", action="store_true",
                    help="give later sequences fewer real tokens (right padding) to exercise the padding mask")
     p.add_argument("--dtype", choices=list(DTYPES), default=config.DTYPE,
-                   help="weights and activations; default float16 with CUDA, float32 without")
+                   help="weights and activations; unset: float16 with CUDA, float32 without")
     p.add_argument("--gpu-device", default=config.GPU_DEVICE,
                    help="the untrusted device; falls back to the CPU, with a warning, when CUDA is absent")
     p.add_argument("--prompts-file", default=config.PROMPTS_FILE, help="one prompt per line")
@@ -71,7 +73,7 @@ def build_parser(config, scheme: str, prog: str) -> argparse.ArgumentParser:
                    help="untimed inferences before the timed one (0: the first inference is the one timed)")
     p.add_argument("--repeat", type=int, default=config.REPEAT,
                    help="further inferences after the timed one, summarised under steady_state")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch; unset keeps torch's own choice")
     p.add_argument("--per-layer", action="store_true",
                    help="add a per-layer table (time per category in each decoder layer) to the output and JSON")
     p.add_argument("--save-logits", metavar="PATH", default=None,
@@ -86,6 +88,9 @@ def build_parser(config, scheme: str, prog: str) -> argparse.ArgumentParser:
         p.add_argument("--mask-rank", type=int, default=config.MASK_RANK,
                        help="rank k of the token-mixing part of M = D + ABᵀ (1: the original D + αβᵀ); "
                             "recovery costs O(n·k·out)")
+        p.add_argument("--mix-scale", type=float, default=config.MIX_SCALE,
+                       help="size of the mixing ABᵀX against DX (1: about equal); larger hides more and loses "
+                            "more precision in half precision")
     if scheme == "otp":
         p.add_argument("--pad-scale", type=float, default=config.OTP_PAD_SCALE,
                        help="pad standard deviation as a multiple of the padded tensor's RMS: larger hides more "
@@ -143,6 +148,8 @@ def validate(args) -> None:
     check_writable(args.output, "--output")
     if args.save_logits:
         check_writable(args.save_logits, "--save-logits")
+    if getattr(args, "mix_scale", 1.0) <= 0:
+        raise UserError(f"--mix-scale must be positive, got {args.mix_scale}")
     if getattr(args, "mask_rank", 1) < 1:
         raise UserError(f"--mask-rank must be at least 1, got {args.mask_rank}")
     if getattr(args, "pad_scale", 1.0) <= 0:
@@ -176,7 +183,7 @@ def run(args, scheme_name: str) -> dict:
     progress(f"setting up: weights to {gpu_device}" + (" (the TEE)" if tee_only else ""))
     start = time.perf_counter()
     options = ({"pad_scale": args.pad_scale} if scheme_name == "otp" else
-               {"rank": args.mask_rank} if scheme_name == "matrix" else {})
+               {"rank": args.mask_rank, "mix_scale": args.mix_scale} if scheme_name == "matrix" else {})
     scheme = make_scheme("plain" if tee_only else scheme_name, seed=args.seed, **options)
     engine = SplitLlama(model.config, model.state_dict, scheme, gpu_device, dtype, tee_only=tee_only)
     if gpu_device.type == "cuda":  # context and cuBLAS handle belong to set-up, not to the first inference

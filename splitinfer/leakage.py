@@ -88,8 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", default="0,1", help="layers whose q/k/v input is attacked (0 is exact; later "
                                                    "layers use context-free candidates)")
     p.add_argument("--mask-rank", type=int, default=1, help="rank k of ours' token mixing")
+    p.add_argument("--mix-scale", type=float, default=1.0, help="ours' mixing scale (ABᵀX against DX)")
     p.add_argument("--pad-scale", type=float, default=1.0, help="otp's pad scale")
     p.add_argument("--rank-sweep", help="also run ours at these ranks, e.g. 1,2,4,8,16: the privacy/crypto-time curve")
+    p.add_argument("--mix-scale-sweep", help="also run ours at these mixing scales, e.g. 1,4,16,64")
     p.add_argument("--pad-scale-sweep", help="also run otp at these pad scales, e.g. 0.5,1,2,4")
     p.add_argument("--seed", type=int, default=None, help="mask seed (default: the OS CSPRNG)")
     p.add_argument("--out-dir", default="leakage_results", help="leakage.json, leakage.md and the plot go here")
@@ -104,8 +106,10 @@ def evaluate(args) -> dict:
     layers = parse_list(args.layers, int, "--layers")
     ranks = parse_list(args.rank_sweep, int, "--rank-sweep") if args.rank_sweep else []
     scales = parse_list(args.pad_scale_sweep, float, "--pad-scale-sweep") if args.pad_scale_sweep else []
-    if min(layers) < 0 or min([args.mask_rank, *ranks]) < 1 or min([args.pad_scale, *scales]) <= 0:
-        raise UserError("layers must be >= 0, ranks >= 1 and pad scales > 0")
+    mixes = parse_list(args.mix_scale_sweep, float, "--mix-scale-sweep") if args.mix_scale_sweep else []
+    if min(layers) < 0 or min([args.mask_rank, *ranks]) < 1 or min([args.pad_scale, args.mix_scale, *scales,
+                                                                    *mixes]) <= 0:
+        raise UserError("layers must be >= 0, ranks >= 1 and pad and mixing scales > 0")
     prompts = read_prompts(args.prompt_file)
     progress(f"loading model '{args.model}' (float32, CPU)")
     model = load_model(args.model, torch.float32, torch.device("cpu"))
@@ -115,7 +119,8 @@ def evaluate(args) -> dict:
     progress(f"building the attacker's candidate tables for layers {layers} ({model.config.vocab_size} tokens)")
     public = PublicModel(model.config, model.state_dict)
     public.candidates(max(layers))
-    options = {"plain": {}, "matrix": {"rank": args.mask_rank}, "otp": {"pad_scale": args.pad_scale}}
+    options = {"plain": {}, "matrix": {"rank": args.mask_rank, "mix_scale": args.mix_scale},
+               "otp": {"pad_scale": args.pad_scale}}
     result = {"model": model.name, "random_weights": model.random_weights, "prompts": len(prompts),
               "tokens": sum(ids.numel() for ids in prompt_ids), "layers": layers, "schemes": {}, "sweeps": {}}
     with tempfile.TemporaryDirectory() as workdir:
@@ -126,7 +131,13 @@ def evaluate(args) -> dict:
         for rank in ranks:
             progress(f"rank sweep: ours at k = {rank}")
             result["sweeps"].setdefault("mask_rank", []).append(
-                run_scheme(model, public, "matrix", prompt_ids, [0], workdir, args.seed, rank=rank))
+                run_scheme(model, public, "matrix", prompt_ids, [0], workdir, args.seed, rank=rank,
+                           mix_scale=args.mix_scale))
+        for mix in mixes:
+            progress(f"mixing-scale sweep: ours at {mix}")
+            result["sweeps"].setdefault("mix_scale", []).append(
+                run_scheme(model, public, "matrix", prompt_ids, [0], workdir, args.seed, rank=args.mask_rank,
+                           mix_scale=mix))
         for scale in scales:
             progress(f"pad-scale sweep: otp at {scale}")
             result["sweeps"].setdefault("pad_scale", []).append(
@@ -148,7 +159,7 @@ def sweep_rows(result: dict) -> list[dict]:
     rows = []
     for sweep, runs in result["sweeps"].items():
         for r in runs:
-            setting = r["options"]["rank" if sweep == "mask_rank" else "pad_scale"]
+            setting = r["options"][{"mask_rank": "rank", "mix_scale": "mix_scale", "pad_scale": "pad_scale"}[sweep]]
             rows.append({"sweep": sweep, "setting": setting, "best attack": r["best"]["attack"],
                          "token recovery": f"{100 * r['best']['token_recovery_rate']:.1f}%",
                          "crypto ms (median per inference)": r["crypto_ms_median"]})

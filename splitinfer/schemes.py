@@ -81,11 +81,11 @@ class Matrix(Plain):
     D_RANGE = (1.0, 2.0)        # |diagonal entries|, signs random: recovery divides by at most 1
     LOW_RANK_RANGE = (0.5, 1.5)  # |A_ij|, |B_ij| before the (n^(1/4)·√k) scaling that keeps ABᵀX about as large as DX
 
-    def __init__(self, seed: int | None = None, rank: int = 1):
+    def __init__(self, seed: int | None = None, rank: int = 1, mix_scale: float = 1.0):
         super().__init__(seed)
-        self.rank = rank
-        if rank > 1:
-            self.encryption_scheme = self.encryption_scheme.replace("ABᵀ", f"ABᵀ, rank {rank}")
+        self.rank, self.mix_scale = rank, mix_scale
+        if rank > 1 or mix_scale != 1.0:
+            self.encryption_scheme = self.encryption_scheme.replace("ABᵀ", f"ABᵀ, rank {rank}, mix scale {mix_scale:g}")
 
     def prepare(self, linears, matmuls, weights=None, dtype=torch.float32) -> int:
         self.linear_masks = {name: self._mixing_mask(shape) for name, shape in linears.items()}
@@ -100,7 +100,7 @@ class Matrix(Plain):
         rows = max(n, 2)  # one row alone would only be scaled, not mixed: pad with a random dummy row
         d = self._signed_uniform((sequences, rows), *self.D_RANGE)
         spread = rows ** -0.25 / math.sqrt(self.rank)
-        a = self._signed_uniform((sequences, rows, self.rank), *self.LOW_RANK_RANGE) * spread
+        a = self._signed_uniform((sequences, rows, self.rank), *self.LOW_RANK_RANGE) * spread * self.mix_scale
         b = self._signed_uniform((sequences, rows, self.rank), *self.LOW_RANK_RANGE) * spread
         # Woodbury divides by G = I + BᵀD⁻¹A. Rotate B by the orthogonal Q = U Vᵀ from BᵀD⁻¹A = U S Vᵀ:
         # then G = I + V S Vᵀ is symmetric with every eigenvalue >= 1, so recovery never amplifies error.

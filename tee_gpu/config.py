@@ -14,6 +14,7 @@ WEIGHTS_SEED = 0             # seed of a preset's random weights, the same for e
 WARMUP = 0                   # 0: the first inference is the one timed
 REPEAT = 0                   # extra inferences for steady-state statistics
 OUTPUT_FILE = "tee_gpu_results.json"
-PROMPTS_FILE = os.path.join(_HERE, "..", "tee_only_llama", "prompts.txt")  # the same prompts for every runner
+PROMPTS_FILE = os.path.normpath(os.path.join(_HERE, "..", "tee_only_llama", "prompts.txt"))  # the same prompts for every runner
 OTP_PAD_SCALE = 1.0          # otp: pad std as a multiple of the padded tensor's RMS
 MASK_RANK = 1                # ours: rank k of the token mixing in M = D + ABᵀ (1: the original D + αβᵀ)
+MIX_SCALE = 1.0              # ours: size of the token mixing ABᵀX against DX

@@ -74,10 +74,10 @@ def test_matrix_woodbury_is_stable(rank):
     assert m["d"].abs().min() >= Matrix.D_RANGE[0] and m["d"].abs().max() <= Matrix.D_RANGE[1]
 
 
-@pytest.mark.parametrize("rank", [2, 4, 16])
-def test_matrix_rank_k_recovery(rank):
+@pytest.mark.parametrize("rank,mix_scale", [(2, 1.0), (4, 1.0), (16, 1.0), (1, 64.0), (4, 16.0)])
+def test_matrix_rank_k_recovery(rank, mix_scale):
     weights = _weights(24, 16)
-    scheme = Matrix(seed=2, rank=rank)
+    scheme = Matrix(seed=2, rank=rank, mix_scale=mix_scale)
     scheme.prepare({"w": (2, 9, 16)}, {}, weights.get)
     x = torch.randn(2, 9, 16)
     masked, secret = scheme.protect_linear(x, "w")
