@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from transformers import LlamaConfig
 
 from splitinfer.reference import build_transformers_model
+from splitinfer.tee_ops import Rotary, apply_rope
 
 CHUNK = 2048  # candidate tokens per batch when running the public model
 
@@ -28,6 +29,8 @@ class PublicModel:
     config: LlamaConfig
     state_dict: dict[str, torch.Tensor]
     _tables: dict[int, torch.Tensor] = field(default_factory=dict)
+    _projections: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
+    _query_profiles: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
 
     def candidates(self, layer: int) -> torch.Tensor:
         """[vocab, d]: RMSNorm'd layer-`layer` input of every token alone (exact at layer 0; later layers
@@ -36,14 +39,31 @@ class PublicModel:
             self._tables.update(self._compute_tables(layer))
         return self._tables[layer]
 
+    def queries(self, layer: int, position: int) -> torch.Tensor:
+        """[vocab, H, h]: the rotated q of every token alone, as if it stood at `position`."""
+        q = self._project(layer, "q_proj", self.config.num_attention_heads)
+        cos, sin = Rotary(self.config).tables(position + 1, torch.float32)
+        return apply_rope(q.transpose(0, 1), cos[position], sin[position]).transpose(0, 1)
+
+    def query_profiles(self, layer: int, position: int) -> torch.Tensor:
+        """[vocab, H, h] profiles (see `_profiles`) of `queries`, kept (in float16) for the next prompt."""
+        if (layer, position) not in self._query_profiles:
+            self._query_profiles[(layer, position)] = _profiles(self.queries(layer, position)).half()
+        return self._query_profiles[(layer, position)]
+
+    def _project(self, layer: int, name: str, heads: int) -> torch.Tensor:
+        if (layer, name) not in self._projections:
+            weight = self.state_dict[f"model.layers.{layer}.self_attn.{name}.weight"].float()
+            out = self.candidates(layer) @ weight.T
+            bias = self.state_dict.get(f"model.layers.{layer}.self_attn.{name}.bias")
+            if bias is not None:
+                out = out + bias.float()
+            self._projections[(layer, name)] = out.view(out.shape[0], heads, -1)
+        return self._projections[(layer, name)]
+
     def values(self, layer: int = 0) -> torch.Tensor:
         """[vocab, Hkv, h]: the v-projection of every token alone at `layer`."""
-        weight = self.state_dict[f"model.layers.{layer}.self_attn.v_proj.weight"].float()
-        v = self.candidates(layer) @ weight.T
-        bias = self.state_dict.get(f"model.layers.{layer}.self_attn.v_proj.bias")
-        if bias is not None:
-            v = v + bias.float()
-        return v.view(v.shape[0], self.config.num_key_value_heads, -1)
+        return self._project(layer, "v_proj", self.config.num_key_value_heads)
 
     @torch.no_grad()
     def _compute_tables(self, up_to: int) -> dict[int, torch.Tensor]:
@@ -108,6 +128,44 @@ def shared_direction(records: list[dict], model: PublicModel, layer: int = 0, k:
     return torch.stack(guesses)
 
 
+def _profiles(x: torch.Tensor) -> torch.Tensor:
+    """Each row's sorted |entries| at unit norm: unchanged by permuting or flipping the signs of its entries."""
+    return F.normalize(x.float().abs().sort(dim=-1).values, dim=-1)
+
+
+def query_profile(records: list[dict], model: PublicModel, layer: int = 0) -> torch.Tensor | None:
+    """Against ours' Q' = D₁P₁ Q P₂D₂ (rows of each head in a secret order, entries permuted and rescaled):
+    match each row's profile against every (token, position) candidate's rotated q of the same head.
+    Guesses are a multiset per head; head by head, since every head has its own row order."""
+    q = crossings(records, "matmul", layer, occurrence=0)
+    if q is None:
+        return None
+    batch, heads, n, _ = q.shape
+    guesses = torch.empty(batch, heads, n, dtype=torch.long)
+    best = torch.full((batch, heads, n), -2.0)
+    for position in range(n):
+        table = model.query_profiles(layer, position)  # [vocab, H, h]
+        for h in range(heads):
+            sims = _profiles(q[:, h]) @ table[:, h].float().T  # [B, n, vocab]
+            score, token = sims.max(dim=-1)
+            better = score > best[:, h]
+            best[:, h][better], guesses[:, h][better] = score[better], token[better]
+    return guesses.reshape(batch * heads, n)
+
+
+def query_match(records: list[dict], model: PublicModel, layer: int = 0) -> torch.Tensor | None:
+    """q rows in place (otp sends Q − R₁, each row at its own position): nearest rotated candidate q."""
+    q = crossings(records, "matmul", layer, occurrence=0)
+    if q is None:
+        return None
+    batch, heads, n, head_dim = q.shape
+    guesses = torch.empty(batch, n, dtype=torch.long)
+    for position in range(n):
+        table = model.queries(layer, position).reshape(-1, heads * head_dim)
+        guesses[:, position] = nearest(q[:, :, position].reshape(batch, -1), table)
+    return guesses
+
+
 def value_profile(records: list[dict], model: PublicModel, layer: int = 0) -> torch.Tensor | None:
     """Against permuted and rescaled v rows (ours: D₂⁻¹P₂⁻¹ V P₃D₃): each row's sorted |entries|, scaled to
     unit norm, is unchanged by a column permutation and by sign flips; match it to the candidates'.
@@ -119,10 +177,7 @@ def value_profile(records: list[dict], model: PublicModel, layer: int = 0) -> to
     table = model.values(layer)  # [vocab, Hkv, h]
     guesses = torch.empty(batch, groups, n, dtype=torch.long)
     for g in range(groups):
-        profile = F.normalize(table[:, g].abs().sort(dim=-1).values, dim=-1)
-        for b in range(batch):
-            rows = F.normalize(v[b, g].float().abs().sort(dim=-1).values, dim=-1)
-            guesses[b, g] = (rows @ profile.T).argmax(dim=-1)
+        guesses[:, g] = (_profiles(v[:, g]) @ _profiles(table[:, g]).T).argmax(dim=-1)
     return torch.mode(guesses, dim=1).values  # the groups' majority vote per row
 
 
@@ -137,8 +192,9 @@ def value_match(records: list[dict], model: PublicModel, layer: int = 0) -> torc
 
 
 ATTACKS = {"ids_in_clear": ids_in_clear, "naive_match": naive_match, "shared_direction": shared_direction,
+           "query_profile": query_profile, "query_match": query_match,
            "value_profile": value_profile, "value_match": value_match}
-POSITIONAL = {"ids_in_clear", "naive_match", "shared_direction", "value_match"}  # guesses keep token order
+POSITIONAL = {"ids_in_clear", "naive_match", "shared_direction", "query_match", "value_match"}  # token order kept
 
 
 def recovery_rate(guess: torch.Tensor, truth: torch.Tensor, positional: bool) -> int:

@@ -38,11 +38,16 @@ def parse_list(text: str, kind, flag: str) -> list:
     return values
 
 
-def attack_plan(layers: list[int]) -> list[tuple[str, int | None]]:
+# Every scheme faces the dictionary attacks on the linear inputs; the attention operands get the natural
+# attack for what each scheme sends: profiles against permuted rows (ours), nearest match in place (otp).
+OPERAND_ATTACKS = {"plain": ("query_match",), "matrix": ("query_profile", "value_profile"),
+                   "otp": ("query_match", "value_match")}
+
+
+def attack_plan(scheme: str, layers: list[int]) -> list[tuple[str, int | None]]:
     plan = [("ids_in_clear", None)]
     plan += [(attack, layer) for layer in layers for attack in LATER_LAYER_ATTACKS]
-    plan += [("value_profile", 0), ("value_match", 0)]
-    return plan
+    return plan + [(attack, 0) for attack in OPERAND_ATTACKS[scheme]]
 
 
 def run_scheme(model, public: PublicModel, scheme_name: str, prompt_ids: list[torch.Tensor], layers: list[int],
@@ -61,14 +66,15 @@ def run_scheme(model, public: PublicModel, scheme_name: str, prompt_ids: list[to
         folder = tempfile.mkdtemp(dir=workdir, prefix=f"{scheme_name}-{i}-")
         log.write(folder)
         records = read_audit(folder)
-        for attack, layer in attack_plan(layers):
+        for attack, layer in attack_plan(scheme_name, layers):
             extra = {"k": options.get("rank", 1)} if attack == "shared_direction" else {}
             guess = ATTACKS[attack](records, public, layer if layer is not None else 0, **extra)
             if guess is None:
                 continue
             key = (attack, layer)
-            hits[key] = hits.get(key, 0) + recovery_rate(guess, ids, attack in POSITIONAL)
-            totals[key] = totals.get(key, 0) + ids.numel()
+            truth = ids.repeat_interleave(guess.shape[0] // ids.shape[0], dim=0)  # one guess per head, maybe
+            hits[key] = hits.get(key, 0) + recovery_rate(guess, truth, attack in POSITIONAL)
+            totals[key] = totals.get(key, 0) + truth.numel()
     attacks = [{"attack": a, "layer": layer, "token_recovery_rate": hits[(a, layer)] / totals[(a, layer)],
                 "tokens": totals[(a, layer)], "correct": hits[(a, layer)]} for a, layer in totals]
     best = max(attacks, key=lambda r: r["token_recovery_rate"])
