@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from transformers import LlamaConfig
 
 from splitinfer.boundary import Boundary
-from splitinfer.metrics import Metrics
 from splitinfer.inputs import last_positions
+from splitinfer.metrics import Metrics
 from splitinfer.schemes import Plain
 from splitinfer.tee_ops import (Rotary, apply_rope, attention_bias, grouped_matmul, masked_softmax, rms_norm,
                                 silu_gate)
