@@ -15,7 +15,7 @@ import os
 import subprocess
 import sys
 
-from splitinfer.cli import OneLineParser, build_parser, load_config
+from splitinfer.cli import TEE_ONLY, OneLineParser, build_parser, load_config
 from splitinfer.errors import UserError
 from splitinfer.report import comparison_report, load_privacy, load_result, sweep_report, write_files
 
@@ -27,6 +27,7 @@ RUNNERS = {"optimized": os.path.join(ROOT, "tee_gpu", "tee_runner_optimized.py")
 MODES = {"split": ("optimized", "ours", "otp"), "tee": ("tee_only",), "compare": tuple(RUNNERS)}
 SET_BY_BENCH = ("--output", "--audit-dir", "--save-logits")  # one value per runner: the bench chooses
 ONLY_FOR = {"--pad-scale": "otp", "--mask-rank": "ours", "--mix-scale": "ours"}  # scheme-specific runner flags
+RUNNER_SCHEMES = {"optimized": "plain", "ours": "matrix", "otp": "otp", "tee_only": TEE_ONLY}
 
 
 class RunnerFailed(Exception):
@@ -59,16 +60,16 @@ def build_bench_parser() -> argparse.ArgumentParser:
     return p
 
 
-def runner_flags(passthrough: list[str]) -> list[str]:
-    """Check flags meant for the runners with the runners' own parser; one clear line if any is wrong."""
+def check_runner_flags(methods: tuple[str, ...], flags: list[str], tee_dtype: str | None) -> None:
+    """Check the flags meant for the runners with each runner's own parser: one clear line if any is wrong."""
     for flag in SET_BY_BENCH:
-        if any(arg == flag or arg.startswith(flag + "=") for arg in passthrough):
+        if any(arg == flag or arg.startswith(flag + "=") for arg in flags):
             raise UserError(f"{flag} is set per runner by the bench; use --out-dir")
-    parser = build_parser(load_config(os.path.join(ROOT, "tee_gpu", "config.py")), "otp", "runner flags")
-    parser.add_argument("--mask-rank", type=int)  # the ours runner's two; every other flag is in otp's parser
-    parser.add_argument("--mix-scale", type=float)
-    parser.parse_args(passthrough)  # exits 2 with one line on an unknown flag or a bad value
-    return passthrough
+    for method in methods:
+        folder = "tee_only_llama" if method == "tee_only" else "tee_gpu"
+        parser = build_parser(load_config(os.path.join(ROOT, folder, "config.py")), RUNNER_SCHEMES[method],
+                              f"{method} runner flags")
+        parser.parse_args(flags_for(method, flags, tee_dtype))  # exits 2 with one line on a bad flag or value
 
 
 def flags_for(method: str, flags: list[str], tee_dtype: str | None) -> list[str]:
@@ -119,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise UserError("report takes METHOD=RESULT.json pairs, e.g. optimized=results/optimized.json")
             sweep = {None: {name: load_result(path) for name, _, path in pairs}}
         else:
-            flags = runner_flags(passthrough)
+            flags = passthrough
+            check_runner_flags(MODES[args.mode], flags, args.tee_dtype)
             lengths = parse_lengths(args.lengths) if args.lengths else [None]
             if args.lengths and any(a.split("=")[0] == "--prefill-length" for a in flags):
                 raise UserError("give either --lengths or --prefill-length, not both")
