@@ -18,6 +18,7 @@ import sys
 from splitinfer.cli import TEE_ONLY, OneLineParser, build_parser, load_config
 from splitinfer.errors import UserError
 from splitinfer.report import comparison_report, load_privacy, load_result, sweep_report, write_files
+from splitinfer.schemes import RUNNERS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNNERS = {"optimized": os.path.join(ROOT, "tee_gpu", "tee_runner_optimized.py"),
@@ -27,7 +28,7 @@ RUNNERS = {"optimized": os.path.join(ROOT, "tee_gpu", "tee_runner_optimized.py")
 MODES = {"split": ("optimized", "ours", "otp"), "tee": ("tee_only",), "compare": tuple(RUNNERS)}
 SET_BY_BENCH = ("--output", "--audit-dir", "--save-logits")  # one value per runner: the bench chooses
 ONLY_FOR = {"--pad-scale": "otp", "--mask-rank": "ours", "--mix-scale": "ours"}  # scheme-specific runner flags
-RUNNER_SCHEMES = {"optimized": "plain", "ours": "matrix", "otp": "otp", "tee_only": TEE_ONLY}
+RUNNER_SCHEMES = {**RUNNERS, "tee_only": TEE_ONLY}
 
 
 class RunnerFailed(Exception):

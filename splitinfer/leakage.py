@@ -22,9 +22,9 @@ from splitinfer.inputs import read_prompts
 from splitinfer.models import load_model
 from splitinfer.report import markdown_table, write_files
 from splitinfer.results import write_json
-from splitinfer.schemes import make_scheme
+from splitinfer.schemes import RUNNERS, make_scheme
 
-RUNNER_NAMES = {"plain": "optimized", "matrix": "ours", "otp": "otp"}  # scheme -> the runner that uses it
+RUNNER_NAMES = {scheme: runner for runner, scheme in RUNNERS.items()}  # scheme -> the runner that uses it
 LATER_LAYER_ATTACKS = ("naive_match", "shared_direction")
 
 

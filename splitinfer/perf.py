@@ -27,9 +27,8 @@ from splitinfer.metrics import synchronize
 from splitinfer.models import load_model
 from splitinfer.reference import build_transformers_model
 from splitinfer.results import environment_block, memory_block, write_json
-from splitinfer.schemes import make_scheme
+from splitinfer.schemes import RUNNERS, make_scheme
 
-SPLIT = {"optimized": "plain", "ours": "matrix", "otp": "otp"}
 DEFAULT_PROMPTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tee_only_llama",
                                "prompts.txt")
 
@@ -68,14 +67,12 @@ def time_calls(fn, device: torch.device, warmup: int, repeat: int) -> dict:
 
 
 def time_engine(engine: SplitLlama, ids, mask, warmup: int, repeat: int) -> dict:
-    figures = []
-    out = time_calls(lambda: figures.append(engine.timed_forward(ids, mask)[1]), engine.metrics.device, warmup,
-                     repeat)
+    """Like time_calls, but from the engine's own totals, which leave out the offline phase."""
+    figures = [engine.timed_forward(ids, mask)[1] for _ in range(1 + warmup + repeat)]
     timed = figures[1 + warmup:]
-    # the engine's own total excludes the offline phase, which time_calls' wall clock includes
-    out["median_ms"] = statistics.median(f["total_ms"] for f in timed)
-    out["first_ms"] = figures[0]["total_ms"]
-    out["min_ms"], out["max_ms"] = min(f["total_ms"] for f in timed), max(f["total_ms"] for f in timed)
+    totals = [f["total_ms"] for f in timed]
+    out = {"first_ms": figures[0]["total_ms"], "median_ms": statistics.median(totals), "min_ms": min(totals),
+           "max_ms": max(totals)}
     out["categories_median_ms"] = {c: statistics.median(f["categories"][c] for f in timed)
                                    for c in timed[0]["categories"]}
     out["bytes_to_gpu"], out["bytes_to_cpu"] = (timed[0]["data_transfer"]["to_gpu_bytes"],
@@ -99,7 +96,7 @@ def measure(args) -> dict:
             raise UserError(f"length {n} exceeds max_position_embeddings ({model.config.max_position_embeddings})")
         ids, mask = build_batch(model.tokenizer, read_prompts(DEFAULT_PROMPTS), n, args.batch_size)
         row: dict = {}
-        for method, scheme in SPLIT.items():
+        for method, scheme in RUNNERS.items():
             progress(f"{n} tokens: {method}")
             engine = SplitLlama(model.config, state, make_scheme(scheme), gpu_device, dtype)
             row[method] = time_engine(engine, ids, mask, args.warmup, args.repeat)
@@ -137,7 +134,7 @@ def ratios(row: dict) -> dict:
     plain = row["optimized"]["median_ms"]
     out = {"ours_over_plain": row["ours"]["median_ms"] / plain, "otp_online_over_plain": row["otp"]["median_ms"] / plain,
            "plain_over_transformers_cpu": plain / row["transformers_cpu"]["median_ms"]}
-    for method in SPLIT:
+    for method in RUNNERS:
         out[f"{method}_speedup_vs_tee_only"] = row["tee_only"]["median_ms"] / row[method]["median_ms"]
         out[f"{method}_first_minus_warm_ms"] = row[method]["first_ms"] - row[method]["median_ms"]
     if "transformers_gpu" in row:

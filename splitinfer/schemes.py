@@ -33,7 +33,6 @@ class Plain:
     steps = ("encryption", "decryption")  # how the JSON names the protect and recover steps
 
     def __init__(self, seed: int | None = None):
-        self.seed = seed
         self.generator = torch.Generator().manual_seed(secrets.randbits(63) if seed is None else seed)
 
     def prepare(self, linears: MaskShapes, matmuls: MatmulShapes,
@@ -256,6 +255,7 @@ def _sequences(shape: tuple[int, ...]) -> tuple[int, int]:
 
 
 SCHEMES = {"plain": Plain, "matrix": Matrix, "otp": Otp}
+RUNNERS = {"optimized": "plain", "ours": "matrix", "otp": "otp"}  # split runner -> the scheme it plugs in
 
 
 def make_scheme(name: str, **kwargs) -> Plain:
