@@ -21,11 +21,11 @@ from splitinfer.report import comparison_report, load_privacy, load_result, swee
 from splitinfer.schemes import RUNNERS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RUNNERS = {"optimized": os.path.join(ROOT, "tee_gpu", "tee_runner_optimized.py"),
+SCRIPTS = {"optimized": os.path.join(ROOT, "tee_gpu", "tee_runner_optimized.py"),
            "ours": os.path.join(ROOT, "tee_gpu", "tee_runner_ours.py"),
            "otp": os.path.join(ROOT, "tee_gpu", "tee_runner_otp.py"),
            "tee_only": os.path.join(ROOT, "tee_only_llama", "tee_runner.py")}
-MODES = {"split": ("optimized", "ours", "otp"), "tee": ("tee_only",), "compare": tuple(RUNNERS)}
+MODES = {"split": ("optimized", "ours", "otp"), "tee": ("tee_only",), "compare": tuple(SCRIPTS)}
 SET_BY_BENCH = ("--output", "--audit-dir", "--save-logits")  # one value per runner: the bench chooses
 ONLY_FOR = {"--pad-scale": "otp", "--mask-rank": "ours", "--mix-scale": "ours"}  # scheme-specific runner flags
 RUNNER_SCHEMES = {**RUNNERS, "tee_only": TEE_ONLY}
@@ -102,7 +102,7 @@ def run_runners(methods: tuple[str, ...], flags: list[str], lengths: list[int | 
         output = os.path.join(out_dir, f"{method}" + ("" if n is None else f"_n{n}") + ".json")
         label = method + ("" if n is None else f", {n} tokens")
         print(f"[{i}/{len(jobs)}] {label}", file=sys.stderr, flush=True)
-        cmd = [sys.executable, RUNNERS[method], *flags_for(method, flags, tee_dtype), *extra, "--output", output]
+        cmd = [sys.executable, SCRIPTS[method], *flags_for(method, flags, tee_dtype), *extra, "--output", output]
         done = subprocess.run(cmd)
         if done.returncode != 0:
             where = "" if n is None else f" at {n} tokens"
