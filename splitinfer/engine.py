@@ -16,7 +16,7 @@ from splitinfer.boundary import Boundary
 from splitinfer.inputs import last_positions
 from splitinfer.metrics import Metrics
 from splitinfer.schemes import Plain
-from splitinfer.tee_ops import (Rotary, apply_rope, attention_bias, grouped_matmul, masked_softmax, rms_norm,
+from splitinfer.tee_ops import (Rotary, apply_rope, attention_blocked, grouped_matmul, masked_softmax, rms_norm,
                                 silu_gate)
 
 
@@ -92,12 +92,12 @@ class SplitLlama:
     """A LLaMA prefill split between the TEE and the GPU under a protection scheme."""
 
     def __init__(self, config: LlamaConfig, state_dict: dict[str, torch.Tensor], scheme: Plain,
-                 gpu_device: torch.device, dtype: torch.dtype, tee_only: bool = False):
+                 gpu_device: torch.device, dtype: torch.dtype, tee_only: bool = False, pinned: bool | None = None):
         self.config, self.scheme, self.dtype = config, scheme, dtype
         self.allocator = keep_freed_memory()
         self.tee_device = torch.device("cpu")
         self.metrics = Metrics(gpu_device)
-        self.link = Boundary(gpu_device, self.tee_device, self.metrics, crossing=not tee_only)
+        self.link = Boundary(gpu_device, self.tee_device, self.metrics, crossing=not tee_only, pinned=pinned)
         self.gpu = Gpu(gpu_device, self.metrics, in_tee=tee_only)
         self.n_heads = config.num_attention_heads
         self.n_kv_heads = config.num_key_value_heads
@@ -243,42 +243,54 @@ class SplitLlama:
         """Logits [B, vocab] (float32) at the last real position of each (right-padded) sequence."""
         batch, n = ids.shape
         x = self.embed(ids)
-        cos, sin = self.tee("rotary_tables", self.rotary.tables, n, self.dtype)
-        bias = self.tee("attention_mask", attention_bias, attention_mask, torch.float32)
+        # q's tables carry the softmax scale: free here, a pass over every n² scores later
+        rope = (self.tee("rotary_tables", self.rotary.tables, n, self.dtype, self.scale),
+                self.tee("rotary_tables", self.rotary.tables, n, self.dtype))
+        blocked = self.tee("attention_mask", attention_blocked, attention_mask)
         for i, layer in enumerate(self.layers):
             with self.metrics.in_layer(i):
-                x = x + self.attention(self.tee("rmsnorm", rms_norm, x, layer.attn_norm, self.eps), i, cos, sin, bias)
-                x = x + self.mlp(self.tee("rmsnorm", rms_norm, x, layer.mlp_norm, self.eps), i)
+                h = self.tee("rmsnorm", rms_norm, x, layer.attn_norm, self.eps, self.gpu_bound(x.shape))
+                x = x + self.attention(h, i, rope, blocked)
+                h = self.tee("rmsnorm", rms_norm, x, layer.mlp_norm, self.eps, self.gpu_bound(x.shape))
+                x = x + self.mlp(h, i)
         last = x[torch.arange(batch), last_positions(attention_mask)]
         h = self.tee("rmsnorm", rms_norm, last, self.final_norm, self.eps)
         return self.linear(h, "lm_head", "lm_head").float()
 
-    def attention(self, h: torch.Tensor, i: int, cos: torch.Tensor, sin: torch.Tensor,
-                  bias: torch.Tensor) -> torch.Tensor:
+    def attention(self, h: torch.Tensor, i: int, rope: tuple, blocked: torch.Tensor) -> torch.Tensor:
         if not self.scheme.masked:
-            return self.plain_attention(h, i, cos, sin, bias)
+            return self.plain_attention(h, i, rope, blocked)
         qkv = self.linear(h, f"{i}.qkv", "linear_attn", i)
         q, k, v = self.heads(qkv)
-        q = self.tee("rotary", apply_rope, q, cos, sin)
-        k = self.tee("rotary", apply_rope, k, cos, sin)
+        q, k = self.rotate(q, k, rope)
         scores = self.matmul(q, k.transpose(-1, -2), f"{i}.scores", i)
-        probs = self.tee("softmax", masked_softmax, scores, self.scale, bias)
+        probs = self.tee("softmax", masked_softmax, scores, blocked)
         out = self.matmul(probs, v, f"{i}.attend", i)
         return self.linear(merge_heads(out), f"{i}.o", "linear_attn", i)
 
-    def plain_attention(self, h: torch.Tensor, i: int, cos: torch.Tensor, sin: torch.Tensor,
-                        bias: torch.Tensor) -> torch.Tensor:
+    def plain_attention(self, h: torch.Tensor, i: int, rope: tuple, blocked: torch.Tensor) -> torch.Tensor:
         """Unprotected attention: v and P·V need no TEE step, so they never leave the GPU."""
         qkv = self.gpu.linear(self.link.to_gpu(h, "linear_attn", i), f"{i}.qkv", "linear_attn")
         q_and_k = (self.n_heads + self.n_kv_heads) * self.head_dim
         q, k, _ = self.heads(self.link.to_tee(qkv[..., :q_and_k], "linear_attn"))
         _, _, v = self.heads(qkv)
-        q = self.tee("rotary", apply_rope, q, cos, sin)
-        k = self.tee("rotary", apply_rope, k, cos, sin)
+        q, k = self.rotate(q, k, rope)
         scores = self.gpu.matmul(self.link.to_gpu(q, "matmul", i), self.link.to_gpu(k.transpose(-1, -2), "matmul", i))
-        probs = self.tee("softmax", masked_softmax, self.link.to_tee(scores, "matmul"), self.scale, bias)
+        scores = self.link.to_tee(scores, "matmul")
+        probs = self.tee("softmax", masked_softmax, scores, blocked, self.gpu_bound(scores.shape))
         out = self.gpu.matmul(self.link.to_gpu(probs, "matmul", i), v)
         return self.link.to_tee(self.gpu.linear(merge_heads(out), f"{i}.o", "linear_attn"), "linear_attn")
+
+    def rotate(self, q: torch.Tensor, k: torch.Tensor, rope: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE on q (whose tables also scale it by 1/sqrt(head_dim)) and on k."""
+        (q_cos, q_sin), (cos, sin) = rope
+        return (self.tee("rotary", apply_rope, q, q_cos, q_sin, self.gpu_bound(q.shape)),
+                self.tee("rotary", apply_rope, k, cos, sin, self.gpu_bound(k.shape)))
+
+    def gpu_bound(self, shape: torch.Size) -> torch.Tensor | None:
+        """Where a TEE op's result goes straight to the GPU (the plain split: no protect step between),
+        a pinned buffer for it to write into, so the boundary has nothing to stage; else None."""
+        return None if self.scheme.masked else self.link.pinned_buffer(shape, self.dtype)
 
     def heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """[B, N, (H + 2·Hkv)·h] (or just its q and k part) -> q [B, H, N, h], k and v [B, Hkv, N, h]."""
@@ -289,7 +301,8 @@ class SplitLlama:
 
     def mlp(self, h: torch.Tensor, i: int) -> torch.Tensor:
         gate_up = self.linear(h, f"{i}.gate_up", "linear_mlp", i)
-        return self.linear(self.tee("silu", silu_gate, gate_up), f"{i}.down", "linear_mlp", i)
+        act = self.tee("silu", silu_gate, gate_up, self.gpu_bound((*gate_up.shape[:-1], gate_up.shape[-1] // 2)))
+        return self.linear(act, f"{i}.down", "linear_mlp", i)
 
     # ---- for the reference ----
 

@@ -1,7 +1,12 @@
 """Where one inference's time went: per category, per op kind, with op counts.
 
-Every region that touches the GPU synchronises the device on exit, so GPU time is GPU time and not
-kernel-launch time. Whatever no region claims is `other` (residual adds, reshapes, interpreter).
+Device work (transfers, GPU compute) is timed on the device itself: on CUDA each such region records a
+start and an end event on the stream, read once the inference is over, so GPU time is GPU time and not
+kernel-launch time, and no region needs a synchronisation of its own (the only ones left are those the
+TEE needs before it reads a result). Without CUDA, a region is timed on the host clock. TEE regions
+(CPU compute, crypto) and the host side of a transfer (staging in pinned memory) are host-timed.
+Whatever no region claims is `other`: residual adds, reshapes, the interpreter, kernel-launch and
+synchronisation latency.
 """
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ from typing import Iterator
 import torch
 
 ONLINE = ("transfer_to_gpu", "transfer_to_cpu", "gpu_compute", "cpu_compute", "crypto")
+DEVICE_WORK = ("transfer_to_gpu", "transfer_to_cpu", "gpu_compute")
 
 
 def synchronize(device: torch.device) -> None:
@@ -33,23 +39,36 @@ class Metrics:
         self.total_ms = 0.0
         self.layer: int | None = None  # the decoder layer being run, for the per-layer table
         self.layer_ms: dict[int, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+        self.pending: list[tuple[str, str, int | None, torch.cuda.Event, torch.cuda.Event]] = []
+
+    def _add(self, category: str, op: str, layer: int | None, elapsed: float) -> None:
+        self.ms[category][op] += elapsed
+        if layer is not None:
+            self.layer_ms[layer][category] += elapsed
 
     @contextmanager
-    def time(self, category: str, op: str, count: str | None = None) -> Iterator[None]:
+    def time(self, category: str, op: str, count: str | None = None, host: bool = False) -> Iterator[None]:
         """Time a region under `category` and op kind `op`, adding one to counter `count` if given.
 
-        Synchronises the device on exit, so queued GPU work lands in the region that queued it."""
-        start = time.perf_counter()
+        Device work on CUDA is timed with events (read in `total`); everything else, and any region
+        marked `host`, with the host clock."""
+        if count:
+            self.counts[count] += 1
+        if self.device.type == "cuda" and category in DEVICE_WORK and not host:
+            stream = torch.cuda.current_stream(self.device)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record(stream)
+            try:
+                yield
+            finally:
+                end.record(stream)
+                self.pending.append((category, op, self.layer, start, end))
+            return
+        start_s = time.perf_counter()
         try:
             yield
         finally:
-            synchronize(self.device)
-            elapsed = (time.perf_counter() - start) * 1e3
-            self.ms[category][op] += elapsed
-            if self.layer is not None:
-                self.layer_ms[self.layer][category] += elapsed
-            if count:
-                self.counts[count] += 1
+            self._add(category, op, self.layer, (time.perf_counter() - start_s) * 1e3)
 
     @contextmanager
     def in_layer(self, layer: int) -> Iterator[None]:
@@ -66,6 +85,7 @@ class Metrics:
 
     @contextmanager
     def total(self) -> Iterator[None]:
+        """Wall-clock time of the inference; on exit, the device regions' event times are read."""
         synchronize(self.device)
         start = time.perf_counter()
         try:
@@ -73,6 +93,9 @@ class Metrics:
         finally:
             synchronize(self.device)
             self.total_ms = (time.perf_counter() - start) * 1e3
+            for category, op, layer, begin, end in self.pending:
+                self._add(category, op, layer, begin.elapsed_time(end))
+            self.pending.clear()
 
     def category_ms(self) -> dict[str, float]:
         """Milliseconds per category. The online ones and `other` (the total less every timed online

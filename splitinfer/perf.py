@@ -47,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out-dir", default="perf_results", help="perf.json goes here")
+    p.add_argument("--thread-sweep", metavar="N,N", default=None,
+                   help="also time every split runner at these torch thread counts (e.g. 4,8)")
+    p.add_argument("--split-only", action="store_true",
+                   help="time only the split runners (no TEE-only baseline, no transformers, no ratios)")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile one more inference of each split runner (torch.profiler) into profile.txt")
     return p
 
 
@@ -80,6 +86,40 @@ def time_engine(engine: SplitLlama, ids, mask, warmup: int, repeat: int) -> dict
     return out
 
 
+def variants(cuda: bool, thread_sweep: str | None) -> list[tuple[str, str, bool | None, int | None]]:
+    """(label, scheme, pinned, threads) of every split engine to time: the three runners as they ship,
+    then ablations on the same machine: the plain split with pageable copies (what the pinned staging
+    buys), and each runner at each thread count of the sweep."""
+    out = [(method, scheme, None, None) for method, scheme in RUNNERS.items()]
+    if cuda:
+        out.append(("optimized_pageable", "plain", False, None))
+    for threads in parse_counts(thread_sweep):
+        out += [(f"{method}_threads{threads}", scheme, None, threads) for method, scheme in RUNNERS.items()]
+    return out
+
+
+def parse_counts(text: str | None) -> list[int]:
+    if not text:
+        return []
+    try:
+        counts = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise UserError(f"--thread-sweep must be comma-separated integers, got '{text}'") from None
+    if min(counts) < 1:
+        raise UserError("--thread-sweep counts must be at least 1")
+    return counts
+
+
+def profile_engine(engine: SplitLlama, ids, mask, title: str) -> str:
+    """One inference under torch.profiler: the operators that took the most host time, as a table."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if engine.metrics.device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        engine.timed_forward(ids, mask)
+    return f"== {title}\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
+
+
 def measure(args) -> dict:
     gpu_device, fallback = resolve_gpu_device(args.gpu_device)
     cuda = gpu_device.type == "cuda"
@@ -87,21 +127,31 @@ def measure(args) -> dict:
     tee_name = args.tee_dtype or ("bfloat16" if cuda else dtype_name)
     dtype, tee_dtype = DTYPES[dtype_name], DTYPES[tee_name]
     lengths = sorted({int(x) for x in args.lengths.split(",")})
+    parse_counts(args.thread_sweep)  # a bad sweep fails before the model loads
     progress(f"loading {args.model} ({dtype_name}; TEE-only {tee_name})")
     model = load_model(args.model, dtype, gpu_device)
     state = model.state_dict
     results: dict = {"lengths": {}}
+    profiles: list[str] = []
     for n in lengths:
         if n > model.config.max_position_embeddings:
             raise UserError(f"length {n} exceeds max_position_embeddings ({model.config.max_position_embeddings})")
         ids, mask = build_batch(model.tokenizer, read_prompts(DEFAULT_PROMPTS), n, args.batch_size)
         row: dict = {}
-        for method, scheme in RUNNERS.items():
+        for method, scheme, pinned, threads in variants(cuda, args.thread_sweep):
             progress(f"{n} tokens: {method}")
-            engine = SplitLlama(model.config, state, make_scheme(scheme), gpu_device, dtype)
+            engine = SplitLlama(model.config, state, make_scheme(scheme), gpu_device, dtype, pinned=pinned)
+            default_threads = torch.get_num_threads()
+            torch.set_num_threads(threads or default_threads)
             row[method] = time_engine(engine, ids, mask, args.warmup, args.repeat)
+            if args.profile and not threads and pinned is None:
+                profiles.append(profile_engine(engine, ids, mask, f"{n} tokens: {method}"))
+            torch.set_num_threads(default_threads)
             del engine
             gc.collect()
+        if args.split_only:
+            results["lengths"][n] = row
+            continue
         progress(f"{n} tokens: tee_only ({tee_name})")
         engine = SplitLlama(model.config, state, make_scheme("plain"), torch.device("cpu"), tee_dtype, tee_only=True)
         row["tee_only"] = time_engine(engine, ids, mask, args.warmup, args.repeat)
@@ -123,7 +173,11 @@ def measure(args) -> dict:
         results["lengths"][n] = row
     results["setup"] = {"model": model.name, "random_weights": model.random_weights, "dtype": dtype_name,
                         "tee_dtype": tee_name, "batch_size": args.batch_size, "gpu_device": str(gpu_device),
-                        "gpu_fallback_to_cpu": fallback, "warmup": args.warmup, "repeat": args.repeat}
+                        "gpu_fallback_to_cpu": fallback, "warmup": args.warmup, "repeat": args.repeat,
+                        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
+    if profiles:
+        with open(os.path.join(args.out_dir, "profile.txt"), "w") as f:
+            f.write("\n\n".join(profiles))
     results["memory"] = memory_block(gpu_device, 0)
     results["environment"] = environment_block(gpu_device, fallback, torch.get_num_threads())
     return results
@@ -139,6 +193,8 @@ def ratios(row: dict) -> dict:
         out[f"{method}_first_minus_warm_ms"] = row[method]["first_ms"] - row[method]["median_ms"]
     if "transformers_gpu" in row:
         out["plain_over_transformers_gpu"] = plain / row["transformers_gpu"]["median_ms"]
+    if "optimized_pageable" in row:
+        out["pageable_over_pinned"] = row["optimized_pageable"]["median_ms"] / plain
     return out
 
 
@@ -147,8 +203,8 @@ def print_table(results: dict) -> None:
         print(f"\n{n} tokens (warm median ms; first in parentheses)")
         for method, r in row.items():
             if method != "ratios":
-                print(f"  {method:<17} {r['median_ms']:9.2f}  ({r['first_ms']:.2f})")
-        for name, value in row["ratios"].items():
+                print(f"  {method:<20} {r['median_ms']:9.2f}  ({r['first_ms']:.2f})")
+        for name, value in row.get("ratios", {}).items():
             print(f"  {name:<34} {value:8.2f}")
 
 

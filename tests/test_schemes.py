@@ -76,6 +76,7 @@ def test_matrix_woodbury_is_stable(rank):
 
 @pytest.mark.parametrize("rank,mix_scale", [(2, 1.0), (4, 1.0), (16, 1.0), (1, 64.0), (4, 16.0)])
 def test_matrix_rank_k_recovery(rank, mix_scale):
+    torch.manual_seed(rank)  # the inputs must not depend on which tests ran before
     weights = _weights(24, 16)
     scheme = Matrix(seed=2, rank=rank, mix_scale=mix_scale)
     scheme.prepare({"w": (2, 9, 16)}, {}, weights.get)
@@ -85,8 +86,10 @@ def test_matrix_rank_k_recovery(rank, mix_scale):
     m = scheme.linear_masks["w"]
     mixing = m["a"] @ m["b"].transpose(1, 2)
     assert torch.linalg.matrix_rank(mixing[0]) == min(rank, 9)
+    # float32 rounding of the mixed rows grows with the mixing scale
+    tolerance = 1e-4 * max(1.0, mix_scale / 16)
     torch.testing.assert_close(scheme.recover_linear(masked @ weights["w"].T, secret), x @ weights["w"].T,
-                               rtol=1e-4, atol=1e-4)
+                               rtol=tolerance, atol=tolerance)
 
 
 def test_masks_are_fresh_and_seedable():

@@ -1,15 +1,21 @@
 #!/usr/bin/env bash
 # The GPU benchmark: one script for a GPU machine (random presets only: it needs no network and no gguf).
-# Writes at most four files to OUT_DIR: perf.json (the in-process comparison and its ratios),
-# runners.json (every runner's own JSON: first inference, steady state, memory, bytes, logit error),
-# precision.json (float16 logit error of each scheme), and log.txt. Finishes in under 10 minutes on one H100.
+# Writes six files to OUT_DIR:
+#   perf.json        the in-process comparison, its ratios, and the ablations (pageable copies, thread counts)
+#   perf_spin.json   the split runners again with OMP_WAIT_POLICY=ACTIVE (TEE threads spin between ops)
+#   profile.txt      torch.profiler tables of one inference of each split runner
+#   precision.json   float16 logit error of each scheme against the float32 reference, 3 mask seeds
+#   runners.json     every runner's own JSON, each in a fresh process: first inference, memory, logit error
+#   log.txt
+# Finishes in about 5 minutes on one H100 or H200.
 # Usage: bash tee_gpu/benchmarks/gpu_benchmark.sh OUT_DIR [PRESET]   (PRESET defaults to llama-3.2-1b)
-# LENGTHS=128,512 and PRECISION_LENGTH=128 may be overridden (e.g. tiny values for a dry run on a CPU).
+# LENGTHS=128,512, PRECISION_LENGTH=128 and THREAD_SWEEP=4,8 may be overridden (tiny values for a dry run on a CPU).
 set -euo pipefail
 out=${1:?usage: gpu_benchmark.sh OUT_DIR [PRESET]}
 preset=${2:-llama-3.2-1b}
 lengths=${LENGTHS:-128,512}
 precision_length=${PRECISION_LENGTH:-128}
+thread_sweep=${THREAD_SWEEP:-4,8}
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 mkdir -p "$out"
@@ -18,12 +24,24 @@ trap 'rm -rf "$work"' EXIT
 mkdir -p "$work/runners" "$work/precision"
 exec > >(tee "$out/log.txt") 2>&1
 python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, \
-'cuda', torch.cuda.is_available() and torch.cuda.get_device_name(0))"
+'cuda', torch.cuda.is_available() and torch.cuda.get_device_name(0), 'threads', torch.get_num_threads())"
 
 echo "== in-process comparison: split runners, TEE-only (bfloat16), transformers on CPU and GPU =="
 python -m splitinfer.perf --model "preset:$preset" --lengths "$lengths" --dtype float16 --tee-dtype bfloat16 \
-  --warmup 3 --repeat 10 --out-dir "$work/perf"
+  --warmup 2 --repeat 5 --thread-sweep "$thread_sweep" --profile --out-dir "$work/perf"
 cp "$work/perf/perf.json" "$out/perf.json"
+cp "$work/perf/profile.txt" "$out/profile.txt"
+
+echo "== the split runners with spinning OpenMP threads (OMP_WAIT_POLICY=ACTIVE) =="
+OMP_WAIT_POLICY=ACTIVE python -m splitinfer.perf --model "preset:$preset" --lengths "$lengths" --dtype float16 \
+  --warmup 2 --repeat 5 --split-only --out-dir "$work/spin" || true
+cp "$work/spin/perf.json" "$out/perf_spin.json" || true
+
+echo "== float16 precision of each scheme against the float32 reference (smollm2-135m shape, 3 mask seeds) =="
+python -m splitinfer.precision --model preset:smollm2-135m --length "$precision_length" --seeds 1,2,3 \
+  --out "$work/precision/batch1.json" || true
+python -m splitinfer.precision --model preset:smollm2-135m --length "$precision_length" --seeds 1,2,3 \
+  --batch-size 2 --ragged --out "$work/precision/batch2_ragged.json" || true
 
 echo "== each runner in its own process: the first inference, then 5 more =="
 for n in ${lengths//,/ }; do
@@ -35,14 +53,6 @@ for n in ${lengths//,/ }; do
     --repeat 2 --no-reference --output "$work/runners/tee_only_n$n.json" 2>&1 | tail -2 || true
 done
 
-echo "== float16 precision of each scheme against the float32 reference (smollm2-135m shape, 3 mask seeds) =="
-for runner in optimized ours otp; do
-  for seed in 1 2 3; do
-    python "$root/tee_gpu/tee_runner_$runner.py" --model preset:smollm2-135m --prefill-length "$precision_length" --dtype float16 \
-      --seed $seed --output "$work/precision/${runner}_seed$seed.json" 2>&1 | tail -1 || true
-  done
-done
-
 python - "$work" "$out" <<'PY'
 import glob, json, os, sys
 work, out = sys.argv[1:]
@@ -52,4 +62,4 @@ for group in ("runners", "precision"):
         json.dump(merged, f, indent=1)
     print(f"{group}: {len(merged)} results")
 PY
-echo "wrote $out/perf.json $out/runners.json $out/precision.json $out/log.txt"
+echo "wrote $(ls "$out" | tr '\n' ' ')to $out"
