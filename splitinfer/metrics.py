@@ -31,6 +31,7 @@ class Metrics:
 
     def __init__(self, device: torch.device):
         self.device = device
+        self.spare_events: list[torch.cuda.Event] = []  # reused across inferences: creating one costs a driver call
         self.reset()
 
     def reset(self) -> None:
@@ -56,7 +57,7 @@ class Metrics:
             self.counts[count] += 1
         if self.device.type == "cuda" and category in DEVICE_WORK and not host:
             stream = torch.cuda.current_stream(self.device)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start, end = self._event(), self._event()
             start.record(stream)
             try:
                 yield
@@ -95,7 +96,11 @@ class Metrics:
             self.total_ms = (time.perf_counter() - start) * 1e3
             for category, op, layer, begin, end in self.pending:
                 self._add(category, op, layer, begin.elapsed_time(end))
+                self.spare_events += (begin, end)
             self.pending.clear()
+
+    def _event(self) -> torch.cuda.Event:
+        return self.spare_events.pop() if self.spare_events else torch.cuda.Event(enable_timing=True)
 
     def category_ms(self) -> dict[str, float]:
         """Milliseconds per category. The online ones and `other` (the total less every timed online

@@ -37,11 +37,23 @@ OMP_WAIT_POLICY=ACTIVE python -m splitinfer.perf --model "preset:$preset" --leng
   --warmup 2 --repeat 5 --split-only --out-dir "$work/spin" || true
 cp "$work/spin/perf.json" "$out/perf_spin.json" || true
 
+merge() {  # every JSON of one group into OUT_DIR/GROUP.json, written as soon as the group is done
+  python - "$work/$1" "$out/$1.json" <<'PY'
+import glob, json, os, sys
+folder, target = sys.argv[1:]
+merged = {os.path.basename(p)[:-5]: json.load(open(p)) for p in sorted(glob.glob(f"{folder}/*.json"))}
+with open(target, "w") as f:
+    json.dump(merged, f, indent=1)
+print(f"{target}: {len(merged)} results")
+PY
+}
+
 echo "== float16 precision of each scheme against the float32 reference (smollm2-135m shape, 3 mask seeds) =="
 python -m splitinfer.precision --model preset:smollm2-135m --length "$precision_length" --seeds 1,2,3 \
   --out "$work/precision/batch1.json" || true
 python -m splitinfer.precision --model preset:smollm2-135m --length "$precision_length" --seeds 1,2,3 \
   --batch-size 2 --ragged --out "$work/precision/batch2_ragged.json" || true
+merge precision
 
 echo "== each runner in its own process: the first inference, then 5 more =="
 for n in ${lengths//,/ }; do
@@ -52,14 +64,5 @@ for n in ${lengths//,/ }; do
   python "$root/tee_only_llama/tee_runner.py" --model "preset:$preset" --prefill-length $n --dtype bfloat16 \
     --repeat 2 --no-reference --output "$work/runners/tee_only_n$n.json" 2>&1 | tail -2 || true
 done
-
-python - "$work" "$out" <<'PY'
-import glob, json, os, sys
-work, out = sys.argv[1:]
-for group in ("runners", "precision"):
-    merged = {os.path.basename(p)[:-5]: json.load(open(p)) for p in sorted(glob.glob(f"{work}/{group}/*.json"))}
-    with open(f"{out}/{group}.json", "w") as f:
-        json.dump(merged, f, indent=1)
-    print(f"{group}: {len(merged)} results")
-PY
+merge runners
 echo "wrote $(ls "$out" | tr '\n' ' ')to $out"
