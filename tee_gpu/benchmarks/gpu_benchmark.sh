@@ -1,21 +1,21 @@
 #!/usr/bin/env bash
 # The GPU benchmark: one script for a GPU machine (random presets only: it needs no network and no gguf).
-# Writes six files to OUT_DIR:
-#   perf.json        the in-process comparison, its ratios, and the ablations (pageable copies, thread counts)
-#   perf_spin.json   the split runners again with OMP_WAIT_POLICY=ACTIVE (TEE threads spin between ops)
+# Writes six files to OUT_DIR, each as soon as its step is done:
+#   perf.json        the in-process comparison, its ratios, and the pageable-copy ablation
+#   perf_spin.json   the same comparison with OMP_WAIT_POLICY=ACTIVE (TEE threads spin between ops)
 #   profile.txt      torch.profiler tables of one inference of each split runner
 #   precision.json   float16 logit error of each scheme against the float32 reference, 3 mask seeds
 #   runners.json     every runner's own JSON, each in a fresh process: first inference, memory, logit error
 #   log.txt
-# Finishes in about 5 minutes on one H100 or H200.
+# About 6 minutes on one H200 (2026-11-26); THREAD_SWEEP=4,8 adds thread-count ablations (~2 minutes).
 # Usage: bash tee_gpu/benchmarks/gpu_benchmark.sh OUT_DIR [PRESET]   (PRESET defaults to llama-3.2-1b)
-# LENGTHS=128,512, PRECISION_LENGTH=128 and THREAD_SWEEP=4,8 may be overridden (tiny values for a dry run on a CPU).
+# LENGTHS=128,512 and PRECISION_LENGTH=128 may be overridden (tiny values for a dry run on a CPU).
 set -euo pipefail
 out=${1:?usage: gpu_benchmark.sh OUT_DIR [PRESET]}
 preset=${2:-llama-3.2-1b}
 lengths=${LENGTHS:-128,512}
 precision_length=${PRECISION_LENGTH:-128}
-thread_sweep=${THREAD_SWEEP:-4,8}
+thread_sweep=${THREAD_SWEEP:-}
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 mkdir -p "$out"
@@ -28,13 +28,13 @@ python -c "import torch, transformers; print('torch', torch.__version__, 'transf
 
 echo "== in-process comparison: split runners, TEE-only (bfloat16), transformers on CPU and GPU =="
 python -m splitinfer.perf --model "preset:$preset" --lengths "$lengths" --dtype float16 --tee-dtype bfloat16 \
-  --warmup 2 --repeat 5 --thread-sweep "$thread_sweep" --profile --out-dir "$work/perf"
+  --warmup 2 --repeat 5 ${thread_sweep:+--thread-sweep "$thread_sweep"} --profile --out-dir "$work/perf"
 cp "$work/perf/perf.json" "$out/perf.json"
 cp "$work/perf/profile.txt" "$out/profile.txt"
 
-echo "== the split runners with spinning OpenMP threads (OMP_WAIT_POLICY=ACTIVE) =="
+echo "== the same with spinning OpenMP threads (OMP_WAIT_POLICY=ACTIVE), baselines included =="
 OMP_WAIT_POLICY=ACTIVE python -m splitinfer.perf --model "preset:$preset" --lengths "$lengths" --dtype float16 \
-  --warmup 2 --repeat 5 --split-only --out-dir "$work/spin" || true
+  --tee-dtype bfloat16 --warmup 2 --repeat 5 --out-dir "$work/spin" || true
 cp "$work/spin/perf.json" "$out/perf_spin.json" || true
 
 merge() {  # every JSON of one group into OUT_DIR/GROUP.json, written as soon as the group is done
@@ -55,14 +55,14 @@ python -m splitinfer.precision --model preset:smollm2-135m --length "$precision_
   --batch-size 2 --ragged --out "$work/precision/batch2_ragged.json" || true
 merge precision
 
-echo "== each runner in its own process: the first inference, then 5 more =="
+echo "== each runner in its own process: the first inference, then 3 more =="
 for n in ${lengths//,/ }; do
   for runner in optimized ours otp; do
     python "$root/tee_gpu/tee_runner_$runner.py" --model "preset:$preset" --prefill-length $n --dtype float16 \
-      --repeat 5 --output "$work/runners/${runner}_n$n.json" 2>&1 | tail -3 || true
+      --repeat 3 --output "$work/runners/${runner}_n$n.json" 2>&1 | tail -3 || true
   done
   python "$root/tee_only_llama/tee_runner.py" --model "preset:$preset" --prefill-length $n --dtype bfloat16 \
     --repeat 2 --no-reference --output "$work/runners/tee_only_n$n.json" 2>&1 | tail -2 || true
+  merge runners  # after each length, so that a run cut short still returns what it measured
 done
-merge runners
 echo "wrote $(ls "$out" | tr '\n' ' ')to $out"
