@@ -14,7 +14,7 @@ import torch
 
 from splitinfer.audit import AuditLog, prepare_audit_dir
 from splitinfer.engine import SplitLlama
-from splitinfer.errors import UserError
+from splitinfer.errors import UserError, one_line_errors
 from splitinfer.inputs import build_batch, read_prompts
 from splitinfer.metrics import synchronize
 from splitinfer.models import DEFAULT_MODEL, PRESETS, LoadedModel, load_model
@@ -98,15 +98,11 @@ def build_parser(config, scheme: str, prog: str) -> argparse.ArgumentParser:
     return p
 
 
+@one_line_errors
 def main(config_path: str, scheme: str, argv: list[str] | None = None) -> int:
     """Entry point shared by every runner. Returns the process exit status."""
     config = load_config(config_path)
-    args = build_parser(config, scheme, os.path.basename(sys.argv[0])).parse_args(argv)
-    try:
-        run(args, scheme)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    run(build_parser(config, scheme, os.path.basename(sys.argv[0])).parse_args(argv), scheme)
     return 0
 
 

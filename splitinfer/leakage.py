@@ -17,7 +17,7 @@ from splitinfer.attacks import ATTACKS, POSITIONAL, PublicModel, recovery_rate
 from splitinfer.audit import AuditLog, read_audit
 from splitinfer.cli import OneLineParser, progress
 from splitinfer.engine import SplitLlama
-from splitinfer.errors import UserError
+from splitinfer.errors import UserError, one_line_errors
 from splitinfer.inputs import read_prompts
 from splitinfer.models import load_model
 from splitinfer.report import markdown_table, write_files
@@ -198,13 +198,10 @@ def tradeoff_png(runs: list[dict], title: str) -> bytes:
     return buffer.getvalue()
 
 
+@one_line_errors
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        result = evaluate(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    result = evaluate(args)
     table = markdown_table(table_rows(result))
     text = f"# Token recovery by an attacker on the GPU · {result['model']} · {result['tokens']} tokens\n\n{table}"
     if result["sweeps"]:

@@ -21,7 +21,7 @@ import torch
 
 from splitinfer.cli import DTYPES, OneLineParser, progress, resolve_gpu_device
 from splitinfer.engine import SplitLlama
-from splitinfer.errors import UserError
+from splitinfer.errors import UserError, one_line_errors
 from splitinfer.inputs import build_batch, read_prompts
 from splitinfer.metrics import synchronize
 from splitinfer.models import load_model
@@ -93,20 +93,21 @@ def variants(cuda: bool, thread_sweep: str | None) -> list[tuple[str, str, bool 
     out = [(method, scheme, None, None) for method, scheme in RUNNERS.items()]
     if cuda:
         out.append(("optimized_pageable", "plain", False, None))
-    for threads in parse_counts(thread_sweep):
+    for threads in parse_counts(thread_sweep, "--thread-sweep"):
         out += [(f"{method}_threads{threads}", scheme, None, threads) for method, scheme in RUNNERS.items()]
     return out
 
 
-def parse_counts(text: str | None) -> list[int]:
+def parse_counts(text: str | None, flag: str) -> list[int]:
+    """Sorted distinct positive integers from 'N,N,...' (none from an empty or missing value)."""
     if not text:
         return []
     try:
-        counts = [int(x) for x in text.split(",")]
+        counts = sorted({int(x) for x in text.split(",")})
     except ValueError:
-        raise UserError(f"--thread-sweep must be comma-separated integers, got '{text}'") from None
-    if min(counts) < 1:
-        raise UserError("--thread-sweep counts must be at least 1")
+        raise UserError(f"{flag} must be comma-separated integers, got '{text}'") from None
+    if counts[0] < 1:
+        raise UserError(f"{flag} values must be at least 1")
     return counts
 
 
@@ -126,8 +127,8 @@ def measure(args) -> dict:
     dtype_name = args.dtype or ("float16" if cuda else "float32")
     tee_name = args.tee_dtype or ("bfloat16" if cuda else dtype_name)
     dtype, tee_dtype = DTYPES[dtype_name], DTYPES[tee_name]
-    lengths = sorted({int(x) for x in args.lengths.split(",")})
-    parse_counts(args.thread_sweep)  # a bad sweep fails before the model loads
+    lengths = parse_counts(args.lengths, "--lengths")
+    parse_counts(args.thread_sweep, "--thread-sweep")  # a bad sweep fails before the model loads
     progress(f"loading {args.model} ({dtype_name}; TEE-only {tee_name})")
     model = load_model(args.model, dtype, gpu_device)
     state = model.state_dict
@@ -208,16 +209,13 @@ def print_table(results: dict) -> None:
             print(f"  {name:<34} {value:8.2f}")
 
 
+@one_line_errors
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        os.makedirs(args.out_dir, exist_ok=True)
-        results = measure(args)
-    except (UserError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    os.makedirs(args.out_dir, exist_ok=True)
+    results = measure(args)
     print_table(results)
     path = os.path.join(args.out_dir, "perf.json")
     write_json(path, results)

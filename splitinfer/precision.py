@@ -15,7 +15,7 @@ import torch
 
 from splitinfer.cli import DTYPES, OneLineParser, progress, resolve_gpu_device
 from splitinfer.engine import SplitLlama
-from splitinfer.errors import UserError
+from splitinfer.errors import UserError, one_line_errors
 from splitinfer.inputs import build_batch, read_prompts
 from splitinfer.models import load_model
 from splitinfer.perf import DEFAULT_PROMPTS
@@ -66,23 +66,20 @@ def measure(args) -> dict:
     worst = {runner: max(r["rel_logit_error"] for r in rs) for runner, rs in runs.items()}
     return {"setup": {"model": model.name, "length": args.length, "batch_size": args.batch_size,
                       "ragged": args.ragged, "dtype": args.dtype, "seeds": seeds, "gpu_device": str(gpu_device),
+                      "out": args.out,
                       "gpu_fallback_to_cpu": fallback},
             "runs": runs, "worst_rel_logit_error": worst,
             "worst_over_plain": {runner: w / plain if plain else float("inf") for runner, w in worst.items()},
             "environment": environment_block(gpu_device, fallback, torch.get_num_threads())}
 
 
+@one_line_errors
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        result = measure(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    result = measure(build_parser().parse_args(argv))
     for runner, worst in result["worst_rel_logit_error"].items():
         print(f"{runner:<10} worst relative logit error {worst:.3g}  ({result['worst_over_plain'][runner]:.2f}x plain)")
-    write_json(args.out, result)
-    progress(f"wrote {args.out}")
+    write_json(result["setup"]["out"], result)
+    progress(f"wrote {result['setup']['out']}")
     return 0
 
 

@@ -13,7 +13,6 @@ from conftest import ROOT
 from splitinfer import attacks, cli, leakage
 from splitinfer.attacks import PublicModel, recovery_rate, remove_shared_directions
 from splitinfer.models import load_model
-from splitinfer.reference import compare, reference_logits
 
 
 def test_attack_module_cannot_reach_tee_state():

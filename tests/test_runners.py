@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, make_checkpoint
+from conftest import ROOT
 
 from splitinfer import cli
 from splitinfer.reference import compare, reference_logits
