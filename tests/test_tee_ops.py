@@ -1,0 +1,86 @@
+"""The TEE's ops against transformers' own modules, and the helpers the performance work added."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
+
+import splitinfer.schemes as schemes
+from splitinfer import perf
+from splitinfer.errors import UserError, one_line_errors
+from splitinfer.tee_ops import Rotary, apply_rope, attention_blocked, masked_softmax, rms_norm
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.float16, 2e-3)])
+def test_rms_norm_matches_transformers(dtype, tolerance):
+    torch.manual_seed(0)
+    norm = LlamaRMSNorm(48, eps=1e-5)
+    norm.weight.data = 1 + 0.3 * torch.randn(48)
+    x = (3 * torch.randn(2, 5, 48)).to(dtype)
+    expected = norm.to(dtype)(x).float()
+    out = torch.empty_like(x)
+    assert rms_norm(x, norm.weight.data.to(dtype), 1e-5, out).data_ptr() == out.data_ptr()
+    torch.testing.assert_close(out.float(), expected, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("head_dim", [16, 24])
+def test_rope_matches_transformers_and_scales_q(head_dim):
+    torch.manual_seed(1)
+    config = LlamaConfig(hidden_size=4 * head_dim, num_attention_heads=4, head_dim=head_dim,
+                         rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                          "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                          "original_max_position_embeddings": 4})
+    q, k = torch.randn(2, 4, 7, head_dim), torch.randn(2, 2, 7, head_dim)
+    cos, sin = Rotary(config).tables(7, torch.float32)
+    expected_q, expected_k = apply_rotary_pos_emb(q, k, cos[None], sin[None])
+    torch.testing.assert_close(apply_rope(k, cos, sin), expected_k)
+    # a strided view in, as the engine passes it, and the scale riding on the tables
+    strided = torch.cat([q, q], dim=-1)[..., :head_dim]
+    scaled_cos, scaled_sin = Rotary(config).tables(7, torch.float32, 0.25)
+    torch.testing.assert_close(apply_rope(strided, scaled_cos, scaled_sin), 0.25 * expected_q)
+
+
+def test_masked_softmax_blocks_future_and_padding():
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    scores = torch.randn(2, 3, 4, 4)
+    probs = masked_softmax(scores, attention_blocked(mask))
+    assert torch.allclose(probs.sum(-1), torch.ones(2, 3, 4))
+    assert (probs[0].triu(1) == 0).all()  # no query sees a later key
+    assert (probs[1, :, :, 2:] == 0).all()  # nor a padding key
+    torch.testing.assert_close(probs[0, :, 3], torch.softmax(scores[0, :, 3], -1))
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 2, 5, 7), (2, 3, 4, 6)])
+def test_column_permutation_paths_agree(shape, monkeypatch):
+    x = torch.randn(*shape)
+    perm = torch.rand(shape[0], shape[1], shape[-1]).argsort(-1)
+    gathered = schemes._permute_cols(x, perm)
+    monkeypatch.setattr(schemes, "LARGE_PERMUTE", 0)  # force the per-(batch, group) loop
+    looped = schemes._permute_cols(x, perm)
+    assert torch.equal(gathered, looped)
+    b, g = 1, 2
+    assert torch.equal(looped[b, g], x[b, g][..., perm[b, g]])
+
+
+def test_perf_counts_and_variants():
+    assert perf.parse_counts("8,4,8", "--thread-sweep") == [4, 8]
+    assert perf.parse_counts(None, "--thread-sweep") == []
+    for bad in ("4,x", "0"):
+        with pytest.raises(UserError):
+            perf.parse_counts(bad, "--lengths")
+    names = [v[0] for v in perf.variants(cuda=True, thread_sweep="4")]
+    assert names == ["optimized", "ours", "otp", "optimized_pageable", "optimized_threads4", "ours_threads4",
+                     "otp_threads4"]
+    assert "optimized_pageable" not in [v[0] for v in perf.variants(cuda=False, thread_sweep=None)]
+
+
+def test_one_line_errors(capsys):
+    @one_line_errors
+    def main(fail: bool) -> int:
+        if fail:
+            raise UserError("bad value")
+        return 0
+
+    assert main(False) == 0 and main(True) == 2
+    assert capsys.readouterr().err == "error: bad value\n"
