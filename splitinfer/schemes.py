@@ -254,20 +254,13 @@ def _permute_cols(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     """out[b, g, ..., j] = x[b, g, ..., perm[b, g, j]]: one permutation per (batch, group), shared by all its
     rows and heads.
 
-    Small tensors take one broadcast torch.gather. Large ones are indexed per (batch, group): in half
-    precision the gather runs several times slower per element, while the loop's per-call cost no
-    longer matters. Measured on the 2-core VM, float16, 8 groups of 4 heads: n x n at 512 tokens, loop
-    7 ms against gather 12; at 128 tokens, gather 0.15 ms against loop 0.6."""
-    if x.numel() < LARGE_PERMUTE:
-        return torch.gather(x, -1, perm.view(*perm.shape[:2], *[1] * (x.dim() - 3), perm.shape[-1]).expand(x.shape))
-    out = torch.empty_like(x)
-    for b in range(x.shape[0]):
-        for g in range(x.shape[1]):
-            out[b, g] = x[b, g][..., perm[b, g]]
-    return out
-
-
-LARGE_PERMUTE = 2 ** 22  # elements
+    One broadcast gather over the raw bits (an integer view of the same width): a permutation only moves
+    values, and PyTorch's integer gather runs several times faster than its half-precision one. Measured
+    on the 2-core VM, float16, 8 groups of 4 heads x 512²: 1.7 ms, against 10 ms for a float16 gather and
+    7 ms for indexing per (batch, group)."""
+    bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()]
+    index = perm.view(*perm.shape[:2], *[1] * (x.dim() - 3), perm.shape[-1]).expand(x.shape)
+    return torch.gather(x.view(bits), -1, index).view(x.dtype)
 
 
 def _row_rms(x: torch.Tensor) -> torch.Tensor:
