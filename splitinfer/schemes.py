@@ -235,10 +235,12 @@ class Otp(Plain):
 
     def recover_matmul(self, c, secret):
         a, pad_a, pad_b, masked_b = secret
-        # the two cross terms cost twice the matmul itself, in the TEE: the price of no strippable mask
-        cross = grouped_matmul(a.float(), pad_b.float())
-        cross += grouped_matmul(pad_a.float(), masked_b.float())
-        return cross.add_(c).to(c.dtype)
+        # A R₂ + R₁ (B − R₂) = [A | R₁] [R₂ ; B − R₂]: both cross terms as one float32 product, which costs
+        # twice the matmul itself, in the TEE: the price of no strippable mask
+        left = torch.cat([a, pad_a], dim=-1, out=a.new_empty((*a.shape[:-1], 2 * a.shape[-1]), dtype=torch.float32))
+        right = torch.cat([pad_b, masked_b], dim=-2,
+                          out=a.new_empty((*pad_b.shape[:-2], 2 * pad_b.shape[-2], pad_b.shape[-1]), dtype=torch.float32))
+        return torch.add(c, grouped_matmul(left, right), out=torch.empty_like(c))  # rounded once
 
 
 def _permute_rows(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
