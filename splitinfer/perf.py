@@ -174,8 +174,7 @@ def measure(args) -> dict:
         results["lengths"][n] = row
     results["setup"] = {"model": model.name, "random_weights": model.random_weights, "dtype": dtype_name,
                         "tee_dtype": tee_name, "batch_size": args.batch_size, "gpu_device": str(gpu_device),
-                        "gpu_fallback_to_cpu": fallback, "warmup": args.warmup, "repeat": args.repeat,
-                        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
+                        "gpu_fallback_to_cpu": fallback, "warmup": args.warmup, "repeat": args.repeat}
     if profiles:
         with open(os.path.join(args.out_dir, "profile.txt"), "w") as f:
             f.write("\n\n".join(profiles))

@@ -67,6 +67,7 @@ def environment_block(gpu_device: torch.device, gpu_fallback: bool, threads: int
             "gpu": torch.cuda.get_device_name(gpu_device) if cuda else None,
             "cuda": torch.version.cuda if cuda else None, "gpu_fallback_to_cpu": gpu_fallback,
             "cpu": cpu_model(), "cpu_count": os.cpu_count(), "threads": threads,
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
             "tdx_guest": in_tdx_guest(), "argv": sys.argv}
 
 
