@@ -165,8 +165,8 @@ def measure(args) -> dict:
             progress(f"{n} tokens: {label} ({str(hf_dtype).replace('torch.', '')})")
             hf = build_transformers_model(model.config, state, device, hf_dtype)
             with torch.no_grad():
-                row[label] = time_calls(lambda: hf(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                                   logits_to_keep=1), device, args.warmup, args.repeat)
+                row[label] = time_calls(lambda model=hf: model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                                               logits_to_keep=1), device, args.warmup, args.repeat)
             row[label]["dtype"] = str(hf_dtype).replace("torch.", "")
             del hf
             gc.collect()
