@@ -16,7 +16,7 @@ from splitinfer.boundary import Boundary
 from splitinfer.inputs import last_positions
 from splitinfer.metrics import Metrics
 from splitinfer.schemes import Plain
-from splitinfer.tee_ops import (Rotary, apply_rope, attention_blocked, grouped_matmul, masked_softmax, rms_norm,
+from splitinfer.tee_ops import (Rotary, apply_rope, attention_bias, grouped_matmul, masked_softmax, rms_norm,
                                 silu_gate)
 
 
@@ -251,29 +251,29 @@ class SplitLlama:
         # q's tables carry the softmax scale: free here, a pass over every n² scores later
         rope = (self.tee("rotary_tables", self.rotary.tables, n, self.dtype, self.scale),
                 self.tee("rotary_tables", self.rotary.tables, n, self.dtype))
-        blocked = self.tee("attention_mask", attention_blocked, attention_mask)
+        bias = self.tee("attention_mask", attention_bias, attention_mask, self.dtype)
         for i, layer in enumerate(self.layers):
             with self.metrics.in_layer(i):
                 h = self.tee("rmsnorm", rms_norm, x, layer.attn_norm, self.eps, self.gpu_bound(x.shape))
-                x = x + self.attention(h, i, rope, blocked)
+                x = x + self.attention(h, i, rope, bias)
                 h = self.tee("rmsnorm", rms_norm, x, layer.mlp_norm, self.eps, self.gpu_bound(x.shape))
                 x = x + self.mlp(h, i)
         last = x[torch.arange(batch), last_positions(attention_mask)]
         h = self.tee("rmsnorm", rms_norm, last, self.final_norm, self.eps)
         return self.linear(h, "lm_head", "lm_head").float()
 
-    def attention(self, h: torch.Tensor, i: int, rope: tuple, blocked: torch.Tensor) -> torch.Tensor:
+    def attention(self, h: torch.Tensor, i: int, rope: tuple, bias: torch.Tensor) -> torch.Tensor:
         if not self.scheme.masked:
-            return self.plain_attention(h, i, rope, blocked)
+            return self.plain_attention(h, i, rope, bias)
         qkv = self.linear(h, f"{i}.qkv", "linear_attn", i)
         q, k, v = self.heads(qkv)
         q, k = self.rotate(q, k, rope)
         scores = self.matmul(q, k.transpose(-1, -2), f"{i}.scores", i)
-        probs = self.tee("softmax", masked_softmax, scores, blocked)
+        probs = self.tee("softmax", masked_softmax, scores, bias)
         out = self.matmul(probs, v, f"{i}.attend", i)
         return self.linear(merge_heads(out), f"{i}.o", "linear_attn", i)
 
-    def plain_attention(self, h: torch.Tensor, i: int, rope: tuple, blocked: torch.Tensor) -> torch.Tensor:
+    def plain_attention(self, h: torch.Tensor, i: int, rope: tuple, bias: torch.Tensor) -> torch.Tensor:
         """Unprotected attention: v and P·V need no TEE step, so they never leave the GPU."""
         qkv = self.gpu.linear(self.link.to_gpu(h, "linear_attn", i), f"{i}.qkv", "linear_attn")
         q_and_k = (self.n_heads + self.n_kv_heads) * self.head_dim
@@ -282,7 +282,7 @@ class SplitLlama:
         q, k = self.rotate(q, k, rope)
         scores = self.gpu.matmul(self.link.to_gpu(q, "matmul", i), self.link.to_gpu(k.transpose(-1, -2), "matmul", i))
         scores = self.link.to_tee(scores, "matmul")
-        probs = self.tee("softmax", masked_softmax, scores, blocked, self.gpu_bound(scores.shape))
+        probs = self.tee("softmax", masked_softmax, scores, bias, self.gpu_bound(scores.shape))
         out = self.gpu.matmul(self.link.to_gpu(probs, "matmul", i), v)
         return self.link.to_tee(self.gpu.linear(merge_heads(out), f"{i}.o", "linear_attn"), "linear_attn")
 

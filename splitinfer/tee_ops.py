@@ -46,20 +46,27 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch
     return out
 
 
-def attention_blocked(attention_mask: torch.Tensor) -> torch.Tensor:
-    """[B, 1, N, N], True where query i may not see key j (j > i, or j is padding)."""
+BLOCKED = -1e4  # far below any real score, so a blocked key's weight underflows to exactly zero; far from
+# every dtype's limit, so no sum overflows and a row with no visible key stays finite. (The float16
+# softmax also ran 1.7x slower on the 2-core VM with -32752 in its rows than with -1e4.)
+
+
+def attention_bias(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive [B, 1, N, N] bias in `dtype`: 0 where query i may see key j (j <= i and j is a real
+    token), else BLOCKED."""
     n = attention_mask.shape[1]
     causal = torch.ones(n, n, dtype=torch.bool).tril()
-    return ~(causal[None, None] & attention_mask[:, None, None, :].bool())
+    allowed = causal[None, None] & attention_mask[:, None, None, :].bool()
+    return torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, BLOCKED)
 
 
-def masked_softmax(scores: torch.Tensor, blocked: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """softmax over keys of already-scaled scores, with blocked keys at the dtype's lowest value.
+def masked_softmax(scores: torch.Tensor, bias: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax over keys of already-scaled scores plus the attention bias, in the scores' own dtype.
 
-    Two passes in the scores' own dtype: PyTorch's CPU softmax accumulates half precision in float32,
-    as transformers does. Measured on the 2-core VM at 32 heads x 512², ~4 ms against ~25 ms for a
-    float32 round trip (scale, bias add, softmax, cast back)."""
-    return torch.softmax(torch.where(blocked, torch.finfo(scores.dtype).min, scores), dim=-1, out=out)
+    Two passes: PyTorch's CPU softmax accumulates half precision in float32, as transformers does.
+    Measured on the 2-core VM at 32 heads x 512² in float16: 2.4 ms, against 3.8 ms masking with
+    torch.where and ~25 ms for a float32 round trip (scale, bias add, softmax, cast back)."""
+    return torch.softmax(torch.add(scores, bias), dim=-1, out=out)
 
 
 def silu_gate(gate_up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

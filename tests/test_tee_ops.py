@@ -9,7 +9,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_
 import splitinfer.schemes as schemes
 from splitinfer import perf
 from splitinfer.errors import UserError, one_line_errors
-from splitinfer.tee_ops import Rotary, apply_rope, attention_blocked, masked_softmax, rms_norm
+from splitinfer.tee_ops import Rotary, apply_rope, attention_bias, masked_softmax, rms_norm
 
 
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.float16, 2e-3)])
@@ -41,14 +41,18 @@ def test_rope_matches_transformers_and_scales_q(head_dim):
     torch.testing.assert_close(apply_rope(strided, scaled_cos, scaled_sin), 0.25 * expected_q)
 
 
-def test_masked_softmax_blocks_future_and_padding():
-    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
-    scores = torch.randn(2, 3, 4, 4)
-    probs = masked_softmax(scores, attention_blocked(mask))
-    assert torch.allclose(probs.sum(-1), torch.ones(2, 3, 4))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_masked_softmax_blocks_future_and_padding(dtype):
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [0, 1, 1, 1]])
+    scores = (30 * torch.randn(3, 2, 4, 4)).to(dtype)  # large scores must not overflow the bias
+    probs = masked_softmax(scores, attention_bias(mask, dtype))
+    assert probs.dtype == dtype and torch.isfinite(probs).all()  # a fully blocked row (left padding) too
+    torch.testing.assert_close(probs.float().sum(-1), torch.ones(3, 2, 4), rtol=1e-2, atol=1e-2)
     assert (probs[0].triu(1) == 0).all()  # no query sees a later key
     assert (probs[1, :, :, 2:] == 0).all()  # nor a padding key
-    torch.testing.assert_close(probs[0, :, 3], torch.softmax(scores[0, :, 3], -1))
+    assert (probs[2, :, 1:, 0] == 0).all()
+    torch.testing.assert_close(probs[0, :, 3].float(), torch.softmax(scores[0, :, 3].float(), -1), rtol=1e-2,
+                               atol=1e-2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
