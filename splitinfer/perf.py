@@ -111,6 +111,28 @@ def parse_counts(text: str | None, flag: str) -> list[int]:
     return counts
 
 
+def copy_bandwidth(device: torch.device, mib: int = 64, repeat: int = 5) -> dict:
+    """GB/s of one `mib`-MiB copy each way, from pinned and from pageable host memory, timed with CUDA
+    events (median of `repeat`, after one untimed): the machine's ceiling for the boundary's copies."""
+    size = mib * 2 ** 20
+    stream = torch.cuda.current_stream(device)
+    on_gpu = torch.empty(size, dtype=torch.uint8, device=device)
+    out = {"copy_mib": mib}
+    for label, pinned in (("pinned", True), ("pageable", False)):
+        host = torch.empty(size, dtype=torch.uint8, pin_memory=pinned)
+        for direction, target, source in (("to_gpu", on_gpu, host), ("to_cpu", host, on_gpu)):
+            times = []
+            for _ in range(repeat + 1):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record(stream)
+                target.copy_(source, non_blocking=pinned)
+                end.record(stream)
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+            out[f"{direction}_{label}_gb_per_s"] = size / (statistics.median(times[1:]) * 1e-3) / 1e9
+    return out
+
+
 def profile_engine(engine: SplitLlama, ids, mask, title: str) -> str:
     """One inference under torch.profiler: the operators that took the most host time, as a table."""
     activities = [torch.profiler.ProfilerActivity.CPU]
@@ -178,6 +200,8 @@ def measure(args) -> dict:
     if profiles:
         with open(os.path.join(args.out_dir, "profile.txt"), "w") as f:
             f.write("\n\n".join(profiles))
+    if cuda:
+        results["copy_bandwidth"] = copy_bandwidth(gpu_device)
     results["memory"] = memory_block(gpu_device, 0)
     results["environment"] = environment_block(gpu_device, fallback, torch.get_num_threads())
     return results
@@ -199,6 +223,9 @@ def ratios(row: dict) -> dict:
 
 
 def print_table(results: dict) -> None:
+    if "copy_bandwidth" in results:
+        print("copies, GB/s: " + ", ".join(f"{k.removesuffix('_gb_per_s')} {v:.1f}"
+                                            for k, v in results["copy_bandwidth"].items() if k != "copy_mib"))
     for n, row in results["lengths"].items():
         print(f"\n{n} tokens (warm median ms; first in parentheses)")
         for method, r in row.items():
