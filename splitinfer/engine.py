@@ -248,9 +248,7 @@ class SplitLlama:
         """Logits [B, vocab] (float32) at the last real position of each (right-padded) sequence."""
         batch, n = ids.shape
         x = self.embed(ids)
-        # q's tables carry the softmax scale: free here, a pass over every n² scores later
-        rope = (self.tee("rotary_tables", self.rotary.tables, n, self.dtype, self.scale),
-                self.tee("rotary_tables", self.rotary.tables, n, self.dtype))
+        rope = self.tee("rotary_tables", self.rotary.q_and_k_tables, n, self.dtype, self.scale)
         bias = self.tee("attention_mask", attention_bias, attention_mask, self.dtype)
         for i, layer in enumerate(self.layers):
             with self.metrics.in_layer(i):

@@ -150,7 +150,8 @@ def measure(args) -> dict:
     tee_name = args.tee_dtype or ("bfloat16" if cuda else dtype_name)
     dtype, tee_dtype = DTYPES[dtype_name], DTYPES[tee_name]
     lengths = parse_counts(args.lengths, "--lengths")
-    parse_counts(args.thread_sweep, "--thread-sweep")  # a bad sweep fails before the model loads
+    split_variants = variants(cuda, args.thread_sweep)  # a bad sweep fails before the model loads
+    prompts = read_prompts(DEFAULT_PROMPTS)
     progress(f"loading {args.model} ({dtype_name}; TEE-only {tee_name})")
     model = load_model(args.model, dtype, gpu_device)
     state = model.state_dict
@@ -159,9 +160,9 @@ def measure(args) -> dict:
     for n in lengths:
         if n > model.config.max_position_embeddings:
             raise UserError(f"length {n} exceeds max_position_embeddings ({model.config.max_position_embeddings})")
-        ids, mask = build_batch(model.tokenizer, read_prompts(DEFAULT_PROMPTS), n, args.batch_size)
+        ids, mask = build_batch(model.tokenizer, prompts, n, args.batch_size)
         row: dict = {}
-        for method, scheme, pinned, threads in variants(cuda, args.thread_sweep):
+        for method, scheme, pinned, threads in split_variants:
             progress(f"{n} tokens: {method}")
             engine = SplitLlama(model.config, state, make_scheme(scheme), gpu_device, dtype, pinned=pinned)
             default_threads = torch.get_num_threads()

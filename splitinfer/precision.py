@@ -21,7 +21,7 @@ from splitinfer.models import load_model
 from splitinfer.perf import DEFAULT_PROMPTS
 from splitinfer.reference import compare, reference_logits
 from splitinfer.results import environment_block, write_json
-from splitinfer.schemes import RUNNERS, make_scheme
+from splitinfer.schemes import RUNNERS, SCHEMES, make_scheme
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,7 +53,7 @@ def measure(args) -> dict:
     runs: dict[str, list[dict]] = {}
     reference = None
     for runner, scheme in RUNNERS.items():
-        for seed in seeds if make_scheme(scheme).masked else seeds[:1]:
+        for seed in seeds if SCHEMES[scheme].masked else seeds[:1]:
             progress(f"{runner}, mask seed {seed}")
             engine = SplitLlama(model.config, model.state_dict, make_scheme(scheme, seed=seed), gpu_device, dtype)
             logits, _ = engine.timed_forward(ids, mask)
@@ -66,7 +66,6 @@ def measure(args) -> dict:
     worst = {runner: max(r["rel_logit_error"] for r in rs) for runner, rs in runs.items()}
     return {"setup": {"model": model.name, "length": args.length, "batch_size": args.batch_size,
                       "ragged": args.ragged, "dtype": args.dtype, "seeds": seeds, "gpu_device": str(gpu_device),
-                      "out": args.out,
                       "gpu_fallback_to_cpu": fallback},
             "runs": runs, "worst_rel_logit_error": worst,
             "worst_over_plain": {runner: w / plain if plain else float("inf") for runner, w in worst.items()},
@@ -75,11 +74,12 @@ def measure(args) -> dict:
 
 @one_line_errors
 def main(argv: list[str] | None = None) -> int:
-    result = measure(build_parser().parse_args(argv))
+    args = build_parser().parse_args(argv)
+    result = measure(args)
     for runner, worst in result["worst_rel_logit_error"].items():
         print(f"{runner:<10} worst relative logit error {worst:.3g}  ({result['worst_over_plain'][runner]:.2f}x plain)")
-    write_json(result["setup"]["out"], result)
-    progress(f"wrote {result['setup']['out']}")
+    write_json(args.out, result)
+    progress(f"wrote {args.out}")
     return 0
 
 

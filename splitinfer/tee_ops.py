@@ -26,11 +26,17 @@ class Rotary:
     def __init__(self, config: LlamaConfig):
         self.embedding = LlamaRotaryEmbedding(config)
 
-    def tables(self, n: int, dtype: torch.dtype, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin of shape [n, head_dim] for positions 0..n-1, times `scale` (applied in float32)."""
+    def tables(self, n: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of shape [n, head_dim] for positions 0..n-1."""
         positions = torch.arange(n).unsqueeze(0)
-        cos, sin = self.embedding(torch.empty(0, dtype=torch.float32), positions)
-        return (cos[0] * scale).to(dtype), (sin[0] * scale).to(dtype)
+        cos, sin = self.embedding(torch.empty(0, dtype=dtype), positions)
+        return cos[0], sin[0]
+
+    def q_and_k_tables(self, n: int, dtype: torch.dtype, q_scale: float) -> tuple[tuple[torch.Tensor, ...], ...]:
+        """((cos, sin) for q, (cos, sin) for k): q's also carry `q_scale` (applied in float32), which costs
+        nothing here and would cost a pass over every n² scores later."""
+        cos, sin = self.tables(n, torch.float32)
+        return ((cos * q_scale).to(dtype), (sin * q_scale).to(dtype)), (cos.to(dtype), sin.to(dtype))
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -37,8 +37,9 @@ def test_rope_matches_transformers_and_scales_q(head_dim):
     torch.testing.assert_close(apply_rope(k, cos, sin), expected_k)
     # a strided view in, as the engine passes it, and the scale riding on the tables
     strided = torch.cat([q, q], dim=-1)[..., :head_dim]
-    scaled_cos, scaled_sin = Rotary(config).tables(7, torch.float32, 0.25)
+    (scaled_cos, scaled_sin), k_tables = Rotary(config).q_and_k_tables(7, torch.float32, 0.25)
     torch.testing.assert_close(apply_rope(strided, scaled_cos, scaled_sin), 0.25 * expected_q)
+    torch.testing.assert_close(apply_rope(k, *k_tables), expected_k)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
