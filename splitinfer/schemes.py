@@ -171,9 +171,7 @@ class Matrix(Plain):
         return y[:, :n].reshape(*in_shape[:-1], z.shape[-1]).to(z.dtype)
 
     # The matmul masks work in the operands' own dtype: a permutation is exact in any dtype, and the n×n
-    # operands (scores, probabilities) stay half the bytes of float32 and under glibc's 32 MiB mmap
-    # threshold, so no page is faulted in afresh for them. Measured on the 2-core VM at 32 heads x 512²
-    # in float16: ~8 ms for both column permutations by indexing against ~35 ms by an expanded gather.
+    # operands (scores, probabilities) stay half the bytes of float32.
 
     def protect_matmul(self, a, b, name):
         m = self.matmul_masks[name]
