@@ -16,8 +16,8 @@ from splitinfer.boundary import Boundary
 from splitinfer.inputs import last_positions
 from splitinfer.metrics import Metrics
 from splitinfer.schemes import Plain
-from splitinfer.tee_ops import (Rotary, apply_rope, attention_bias, grouped_matmul, masked_softmax, rms_norm,
-                                silu_gate)
+from splitinfer.tee_ops import (CausalBlocks, Rotary, apply_rope, attention_bias, grouped_matmul, masked_softmax,
+                                rms_norm, silu_gate)
 
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4  # glibc's mallopt parameters
@@ -75,6 +75,16 @@ class Gpu:
         """a [B, H, n, k] @ b [B, Hkv, k, m] -> [B, H, n, m]; query heads share their group's b (GQA broadcast)."""
         with self.metrics.time(self.category, "matmul", f"{self.prefix}_matmul"):
             return grouped_matmul(a, b)
+
+    def causal_scores(self, q: torch.Tensor, k_t: torch.Tensor, blocks: CausalBlocks) -> torch.Tensor:
+        """The lower block triangle of q @ kᵀ, packed (GQA as in `matmul`)."""
+        with self.metrics.time(self.category, "matmul", f"{self.prefix}_matmul"):
+            return blocks.scores(q, k_t)
+
+    def causal_attend(self, probs: torch.Tensor, v: torch.Tensor, blocks: CausalBlocks, heads: int) -> torch.Tensor:
+        """Packed lower-block-triangular probabilities @ v -> [B, H, n, h]."""
+        with self.metrics.time(self.category, "matmul", f"{self.prefix}_matmul"):
+            return blocks.attend(probs, v, heads)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         with self.metrics.time(self.category, "embedding", f"{self.prefix}_embedding"):
@@ -144,11 +154,25 @@ class SplitLlama:
         else:
             self.gpu.upload("embed", [sd["model.embed_tokens.weight"]], None, self.dtype)
         self.split_sizes = {name: [sd[m + ".weight"].shape[0] for m in modules] for name, modules in self.sources.items()}
-        # the TEE's copy of the weights, for schemes whose offline phase multiplies pads by them
-        self.tee_weights = ({name: w.to(self.tee_device) for name, w in self.gpu.weights.items()
-                             if not (tied and name == "lm_head")} if self.scheme.needs_tee_weights else {})
-        if self.scheme.needs_tee_weights and tied:
-            self.tee_weights["lm_head"] = self.embed_table  # a tied LM head is the TEE's embedding table
+        self.tied = tied
+
+    def weight_in_tee(self, name: str) -> torch.Tensor:
+        """A linear's weight for an offline step in the TEE (otp multiplies its pads by it), fetched from
+        the GPU for that step alone: weights are public, so they may cross, and the TEE never holds a copy
+        of them all (2.5 GB at the 1B shape in float16). A tied LM head is the TEE's own embedding table."""
+        if name == "lm_head" and self.tied and self.scheme.masked:
+            return self.embed_table
+        weight = self.gpu.weights[name]
+        if weight.device != self.tee_device:
+            self.offline_fetched_bytes += weight.numel() * weight.element_size()
+        return weight.to(self.tee_device)
+
+    def tee_weight_bytes(self) -> int:
+        """Bytes of model weights the TEE holds: the norms, and under a masked scheme the embedding table
+        and the biases. Never a linear weight: those live on the GPU alone."""
+        held = [t for layer in self.layers for t in (layer.attn_norm, layer.mlp_norm)]
+        held += [self.final_norm, *self.tee_biases.values()] + ([self.embed_table] if self.scheme.masked else [])
+        return sum(t.numel() * t.element_size() for t in held)
 
     def mask_shapes(self, batch: int, n: int) -> tuple[dict, dict]:
         """The input shape of every linear and matmul of one inference, keyed as the hops name them."""
@@ -166,16 +190,19 @@ class SplitLlama:
 
         tee_gpu/README.md derives them: per layer, every linear input and output crosses once and each
         attention matmul ships its operands and product, except that the plain split keeps v, P·V and
-        the o-projection input on the GPU; plus the embedding (plain only) and the LM head rows."""
+        the o-projection input on the GPU and ships only the causal triangle of the scores and
+        probabilities; plus the embedding (plain only) and the LM head rows."""
         size = torch.finfo(self.dtype).bits // 8
         d, inner = self.config.hidden_size, self.gpu.weights["0.down"].shape[1]
         q, kv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        tokens, scores = batch * n, batch * self.n_heads * n * n
+        tokens = batch * n
         if self.scheme.masked:
+            scores = batch * self.n_heads * n * n
             to_gpu = tokens * (2 * d + 2 * q + 2 * kv + inner) + scores
             to_tee = tokens * (2 * q + 2 * kv + 2 * d + 2 * inner) + scores
             embed_to_gpu, embed_to_tee = 0, 0
         else:
+            scores = batch * self.n_heads * n * (n + 1) // 2
             to_gpu = tokens * (2 * d + q + kv + inner) + scores
             to_tee = tokens * (q + kv + 2 * d + 2 * inner) + scores
             embed_to_gpu, embed_to_tee = 8 * tokens, size * tokens * d  # int64 ids, hidden states
@@ -227,10 +254,10 @@ class SplitLlama:
         """One inference with fresh counters: (logits, its figures)."""
         self.metrics.reset()
         self.link.reset()
-        mask_bytes = 0
+        mask_bytes, self.offline_fetched_bytes = 0, 0
         if self.scheme.masked:  # the offline phase: every mask of this inference, before the prompt is seen
             with self.metrics.time("offline", "masks"):
-                mask_bytes = self.scheme.prepare(*self.mask_shapes(*ids.shape), self.tee_weights.get, self.dtype)
+                mask_bytes = self.scheme.prepare(*self.mask_shapes(*ids.shape), self.weight_in_tee, self.dtype)
         with self.metrics.total():
             logits = self.forward(ids, attention_mask)
         figures = self.metrics.snapshot()
@@ -241,6 +268,7 @@ class SplitLlama:
             figures["data_transfer"].update(minimum_to_gpu_bytes=to_gpu, minimum_to_cpu_bytes=to_tee,
                                             excess_over_minimum=moved / (to_gpu + to_tee) - 1)
         figures["offline_mask_bytes"] = mask_bytes
+        figures["data_transfer"]["offline_weights_to_cpu_bytes"] = self.offline_fetched_bytes
         return logits, figures
 
     @torch.no_grad()
@@ -250,19 +278,22 @@ class SplitLlama:
         x = self.embed(ids)
         rope = self.tee("rotary_tables", self.rotary.q_and_k_tables, n, self.dtype, self.scale)
         bias = self.tee("attention_mask", attention_bias, attention_mask, self.dtype)
+        # Blocks cut what crosses; with nothing crossing, the TEE-only runner keeps one block, its faster
+        # form on the 2-core VM (bfloat16, 512 tokens: 197 ms against 201-214 ms in blocks of 64 rows)
+        blocks = CausalBlocks.of(n) if self.link.crossing else CausalBlocks((0, n))
         for i, layer in enumerate(self.layers):
             with self.metrics.in_layer(i):
                 h = self.tee("rmsnorm", rms_norm, x, layer.attn_norm, self.eps, self.gpu_bound(x.shape))
-                x = x + self.attention(h, i, rope, bias)
+                x = x + self.attention(h, i, rope, bias, blocks)
                 h = self.tee("rmsnorm", rms_norm, x, layer.mlp_norm, self.eps, self.gpu_bound(x.shape))
                 x = x + self.mlp(h, i)
         last = x[torch.arange(batch), last_positions(attention_mask)]
         h = self.tee("rmsnorm", rms_norm, last, self.final_norm, self.eps)
         return self.linear(h, "lm_head", "lm_head").float()
 
-    def attention(self, h: torch.Tensor, i: int, rope: tuple, bias: torch.Tensor) -> torch.Tensor:
+    def attention(self, h: torch.Tensor, i: int, rope: tuple, bias: torch.Tensor, blocks: CausalBlocks) -> torch.Tensor:
         if not self.scheme.masked:
-            return self.plain_attention(h, i, rope, bias)
+            return self.plain_attention(h, i, rope, bias, blocks)
         qkv = self.linear(h, f"{i}.qkv", "linear_attn", i)
         q, k, v = self.heads(qkv)
         q, k = self.rotate(q, k, rope)
@@ -271,17 +302,21 @@ class SplitLlama:
         out = self.matmul(probs, v, f"{i}.attend", i)
         return self.linear(merge_heads(out), f"{i}.o", "linear_attn", i)
 
-    def plain_attention(self, h: torch.Tensor, i: int, rope: tuple, bias: torch.Tensor) -> torch.Tensor:
-        """Unprotected attention: v and P·V need no TEE step, so they never leave the GPU."""
+    def plain_attention(self, h: torch.Tensor, i: int, rope: tuple, bias: torch.Tensor,
+                        blocks: CausalBlocks) -> torch.Tensor:
+        """Unprotected attention: v and P·V need no TEE step, so they never leave the GPU; of the scores
+        and probabilities, only the causal lower block triangle is computed and crosses."""
         qkv = self.gpu.linear(self.link.to_gpu(h, "linear_attn", i), f"{i}.qkv", "linear_attn")
         q_and_k = (self.n_heads + self.n_kv_heads) * self.head_dim
         q, k, _ = self.heads(self.link.to_tee(qkv[..., :q_and_k], "linear_attn"))
         _, _, v = self.heads(qkv)
         q, k = self.rotate(q, k, rope)
-        scores = self.gpu.matmul(self.link.to_gpu(q, "matmul", i), self.link.to_gpu(k.transpose(-1, -2), "matmul", i))
+        scores = self.gpu.causal_scores(self.link.to_gpu(q, "matmul", i),
+                                        self.link.to_gpu(k.transpose(-1, -2), "matmul", i), blocks)
         scores = self.link.to_tee(scores, "matmul")
-        probs = self.tee("softmax", masked_softmax, scores, bias, self.gpu_bound(scores.shape))
-        out = self.gpu.matmul(self.link.to_gpu(probs, "matmul", i), v)
+        probs = self.tee("softmax", blocks.softmax, scores, bias, h.shape[0], self.n_heads,
+                         self.gpu_bound(scores.shape))
+        out = self.gpu.causal_attend(self.link.to_gpu(probs, "matmul", i), v, blocks, self.n_heads)
         return self.link.to_tee(self.gpu.linear(merge_heads(out), f"{i}.o", "linear_attn"), "linear_attn")
 
     def rotate(self, q: torch.Tensor, k: torch.Tensor, rope: tuple) -> tuple[torch.Tensor, torch.Tensor]:

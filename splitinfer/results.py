@@ -52,12 +52,14 @@ def _stats(values: list[float]) -> dict:
     return {"median": statistics.median(ordered), "min": ordered[0], "max": ordered[-1], "p90": p90}
 
 
-def memory_block(gpu_device: torch.device, offline_mask_bytes: int) -> dict:
-    """Peak host RSS and peak GPU memory of the process so far, and what the offline masks hold."""
+def memory_block(gpu_device: torch.device, offline_mask_bytes: int, tee_weight_bytes: int | None = None) -> dict:
+    """Peak host RSS and peak GPU memory of the process so far, what the offline masks hold, and the model
+    weights the TEE holds (norms; the embedding table under a masked scheme)."""
     peak_rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     gpu = torch.cuda.max_memory_allocated(gpu_device) / MIB if gpu_device.type == "cuda" else None
     return {"peak_host_rss_mb": peak_rss_kib * 1024 / MIB, "peak_gpu_mb": gpu,
-            "offline_mask_mb": offline_mask_bytes / MIB, "mb_unit": "MiB"}
+            "offline_mask_mb": offline_mask_bytes / MIB,
+            "tee_weights_mb": None if tee_weight_bytes is None else tee_weight_bytes / MIB, "mb_unit": "MiB"}
 
 
 def environment_block(gpu_device: torch.device, gpu_fallback: bool, threads: int) -> dict:

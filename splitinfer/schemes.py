@@ -30,7 +30,6 @@ class Plain:
     name = "plain"
     encryption_scheme: str | None = None
     masked = False            # masked schemes keep token ids and biases in the TEE
-    needs_tee_weights = False  # whether `prepare` needs the linear weights in the TEE
     steps = ("encryption", "decryption")  # how the JSON names the protect and recover steps
 
     def __init__(self, seed: int | None = None):
@@ -39,7 +38,7 @@ class Plain:
     def prepare(self, linears: MaskShapes, matmuls: MatmulShapes,
                 weights: Callable[[str], torch.Tensor] | None = None, dtype: torch.dtype = torch.float32) -> int:
         """Offline phase: draw every mask of one inference (`dtype` is the model's, for masks that may be
-        stored in it; `weights` gives the TEE's copy of a linear's weight). Returns the bytes the masks hold."""
+        stored in it; `weights(name)` fetches a linear's weight into the TEE). Returns the bytes the masks hold."""
         return 0
 
     def protect_linear(self, x: torch.Tensor, name: str) -> tuple[torch.Tensor, object]:
@@ -203,7 +202,6 @@ class Otp(Plain):
     name = "otp"
     encryption_scheme = "additive one-time pads (offline R·Wᵀ; two-pad matmul with TEE cross terms)"
     masked = True
-    needs_tee_weights = True
     steps = ("masking", "recovery")
 
     def __init__(self, seed: int | None = None, pad_scale: float = 1.0):
@@ -211,16 +209,15 @@ class Otp(Plain):
         self.pad_scale = pad_scale
 
     def prepare(self, linears, matmuls, weights=None, dtype=torch.float32) -> int:
-        linear_weights = {name: weights(name) for name in linears}
         # The attention pads are exact in any dtype (masking and recovery use the same stored values), so they
         # are kept in the model's: half the memory of float32 for the largest pads, the [n, n] ones.
         noises = iter(self._gaussians([*linears.values(), *(shape for pair in matmuls.values() for shape in pair)],
-                                      [*(w.dtype for w in linear_weights.values()), *[dtype] * (2 * len(matmuls))]))
+                                      [dtype] * (len(linears) + 2 * len(matmuls))))
         self.linear_pads = {}
-        for name, weight in linear_weights.items():
+        for name in linears:  # one weight at a time in the TEE
             noise = next(noises)
             # N Wᵀ costs as much as the linear itself; kept in float32 so recovery adds no rounding of its own
-            self.linear_pads[name] = (noise, (noise @ weight.T).float())
+            self.linear_pads[name] = (noise, (noise @ weights(name).T).float())
         self.matmul_pads = {name: (next(noises), next(noises)) for name in matmuls}
         tensors = [t for pads in (*self.linear_pads.values(), *self.matmul_pads.values()) for t in pads]
         return sum(t.numel() * t.element_size() for t in tensors)

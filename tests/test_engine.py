@@ -1,6 +1,8 @@
 """The hand-written split and TEE-only forwards against transformers' LlamaForCausalLM, in float32 on the CPU."""
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 from conftest import VARIANTS
@@ -10,6 +12,7 @@ from splitinfer.inputs import build_batch, last_positions
 from splitinfer.models import ByteTokenizer, load_model
 from splitinfer.reference import compare, reference_logits
 from splitinfer.schemes import Plain, make_scheme
+from splitinfer.tee_ops import CausalBlocks
 
 PROMPTS = ["The quick brown fox jumps over the lazy dog.", "Private prompts stay in the TEE."]
 CPU = torch.device("cpu")
@@ -50,14 +53,18 @@ def test_batch_with_padding(tiny_models, variant):
 
 def test_gqa_kv_never_expanded_before_crossing(tiny_models):
     """K and V cross at their own head count: the GPU broadcasts them over the query heads of a group.
-    The plain split keeps v and P·V on the GPU, and moves exactly the minimum for its placement."""
+    The plain split keeps v and P·V on the GPU, and moves the minimum for its placement but for the
+    upper triangle of a short prompt's scores."""
     _, _, figures, _, _ = run_engine(tiny_models["gqa-head-dim"], False, batch=1, ragged=False, n=8)
     heads, kv_heads, head_dim, n, layers, hidden, inner, vocab = 4, 1, 24, 8, 2, 64, 96, 320
     per_layer = 4 * n * (2 * hidden + heads * head_dim + kv_heads * head_dim + inner) + 4 * heads * n * n
     assert figures["data_transfer"]["to_gpu_bytes"] == layers * per_layer + 8 * n + 4 * hidden
     back = 4 * n * ((heads + kv_heads) * head_dim + 2 * hidden + 2 * inner) + 4 * heads * n * n
     assert figures["data_transfer"]["to_cpu_bytes"] == layers * back + 4 * n * hidden + 4 * vocab
-    assert figures["data_transfer"]["excess_over_minimum"] == 0
+    # at 8 tokens the scores are one block: all n² entries cross, where the causal triangle is the minimum
+    upper = layers * 4 * heads * (n * n - n * (n + 1) // 2)
+    assert figures["data_transfer"]["minimum_to_gpu_bytes"] == figures["data_transfer"]["to_gpu_bytes"] - upper
+    assert figures["data_transfer"]["minimum_to_cpu_bytes"] == figures["data_transfer"]["to_cpu_bytes"] - upper
 
 
 @pytest.mark.parametrize("scheme", ["matrix", "otp"])
@@ -67,6 +74,26 @@ def test_masked_crossings_near_minimum(tiny_models, scheme):
     engine = SplitLlama(model.config, model.state_dict, make_scheme(scheme), CPU, torch.float32)
     figures = engine.timed_forward(ids, mask)[1]
     assert 0 <= figures["data_transfer"]["excess_over_minimum"] <= 0.10
+
+
+@pytest.mark.parametrize("variant", ["gqa-tied", "biases"])
+@pytest.mark.parametrize("tee_only", [False, True], ids=["split", "tee-only"])
+def test_causal_blocks_match_transformers(tiny_models, variant, tee_only, monkeypatch):
+    """With blocks of 4 rows, 16 tokens are 4 row blocks; a padded batch still matches, and only the
+    block triangle of the scores crosses (10/16 of n²)."""
+    monkeypatch.setattr(CausalBlocks, "ROWS", 4)
+    model = load_model(tiny_models[variant], torch.float32, CPU)
+    ids, mask = build_batch(model.tokenizer, PROMPTS, 16, 3, ragged=True)
+    engine = SplitLlama(model.config, model.state_dict, Plain(), CPU, torch.float32, tee_only=tee_only)
+    logits, figures = engine.timed_forward(ids, mask)
+    err = compare(logits, reference_logits(model.config, model.state_dict, ids, mask))
+    assert err["rel_logit_error"] <= 1e-4 and err["top1_agreement"] == 1.0, err
+    if not tee_only:
+        one_block = SplitLlama(model.config, model.state_dict, Plain(), CPU, torch.float32)
+        monkeypatch.setattr(CausalBlocks, "ROWS", 64)
+        saved = one_block.timed_forward(ids, mask)[1]["data_transfer"]["to_cpu_bytes"] - \
+            figures["data_transfer"]["to_cpu_bytes"]
+        assert saved == 2 * 3 * 4 * 4 * (16 * 16 - 10 * 16)  # layers x batch x heads x float32 x (n² - 10·4·4)
 
 
 def test_figures_add_up(tiny_models):
@@ -92,3 +119,25 @@ def test_inputs_cut_and_repeat():
     ids, mask = build_batch(tok, ["abcdefghij"], 4, 2, ragged=True)
     assert bytes(ids[0].tolist()) == b"abcd" and mask.tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
     assert last_positions(mask).tolist() == [3, 2]
+
+
+def test_otp_offline_holds_one_weight_at_a_time(tiny_models):
+    """otp multiplies its pads by the weights offline, in the TEE: it fetches them one at a time and keeps
+    none, so the TEE never holds a copy of the GPU's weights (a fetch is a copy on CUDA, simulated here)."""
+    model = load_model(tiny_models["mha-untied"], torch.float32, CPU)
+    ids, mask = build_batch(model.tokenizer, PROMPTS, 8, 1)
+    engine = SplitLlama(model.config, model.state_dict, make_scheme("otp", seed=0), CPU, torch.float32)
+    fetch, alive, most = engine.weight_in_tee, [], []
+
+    def fetch_a_copy(name):
+        copy = fetch(name).clone()
+        most.append(sum(r() is not None for r in alive))  # earlier fetches still held when this one is made
+        alive.append(weakref.ref(copy))
+        return copy
+
+    engine.weight_in_tee = fetch_a_copy
+    logits, _ = engine.timed_forward(ids, mask)
+    assert len(alive) == 4 * 2 + 1 and max(most) == 0
+    assert compare(logits, reference_logits(model.config, model.state_dict, ids, mask))["rel_logit_error"] < 1e-3
+    norms = (2 * 2 + 1) * 64 * 4
+    assert engine.tee_weight_bytes() == norms + 320 * 64 * 4  # the norms and the embedding table, nothing else

@@ -9,7 +9,8 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_
 import splitinfer.schemes as schemes
 from splitinfer import perf
 from splitinfer.errors import UserError, one_line_errors
-from splitinfer.tee_ops import Rotary, apply_rope, attention_bias, masked_softmax, rms_norm
+from splitinfer.tee_ops import (CausalBlocks, Rotary, apply_rope, attention_bias, grouped_matmul, masked_softmax,
+                                rms_norm)
 
 
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.float16, 2e-3)])
@@ -54,6 +55,24 @@ def test_masked_softmax_blocks_future_and_padding(dtype):
     assert (probs[2, :, 1:, 0] == 0).all()
     torch.testing.assert_close(probs[0, :, 3].float(), torch.softmax(scores[0, :, 3].float(), -1), rtol=1e-2,
                                atol=1e-2)
+
+
+def test_causal_blocks_equal_the_full_attention():
+    """Scores, softmax and P·V over uneven row blocks, with GQA and a padded sequence, against the full
+    n×n computation; and the packed size is the block triangle."""
+    torch.manual_seed(3)
+    batch, heads, groups, n, head_dim = 2, 4, 2, 11, 8
+    blocks = CausalBlocks((0, 3, 4, 9, 11))
+    q, k_t = torch.randn(batch, heads, n, head_dim), torch.randn(batch, groups, head_dim, n)
+    v = torch.randn(batch, groups, n, head_dim)
+    bias = attention_bias(torch.tensor([[1] * n, [1] * 7 + [0] * 4]), torch.float32)
+    assert blocks.numel(batch, heads) == batch * heads * (3 * 3 + 1 * 4 + 5 * 9 + 2 * 11)
+    full_probs = masked_softmax(grouped_matmul(q, k_t), bias)
+    probs = blocks.softmax(blocks.scores(q, k_t), bias, batch, heads)
+    for (start, end), block in zip(blocks.spans, blocks.views(probs, batch, heads)):
+        torch.testing.assert_close(block, full_probs[..., start:end, :end])
+    torch.testing.assert_close(blocks.attend(probs, v, heads), grouped_matmul(full_probs, v))
+    assert CausalBlocks.of(63).starts == (0, 63) and CausalBlocks.of(512).starts == tuple(range(0, 513, 64))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
