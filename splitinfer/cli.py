@@ -197,7 +197,8 @@ def run(args, scheme_name: str) -> dict:
     logits, figures = engine.timed_forward(ids, mask)
     engine.link.audit = None
     repeats = [engine.timed_forward(ids, mask)[1] for _ in range(args.repeat)]
-    memory = memory_block(gpu_device, figures["offline_mask_bytes"], engine.tee_weight_bytes())  # before the reference adds its own
+    # before the reference adds its own
+    memory = memory_block(gpu_device, figures["offline_mask_bytes"], engine.tee_weight_bytes())
     if audit is not None:
         audit.write(args.audit_dir)
         progress(f"wrote {len(audit.records)} crossings to {args.audit_dir}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -16,10 +17,11 @@ from splitinfer.boundary import Boundary
 from splitinfer.inputs import last_positions
 from splitinfer.metrics import Metrics
 from splitinfer.schemes import Plain
-from splitinfer.tee_ops import (CausalBlocks, Rotary, apply_rope, attention_bias, grouped_matmul, masked_softmax,
-                                rms_norm, silu_gate)
+from splitinfer.tee_ops import (CausalBlocks, Rotary, apply_rope, attention_bias, grouped_matmul, rms_norm,
+                                silu_gate)
 
 
+Product = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4  # glibc's mallopt parameters
 _ALLOCATOR_SETTING: str | None = None
 
@@ -71,20 +73,11 @@ class Gpu:
         with self.metrics.time(self.category, kind, f"{self.prefix}_{'lm_head' if kind == 'lm_head' else 'linear'}"):
             return F.linear(x, self.weights[name], self.biases[name])
 
-    def matmul(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """a [B, H, n, k] @ b [B, Hkv, k, m] -> [B, H, n, m]; query heads share their group's b (GQA broadcast)."""
+    def matmul(self, a: torch.Tensor, b: torch.Tensor, product: Product = grouped_matmul) -> torch.Tensor:
+        """a [B, H, n, k] @ b [B, Hkv, k, m] -> [B, H, n, m]; query heads share their group's b (GQA broadcast).
+        `product` may instead be a CausalBlocks step: only the causal block triangle of the scores."""
         with self.metrics.time(self.category, "matmul", f"{self.prefix}_matmul"):
-            return grouped_matmul(a, b)
-
-    def causal_scores(self, q: torch.Tensor, k_t: torch.Tensor, blocks: CausalBlocks) -> torch.Tensor:
-        """The lower block triangle of q @ kᵀ, packed (GQA as in `matmul`)."""
-        with self.metrics.time(self.category, "matmul", f"{self.prefix}_matmul"):
-            return blocks.scores(q, k_t)
-
-    def causal_attend(self, probs: torch.Tensor, v: torch.Tensor, blocks: CausalBlocks, heads: int) -> torch.Tensor:
-        """Packed lower-block-triangular probabilities @ v -> [B, H, n, h]."""
-        with self.metrics.time(self.category, "matmul", f"{self.prefix}_matmul"):
-            return blocks.attend(probs, v, heads)
+            return product(a, b)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         with self.metrics.time(self.category, "embedding", f"{self.prefix}_embedding"):
@@ -174,15 +167,22 @@ class SplitLlama:
         held += [self.final_norm, *self.tee_biases.values()] + ([self.embed_table] if self.scheme.masked else [])
         return sum(t.numel() * t.element_size() for t in held)
 
+    def causal_blocks(self, batch: int, n: int) -> CausalBlocks:
+        """How the attention scores are laid out: the lower block triangle where it cuts what crosses and
+        the scheme's masks keep that structure (`ours` permutes rows and keys, so it needs every entry).
+        With nothing crossing, the TEE-only runner keeps one block: its faster form on the 2-core VM
+        (bfloat16, 512 tokens: 197 ms against 201-214 ms in blocks of 64 rows)."""
+        return CausalBlocks.of(batch, self.n_heads, n, split=self.link.crossing and self.scheme.causal_blocks)
+
     def mask_shapes(self, batch: int, n: int) -> tuple[dict, dict]:
         """The input shape of every linear and matmul of one inference, keyed as the hops name them."""
         h, heads, kv_heads = self.head_dim, self.n_heads, self.n_kv_heads
         linears = {name: (batch, n, self.gpu.weights[name].shape[1]) for name in self.sources if name != "lm_head"}
         linears["lm_head"] = (batch, self.gpu.weights["lm_head"].shape[1])
-        matmuls = {}
+        matmuls, probs = {}, self.causal_blocks(batch, n).shape
         for i in range(len(self.layers)):
             matmuls[f"{i}.scores"] = ((batch, heads, n, h), (batch, kv_heads, h, n))
-            matmuls[f"{i}.attend"] = ((batch, heads, n, n), (batch, kv_heads, n, h))
+            matmuls[f"{i}.attend"] = (probs, (batch, kv_heads, n, h))
         return linears, matmuls
 
     def minimum_crossing_bytes(self, batch: int, n: int) -> tuple[int, int]:
@@ -190,19 +190,18 @@ class SplitLlama:
 
         tee_gpu/README.md derives them: per layer, every linear input and output crosses once and each
         attention matmul ships its operands and product, except that the plain split keeps v, P·V and
-        the o-projection input on the GPU and ships only the causal triangle of the scores and
-        probabilities; plus the embedding (plain only) and the LM head rows."""
+        the o-projection input on the GPU; of the scores and probabilities, only the causal triangle,
+        unless the scheme's masks need every entry; plus the embedding (plain only) and the LM head rows."""
         size = torch.finfo(self.dtype).bits // 8
         d, inner = self.config.hidden_size, self.gpu.weights["0.down"].shape[1]
         q, kv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         tokens = batch * n
+        scores = batch * self.n_heads * (n * (n + 1) // 2 if self.scheme.causal_blocks else n * n)
         if self.scheme.masked:
-            scores = batch * self.n_heads * n * n
             to_gpu = tokens * (2 * d + 2 * q + 2 * kv + inner) + scores
             to_tee = tokens * (2 * q + 2 * kv + 2 * d + 2 * inner) + scores
             embed_to_gpu, embed_to_tee = 0, 0
         else:
-            scores = batch * self.n_heads * n * (n + 1) // 2
             to_gpu = tokens * (2 * d + q + kv + inner) + scores
             to_tee = tokens * (q + kv + 2 * d + 2 * inner) + scores
             embed_to_gpu, embed_to_tee = 8 * tokens, size * tokens * d  # int64 ids, hidden states
@@ -221,13 +220,14 @@ class SplitLlama:
         bias = self.tee_biases.get(weight)
         return y if bias is None else self.tee("bias", torch.add, y, bias)
 
-    def matmul(self, a: torch.Tensor, b: torch.Tensor, name: str, layer: int) -> torch.Tensor:
-        """TEE -> GPU -> TEE: a @ b with both operands private, broadcast over GQA groups on the GPU."""
+    def matmul(self, a: torch.Tensor, b: torch.Tensor, name: str, layer: int, product: Product) -> torch.Tensor:
+        """TEE -> GPU -> TEE: a @ b with both operands private, broadcast over GQA groups on the GPU, in the
+        form `product` gives (a CausalBlocks step)."""
         a_masked, b_masked, secret = self.crypto(0, "matmul", self.scheme.protect_matmul, a, b, name)
         a_gpu = self.link.to_gpu(a_masked, "matmul", layer)
         b_gpu = self.link.to_gpu(b_masked, "matmul", layer)
-        c = self.link.to_tee(self.gpu.matmul(a_gpu, b_gpu), "matmul")
-        return self.crypto(1, "matmul", self.scheme.recover_matmul, c, secret)
+        c = self.link.to_tee(self.gpu.matmul(a_gpu, b_gpu, product), "matmul")
+        return self.crypto(1, "matmul", self.scheme.recover_matmul, c, secret, product)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Token ids -> hidden states: in the TEE under a masked scheme, else on the GPU (the ids cross)."""
@@ -278,9 +278,7 @@ class SplitLlama:
         x = self.embed(ids)
         rope = self.tee("rotary_tables", self.rotary.q_and_k_tables, n, self.dtype, self.scale)
         bias = self.tee("attention_mask", attention_bias, attention_mask, self.dtype)
-        # Blocks cut what crosses; with nothing crossing, the TEE-only runner keeps one block, its faster
-        # form on the 2-core VM (bfloat16, 512 tokens: 197 ms against 201-214 ms in blocks of 64 rows)
-        blocks = CausalBlocks.of(n) if self.link.crossing else CausalBlocks((0, n))
+        blocks = self.causal_blocks(batch, n)
         for i, layer in enumerate(self.layers):
             with self.metrics.in_layer(i):
                 h = self.tee("rmsnorm", rms_norm, x, layer.attn_norm, self.eps, self.gpu_bound(x.shape))
@@ -297,9 +295,9 @@ class SplitLlama:
         qkv = self.linear(h, f"{i}.qkv", "linear_attn", i)
         q, k, v = self.heads(qkv)
         q, k = self.rotate(q, k, rope)
-        scores = self.matmul(q, k.transpose(-1, -2), f"{i}.scores", i)
-        probs = self.tee("softmax", masked_softmax, scores, bias)
-        out = self.matmul(probs, v, f"{i}.attend", i)
+        scores = self.matmul(q, k.transpose(-1, -2), f"{i}.scores", i, blocks.scores)
+        probs = self.tee("softmax", blocks.softmax, scores, bias)
+        out = self.matmul(probs, v, f"{i}.attend", i, blocks.attend)
         return self.linear(merge_heads(out), f"{i}.o", "linear_attn", i)
 
     def plain_attention(self, h: torch.Tensor, i: int, rope: tuple, bias: torch.Tensor,
@@ -311,12 +309,11 @@ class SplitLlama:
         q, k, _ = self.heads(self.link.to_tee(qkv[..., :q_and_k], "linear_attn"))
         _, _, v = self.heads(qkv)
         q, k = self.rotate(q, k, rope)
-        scores = self.gpu.causal_scores(self.link.to_gpu(q, "matmul", i),
-                                        self.link.to_gpu(k.transpose(-1, -2), "matmul", i), blocks)
+        scores = self.gpu.matmul(self.link.to_gpu(q, "matmul", i), self.link.to_gpu(k.transpose(-1, -2), "matmul", i),
+                                 blocks.scores)
         scores = self.link.to_tee(scores, "matmul")
-        probs = self.tee("softmax", blocks.softmax, scores, bias, h.shape[0], self.n_heads,
-                         self.gpu_bound(scores.shape))
-        out = self.gpu.causal_attend(self.link.to_gpu(probs, "matmul", i), v, blocks, self.n_heads)
+        probs = self.tee("softmax", blocks.softmax, scores, bias, self.gpu_bound(scores.shape))
+        out = self.gpu.matmul(self.link.to_gpu(probs, "matmul", i), v, blocks.attend)
         return self.link.to_tee(self.gpu.linear(merge_heads(out), f"{i}.o", "linear_attn"), "linear_attn")
 
     def rotate(self, q: torch.Tensor, k: torch.Tensor, rope: tuple) -> tuple[torch.Tensor, torch.Tensor]:

@@ -102,58 +102,71 @@ def grouped_matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = 
 
 @dataclass(frozen=True)
 class CausalBlocks:
-    """The lower block triangle of causal n×n scores. Row block r (rows starts[r] to starts[r+1]) sees no key
-    at or after starts[r+1], so only those keys' columns are computed, shipped and normalised.
+    """The lower block triangle of causal n×n scores, for `batch` sequences of `heads` query heads. Row
+    block r (rows starts[r] to starts[r+1]) sees no key at or after starts[r+1], so only those keys'
+    columns are computed, shipped and normalised.
 
-    Blocks are packed one after another into a flat tensor, each a contiguous [B, H, rows, keys]. With 8
-    blocks that is 9/16 of the n² entries (the exact triangle is about 1/2) for 8 ops instead of one."""
+    Blocks are packed one after another into a flat tensor, each a contiguous [B, H, rows, keys]; one block
+    is simply the [B, H, n, n] matrix. With 8 blocks that is 9/16 of the n² entries (the exact triangle is
+    about 1/2) for 8 ops instead of one."""
 
+    batch: int
+    heads: int
     starts: tuple[int, ...]
 
     ROWS = 64   # no block below this many rows: a short prompt keeps one op per step
     MOST = 8
 
     @classmethod
-    def of(cls, n: int) -> CausalBlocks:
-        count = max(1, min(cls.MOST, n // cls.ROWS))
-        return cls(tuple(n * r // count for r in range(count + 1)))
+    def of(cls, batch: int, heads: int, n: int, split: bool = True) -> CausalBlocks:
+        """Up to MOST blocks of at least ROWS rows; one block (the full matrix) unless `split`."""
+        count = max(1, min(cls.MOST, n // cls.ROWS)) if split else 1
+        return cls(batch, heads, tuple(n * r // count for r in range(count + 1)))
 
     @property
     def spans(self) -> list[tuple[int, int]]:
         return list(zip(self.starts[:-1], self.starts[1:]))
 
-    def numel(self, batch: int, heads: int) -> int:
-        return batch * heads * sum((end - start) * end for start, end in self.spans)
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The packed scores' shape."""
+        n = self.starts[-1]
+        if len(self.starts) == 2:
+            return self.batch, self.heads, n, n
+        return (self.batch * self.heads * sum((end - start) * end for start, end in self.spans),)
 
-    def views(self, packed: torch.Tensor, batch: int, heads: int) -> list[torch.Tensor]:
+    def views(self, packed: torch.Tensor) -> list[torch.Tensor]:
         """Each block of a packed tensor, as a [B, H, rows, keys] view."""
-        views, offset = [], 0
+        flat, views, offset = packed.view(-1), [], 0
         for start, end in self.spans:
-            size = batch * heads * (end - start) * end
-            views.append(packed[offset: offset + size].view(batch, heads, end - start, end))
+            size = self.batch * self.heads * (end - start) * end
+            views.append(flat[offset: offset + size].view(self.batch, self.heads, end - start, end))
             offset += size
         return views
 
     def scores(self, q: torch.Tensor, k_t: torch.Tensor) -> torch.Tensor:
-        """q [B, H, n, h] @ kᵀ [B, G, h, n], block by block, packed."""
-        batch, heads = q.shape[:2]
-        packed = q.new_empty(self.numel(batch, heads))
-        for (start, end), block in zip(self.spans, self.views(packed, batch, heads)):
+        """q [B, H, n, k] @ kᵀ [B, G, k, n], block by block, packed. Blocks slice q's rows and kᵀ's
+        columns only, never k."""
+        if len(self.starts) == 2:
+            return grouped_matmul(q, k_t)
+        packed = q.new_empty(self.shape)
+        for (start, end), block in zip(self.spans, self.views(packed)):
             grouped_matmul(q[..., start:end, :], k_t[..., :end], out=block)
         return packed
 
-    def softmax(self, scores: torch.Tensor, bias: torch.Tensor, batch: int, heads: int,
-                out: torch.Tensor | None = None) -> torch.Tensor:
+    def softmax(self, scores: torch.Tensor, bias: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """masked_softmax of every block of packed scores, with its part of the [B, 1, n, n] bias."""
         out = torch.empty_like(scores) if out is None else out
-        for (start, end), block, into in zip(self.spans, self.views(scores, batch, heads), self.views(out, batch, heads)):
+        for (start, end), block, into in zip(self.spans, self.views(scores), self.views(out)):
             masked_softmax(block, bias[..., start:end, :end], out=into)
         return out
 
-    def attend(self, probs: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
-        """Packed probabilities @ v [B, G, n, h] -> [B, H, n, h], each row block against the keys it sees."""
-        batch, _, n, head_dim = v.shape
-        out = v.new_empty(batch, heads, n, head_dim)
-        for (start, end), block in zip(self.spans, self.views(probs, batch, heads)):
+    def attend(self, probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Packed probabilities @ v [B, G, n, m] -> [B, H, n, m], each row block against the keys it sees;
+        one block is the plain product."""
+        if len(self.starts) == 2:
+            return grouped_matmul(probs, v)
+        out = v.new_empty(self.batch, self.heads, self.starts[-1], v.shape[-1])
+        for (start, end), block in zip(self.spans, self.views(probs)):
             grouped_matmul(block, v[..., :end, :], out=out[..., start:end, :])
         return out

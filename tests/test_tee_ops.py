@@ -62,17 +62,20 @@ def test_causal_blocks_equal_the_full_attention():
     n×n computation; and the packed size is the block triangle."""
     torch.manual_seed(3)
     batch, heads, groups, n, head_dim = 2, 4, 2, 11, 8
-    blocks = CausalBlocks((0, 3, 4, 9, 11))
+    blocks = CausalBlocks(batch, heads, (0, 3, 4, 9, 11))
     q, k_t = torch.randn(batch, heads, n, head_dim), torch.randn(batch, groups, head_dim, n)
     v = torch.randn(batch, groups, n, head_dim)
     bias = attention_bias(torch.tensor([[1] * n, [1] * 7 + [0] * 4]), torch.float32)
-    assert blocks.numel(batch, heads) == batch * heads * (3 * 3 + 1 * 4 + 5 * 9 + 2 * 11)
+    assert blocks.shape == (batch * heads * (3 * 3 + 1 * 4 + 5 * 9 + 2 * 11),)
     full_probs = masked_softmax(grouped_matmul(q, k_t), bias)
-    probs = blocks.softmax(blocks.scores(q, k_t), bias, batch, heads)
-    for (start, end), block in zip(blocks.spans, blocks.views(probs, batch, heads)):
+    probs = blocks.softmax(blocks.scores(q, k_t), bias)
+    for (start, end), block in zip(blocks.spans, blocks.views(probs)):
         torch.testing.assert_close(block, full_probs[..., start:end, :end])
-    torch.testing.assert_close(blocks.attend(probs, v, heads), grouped_matmul(full_probs, v))
-    assert CausalBlocks.of(63).starts == (0, 63) and CausalBlocks.of(512).starts == tuple(range(0, 513, 64))
+    torch.testing.assert_close(blocks.attend(probs, v), grouped_matmul(full_probs, v))
+    one = CausalBlocks.of(batch, heads, n, split=False)  # the full matrix, as it is
+    torch.testing.assert_close(one.softmax(one.scores(q, k_t), bias), full_probs)
+    assert one.shape == (batch, heads, n, n) and CausalBlocks.of(1, 1, 63).starts == (0, 63)
+    assert CausalBlocks.of(1, 1, 512).starts == tuple(range(0, 513, 64))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
