@@ -152,7 +152,7 @@ class SplitLlama:
     def weight_in_tee(self, name: str) -> torch.Tensor:
         """A linear's weight for an offline step in the TEE (otp multiplies its pads by it), fetched from
         the GPU for that step alone: weights are public, so they may cross, and the TEE never holds a copy
-        of them all (2.5 GB at the 1B shape in float16). A tied LM head is the TEE's own embedding table."""
+        of them all (1.95 GB at the 1B shape in float16). A tied LM head is the TEE's own embedding table."""
         if name == "lm_head" and self.tied and self.scheme.masked:
             return self.embed_table
         weight = self.gpu.weights[name]
