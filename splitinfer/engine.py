@@ -100,8 +100,10 @@ class SplitLlama:
     """A LLaMA prefill split between the TEE and the GPU under a protection scheme."""
 
     def __init__(self, config: LlamaConfig, state_dict: dict[str, torch.Tensor], scheme: Plain,
-                 gpu_device: torch.device, dtype: torch.dtype, tee_only: bool = False, pinned: bool | None = None):
-        self.config, self.scheme, self.dtype = config, scheme, dtype
+                 gpu_device: torch.device, dtype: torch.dtype, tee_only: bool = False, pinned: bool | None = None,
+                 triangle: bool = True):
+        """`pinned` and `triangle` (the scores' causal block triangle) exist to be switched off for ablations."""
+        self.config, self.scheme, self.dtype, self.triangle = config, scheme, dtype, triangle
         self.allocator = keep_freed_memory()
         self.tee_device = torch.device("cpu")
         self.metrics = Metrics(gpu_device)
@@ -172,7 +174,8 @@ class SplitLlama:
         the scheme's masks keep that structure (`ours` permutes rows and keys, so it needs every entry).
         With nothing crossing, the TEE-only runner keeps one block: its faster form on the 2-core VM
         (bfloat16, 512 tokens: 197 ms against 201-214 ms in blocks of 64 rows)."""
-        return CausalBlocks.of(batch, self.n_heads, n, split=self.link.crossing and self.scheme.causal_blocks)
+        split = self.triangle and self.link.crossing and self.scheme.causal_blocks
+        return CausalBlocks.of(batch, self.n_heads, n, split=split)
 
     def mask_shapes(self, batch: int, n: int) -> tuple[dict, dict]:
         """The input shape of every linear and matmul of one inference, keyed as the hops name them."""

@@ -86,15 +86,17 @@ def time_engine(engine: SplitLlama, ids, mask, warmup: int, repeat: int) -> dict
     return out
 
 
-def variants(cuda: bool, thread_sweep: str | None) -> list[tuple[str, str, bool | None, int | None]]:
-    """(label, scheme, pinned, threads) of every split engine to time: the three runners as they ship,
-    then ablations on the same machine: the plain split with pageable copies (what the pinned staging
-    buys), and each runner at each thread count of the sweep."""
-    out = [(method, scheme, None, None) for method, scheme in RUNNERS.items()]
+def variants(cuda: bool, thread_sweep: str | None) -> list[tuple[str, str, dict, int | None]]:
+    """(label, scheme, engine options, threads) of every split engine to time: the three runners as they
+    ship, then ablations on the same machine: on CUDA, the plain split with pageable copies (what the
+    pinned staging buys) and the plain split and otp with the full n×n scores (what the causal block
+    triangle buys); and each runner at each thread count of the sweep."""
+    out = [(method, scheme, {}, None) for method, scheme in RUNNERS.items()]
     if cuda:
-        out.append(("optimized_pageable", "plain", False, None))
+        out.append(("optimized_pageable", "plain", {"pinned": False}, None))
+        out += [(f"{method}_full_scores", RUNNERS[method], {"triangle": False}, None) for method in ("optimized", "otp")]
     for threads in parse_counts(thread_sweep, "--thread-sweep"):
-        out += [(f"{method}_threads{threads}", scheme, None, threads) for method, scheme in RUNNERS.items()]
+        out += [(f"{method}_threads{threads}", scheme, {}, threads) for method, scheme in RUNNERS.items()]
     return out
 
 
@@ -162,13 +164,13 @@ def measure(args) -> dict:
             raise UserError(f"length {n} exceeds max_position_embeddings ({model.config.max_position_embeddings})")
         ids, mask = build_batch(model.tokenizer, prompts, n, args.batch_size)
         row: dict = {}
-        for method, scheme, pinned, threads in split_variants:
+        for method, scheme, options, threads in split_variants:
             progress(f"{n} tokens: {method}")
-            engine = SplitLlama(model.config, state, make_scheme(scheme), gpu_device, dtype, pinned=pinned)
+            engine = SplitLlama(model.config, state, make_scheme(scheme), gpu_device, dtype, **options)
             default_threads = torch.get_num_threads()
             torch.set_num_threads(threads or default_threads)
             row[method] = time_engine(engine, ids, mask, args.warmup, args.repeat)
-            if args.profile and not threads and pinned is None:
+            if args.profile and not threads and not options:
                 profiles.append(profile_engine(engine, ids, mask, f"{n} tokens: {method}"))
             torch.set_num_threads(default_threads)
             del engine
@@ -220,6 +222,9 @@ def ratios(row: dict) -> dict:
         out["plain_over_transformers_gpu"] = plain / row["transformers_gpu"]["median_ms"]
     if "optimized_pageable" in row:
         out["pageable_over_pinned"] = row["optimized_pageable"]["median_ms"] / plain
+    for method in ("optimized", "otp"):
+        if f"{method}_full_scores" in row:
+            out[f"{method}_full_scores_over_triangle"] = row[f"{method}_full_scores"]["median_ms"] / row[method]["median_ms"]
     return out
 
 

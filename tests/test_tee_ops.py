@@ -97,8 +97,8 @@ def test_perf_counts_and_variants():
         with pytest.raises(UserError):
             perf.parse_counts(bad, "--lengths")
     names = [v[0] for v in perf.variants(cuda=True, thread_sweep="4")]
-    assert names == ["optimized", "ours", "otp", "optimized_pageable", "optimized_threads4", "ours_threads4",
-                     "otp_threads4"]
+    assert names == ["optimized", "ours", "otp", "optimized_pageable", "optimized_full_scores", "otp_full_scores",
+                     "optimized_threads4", "ours_threads4", "otp_threads4"]
     assert "optimized_pageable" not in [v[0] for v in perf.variants(cuda=False, thread_sweep=None)]
 
 

@@ -7,7 +7,8 @@
 #   precision.json   float16 logit error of each scheme against the float32 reference, 3 mask seeds
 #   runners.json     every runner's own JSON, each in a fresh process: first inference, memory, logit error
 #   log.txt
-# About 6 minutes on one H200 (2026-11-26); THREAD_SWEEP=4,8 adds thread-count ablations (~2 minutes).
+# About 6 minutes on one H200 (2026-11-26), before the full-scores ablations were added (expect ~7);
+# THREAD_SWEEP=4,8 adds thread-count ablations (~2 minutes).
 # Usage: bash tee_gpu/benchmarks/gpu_benchmark.sh OUT_DIR [PRESET]   (PRESET defaults to llama-3.2-1b)
 # LENGTHS=128,512 and PRECISION_LENGTH=128 may be overridden (tiny values for a dry run on a CPU).
 set -euo pipefail
