@@ -85,19 +85,15 @@ def silu_gate(gate_up: torch.Tensor, out: torch.Tensor | None = None) -> torch.T
     return torch.ops.aten.silu.out(gate, out=out).mul_(up)
 
 
-def grouped_matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def grouped_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a [B, H, n, k] @ b [B, G, k, m] -> [B, H, n, m], each group of H/G query heads sharing one b.
 
     The broadcast never materialises b per query head (GQA). The GPU's matmul and the TEE's
-    recovery of cross terms both use it. `out`, where given, is a [B, H, n, m] (view) that receives it.
+    recovery of cross terms both use it.
     """
     batch, heads, n, _ = a.shape
     groups = b.shape[1]
-    a5, b5 = a.reshape(batch, groups, heads // groups, n, -1), b.unsqueeze(2)
-    if out is None:
-        return (a5 @ b5).reshape(batch, heads, n, -1)
-    torch.matmul(a5, b5, out=out.view(batch, groups, heads // groups, n, -1))
-    return out
+    return (a.reshape(batch, groups, heads // groups, n, -1) @ b.unsqueeze(2)).reshape(batch, heads, n, -1)
 
 
 @dataclass(frozen=True)
@@ -149,9 +145,11 @@ class CausalBlocks:
         columns only, never k."""
         if len(self.starts) == 2:
             return grouped_matmul(q, k_t)
+        # each block's product is copied into place: matmul's out= may re-point a view instead of
+        # writing through it (pytorch/pytorch#48281)
         packed = q.new_empty(self.shape)
         for (start, end), block in zip(self.spans, self.views(packed)):
-            grouped_matmul(q[..., start:end, :], k_t[..., :end], out=block)
+            block.copy_(grouped_matmul(q[..., start:end, :], k_t[..., :end]))
         return packed
 
     def softmax(self, scores: torch.Tensor, bias: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
