@@ -169,13 +169,14 @@ class SplitLlama:
         held += [self.final_norm, *self.tee_biases.values()] + ([self.embed_table] if self.scheme.masked else [])
         return sum(t.numel() * t.element_size() for t in held)
 
-    def causal_blocks(self, batch: int, n: int) -> CausalBlocks:
+    def causal_blocks(self, batch: int, n: int, attention_mask: torch.Tensor | None = None) -> CausalBlocks:
         """How the attention scores are laid out: the lower block triangle where it cuts what crosses and
         the scheme's masks keep that structure (`ours` permutes rows and keys, so it needs every entry).
         With nothing crossing, the TEE-only runner keeps one block: its faster form on the 2-core VM
         (bfloat16, 512 tokens: 197 ms against 201-214 ms in blocks of 64 rows)."""
         split = self.triangle and self.link.crossing and self.scheme.causal_blocks
-        return CausalBlocks.of(batch, self.n_heads, n, split=split)
+        padded = attention_mask is None or not bool(attention_mask.all())
+        return CausalBlocks.of(batch, self.n_heads, n, split=split, padded=padded)
 
     def mask_shapes(self, batch: int, n: int) -> tuple[dict, dict]:
         """The input shape of every linear and matmul of one inference, keyed as the hops name them."""
@@ -281,7 +282,7 @@ class SplitLlama:
         x = self.embed(ids)
         rope = self.tee("rotary_tables", self.rotary.q_and_k_tables, n, self.dtype, self.scale)
         bias = self.tee("attention_mask", attention_bias, attention_mask, self.dtype)
-        blocks = self.causal_blocks(batch, n)
+        blocks = self.causal_blocks(batch, n, attention_mask)
         for i, layer in enumerate(self.layers):
             with self.metrics.in_layer(i):
                 h = self.tee("rmsnorm", rms_norm, x, layer.attn_norm, self.eps, self.gpu_bound(x.shape))

@@ -94,7 +94,8 @@ def variants(cuda: bool, thread_sweep: str | None) -> list[tuple[str, str, dict,
     out = [(method, scheme, {}, None) for method, scheme in RUNNERS.items()]
     if cuda:
         out.append(("optimized_pageable", "plain", {"pinned": False}, None))
-        out += [(f"{method}_full_scores", RUNNERS[method], {"triangle": False}, None) for method in ("optimized", "otp")]
+        out += [(f"{method}_full_scores", RUNNERS[method], {"triangle": False}, None)
+                for method in ("optimized", "otp")]
     for threads in parse_counts(thread_sweep, "--thread-sweep"):
         out += [(f"{method}_threads{threads}", scheme, {}, threads) for method, scheme in RUNNERS.items()]
     return out
@@ -224,7 +225,8 @@ def ratios(row: dict) -> dict:
         out["pageable_over_pinned"] = row["optimized_pageable"]["median_ms"] / plain
     for method in ("optimized", "otp"):
         if f"{method}_full_scores" in row:
-            out[f"{method}_full_scores_over_triangle"] = row[f"{method}_full_scores"]["median_ms"] / row[method]["median_ms"]
+            full = row[f"{method}_full_scores"]["median_ms"]
+            out[f"{method}_full_scores_over_triangle"] = full / row[method]["median_ms"]
     return out
 
 

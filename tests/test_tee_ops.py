@@ -72,6 +72,12 @@ def test_causal_blocks_equal_the_full_attention():
     for (start, end), block in zip(blocks.spans, blocks.views(probs)):
         torch.testing.assert_close(block, full_probs[..., start:end, :end])
     torch.testing.assert_close(blocks.attend(probs, v), grouped_matmul(full_probs, v))
+    unpadded = torch.ones(batch, n, dtype=torch.long)
+    causal_bias = attention_bias(unpadded, torch.float32)
+    full_causal = masked_softmax(grouped_matmul(q, k_t), causal_bias)
+    no_padding = CausalBlocks(batch, heads, (0, 3, 4, 9, 11), padded=False)  # the bias on diagonal tiles only
+    for (start, end), block in zip(blocks.spans, blocks.views(no_padding.softmax(blocks.scores(q, k_t), causal_bias))):
+        torch.testing.assert_close(block, full_causal[..., start:end, :end])
     one = CausalBlocks.of(batch, heads, n, split=False)  # the full matrix, as it is
     torch.testing.assert_close(one.softmax(one.scores(q, k_t), bias), full_probs)
     assert one.shape == (batch, heads, n, n) and CausalBlocks.of(1, 1, 63).starts == (0, 63)
