@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also time every split runner at these torch thread counts (e.g. 4,8)")
     p.add_argument("--split-only", action="store_true",
                    help="time only the split runners (no TEE-only baseline, no transformers, no ratios)")
+    p.add_argument("--no-ablations", action="store_true",
+                   help="on CUDA, skip the pageable-copy and full-scores variants of the split runners")
     p.add_argument("--profile", action="store_true",
                    help="also profile one more inference of each split runner (torch.profiler) into profile.txt")
     return p
@@ -86,13 +88,13 @@ def time_engine(engine: SplitLlama, ids, mask, warmup: int, repeat: int) -> dict
     return out
 
 
-def variants(cuda: bool, thread_sweep: str | None) -> list[tuple[str, str, dict, int | None]]:
+def variants(ablations: bool, thread_sweep: str | None) -> list[tuple[str, str, dict, int | None]]:
     """(label, scheme, engine options, threads) of every split engine to time: the three runners as they
-    ship, then ablations on the same machine: on CUDA, the plain split with pageable copies (what the
-    pinned staging buys) and the plain split and otp with the full n×n scores (what the causal block
-    triangle buys); and each runner at each thread count of the sweep."""
+    ship, then ablations on the same machine (`ablations`: on CUDA): the plain split with pageable copies
+    (what the pinned staging buys) and the plain split and otp with the full n×n scores (what the
+    causal block triangle buys); and each runner at each thread count of the sweep."""
     out = [(method, scheme, {}, None) for method, scheme in RUNNERS.items()]
-    if cuda:
+    if ablations:
         out.append(("optimized_pageable", "plain", {"pinned": False}, None))
         out += [(f"{method}_full_scores", RUNNERS[method], {"triangle": False}, None)
                 for method in ("optimized", "otp")]
@@ -153,7 +155,7 @@ def measure(args) -> dict:
     tee_name = args.tee_dtype or ("bfloat16" if cuda else dtype_name)
     dtype, tee_dtype = DTYPES[dtype_name], DTYPES[tee_name]
     lengths = parse_counts(args.lengths, "--lengths")
-    split_variants = variants(cuda, args.thread_sweep)  # a bad sweep fails before the model loads
+    split_variants = variants(cuda and not args.no_ablations, args.thread_sweep)  # a bad sweep fails before loading
     prompts = read_prompts(DEFAULT_PROMPTS)
     progress(f"loading {args.model} ({dtype_name}; TEE-only {tee_name})")
     model = load_model(args.model, dtype, gpu_device)

@@ -7,7 +7,8 @@
 #   precision.json   float16 logit error of each scheme against the float32 reference, 3 mask seeds
 #   runners.json     every runner's own JSON, each in a fresh process: first inference, memory, logit error
 #   log.txt
-# About 6 minutes on one H200 (2026-11-26), before the full-scores ablations were added (expect ~7);
+# About 6 minutes on one H200 (2026-11-26), before the full-scores ablations were added (expect ~7;
+# the spin pass skips the ablations);
 # THREAD_SWEEP=4,8 adds thread-count ablations (~2 minutes).
 # Usage: bash tee_gpu/benchmarks/gpu_benchmark.sh OUT_DIR [PRESET]   (PRESET defaults to llama-3.2-1b)
 # LENGTHS=128,512 and PRECISION_LENGTH=128 may be overridden (tiny values for a dry run on a CPU).
@@ -35,7 +36,7 @@ cp "$work/perf/profile.txt" "$out/profile.txt"
 
 echo "== the same with spinning OpenMP threads (OMP_WAIT_POLICY=ACTIVE), baselines included =="
 OMP_WAIT_POLICY=ACTIVE python -m splitinfer.perf --model "preset:$preset" --lengths "$lengths" --dtype float16 \
-  --tee-dtype bfloat16 --warmup 2 --repeat 5 --out-dir "$work/spin" || true
+  --tee-dtype bfloat16 --warmup 2 --repeat 5 --no-ablations --out-dir "$work/spin" || true
 cp "$work/spin/perf.json" "$out/perf_spin.json" || true
 
 merge() {  # every JSON of one group into OUT_DIR/GROUP.json, written as soon as the group is done
