@@ -20,8 +20,9 @@ def test_rms_norm_matches_transformers(dtype, tolerance):
     norm.weight.data = 1 + 0.3 * torch.randn(48)
     x = (3 * torch.randn(2, 5, 48)).to(dtype)
     expected = norm.to(dtype)(x).float()
-    out = torch.empty_like(x)
+    out, before = torch.empty_like(x), x.clone()
     assert rms_norm(x, norm.weight.data.to(dtype), 1e-5, out).data_ptr() == out.data_ptr()
+    assert torch.equal(x, before)  # the input is left alone
     torch.testing.assert_close(out.float(), expected, rtol=tolerance, atol=tolerance)
 
 
