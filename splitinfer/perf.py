@@ -26,7 +26,7 @@ from splitinfer.inputs import build_batch, read_prompts
 from splitinfer.metrics import synchronize
 from splitinfer.models import load_model
 from splitinfer.reference import build_transformers_model
-from splitinfer.results import environment_block, memory_block, write_json
+from splitinfer.results import environment_block, memory_block, write_atomically, write_json
 from splitinfer.schemes import RUNNERS, make_scheme
 
 DEFAULT_PROMPTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tee_only_llama",
@@ -204,8 +204,8 @@ def measure(args) -> dict:
                         "tee_dtype": tee_name, "batch_size": args.batch_size, "gpu_device": str(gpu_device),
                         "gpu_fallback_to_cpu": fallback, "warmup": args.warmup, "repeat": args.repeat}
     if profiles:
-        with open(os.path.join(args.out_dir, "profile.txt"), "w") as f:
-            f.write("\n\n".join(profiles))
+        text = "\n\n".join(profiles).encode()
+        write_atomically(os.path.join(args.out_dir, "profile.txt"), lambda f: f.write(text))
     if cuda:
         results["copy_bandwidth"] = copy_bandwidth(gpu_device)
     results["memory"] = memory_block(gpu_device, 0)

@@ -125,6 +125,11 @@ class CausalBlocks:
         return cls(batch, heads, tuple(n * r // count for r in range(count + 1)), padded)
 
     @property
+    def whole(self) -> bool:
+        """One block: the full [B, H, n, n] matrix, and the plain products."""
+        return len(self.starts) == 2
+
+    @property
     def spans(self) -> list[tuple[int, int]]:
         return list(zip(self.starts[:-1], self.starts[1:]))
 
@@ -132,7 +137,7 @@ class CausalBlocks:
     def shape(self) -> tuple[int, ...]:
         """The packed scores' shape."""
         n = self.starts[-1]
-        if len(self.starts) == 2:
+        if self.whole:
             return self.batch, self.heads, n, n
         return (self.batch * self.heads * sum((end - start) * end for start, end in self.spans),)
 
@@ -148,7 +153,7 @@ class CausalBlocks:
     def scores(self, q: torch.Tensor, k_t: torch.Tensor) -> torch.Tensor:
         """q [B, H, n, k] @ kᵀ [B, G, k, n], block by block, packed. Blocks slice q's rows and kᵀ's
         columns only, never k."""
-        if len(self.starts) == 2:
+        if self.whole:
             return grouped_matmul(q, k_t)
         # each block's product is copied into place: matmul's out= may re-point a view instead of
         # writing through it (pytorch/pytorch#48281)
@@ -175,7 +180,7 @@ class CausalBlocks:
     def attend(self, probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Packed probabilities @ v [B, G, n, m] -> [B, H, n, m], each row block against the keys it sees;
         one block is the plain product."""
-        if len(self.starts) == 2:
+        if self.whole:
             return grouped_matmul(probs, v)
         return torch.cat([grouped_matmul(block, v[..., :end, :])
                           for (_, end), block in zip(self.spans, self.views(probs))], dim=-2)
