@@ -1,6 +1,8 @@
 """The one place tensors move between the TEE (CPU) and the GPU: counts bytes, calls and time per direction."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from splitinfer.metrics import Metrics, synchronize
@@ -16,6 +18,10 @@ class Boundary:
     GPU's copy engines read and write at full speed; pageable copies go through the driver's bounce
     buffer at a fraction of it. An optional `audit` callback sees every tensor sent to the GPU,
     labelled, in order.
+
+    A hop may also cross in parts, so that copies run while the TEE works on other parts (`to_tee_in_parts`,
+    `to_gpu_into`): parts come back on a stream of their own, `copies_back`, so that they need not queue
+    behind the parts still on their way to the TEE.
     """
 
     def __init__(self, gpu: torch.device, tee: torch.device, metrics: Metrics, crossing: bool = True,
@@ -27,6 +33,7 @@ class Boundary:
         # Tensor.is_pinned(), a driver call that took ~11 µs per copy on the H200 machine.
         self.pinned_bases: set[int] = set()
         self.audit = None
+        self.copies_back = torch.cuda.Stream(gpu) if gpu.type == "cuda" and crossing else None
         self.reset()
 
     def reset(self) -> None:
@@ -69,9 +76,64 @@ class Boundary:
             with self.metrics.time(category, op):
                 out = t.to(device, non_blocking=True)
             torch.cuda.current_stream(t.device).synchronize()
+        self._count(direction, t)
+        return out
+
+    def _count(self, direction: str, t: torch.Tensor) -> None:
         self.bytes[direction] += t.numel() * t.element_size()
         self.calls[direction] += 1
+
+    # ---- crossing in parts ----
+
+    def to_tee_in_parts(self, t: torch.Tensor, parts: Callable[[torch.Tensor], list[torch.Tensor]],
+                        op: str) -> tuple[torch.Tensor, list[torch.cuda.Event | None]]:
+        """Queue the copy of every part of `t` (as `parts` cuts it and a tensor of its shape) to the TEE at
+        once: (the TEE's copy of t, one event per part marking its arrival; None where a part is there
+        as soon as this returns)."""
+        if not self.crossing or self.gpu.type != "cuda":
+            host = self.to_tee(t, op)
+            return host, [None] * len(parts(host))
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=self.pinned)
+        stream, arrivals = torch.cuda.current_stream(self.gpu), []
+        for source, target in zip(parts(t), parts(host)):
+            with self.metrics.time("transfer_to_cpu", op, host=not self.pinned):
+                target.copy_(source, non_blocking=self.pinned)
+            arrivals.append(torch.cuda.Event())
+            arrivals[-1].record(stream)
+            self._count("to_cpu", source)
+        return host, arrivals
+
+    @staticmethod
+    def wait(arrival: torch.cuda.Event | None) -> None:
+        """Block until the part this event marks has arrived in the TEE."""
+        if arrival is not None:
+            arrival.synchronize()
+
+    def gpu_empty(self, shape: torch.Size | tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A GPU tensor for parts to be copied into (`to_gpu_into`). Its memory may have served work
+        still queued on the current stream, so the copies-back stream first waits for that."""
+        out = torch.empty(shape, dtype=dtype, device=self.gpu)
+        if self.copies_back is not None:
+            self.copies_back.wait_stream(torch.cuda.current_stream(self.gpu))
         return out
+
+    def to_gpu_into(self, target: torch.Tensor, t: torch.Tensor, op: str, layer: int | None = None) -> None:
+        """Copy the TEE's `t` into `target`, a part of a `gpu_empty` tensor, on the copies-back stream.
+        `t` should be pinned (a `pinned_buffer`), so that the copy does not hold up the TEE."""
+        if self.audit is not None:
+            self.audit(layer, op, t)
+        if self.copies_back is None:
+            with self.metrics.time("transfer_to_gpu", op, host=True):
+                target.copy_(t)
+        else:
+            with torch.cuda.stream(self.copies_back), self.metrics.time("transfer_to_gpu", op, host=not self.pinned):
+                target.copy_(t, non_blocking=self.pinned)
+        self._count("to_gpu", t)
+
+    def parts_arrived(self) -> None:
+        """Make the current stream wait for every part copied back (the host does not wait)."""
+        if self.copies_back is not None:
+            torch.cuda.current_stream(self.gpu).wait_stream(self.copies_back)
 
     def summary(self) -> dict:
         to_gpu, to_cpu = self.bytes["to_gpu"] / MIB, self.bytes["to_cpu"] / MIB

@@ -84,6 +84,10 @@ def build_parser(config, scheme: str, prog: str) -> argparse.ArgumentParser:
         p.add_argument("--audit-dir", default=None,
                        help="write every tensor sent to the GPU during the timed inference here, in order, "
                             "labelled with layer and op (a new or empty folder)")
+    if scheme == "plain":
+        p.add_argument("--overlap", action="store_true", default=getattr(config, "OVERLAP", False),
+                       help="on CUDA, send the scores and gate/up's output to the TEE and back in parts, so that "
+                            "copies run while the TEE works on other parts (timing JSON: overlap_ms)")
     if scheme == "matrix":
         p.add_argument("--mask-rank", type=int, default=config.MASK_RANK,
                        help="rank k of the token-mixing part of M = D + ABᵀ (1: the original D + αβᵀ); "
@@ -181,7 +185,8 @@ def run(args, scheme_name: str) -> dict:
     options = ({"pad_scale": args.pad_scale} if scheme_name == "otp" else
                {"rank": args.mask_rank, "mix_scale": args.mix_scale} if scheme_name == "matrix" else {})
     scheme = make_scheme("plain" if tee_only else scheme_name, seed=args.seed, **options)
-    engine = SplitLlama(model.config, model.state_dict, scheme, gpu_device, dtype, tee_only=tee_only)
+    engine = SplitLlama(model.config, model.state_dict, scheme, gpu_device, dtype, tee_only=tee_only,
+                        overlap=getattr(args, "overlap", False))
     if gpu_device.type == "cuda":  # context and cuBLAS handle belong to set-up, not to the first inference
         torch.ones(8, 8, device=gpu_device, dtype=dtype) @ torch.ones(8, 8, device=gpu_device, dtype=dtype)
     synchronize(gpu_device)
@@ -252,7 +257,7 @@ def run(args, scheme_name: str) -> dict:
 
 def print_per_layer(rows: list[dict]) -> None:
     columns = ("total_ms", "transfer_to_gpu_ms", "transfer_to_cpu_ms", "gpu_compute_ms", "cpu_compute_ms",
-               "crypto_ms", "other_ms")
+               "crypto_ms", "other_ms", "overlap_ms")
     print("layer " + " ".join(f"{c[:-3]:>15}" for c in columns))
     for row in rows:
         print(f"{row['layer']:>5} " + " ".join(f"{row[c]:>15.2f}" for c in columns))
@@ -276,7 +281,8 @@ def print_summary(predictions: list[dict], figures: dict, correctness: dict, ran
     c = figures["categories"]
     print(f"total {figures['total_ms']:.1f} ms: transfer {c['transfer_to_gpu'] + c['transfer_to_cpu']:.1f}, "
           f"gpu {c['gpu_compute']:.1f}, cpu {c['cpu_compute']:.1f}, crypto {c['crypto']:.1f}, "
-          f"other {c['other']:.1f}" + (f"; offline {c['offline']:.1f}" if c["offline"] else ""))
+          f"other {c['other']:.1f}" + (f"; less overlap {c['overlap']:.1f}" if c["overlap"] else "")
+          + (f"; offline {c['offline']:.1f}" if c["offline"] else ""))
     if not correctness.get("skipped"):
         print(f"vs transformers: max abs logit error {correctness['max_abs_logit_error']:.3g}, "
               f"relative {correctness['rel_logit_error']:.3g}, top-1 agreement {correctness['top1_agreement']:.2f}")

@@ -18,10 +18,12 @@ from splitinfer.inputs import last_positions
 from splitinfer.metrics import Metrics
 from splitinfer.schemes import Plain
 from splitinfer.tee_ops import (CausalBlocks, Rotary, apply_rope, attention_bias, grouped_matmul, rms_norm,
-                                silu_gate)
+                                row_parts, silu_gate)
 
 
 Product = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Parts = Callable[[torch.Tensor], list[torch.Tensor]]
+Step = Callable[[int, torch.Tensor, torch.Tensor], object]
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4  # glibc's mallopt parameters
 _ALLOCATOR_SETTING: str | None = None
 
@@ -84,6 +86,17 @@ class Gpu:
             return F.embedding(ids, self.weights["embed"])
 
 
+def whole(t: torch.Tensor) -> list[torch.Tensor]:
+    return [t]
+
+
+def by_parts(step: Step, parts: Parts, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """`step(r, part r of x, part r of out)` for every part, in order; returns out."""
+    for r, (part, into) in enumerate(zip(parts(x), parts(out))):
+        step(r, part, into)
+    return out
+
+
 def merge_heads(x: torch.Tensor) -> torch.Tensor:
     """[B, H, N, h] -> [B, N, H·h], the layout the o projection reads."""
     batch, heads, n, head_dim = x.shape
@@ -101,14 +114,18 @@ class SplitLlama:
 
     def __init__(self, config: LlamaConfig, state_dict: dict[str, torch.Tensor], scheme: Plain,
                  gpu_device: torch.device, dtype: torch.dtype, tee_only: bool = False, pinned: bool | None = None,
-                 triangle: bool = True):
-        """`pinned` and `triangle` (the scores' causal block triangle) exist to be switched off for ablations."""
+                 triangle: bool = True, overlap: bool = False):
+        """`pinned` and `triangle` (the scores' causal block triangle) exist to be switched off for ablations.
+        `overlap` makes the plain split's two largest hops (scores -> softmax -> probabilities, gate/up ->
+        SiLU -> down's input) cross in parts, each part's copies running while the TEE works on another
+        (`through_tee`); masked schemes, whose protect and recover steps need whole tensors, ignore it."""
         self.config, self.scheme, self.dtype, self.triangle = config, scheme, dtype, triangle
         self.allocator = keep_freed_memory()
         self.tee_device = torch.device("cpu")
         self.metrics = Metrics(gpu_device)
         self.link = Boundary(gpu_device, self.tee_device, self.metrics, crossing=not tee_only, pinned=pinned)
         self.gpu = Gpu(gpu_device, self.metrics, in_tee=tee_only)
+        self.overlap = overlap and not tee_only and not scheme.masked
         self.n_heads = config.num_attention_heads
         self.n_kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.n_heads
@@ -247,10 +264,35 @@ class SplitLlama:
         with self.metrics.time("crypto", f"{name}_{kind}", name):
             return fn(*args)
 
-    def tee(self, op: str, fn, *args) -> torch.Tensor:
-        """Run a nonlinear op in the TEE, timed as CPU compute."""
-        with self.metrics.time("cpu_compute", op, f"cpu_{op}"):
+    def tee(self, op: str, fn, *args, count: bool = True) -> torch.Tensor:
+        """Run a nonlinear op in the TEE, timed as CPU compute (and counted, unless it is a later part of one)."""
+        with self.metrics.time("cpu_compute", op, f"cpu_{op}" if count else None):
             return fn(*args)
+
+    def through_tee(self, op: str, kind: str, layer: int, x: torch.Tensor, out_shape: tuple[int, ...], parts: Parts,
+                    step: Step) -> torch.Tensor:
+        """GPU -> TEE -> GPU with no scheme step between (the plain split): the TEE op `op` is `step(r, part,
+        into)` over the parts of the GPU's `x` (as `parts` cuts it), writing into the same parts of a tensor
+        of `out_shape`, which goes back to the GPU.
+
+        With `overlap`, part by part: every part's copy to the TEE is queued at once, the TEE takes each as
+        it arrives, and sends each result back on a stream of its own, so copies both ways run while the
+        TEE works (on one stream the copies back would wait behind every copy in). Without, one copy
+        each way, and the TEE op over all parts in between."""
+        out = self.gpu_bound(out_shape)
+        out = torch.empty(out_shape, dtype=x.dtype) if out is None else out
+        if not self.overlap:
+            host = self.link.to_tee(x, kind)
+            return self.link.to_gpu(self.tee(op, by_parts, step, parts, host, out), kind, layer)
+        with self.metrics.overlapped(self.link.copies_back):
+            result = self.link.gpu_empty(out_shape, x.dtype)  # before the copies in, so as not to wait for them
+            host, arrivals = self.link.to_tee_in_parts(x, parts, kind)
+            for r, (arrival, part, into, target) in enumerate(zip(arrivals, parts(host), parts(out), parts(result))):
+                self.link.wait(arrival)
+                self.tee(op, step, r, part, into, count=r == 0)
+                self.link.to_gpu_into(target, into, kind, layer)
+            self.link.parts_arrived()
+        return result
 
     # ---- the forward ----
 
@@ -313,11 +355,13 @@ class SplitLlama:
         q, k, _ = self.heads(self.link.to_tee(qkv[..., :q_and_k], "linear_attn"))
         _, _, v = self.heads(qkv)
         q, k = self.rotate(q, k, rope)
-        scores = self.gpu.matmul(self.link.to_gpu(q, "matmul", i), self.link.to_gpu(k.transpose(-1, -2), "matmul", i),
+        # k crosses as laid out and is transposed on the GPU, where that is a view: a transposed view would be
+        # copied into pageable memory on the host first, and from there at the pageable rate
+        scores = self.gpu.matmul(self.link.to_gpu(q, "matmul", i), self.link.to_gpu(k, "matmul", i).transpose(-1, -2),
                                  blocks.scores)
-        scores = self.link.to_tee(scores, "matmul")
-        probs = self.tee("softmax", blocks.softmax, scores, bias, self.gpu_bound(scores.shape))
-        out = self.gpu.matmul(self.link.to_gpu(probs, "matmul", i), v, blocks.attend)
+        probs = self.through_tee("softmax", "matmul", i, scores, scores.shape, blocks.views,
+                                 lambda r, block, into: blocks.softmax_block(r, block, bias, into))
+        out = self.gpu.matmul(probs, v, blocks.attend)
         return self.link.to_tee(self.gpu.linear(merge_heads(out), f"{i}.o", "linear_attn"), "linear_attn")
 
     def rotate(self, q: torch.Tensor, k: torch.Tensor, rope: tuple) -> tuple[torch.Tensor, torch.Tensor]:
@@ -339,9 +383,19 @@ class SplitLlama:
         return q, k, per_head[:, self.n_heads + self.n_kv_heads:]
 
     def mlp(self, h: torch.Tensor, i: int) -> torch.Tensor:
+        if not self.scheme.masked:
+            return self.plain_mlp(h, i)
         gate_up = self.linear(h, f"{i}.gate_up", "linear_mlp", i)
-        act = self.tee("silu", silu_gate, gate_up, self.gpu_bound((*gate_up.shape[:-1], gate_up.shape[-1] // 2)))
+        act = self.tee("silu", silu_gate, gate_up)
         return self.linear(act, f"{i}.down", "linear_mlp", i)
+
+    def plain_mlp(self, h: torch.Tensor, i: int) -> torch.Tensor:
+        """Unprotected MLP: gate/up's output goes to the TEE for SiLU, and down's input comes straight back,
+        in row parts where copies overlap the TEE's work."""
+        gate_up = self.gpu.linear(self.link.to_gpu(h, "linear_mlp", i), f"{i}.gate_up", "linear_mlp")
+        act = self.through_tee("silu", "linear_mlp", i, gate_up, (*gate_up.shape[:-1], gate_up.shape[-1] // 2),
+                               row_parts if self.overlap else whole, lambda r, x, into: silu_gate(x, into))
+        return self.link.to_tee(self.gpu.linear(act, f"{i}.down", "linear_mlp"), "linear_mlp")
 
     # ---- for the reference ----
 

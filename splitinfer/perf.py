@@ -88,12 +88,15 @@ def time_engine(engine: SplitLlama, ids, mask, warmup: int, repeat: int) -> dict
     return out
 
 
-def variants(ablations: bool, thread_sweep: str | None) -> list[tuple[str, str, dict, int | None]]:
+def variants(cuda: bool, ablations: bool, thread_sweep: str | None) -> list[tuple[str, str, dict, int | None]]:
     """(label, scheme, engine options, threads) of every split engine to time: the three runners as they
-    ship, then ablations on the same machine (`ablations`: on CUDA): the plain split with pageable copies
-    (what the pinned staging buys) and the plain split and otp with the full n×n scores (what the
-    causal block triangle buys); and each runner at each thread count of the sweep."""
+    ship; on CUDA (`cuda`) the plain split with copies overlapping the TEE's work, which is off by
+    default until measured; ablations on the same machine (`ablations`: on CUDA): the plain split with
+    pageable copies (what the pinned staging buys) and the plain split and otp with the full n×n scores
+    (what the causal block triangle buys); and each runner at each thread count of the sweep."""
     out = [(method, scheme, {}, None) for method, scheme in RUNNERS.items()]
+    if cuda:
+        out.append(("optimized_overlap", "plain", {"overlap": True}, None))
     if ablations:
         out.append(("optimized_pageable", "plain", {"pinned": False}, None))
         out += [(f"{method}_full_scores", RUNNERS[method], {"triangle": False}, None)
@@ -155,7 +158,7 @@ def measure(args) -> dict:
     tee_name = args.tee_dtype or ("bfloat16" if cuda else dtype_name)
     dtype, tee_dtype = DTYPES[dtype_name], DTYPES[tee_name]
     lengths = parse_counts(args.lengths, "--lengths")
-    split_variants = variants(cuda and not args.no_ablations, args.thread_sweep)  # a bad sweep fails before loading
+    split_variants = variants(cuda, cuda and not args.no_ablations, args.thread_sweep)  # a bad sweep fails before loading
     prompts = read_prompts(DEFAULT_PROMPTS)
     progress(f"loading {args.model} ({dtype_name}; TEE-only {tee_name})")
     model = load_model(args.model, dtype, gpu_device)
@@ -223,6 +226,8 @@ def ratios(row: dict) -> dict:
         out[f"{method}_first_minus_warm_ms"] = row[method]["first_ms"] - row[method]["median_ms"]
     if "transformers_gpu" in row:
         out["plain_over_transformers_gpu"] = plain / row["transformers_gpu"]["median_ms"]
+    if "optimized_overlap" in row:
+        out["overlap_over_plain"] = row["optimized_overlap"]["median_ms"] / plain
     if "optimized_pageable" in row:
         out["pageable_over_pinned"] = row["optimized_pageable"]["median_ms"] / plain
     for method in ("optimized", "otp"):

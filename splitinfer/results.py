@@ -30,6 +30,7 @@ def timing_block(figures: dict, setup_ms: float, crypto_steps: tuple[str, ...] =
             "total_transfer_ms": c["transfer_to_gpu"] + c["transfer_to_cpu"],
             "gpu_compute_ms": c["gpu_compute"], "cpu_compute_ms": c["cpu_compute"],
             "total_crypto_ms": c["crypto"], "offline_ms": c["offline"], "other_ms": c["other"],
+            "overlap_ms": c["overlap"],
             "total_ms": figures["total_ms"], "setup_ms": setup_ms}
 
 
@@ -41,7 +42,7 @@ def percentage_block(figures: dict) -> dict:
 
 def steady_state_block(runs: list[dict]) -> dict:
     """median/min/max/p90 per category (and total) over the repeated inferences."""
-    series = {f"{k}_ms": [r["categories"][k] for r in runs] for k in (*ONLINE, "other", "offline")}
+    series = {f"{k}_ms": [r["categories"][k] for r in runs] for k in (*ONLINE, "other", "overlap", "offline")}
     series["total_ms"] = [r["total_ms"] for r in runs]
     return {"runs": len(runs), **{name: _stats(values) for name, values in series.items()}}
 

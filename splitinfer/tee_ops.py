@@ -100,6 +100,24 @@ def grouped_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.reshape(batch, groups, heads // groups, n, -1) @ b.unsqueeze(2)).reshape(batch, heads, n, -1)
 
 
+ROWS = 64   # no part below this many rows: a short prompt keeps one op per step
+MOST = 16  # at 2048 tokens and more: 17/32 of n² for the causal blocks, within 7% of the triangle
+
+
+def even_starts(n: int, split: bool = True) -> tuple[int, ...]:
+    """Where each part of n rows starts (and n, where the last ends): up to MOST parts of at least ROWS
+    rows, as even as whole rows allow; one part unless `split`."""
+    count = max(1, min(MOST, n // ROWS)) if split else 1
+    return tuple(n * r // count for r in range(count + 1))
+
+
+def row_parts(t: torch.Tensor) -> list[torch.Tensor]:
+    """t's rows (every dimension but the last flattened), cut as `even_starts` cuts them: contiguous views."""
+    rows = t.view(-1, t.shape[-1])
+    starts = even_starts(rows.shape[0])
+    return [rows[start:end] for start, end in zip(starts[:-1], starts[1:])]
+
+
 @dataclass(frozen=True)
 class CausalBlocks:
     """The lower block triangle of causal n×n scores, for `batch` sequences of `heads` query heads. Row
@@ -115,14 +133,10 @@ class CausalBlocks:
     starts: tuple[int, ...]
     padded: bool = True  # whether the bias may block keys below the diagonal (right padding)
 
-    ROWS = 64   # no block below this many rows: a short prompt keeps one op per step
-    MOST = 16  # at 2048 tokens and more: 17/32 of n², within 7% of the triangle
-
     @classmethod
     def of(cls, batch: int, heads: int, n: int, split: bool = True, padded: bool = True) -> CausalBlocks:
-        """Up to MOST blocks of at least ROWS rows; one block (the full matrix) unless `split`."""
-        count = max(1, min(cls.MOST, n // cls.ROWS)) if split else 1
-        return cls(batch, heads, tuple(n * r // count for r in range(count + 1)), padded)
+        """Row blocks as `even_starts` cuts them; one block (the full matrix) unless `split`."""
+        return cls(batch, heads, even_starts(n, split), padded)
 
     @property
     def whole(self) -> bool:
@@ -163,19 +177,23 @@ class CausalBlocks:
         return packed
 
     def softmax(self, scores: torch.Tensor, bias: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """masked_softmax of every block of packed scores, with its part of the [B, 1, n, n] bias.
-
-        Without padding the bias is zero left of each block's diagonal tile, so only that tile gets it,
-        added into the scores in place (which this overwrites): 32 heads x 512² in 8 blocks, float16, on
-        the 2-core VM, 1.33 ms against 1.57 for the bias over every block."""
+        """masked_softmax of every block of packed scores, with its part of the [B, 1, n, n] bias (which
+        may overwrite the scores)."""
         out = torch.empty_like(scores) if out is None else out
-        for (start, end), block, into in zip(self.spans, self.views(scores), self.views(out)):
-            if self.padded:
-                masked_softmax(block, bias[..., start:end, :end], out=into)
-            else:
-                block[..., start:end].add_(bias[..., start:end, start:end])
-                torch.softmax(block, dim=-1, out=into)
+        for r, (block, into) in enumerate(zip(self.views(scores), self.views(out))):
+            self.softmax_block(r, block, bias, into)
         return out
+
+    def softmax_block(self, r: int, block: torch.Tensor, bias: torch.Tensor, out: torch.Tensor) -> None:
+        """masked_softmax of block r into `out`. Without padding the bias is zero left of the block's
+        diagonal tile, so only that tile gets it, added into the scores in place: 32 heads x 512² in 8
+        blocks, float16, on the 2-core VM, 1.33 ms against 1.57 for the bias over every block."""
+        start, end = self.spans[r]
+        if self.padded:
+            masked_softmax(block, bias[..., start:end, :end], out=out)
+        else:
+            block[..., start:end].add_(bias[..., start:end, start:end])
+            torch.softmax(block, dim=-1, out=out)
 
     def attend(self, probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Packed probabilities @ v [B, G, n, m] -> [B, H, n, m], each row block against the keys it sees;

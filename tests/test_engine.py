@@ -12,7 +12,7 @@ from splitinfer.inputs import build_batch, last_positions
 from splitinfer.models import ByteTokenizer, load_model
 from splitinfer.reference import compare, reference_logits
 from splitinfer.schemes import Plain, make_scheme
-from splitinfer.tee_ops import CausalBlocks
+from splitinfer import tee_ops
 
 PROMPTS = ["The quick brown fox jumps over the lazy dog.", "Private prompts stay in the TEE."]
 CPU = torch.device("cpu")
@@ -83,7 +83,7 @@ def test_causal_blocks_match_transformers(tiny_models, variant, runner, ragged, 
     """With blocks of 4 rows, 16 tokens are 4 row blocks; a batch with or without padding still matches,
     and only the block triangle of the scores crosses (10/16 of n²), against all of them with the
     triangle off."""
-    monkeypatch.setattr(CausalBlocks, "ROWS", 4)
+    monkeypatch.setattr(tee_ops, "ROWS", 4)
     model = load_model(tiny_models[variant], torch.float32, CPU)
     ids, mask = build_batch(model.tokenizer, PROMPTS, 16, 3, ragged=ragged)
 
@@ -101,9 +101,41 @@ def test_causal_blocks_match_transformers(tiny_models, variant, runner, ragged, 
         assert saved == 2 * 3 * 4 * 4 * (16 * 16 - 10 * 16)  # layers x batch x heads x float32 x (n² - 10·4·4)
 
 
+@pytest.mark.parametrize("ragged", [True, False], ids=["padded", "unpadded"])
+def test_overlapped_hops_match_whole_ones(tiny_models, ragged, monkeypatch):
+    """With `overlap`, the plain split's scores and gate/up output cross in parts (4-row blocks, 4-row
+    chunks here) and come back into one GPU tensor: the logits are bit for bit those of whole crossings,
+    the same bytes cross in more calls, and each TEE op still counts once per layer."""
+    monkeypatch.setattr(tee_ops, "ROWS", 4)
+    model = load_model(tiny_models["biases"], torch.float32, CPU)
+    ids, mask = build_batch(model.tokenizer, PROMPTS, 16, 3, ragged=ragged)
+    runs = {}
+    for overlap in (False, True):
+        engine = SplitLlama(model.config, model.state_dict, Plain(), CPU, torch.float32, overlap=overlap)
+        runs[overlap] = engine.timed_forward(ids, mask)
+    (logits, figures), (whole_logits, whole) = runs[True], runs[False]
+    assert torch.equal(logits, whole_logits)
+    err = compare(logits, reference_logits(model.config, model.state_dict, ids, mask))
+    assert err["rel_logit_error"] <= 1e-4 and err["top1_agreement"] == 1.0, err
+    moved, whole_moved = figures["data_transfer"], whole["data_transfer"]
+    assert (moved["to_gpu_bytes"], moved["to_cpu_bytes"]) == (whole_moved["to_gpu_bytes"], whole_moved["to_cpu_bytes"])
+    # per layer, the probabilities go back in 4 blocks and SiLU's output in 12 chunks of 4 of the 48 rows
+    assert moved["to_gpu_calls"] == whole_moved["to_gpu_calls"] + 2 * (3 + 11)
+    assert figures["counts"] == whole["counts"]
+    assert figures["categories"]["overlap"] == 0  # nothing runs at once without CUDA
+
+
+def test_masked_schemes_ignore_overlap(tiny_models):
+    model = load_model(tiny_models["gqa-tied"], torch.float32, CPU)
+    for scheme in ("matrix", "otp"):
+        assert not SplitLlama(model.config, model.state_dict, make_scheme(scheme), CPU, torch.float32,
+                              overlap=True).overlap
+
+
 def test_figures_add_up(tiny_models):
     _, _, figures, _, _ = run_engine(tiny_models["mha-untied"], False, batch=1, ragged=False)
-    online = sum(v for k, v in figures["categories"].items() if k != "offline")
+    c = figures["categories"]
+    online = sum(v for k, v in c.items() if k not in ("offline", "overlap")) - c["overlap"]
     assert abs(online - figures["total_ms"]) <= 0.02 * figures["total_ms"]
     counts = figures["counts"]
     assert counts["gpu_linear"] == 2 * 4 and counts["gpu_matmul"] == 2 * 2

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # The GPU benchmark: one script for a GPU machine (random presets only: it needs no network and no gguf).
 # Writes six files to OUT_DIR, each as soon as its step is done:
-#   perf.json        the in-process comparison, its ratios, and the pageable-copy ablation
+#   perf.json        the in-process comparison, its ratios, the overlapped plain split and the ablations
 #   perf_spin.json   the same comparison with OMP_WAIT_POLICY=ACTIVE (TEE threads spin between ops)
 #   profile.txt      torch.profiler tables of one inference of each split runner
 #   precision.json   float16 logit error of each scheme against the float32 reference, 3 mask seeds
-#   runners.json     every runner's own JSON, each in a fresh process: first inference, memory, logit error
+#   runners.json     every runner's own JSON (and the plain one with --overlap), each in a fresh process:
+#                    first inference, memory, logit error
 #   log.txt
-# About 6 minutes on one H200 (2026-11-26), before the full-scores ablations were added (expect ~7;
-# the spin pass skips the ablations);
+# About 6 minutes on one H200 (2026-11-26), before the full-scores ablations and the overlapped plain
+# split were added (expect ~8; the spin pass skips the ablations but not the overlapped plain split);
 # THREAD_SWEEP=4,8 adds thread-count ablations (~2 minutes).
 # Usage: bash tee_gpu/benchmarks/gpu_benchmark.sh OUT_DIR [PRESET]   (PRESET defaults to llama-3.2-1b)
 # LENGTHS=128,512 and PRECISION_LENGTH=128 may be overridden (tiny values for a dry run on a CPU).
@@ -63,6 +64,8 @@ for n in ${lengths//,/ }; do
     python "$root/tee_gpu/tee_runner_$runner.py" --model "preset:$preset" --prefill-length $n --dtype float16 \
       --repeat 3 --output "$work/runners/${runner}_n$n.json" 2>&1 | tail -3 || true
   done
+  python "$root/tee_gpu/tee_runner_optimized.py" --model "preset:$preset" --prefill-length $n --dtype float16 \
+    --repeat 3 --overlap --output "$work/runners/optimized_overlap_n$n.json" 2>&1 | tail -3 || true
   python "$root/tee_only_llama/tee_runner.py" --model "preset:$preset" --prefill-length $n --dtype bfloat16 \
     --repeat 2 --no-reference --output "$work/runners/tee_only_n$n.json" 2>&1 | tail -2 || true
   merge runners  # after each length, so that a run cut short still returns what it measured
