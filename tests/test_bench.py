@@ -11,7 +11,7 @@ import pytest
 from conftest import ROOT
 
 from splitinfer import bench, cli
-from splitinfer.report import comparison_rows, sweep_report
+from splitinfer.report import breakdown_png, comparison_rows, sweep_report
 
 CONFIG = os.path.join(ROOT, "tee_gpu", "config.py")
 TEE_CONFIG = os.path.join(ROOT, "tee_only_llama", "config.py")
@@ -66,6 +66,13 @@ def test_comparison_figures(results):
     assert rows["otp"]["speedup_vs_tee_only"] == pytest.approx(tee / loaded["otp"]["timing"]["total_ms"])
     assert rows["otp"]["offline_ms"] > 0 and rows["ours"]["crypto_ms"] > 0
     assert all(r["top1_agreement"] == 1.0 for r in rows.values())
+    assert all(r["overlap_ms"] == 0 for r in rows.values())  # nothing overlaps without CUDA
+    # a result from before overlap_ms existed still reports, and an overlapped one draws
+    del loaded["ours"]["timing"]["overlap_ms"]
+    loaded["optimized"]["timing"]["overlap_ms"] = 0.5
+    rows = comparison_rows(loaded)
+    assert [r["overlap_ms"] for r in rows] == [0.5, 0.0, 0.0, 0.0]
+    assert breakdown_png(rows, "title").startswith(PNG)
 
 
 def test_sweep_report(results, tmp_path):
