@@ -14,7 +14,7 @@ from splitinfer.audit import AuditLog, read_audit
 from splitinfer.engine import SplitLlama
 from splitinfer.inputs import build_batch, read_prompts
 from splitinfer.models import load_model
-from splitinfer.schemes import Plain
+from splitinfer.schemes import Plain, make_scheme
 
 CONFIG = os.path.join(ROOT, "tee_gpu", "config.py")
 
@@ -112,3 +112,29 @@ def test_audit_dir_must_be_writable(tiny_models, tmp_path, capsys):
     err = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert len(err) == 1 and "--audit-dir" in err[0]
     assert not (tmp_path / "r.json").exists()
+
+
+def test_matrix_probabilities_reveal_their_order(tiny_models):
+    """A known limit of ours' P·V masks: the probabilities are exactly zero above the causal diagonal, and
+    permutations and scalings keep zeros zero, so the GPU can count them. A row's nonzeros give its query
+    position and a column's its key position, which undoes P₁ and P₂; what is left is each probability
+    times |d₁ d₂| in [1, 4] and a sign the GPU can read off (probabilities are positive)."""
+    model = load_model(tiny_models["gqa-tied"], torch.float32, torch.device("cpu"))
+    ids, mask = build_batch(model.tokenizer, ["The quick brown fox jumps over the lazy dog."], 12, 1)
+    seen = {}
+    for name, scheme in (("plain", InTheClear()), ("matrix", make_scheme("matrix", seed=3))):
+        engine = SplitLlama(model.config, model.state_dict, scheme, torch.device("cpu"), torch.float32)
+        engine.link.audit = AuditLog()
+        engine.timed_forward(ids, mask)
+        seen[name] = keyed(engine.link.audit.records)[(1, "matmul", 2)][0]  # layer 1's probabilities, [H, n, n]
+    plain, masked = seen["plain"], seen["matrix"]
+    assert not torch.allclose(masked.abs(), plain)
+    for head in range(plain.shape[0]):
+        nonzero = masked[head] != 0
+        rows = nonzero.sum(1).argsort()                 # query 0 sees one key, query n-1 sees all n
+        cols = nonzero.sum(0).argsort(descending=True)  # key 0 is seen by every query
+        undone = masked[head][rows][:, cols].abs()
+        seen_keys = plain[head] > 0
+        assert torch.equal(undone > 0, seen_keys)
+        ratio = undone[seen_keys] / plain[head][seen_keys]
+        assert ratio.min() >= 1 - 1e-4 and ratio.max() <= 4 + 1e-4
