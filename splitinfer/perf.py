@@ -6,7 +6,10 @@ ratios the performance targets are stated in and writes them as JSON.
 
 Every method is warmed up, then timed `--repeat` times (median, min, max); `first_ms` is each method's
 first inference in this process, after its own set-up. Engines are built one at a time and freed, so
-large presets fit.
+large presets fit. Each split engine's logits are compared with the plain split's
+(`rel_diff_from_optimized`: 0 for a variant that computes the same thing another way, rounding for a
+masked scheme). A variant beyond the three runners that fails (a CUDA error, say) is recorded as
+`{"error": ...}` and the rest still run.
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ from splitinfer.errors import UserError, one_line_errors
 from splitinfer.inputs import build_batch, read_prompts
 from splitinfer.metrics import synchronize
 from splitinfer.models import load_model
-from splitinfer.reference import build_transformers_model
+from splitinfer.reference import build_transformers_model, compare
 from splitinfer.results import environment_block, memory_block, write_atomically, write_json
 from splitinfer.schemes import RUNNERS, make_scheme
 
@@ -74,9 +77,11 @@ def time_calls(fn, device: torch.device, warmup: int, repeat: int) -> dict:
     return {"first_ms": first, "median_ms": statistics.median(runs), "min_ms": min(runs), "max_ms": max(runs)}
 
 
-def time_engine(engine: SplitLlama, ids, mask, warmup: int, repeat: int) -> dict:
-    """Like time_calls, but from the engine's own totals, which leave out the offline phase."""
-    figures = [engine.timed_forward(ids, mask)[1] for _ in range(1 + warmup + repeat)]
+def time_engine(engine: SplitLlama, ids, mask, warmup: int, repeat: int) -> tuple[dict, torch.Tensor]:
+    """Like time_calls, but from the engine's own totals, which leave out the offline phase; also returns
+    the last inference's logits."""
+    runs = [engine.timed_forward(ids, mask) for _ in range(1 + warmup + repeat)]
+    figures = [f for _, f in runs]
     timed = figures[1 + warmup:]
     totals = [f["total_ms"] for f in timed]
     out = {"first_ms": figures[0]["total_ms"], "median_ms": statistics.median(totals), "min_ms": min(totals),
@@ -85,7 +90,7 @@ def time_engine(engine: SplitLlama, ids, mask, warmup: int, repeat: int) -> dict
                                    for c in timed[0]["categories"]}
     out["bytes_to_gpu"], out["bytes_to_cpu"] = (timed[0]["data_transfer"]["to_gpu_bytes"],
                                                 timed[0]["data_transfer"]["to_cpu_bytes"])
-    return out
+    return out, runs[-1][0]
 
 
 def variants(cuda: bool, ablations: bool, thread_sweep: str | None) -> list[tuple[str, str, dict, int | None]]:
@@ -170,23 +175,35 @@ def measure(args) -> dict:
             raise UserError(f"length {n} exceeds max_position_embeddings ({model.config.max_position_embeddings})")
         ids, mask = build_batch(model.tokenizer, prompts, n, args.batch_size)
         row: dict = {}
+        plain_logits = None
         for method, scheme, options, threads in split_variants:
             progress(f"{n} tokens: {method}")
-            engine = SplitLlama(model.config, state, make_scheme(scheme), gpu_device, dtype, **options)
             default_threads = torch.get_num_threads()
             torch.set_num_threads(threads or default_threads)
-            row[method] = time_engine(engine, ids, mask, args.warmup, args.repeat)
-            if args.profile and not threads and not options:
-                profiles.append(profile_engine(engine, ids, mask, f"{n} tokens: {method}"))
-            torch.set_num_threads(default_threads)
-            del engine
-            gc.collect()
+            try:
+                engine = SplitLlama(model.config, state, make_scheme(scheme), gpu_device, dtype, **options)
+                row[method], logits = time_engine(engine, ids, mask, args.warmup, args.repeat)
+                if args.profile and not threads and not options:
+                    profiles.append(profile_engine(engine, ids, mask, f"{n} tokens: {method}"))
+            except RuntimeError as e:  # CUDA errors, out of memory among them
+                if method in RUNNERS:  # the runners as they ship must work; a variant may fail and be recorded
+                    raise
+                print(f"warning: {method} failed: {str(e).splitlines()[0]}", file=sys.stderr)
+                row[method] = {"error": str(e).splitlines()[0]}
+                continue
+            finally:
+                torch.set_num_threads(default_threads)
+                engine = None
+                gc.collect()
+            # every variant computes the same function: how far its logits are from the plain split's
+            plain_logits = logits if method == "optimized" else plain_logits
+            row[method]["rel_diff_from_optimized"] = compare(logits, plain_logits)["rel_logit_error"]
         if args.split_only:
             results["lengths"][n] = row
             continue
         progress(f"{n} tokens: tee_only ({tee_name})")
         engine = SplitLlama(model.config, state, make_scheme("plain"), torch.device("cpu"), tee_dtype, tee_only=True)
-        row["tee_only"] = time_engine(engine, ids, mask, args.warmup, args.repeat)
+        row["tee_only"] = time_engine(engine, ids, mask, args.warmup, args.repeat)[0]
         del engine
         gc.collect()
         for label, device, hf_dtype in (("transformers_cpu", torch.device("cpu"), dtype if not cuda else tee_dtype),
@@ -218,6 +235,7 @@ def measure(args) -> dict:
 
 def ratios(row: dict) -> dict:
     """The figures the performance targets are stated in (warm medians)."""
+    row = {method: r for method, r in row.items() if "error" not in r}
     plain = row["optimized"]["median_ms"]
     out = {"ours_over_plain": row["ours"]["median_ms"] / plain, "otp_online_over_plain": row["otp"]["median_ms"] / plain,
            "plain_over_transformers_cpu": plain / row["transformers_cpu"]["median_ms"]}
@@ -244,7 +262,9 @@ def print_table(results: dict) -> None:
     for n, row in results["lengths"].items():
         print(f"\n{n} tokens (warm median ms; first in parentheses)")
         for method, r in row.items():
-            if method != "ratios":
+            if "error" in r:
+                print(f"  {method:<20} failed: {r['error']}")
+            elif method != "ratios":
                 print(f"  {method:<20} {r['median_ms']:9.2f}  ({r['first_ms']:.2f})")
         for name, value in row.get("ratios", {}).items():
             print(f"  {name:<34} {value:8.2f}")
