@@ -88,6 +88,9 @@ def time_engine(engine: SplitLlama, ids, mask, warmup: int, repeat: int) -> tupl
            "max_ms": max(totals)}
     out["categories_median_ms"] = {c: statistics.median(f["categories"][c] for f in timed)
                                    for c in timed[0]["categories"]}
+    # per op kind too (which hop's copies, which scheme step), so that a GPU run says where time went
+    out["breakdown_median_ms"] = {c: {op: statistics.median(f["breakdown"].get(c, {}).get(op, 0.0) for f in timed)
+                                      for op in ops} for c, ops in timed[-1]["breakdown"].items()}
     out["bytes_to_gpu"], out["bytes_to_cpu"] = (timed[0]["data_transfer"]["to_gpu_bytes"],
                                                 timed[0]["data_transfer"]["to_cpu_bytes"])
     return out, runs[-1][0]
