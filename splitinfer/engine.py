@@ -114,12 +114,13 @@ class SplitLlama:
 
     def __init__(self, config: LlamaConfig, state_dict: dict[str, torch.Tensor], scheme: Plain,
                  gpu_device: torch.device, dtype: torch.dtype, tee_only: bool = False, pinned: bool | None = None,
-                 triangle: bool = True, overlap: bool = False):
-        """`pinned` and `triangle` (the scores' causal block triangle) exist to be switched off for ablations.
+                 triangle: bool = True, block_rows: int | None = None, overlap: bool = False):
+        """`pinned` and `triangle` (the scores' causal block triangle) exist to be switched off for ablations;
+        `block_rows` sets the triangle's least rows per block (tee_ops.ROWS unless given), to compare sizes.
         `overlap` makes the plain split's two largest hops (scores -> softmax -> probabilities, gate/up ->
         SiLU -> down's input) cross in parts, each part's copies running while the TEE works on another
         (`through_tee`); masked schemes, whose protect and recover steps need whole tensors, ignore it."""
-        self.config, self.scheme, self.dtype, self.triangle = config, scheme, dtype, triangle
+        self.config, self.scheme, self.dtype, self.triangle, self.block_rows = config, scheme, dtype, triangle, block_rows
         self.allocator = keep_freed_memory()
         self.tee_device = torch.device("cpu")
         self.metrics = Metrics(gpu_device)
@@ -193,7 +194,7 @@ class SplitLlama:
         (bfloat16, 512 tokens: 197 ms against 201-214 ms in blocks of 64 rows)."""
         split = self.triangle and self.link.crossing and self.scheme.causal_blocks
         padded = attention_mask is None or not bool(attention_mask.all())
-        return CausalBlocks.of(batch, self.n_heads, n, split=split, padded=padded)
+        return CausalBlocks.of(batch, self.n_heads, n, split=split, padded=padded, rows=self.block_rows)
 
     def mask_shapes(self, batch: int, n: int) -> tuple[dict, dict]:
         """The input shape of every linear and matmul of one inference, keyed as the hops name them."""

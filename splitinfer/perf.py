@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split-only", action="store_true",
                    help="time only the split runners (no TEE-only baseline, no transformers, no ratios)")
     p.add_argument("--no-ablations", action="store_true",
-                   help="on CUDA, skip the pageable-copy and full-scores variants of the split runners")
+                   help="on CUDA, skip the pageable-copy, full-scores and 128-row-block variants of the split runners")
     p.add_argument("--profile", action="store_true",
                    help="also profile one more inference of each split runner (torch.profiler) into profile.txt")
     return p
@@ -100,8 +100,9 @@ def variants(cuda: bool, ablations: bool, thread_sweep: str | None) -> list[tupl
     """(label, scheme, engine options, threads) of every split engine to time: the three runners as they
     ship; on CUDA (`cuda`) the plain split with copies overlapping the TEE's work, which is off by
     default until measured; ablations on the same machine (`ablations`: on CUDA): the plain split with
-    pageable copies (what the pinned staging buys) and the plain split and otp with the full n×n scores
-    (what the causal block triangle buys); and each runner at each thread count of the sweep."""
+    pageable copies (what the pinned staging buys), the plain split and otp with the full n×n scores
+    (what the causal block triangle buys), and the plain split with blocks of at least 128 rows (half as
+    many ops, a little more of n²); and each runner at each thread count of the sweep."""
     out = [(method, scheme, {}, None) for method, scheme in RUNNERS.items()]
     if cuda:
         out.append(("optimized_overlap", "plain", {"overlap": True}, None))
@@ -109,6 +110,7 @@ def variants(cuda: bool, ablations: bool, thread_sweep: str | None) -> list[tupl
         out.append(("optimized_pageable", "plain", {"pinned": False}, None))
         out += [(f"{method}_full_scores", RUNNERS[method], {"triangle": False}, None)
                 for method in ("optimized", "otp")]
+        out.append(("optimized_blocks128", "plain", {"block_rows": 128}, None))
     for threads in parse_counts(thread_sweep, "--thread-sweep"):
         out += [(f"{method}_threads{threads}", scheme, {}, threads) for method, scheme in RUNNERS.items()]
     return out
@@ -255,6 +257,8 @@ def ratios(row: dict) -> dict:
         if f"{method}_full_scores" in row:
             full = row[f"{method}_full_scores"]["median_ms"]
             out[f"{method}_full_scores_over_triangle"] = full / row[method]["median_ms"]
+    if "optimized_blocks128" in row:
+        out["blocks128_over_blocks64"] = row["optimized_blocks128"]["median_ms"] / plain
     return out
 
 

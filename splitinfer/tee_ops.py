@@ -104,10 +104,10 @@ ROWS = 64   # no part below this many rows: a short prompt keeps one op per step
 MOST = 16  # at 2048 tokens and more: 17/32 of n² for the causal blocks, within 7% of the triangle
 
 
-def even_starts(n: int, split: bool = True) -> tuple[int, ...]:
-    """Where each part of n rows starts (and n, where the last ends): up to MOST parts of at least ROWS
-    rows, as even as whole rows allow; one part unless `split`."""
-    count = max(1, min(MOST, n // ROWS)) if split else 1
+def even_starts(n: int, least: int | None = None) -> tuple[int, ...]:
+    """Where each part of n rows starts (and n, where the last ends): up to MOST parts of at least `least`
+    rows (ROWS unless given), as even as whole rows allow."""
+    count = max(1, min(MOST, n // (least or ROWS)))
     return tuple(n * r // count for r in range(count + 1))
 
 
@@ -134,9 +134,11 @@ class CausalBlocks:
     padded: bool = True  # whether the bias may block keys below the diagonal (right padding)
 
     @classmethod
-    def of(cls, batch: int, heads: int, n: int, split: bool = True, padded: bool = True) -> CausalBlocks:
-        """Row blocks as `even_starts` cuts them; one block (the full matrix) unless `split`."""
-        return cls(batch, heads, even_starts(n, split), padded)
+    def of(cls, batch: int, heads: int, n: int, split: bool = True, padded: bool = True,
+           rows: int | None = None) -> CausalBlocks:
+        """Row blocks of at least `rows` rows (ROWS unless given) as `even_starts` cuts them; one block
+        (the full matrix) unless `split`."""
+        return cls(batch, heads, even_starts(n, rows) if split else (0, n), padded)
 
     @property
     def whole(self) -> bool:

@@ -125,6 +125,18 @@ def test_overlapped_hops_match_whole_ones(tiny_models, ragged, monkeypatch):
     assert figures["categories"]["overlap"] == 0  # nothing runs at once without CUDA
 
 
+def test_block_rows_sets_the_triangle(tiny_models):
+    """`block_rows` picks the blocks' least height (perf compares 64 and 128 rows); ours keeps one block."""
+    model = load_model(tiny_models["gqa-tied"], torch.float32, CPU)
+    ids, mask = build_batch(model.tokenizer, PROMPTS, 16, 1)
+    engine = SplitLlama(model.config, model.state_dict, Plain(), CPU, torch.float32, block_rows=8)
+    assert engine.causal_blocks(1, 16).starts == (0, 8, 16)
+    err = compare(engine.timed_forward(ids, mask)[0], reference_logits(model.config, model.state_dict, ids, mask))
+    assert err["rel_logit_error"] <= 1e-4
+    ours = SplitLlama(model.config, model.state_dict, make_scheme("matrix"), CPU, torch.float32, block_rows=8)
+    assert ours.causal_blocks(1, 16).starts == (0, 16)
+
+
 def test_masked_schemes_ignore_overlap(tiny_models):
     model = load_model(tiny_models["gqa-tied"], torch.float32, CPU)
     for scheme in ("matrix", "otp"):

@@ -83,6 +83,7 @@ def test_causal_blocks_equal_the_full_attention():
     torch.testing.assert_close(one.softmax(one.scores(q, k_t), bias), full_probs)
     assert one.shape == (batch, heads, n, n) and CausalBlocks.of(1, 1, 63).starts == (0, 63)
     assert CausalBlocks.of(1, 1, 512).starts == tuple(range(0, 513, 64))
+    assert CausalBlocks.of(1, 1, 512, rows=128).starts == (0, 128, 256, 384, 512)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -105,7 +106,7 @@ def test_perf_counts_and_variants():
             perf.parse_counts(bad, "--lengths")
     names = [v[0] for v in perf.variants(cuda=True, ablations=True, thread_sweep="4")]
     assert names == ["optimized", "ours", "otp", "optimized_overlap", "optimized_pageable", "optimized_full_scores",
-                     "otp_full_scores", "optimized_threads4", "ours_threads4", "otp_threads4"]
+                     "otp_full_scores", "optimized_blocks128", "optimized_threads4", "ours_threads4", "otp_threads4"]
     assert [v[0] for v in perf.variants(cuda=True, ablations=False, thread_sweep=None)] == [
         "optimized", "ours", "otp", "optimized_overlap"]
     assert [v[0] for v in perf.variants(cuda=False, ablations=False, thread_sweep=None)] == ["optimized", "ours", "otp"]
