@@ -26,16 +26,17 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 mkdir -p "$work/runners" "$work/precision"
 exec > >(tee "$out/log.txt") 2>&1
+step() { echo "== [${SECONDS}s] $* =="; }  # seconds since the start: how long each step took, for planning runs
 python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, \
 'cuda', torch.cuda.is_available() and torch.cuda.get_device_name(0), 'threads', torch.get_num_threads())"
 
-echo "== in-process comparison: split runners, TEE-only (bfloat16), transformers on CPU and GPU =="
+step "in-process comparison: split runners, TEE-only (bfloat16), transformers on CPU and GPU"
 python -m splitinfer.perf --model "preset:$preset" --lengths "$lengths" --dtype float16 --tee-dtype bfloat16 \
   --warmup 2 --repeat 5 ${thread_sweep:+--thread-sweep "$thread_sweep"} --profile --out-dir "$work/perf"
 cp "$work/perf/perf.json" "$out/perf.json"
 cp "$work/perf/profile.txt" "$out/profile.txt"
 
-echo "== the same with spinning OpenMP threads (OMP_WAIT_POLICY=ACTIVE), baselines included =="
+step "the same with spinning OpenMP threads (OMP_WAIT_POLICY=ACTIVE), baselines included"
 OMP_WAIT_POLICY=ACTIVE python -m splitinfer.perf --model "preset:$preset" --lengths "$lengths" --dtype float16 \
   --tee-dtype bfloat16 --warmup 2 --repeat 5 --no-ablations --out-dir "$work/spin" || true
 cp "$work/spin/perf.json" "$out/perf_spin.json" || true
@@ -51,14 +52,14 @@ print(f"{target}: {len(merged)} results")
 PY
 }
 
-echo "== float16 precision of each scheme against the float32 reference (smollm2-135m shape, 3 mask seeds) =="
+step "float16 precision of each scheme against the float32 reference (smollm2-135m shape, 3 mask seeds)"
 python -m splitinfer.precision --model preset:smollm2-135m --length "$precision_length" --seeds 1,2,3 \
   --out "$work/precision/batch1.json" || true
 python -m splitinfer.precision --model preset:smollm2-135m --length "$precision_length" --seeds 1,2,3 \
   --batch-size 2 --ragged --out "$work/precision/batch2_ragged.json" || true
 merge precision
 
-echo "== each runner in its own process: the first inference, then 3 more =="
+step "each runner in its own process: the first inference, then 3 more"
 for n in ${lengths//,/ }; do
   for runner in optimized ours otp; do
     python "$root/tee_gpu/tee_runner_$runner.py" --model "preset:$preset" --prefill-length $n --dtype float16 \
@@ -70,4 +71,4 @@ for n in ${lengths//,/ }; do
     --repeat 2 --no-reference --output "$work/runners/tee_only_n$n.json" 2>&1 | tail -2 || true
   merge runners  # after each length, so that a run cut short still returns what it measured
 done
-echo "wrote $(ls "$out" | tr '\n' ' ')to $out"
+echo "wrote $(ls "$out" | tr '\n' ' ')to $out in ${SECONDS}s"
