@@ -285,7 +285,7 @@ class SplitLlama:
         if not self.overlap:
             host = self.link.to_tee(x, kind)
             return self.link.to_gpu(self.tee(op, by_parts, step, parts, host, out), kind, layer)
-        with self.metrics.overlapped(self.link.copies_back):
+        with self.metrics.overlapped(kind, self.link.copies_back):
             result = self.link.gpu_empty(out_shape, x.dtype)  # before the copies in, so as not to wait for them
             host, arrivals = self.link.to_tee_in_parts(x, parts, kind)
             for r, (arrival, part, into, target) in enumerate(zip(arrivals, parts(host), parts(out), parts(result))):

@@ -42,8 +42,9 @@ class Metrics:
         self.layer: int | None = None  # the decoder layer being run, for the per-layer table
         self.layer_ms: dict[int, dict[str, float]] = defaultdict(lambda: defaultdict(float))
         self.pending: list[tuple[str, str, int | None, torch.cuda.Event, torch.cuda.Event]] = []
-        # overlapped regions: (layer, start, end, their first and past-the-last pending index, host-timed ms)
-        self.sections: list[tuple[int | None, torch.cuda.Event, torch.cuda.Event, int, int, float]] = []
+        # overlapped regions: (op kind, layer, start, end, their first and past-the-last pending index,
+        # host-timed ms)
+        self.sections: list[tuple[str, int | None, torch.cuda.Event, torch.cuda.Event, int, int, float]] = []
 
     def _add(self, category: str, op: str, layer: int | None, elapsed: float) -> None:
         self.ms[category][op] += elapsed
@@ -75,11 +76,12 @@ class Metrics:
             self._add(category, op, self.layer, (time.perf_counter() - start_s) * 1e3)
 
     @contextmanager
-    def overlapped(self, copies_back: torch.cuda.Stream | None) -> Iterator[None]:
+    def overlapped(self, op: str, copies_back: torch.cuda.Stream | None) -> Iterator[None]:
         """A region whose copies run while the TEE works. The time they share is what the region's timed
         work adds up to (device regions by their events, TEE regions by the host clock) less the time the
         region took: from its start on the current stream to the end of its last copy back, queued on
-        `copies_back`. Gaps in the region make this a lower bound. Without CUDA nothing overlaps."""
+        `copies_back`. Gaps in the region make this a lower bound. It is kept under the op kind `op` of
+        the hop. Without CUDA nothing overlaps."""
         if self.device.type != "cuda":
             yield
             return
@@ -90,7 +92,7 @@ class Metrics:
             yield
         finally:
             end.record(copies_back)
-            self.sections.append((self.layer, start, end, first, len(self.pending), self._host_ms() - host_ms))
+            self.sections.append((op, self.layer, start, end, first, len(self.pending), self._host_ms() - host_ms))
 
     def _host_ms(self) -> float:
         """The host-timed online milliseconds so far (device regions wait in `pending` until the end)."""
@@ -120,9 +122,9 @@ class Metrics:
             synchronize(self.device)
             self.total_ms = (time.perf_counter() - start) * 1e3
             elapsed = [begin.elapsed_time(end) for _, _, _, begin, end in self.pending]
-            for layer, begin, end, first, last, host_ms in self.sections:
+            for op, layer, begin, end, first, last, host_ms in self.sections:
                 shared = sum(elapsed[first:last]) + host_ms - begin.elapsed_time(end)
-                self._add("overlap", "copies with TEE work", layer, max(0.0, shared))
+                self._add("overlap", op, layer, max(0.0, shared))
                 self.spare_events += (begin, end)
             for (category, op, layer, begin, end), ms in zip(self.pending, elapsed):
                 self._add(category, op, layer, ms)
