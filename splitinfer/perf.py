@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="time only the split runners (no TEE-only baseline, no transformers, no ratios)")
     p.add_argument("--no-ablations", action="store_true",
                    help="on CUDA, skip the pageable-copy, full-scores and 128-row-block variants of the split runners")
+    p.add_argument("--no-overlap", action="store_true",
+                   help="on CUDA, skip the plain split with copies overlapping the TEE's work (optimized_overlap)")
     p.add_argument("--profile", action="store_true",
                    help="also profile one more inference of each split runner (torch.profiler) into profile.txt")
     return p
@@ -96,15 +98,15 @@ def time_engine(engine: SplitLlama, ids, mask, warmup: int, repeat: int) -> tupl
     return out, runs[-1][0]
 
 
-def variants(cuda: bool, ablations: bool, thread_sweep: str | None) -> list[tuple[str, str, dict, int | None]]:
+def variants(overlap: bool, ablations: bool, thread_sweep: str | None) -> list[tuple[str, str, dict, int | None]]:
     """(label, scheme, engine options, threads) of every split engine to time: the three runners as they
-    ship; on CUDA (`cuda`) the plain split with copies overlapping the TEE's work, which is off by
+    ship; the plain split with copies overlapping the TEE's work (`overlap`: on CUDA), which is off by
     default until measured; ablations on the same machine (`ablations`: on CUDA): the plain split with
     pageable copies (what the pinned staging buys), the plain split and otp with the full n×n scores
     (what the causal block triangle buys), and the plain split with blocks of at least 128 rows (half as
     many ops, a little more of n²); and each runner at each thread count of the sweep."""
     out = [(method, scheme, {}, None) for method, scheme in RUNNERS.items()]
-    if cuda:
+    if overlap:
         out.append(("optimized_overlap", "plain", {"overlap": True}, None))
     if ablations:
         out.append(("optimized_pageable", "plain", {"pinned": False}, None))
@@ -168,7 +170,8 @@ def measure(args) -> dict:
     tee_name = args.tee_dtype or ("bfloat16" if cuda else dtype_name)
     dtype, tee_dtype = DTYPES[dtype_name], DTYPES[tee_name]
     lengths = parse_counts(args.lengths, "--lengths")
-    split_variants = variants(cuda, cuda and not args.no_ablations, args.thread_sweep)  # a bad sweep fails before loading
+    split_variants = variants(cuda and not args.no_overlap, cuda and not args.no_ablations,
+                              args.thread_sweep)  # a bad sweep fails before loading
     prompts = read_prompts(DEFAULT_PROMPTS)
     progress(f"loading {args.model} ({dtype_name}; TEE-only {tee_name})")
     model = load_model(args.model, dtype, gpu_device)

@@ -32,7 +32,7 @@ def test_ratios_and_logits_against_the_plain_split(tiny_models, tmp_path, capsys
 
 def test_a_failing_variant_is_recorded_and_the_rest_still_run(tiny_models, tmp_path, monkeypatch, capsys):
     """One ablation failing on a lent GPU must not cost the whole comparison."""
-    monkeypatch.setattr(perf, "variants", lambda cuda, ablations, sweep: [
+    monkeypatch.setattr(perf, "variants", lambda overlap, ablations, sweep: [
         ("optimized", "plain", {}, None), ("ours", "matrix", {}, None), ("otp", "otp", {}, None),
         ("optimized_overlap", "plain", {"overlap": True}, None), ("optimized_threads1", "plain", {}, 1)])
 

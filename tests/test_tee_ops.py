@@ -104,12 +104,12 @@ def test_perf_counts_and_variants():
     for bad in ("4,x", "0"):
         with pytest.raises(UserError):
             perf.parse_counts(bad, "--lengths")
-    names = [v[0] for v in perf.variants(cuda=True, ablations=True, thread_sweep="4")]
+    names = [v[0] for v in perf.variants(overlap=True, ablations=True, thread_sweep="4")]
     assert names == ["optimized", "ours", "otp", "optimized_overlap", "optimized_pageable", "optimized_full_scores",
                      "otp_full_scores", "optimized_blocks128", "optimized_threads4", "ours_threads4", "otp_threads4"]
-    assert [v[0] for v in perf.variants(cuda=True, ablations=False, thread_sweep=None)] == [
+    assert [v[0] for v in perf.variants(overlap=True, ablations=False, thread_sweep=None)] == [
         "optimized", "ours", "otp", "optimized_overlap"]
-    assert [v[0] for v in perf.variants(cuda=False, ablations=False, thread_sweep=None)] == ["optimized", "ours", "otp"]
+    assert [v[0] for v in perf.variants(overlap=False, ablations=False, thread_sweep=None)] == ["optimized", "ours", "otp"]
 
 
 def test_one_line_errors(capsys):
