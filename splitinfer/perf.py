@@ -9,7 +9,8 @@ first inference in this process, after its own set-up. Engines are built one at 
 large presets fit. Each split engine's logits are compared with the plain split's
 (`rel_diff_from_optimized`: 0 for a variant that computes the same thing another way, rounding for a
 masked scheme). A variant beyond the three runners that fails (a CUDA error, say) is recorded as
-`{"error": ...}` and the rest still run.
+`{"error": ...}` and the rest still run; a failure that ends the run still writes what was measured
+before it, marked `incomplete`.
 """
 from __future__ import annotations
 
@@ -163,7 +164,8 @@ def profile_engine(engine: SplitLlama, ids, mask, title: str) -> str:
     return f"== {title}\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
 
 
-def measure(args) -> dict:
+def measure(args, results: dict) -> None:
+    """Fill `results` as each figure is taken, so that a run cut short still holds what it measured."""
     gpu_device, fallback = resolve_gpu_device(args.gpu_device)
     cuda = gpu_device.type == "cuda"
     dtype_name = args.dtype or ("float16" if cuda else "float32")
@@ -176,13 +178,14 @@ def measure(args) -> dict:
     progress(f"loading {args.model} ({dtype_name}; TEE-only {tee_name})")
     model = load_model(args.model, dtype, gpu_device)
     state = model.state_dict
-    results: dict = {"lengths": {}}
+    results["lengths"] = {}
     profiles: list[str] = []
     for n in lengths:
         if n > model.config.max_position_embeddings:
             raise UserError(f"length {n} exceeds max_position_embeddings ({model.config.max_position_embeddings})")
         ids, mask = build_batch(model.tokenizer, prompts, n, args.batch_size)
         row: dict = {}
+        results["lengths"][n] = row
         plain_logits = None
         for method, scheme, options, threads in split_variants:
             progress(f"{n} tokens: {method}")
@@ -207,7 +210,6 @@ def measure(args) -> dict:
             plain_logits = logits if method == "optimized" else plain_logits
             row[method]["rel_diff_from_optimized"] = compare(logits, plain_logits)["rel_logit_error"]
         if args.split_only:
-            results["lengths"][n] = row
             continue
         progress(f"{n} tokens: tee_only ({tee_name})")
         engine = SplitLlama(model.config, state, make_scheme("plain"), torch.device("cpu"), tee_dtype, tee_only=True)
@@ -227,7 +229,6 @@ def measure(args) -> dict:
             del hf
             gc.collect()
         row["ratios"] = ratios(row)
-        results["lengths"][n] = row
     results["setup"] = {"model": model.name, "random_weights": model.random_weights, "dtype": dtype_name,
                         "tee_dtype": tee_name, "batch_size": args.batch_size, "gpu_device": str(gpu_device),
                         "gpu_fallback_to_cpu": fallback, "warmup": args.warmup, "repeat": args.repeat}
@@ -238,7 +239,6 @@ def measure(args) -> dict:
         results["copy_bandwidth"] = copy_bandwidth(gpu_device)
     results["memory"] = memory_block(gpu_device, 0)
     results["environment"] = environment_block(gpu_device, fallback, torch.get_num_threads())
-    return results
 
 
 def ratios(row: dict) -> dict:
@@ -286,9 +286,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     os.makedirs(args.out_dir, exist_ok=True)
-    results = measure(args)
-    print_table(results)
     path = os.path.join(args.out_dir, "perf.json")
+    results: dict = {}
+    try:
+        measure(args, results)
+    except RuntimeError as e:  # a CUDA failure mid-run poisons the rest: keep what was measured, marked so
+        results["incomplete"] = str(e).splitlines()[0]
+        write_json(path, results)
+        progress(f"wrote the figures taken before the failure to {path}")
+        raise
+    print_table(results)
     write_json(path, results)
     progress(f"wrote {path}")
     return 0

@@ -48,3 +48,21 @@ def test_a_failing_variant_is_recorded_and_the_rest_still_run(tiny_models, tmp_p
     assert row["optimized_threads1"]["rel_diff_from_optimized"] < 1e-5  # the same function, other threads
     out, err = capsys.readouterr()
     assert "optimized_overlap    failed: CUDA error" in out and "warning: optimized_overlap failed" in err
+
+
+def test_a_run_cut_short_keeps_what_it_measured(tiny_models, tmp_path, monkeypatch):
+    """A CUDA failure past the variants (here in the TEE-only engine) poisons the process: perf.json still
+    gets every figure taken before it, marked incomplete, and the error still ends the run."""
+    class Failing(SplitLlama):
+        def __init__(self, *args, tee_only: bool = False, **kwargs):
+            if tee_only:
+                raise RuntimeError("CUDA error: unspecified launch failure")
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(perf, "SplitLlama", Failing)
+    with pytest.raises(RuntimeError):
+        perf.main(["--model", tiny_models["gqa-tied"], "--lengths", "8", "--warmup", "0", "--repeat", "1",
+                   "--out-dir", str(tmp_path)])
+    result = json.loads((tmp_path / "perf.json").read_text())
+    assert result["incomplete"] == "CUDA error: unspecified launch failure"
+    assert set(result["lengths"]["8"]) == {"optimized", "ours", "otp"}
