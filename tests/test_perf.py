@@ -9,10 +9,25 @@ from splitinfer import perf
 from splitinfer.engine import SplitLlama
 
 
+def perf_argv(tiny_models, tmp_path, lengths: str = "8,16") -> list[str]:
+    return ["--model", tiny_models["gqa-tied"], "--lengths", lengths, "--warmup", "0", "--repeat", "1",
+            "--out-dir", str(tmp_path)]
+
+
 def run_perf(tiny_models, tmp_path, *extra: str) -> dict:
-    assert perf.main(["--model", tiny_models["gqa-tied"], "--lengths", "8,16", "--warmup", "0", "--repeat", "1",
-                      "--out-dir", str(tmp_path), *extra]) == 0
+    assert perf.main([*perf_argv(tiny_models, tmp_path), *extra]) == 0
     return json.loads((tmp_path / "perf.json").read_text())["lengths"]
+
+
+def failing_engine(option: str, message: str) -> type[SplitLlama]:
+    """A SplitLlama that fails, as a CUDA error would, when built with `option` set."""
+    class Failing(SplitLlama):
+        def __init__(self, *args, **kwargs):
+            if kwargs.get(option):
+                raise RuntimeError(message)
+            super().__init__(*args, **kwargs)
+
+    return Failing
 
 
 def test_ratios_and_logits_against_the_plain_split(tiny_models, tmp_path, capsys):
@@ -35,14 +50,8 @@ def test_a_failing_variant_is_recorded_and_the_rest_still_run(tiny_models, tmp_p
     monkeypatch.setattr(perf, "variants", lambda overlap, ablations, sweep: [
         ("optimized", "plain", {}, None), ("ours", "matrix", {}, None), ("otp", "otp", {}, None),
         ("optimized_overlap", "plain", {"overlap": True}, None), ("optimized_threads1", "plain", {}, 1)])
-
-    class Failing(SplitLlama):
-        def __init__(self, *args, overlap: bool = False, **kwargs):
-            if overlap:
-                raise RuntimeError("CUDA error: an illegal memory access was encountered\nmore detail")
-            super().__init__(*args, **kwargs)
-
-    monkeypatch.setattr(perf, "SplitLlama", Failing)
+    monkeypatch.setattr(perf, "SplitLlama", failing_engine(
+        "overlap", "CUDA error: an illegal memory access was encountered\nmore detail"))
     row = run_perf(tiny_models, tmp_path, "--split-only")["8"]
     assert row["optimized_overlap"] == {"error": "CUDA error: an illegal memory access was encountered"}
     assert row["optimized_threads1"]["rel_diff_from_optimized"] < 1e-5  # the same function, other threads
@@ -53,16 +62,9 @@ def test_a_failing_variant_is_recorded_and_the_rest_still_run(tiny_models, tmp_p
 def test_a_run_cut_short_keeps_what_it_measured(tiny_models, tmp_path, monkeypatch):
     """A CUDA failure past the variants (here in the TEE-only engine) poisons the process: perf.json still
     gets every figure taken before it, marked incomplete, and the error still ends the run."""
-    class Failing(SplitLlama):
-        def __init__(self, *args, tee_only: bool = False, **kwargs):
-            if tee_only:
-                raise RuntimeError("CUDA error: unspecified launch failure")
-            super().__init__(*args, **kwargs)
-
-    monkeypatch.setattr(perf, "SplitLlama", Failing)
+    monkeypatch.setattr(perf, "SplitLlama", failing_engine("tee_only", "CUDA error: unspecified launch failure"))
     with pytest.raises(RuntimeError):
-        perf.main(["--model", tiny_models["gqa-tied"], "--lengths", "8", "--warmup", "0", "--repeat", "1",
-                   "--out-dir", str(tmp_path)])
+        perf.main(perf_argv(tiny_models, tmp_path, lengths="8"))
     result = json.loads((tmp_path / "perf.json").read_text())
     assert result["incomplete"] == "CUDA error: unspecified launch failure"
     assert set(result["lengths"]["8"]) == {"optimized", "ours", "otp"}
