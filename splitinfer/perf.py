@@ -21,7 +21,11 @@ import statistics
 import sys
 import time
 
-import torch
+if __name__ == "__main__":  # run as an entry point: before torch loads OpenMP
+    from splitinfer import spin_idle_threads
+    spin_idle_threads()
+
+import torch  # noqa: E402
 
 from splitinfer.cli import DTYPES, OneLineParser, progress, resolve_gpu_device
 from splitinfer.engine import SplitLlama

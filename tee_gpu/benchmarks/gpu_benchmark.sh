@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
 # The GPU benchmark: one script for a GPU machine (random presets only: it needs no network and no gguf).
-# Writes six files to OUT_DIR, each as soon as its step is done:
-#   perf.json        the in-process comparison, its ratios, the overlapped plain split and the ablations
-#   perf_spin.json   the same comparison with OMP_WAIT_POLICY=ACTIVE (TEE threads spin between ops)
-#   profile.txt      torch.profiler tables of one inference of each split runner
-#   precision.json   float16 logit error of each scheme against the float32 reference, 3 mask seeds
-#   runners.json     every runner's own JSON (and the plain one with --overlap), each in a fresh process:
-#                    first inference, memory, logit error
-#   log.txt
+# Writes six files to OUT_DIR, each as soon as its step is done, most needed first (a run cut short keeps them):
+#   perf.json          the in-process comparison, its ratios, the overlapped plain split and the ablations,
+#                      with the TEE's idle OpenMP threads spinning (the runners' default: splitinfer.spin_idle_threads)
+#   profile.txt        torch.profiler tables of one inference of each split runner
+#   runners.json       every runner's own JSON (and the plain one with --overlap), each in a fresh process:
+#                      first inference, memory, logit error
+#   perf_no_spin.json  the comparison again with OpenMP's own wait policy (SPLITINFER_SPIN=0), no ablations
+#   precision.json     float16 logit error of each scheme against the float32 reference, 3 mask seeds
+#   log.txt            with the seconds since the start at each step
 # About 6 minutes on one H200 (2026-11-26), before the full-scores and block-size ablations, the overlapped
-# plain split and its smoke test were added (expect ~9; the spin pass skips the ablations but not the
-# overlap). A CUDA failure in any pass does not stop the passes after it;
-# THREAD_SWEEP=4,8 adds thread-count ablations (~2 minutes).
+# plain split and its smoke test were added. A CUDA failure in any pass does not stop the passes after it;
+# THREAD_SWEEP=4,8 adds thread-count ablations to the first pass (~1 minute per count).
 # Usage: bash tee_gpu/benchmarks/gpu_benchmark.sh OUT_DIR [PRESET]   (PRESET defaults to llama-3.2-1b)
 # LENGTHS=128,512 and PRECISION_LENGTH=128 may be overridden (tiny values for a dry run on a CPU).
 set -euo pipefail
@@ -47,11 +47,6 @@ python -m splitinfer.perf --model "preset:$preset" --lengths "$lengths" --dtype 
 cp "$work/perf/perf.json" "$out/perf.json" || true
 cp "$work/perf/profile.txt" "$out/profile.txt" || true
 
-step "the same with spinning OpenMP threads (OMP_WAIT_POLICY=ACTIVE), baselines included"
-OMP_WAIT_POLICY=ACTIVE python -m splitinfer.perf --model "preset:$preset" --lengths "$lengths" --dtype float16 \
-  --tee-dtype bfloat16 --warmup 2 --repeat 5 --no-ablations $no_overlap --out-dir "$work/spin" || true
-cp "$work/spin/perf.json" "$out/perf_spin.json" || true
-
 merge() {  # every JSON of one group into OUT_DIR/GROUP.json, written as soon as the group is done
   python - "$work/$1" "$out/$1.json" <<'PY'
 import glob, json, os, sys
@@ -62,13 +57,6 @@ with open(target, "w") as f:
 print(f"{target}: {len(merged)} results")
 PY
 }
-
-step "float16 precision of each scheme against the float32 reference (smollm2-135m shape, 3 mask seeds)"
-python -m splitinfer.precision --model preset:smollm2-135m --length "$precision_length" --seeds 1,2,3 \
-  --out "$work/precision/batch1.json" || true
-python -m splitinfer.precision --model preset:smollm2-135m --length "$precision_length" --seeds 1,2,3 \
-  --batch-size 2 --ragged --out "$work/precision/batch2_ragged.json" || true
-merge precision
 
 step "each runner in its own process: the first inference, then 3 more"
 for n in ${lengths//,/ }; do
@@ -82,4 +70,17 @@ for n in ${lengths//,/ }; do
     --repeat 2 --no-reference --output "$work/runners/tee_only_n$n.json" 2>&1 | tail -2 || true
   merge runners  # after each length, so that a run cut short still returns what it measured
 done
+
+step "the same with OpenMP's own wait policy (SPLITINFER_SPIN=0: idle threads spin briefly, then sleep), baselines included"
+SPLITINFER_SPIN=0 python -m splitinfer.perf --model "preset:$preset" --lengths "$lengths" --dtype float16 \
+  --tee-dtype bfloat16 --warmup 2 --repeat 5 --no-ablations $no_overlap --out-dir "$work/no_spin" || true
+cp "$work/no_spin/perf.json" "$out/perf_no_spin.json" || true
+
+step "float16 precision of each scheme against the float32 reference (smollm2-135m shape, 3 mask seeds)"
+python -m splitinfer.precision --model preset:smollm2-135m --length "$precision_length" --seeds 1,2,3 \
+  --out "$work/precision/batch1.json" || true
+python -m splitinfer.precision --model preset:smollm2-135m --length "$precision_length" --seeds 1,2,3 \
+  --batch-size 2 --ragged --out "$work/precision/batch2_ragged.json" || true
+merge precision
+
 echo "wrote $(ls "$out" | tr '\n' ' ')to $out in ${SECONDS}s"
