@@ -21,11 +21,7 @@ import statistics
 import sys
 import time
 
-if __name__ == "__main__":  # run as an entry point: before torch loads OpenMP
-    from splitinfer import spin_idle_threads
-    spin_idle_threads()
-
-import torch  # noqa: E402
+import torch
 
 from splitinfer.cli import DTYPES, OneLineParser, progress, resolve_gpu_device
 from splitinfer.engine import SplitLlama

@@ -6,9 +6,6 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-import splitinfer  # noqa: E402
-
-splitinfer.spin_idle_threads()  # before torch loads OpenMP
 from splitinfer.cli import main  # noqa: E402
 
 if __name__ == "__main__":

@@ -60,7 +60,8 @@ def test_masked_softmax_blocks_future_and_padding(dtype):
 
 def test_causal_blocks_equal_the_full_attention():
     """Scores, softmax and P·V over uneven row blocks, with GQA and a padded sequence, against the full
-    n×n computation; and the packed size is the block triangle."""
+    n×n computation, block by block and packed from (and unpacked into) full matrices; and the packed size
+    is the block triangle."""
     torch.manual_seed(3)
     batch, heads, groups, n, head_dim = 2, 4, 2, 11, 8
     blocks = CausalBlocks(batch, heads, (0, 3, 4, 9, 11))
@@ -73,6 +74,11 @@ def test_causal_blocks_equal_the_full_attention():
     for (start, end), block in zip(blocks.spans, blocks.views(probs)):
         torch.testing.assert_close(block, full_probs[..., start:end, :end])
     torch.testing.assert_close(blocks.attend(probs, v), grouped_matmul(full_probs, v))
+    full_scores = grouped_matmul(q, k_t)  # the CUDA form: one product, then one gather; one scatter before P·V
+    for (start, end), block in zip(blocks.spans, blocks.views(blocks.pack(full_scores))):
+        assert torch.equal(block, full_scores[..., start:end, :end])
+    assert torch.equal(blocks.pack(blocks.unpack(probs)), probs)
+    torch.testing.assert_close(blocks.unpack(probs), full_probs)  # zero above the block triangle, as causal
     unpadded = torch.ones(batch, n, dtype=torch.long)
     causal_bias = attention_bias(unpadded, torch.float32)
     full_causal = masked_softmax(grouped_matmul(q, k_t), causal_bias)

@@ -1,12 +1,11 @@
 #!/usr/bin/env bash
 # The GPU benchmark: one script for a GPU machine (random presets only: it needs no network and no gguf).
 # Writes six files to OUT_DIR, each as soon as its step is done, most needed first (a run cut short keeps them):
-#   perf.json          the in-process comparison, its ratios, the overlapped plain split and the ablations,
-#                      with the TEE's idle OpenMP threads spinning (the runners' default: splitinfer.spin_idle_threads)
+#   perf.json          the in-process comparison, its ratios, the overlapped plain split and the ablations
 #   profile.txt        torch.profiler tables of one inference of each split runner
 #   runners.json       every runner's own JSON (and the plain one with --overlap), each in a fresh process:
 #                      first inference, memory, logit error
-#   perf_no_spin.json  the comparison again with OpenMP's own wait policy (SPLITINFER_SPIN=0), no ablations
+#   perf_spin.json     the comparison again with OMP_WAIT_POLICY=ACTIVE (idle TEE threads spin), no ablations
 #   precision.json     float16 logit error of each scheme against the float32 reference, 3 mask seeds
 #   log.txt            with the seconds since the start at each step
 # About 6 minutes on one H200 (2026-11-26), before the full-scores and block-size ablations, the overlapped
@@ -71,10 +70,10 @@ for n in ${lengths//,/ }; do
   merge runners  # after each length, so that a run cut short still returns what it measured
 done
 
-step "the same with OpenMP's own wait policy (SPLITINFER_SPIN=0: idle threads spin briefly, then sleep), baselines included"
-SPLITINFER_SPIN=0 python -m splitinfer.perf --model "preset:$preset" --lengths "$lengths" --dtype float16 \
-  --tee-dtype bfloat16 --warmup 2 --repeat 5 --no-ablations $no_overlap --out-dir "$work/no_spin" || true
-cp "$work/no_spin/perf.json" "$out/perf_no_spin.json" || true
+step "the same with spinning OpenMP threads (OMP_WAIT_POLICY=ACTIVE), baselines included"
+OMP_WAIT_POLICY=ACTIVE python -m splitinfer.perf --model "preset:$preset" --lengths "$lengths" --dtype float16 \
+  --tee-dtype bfloat16 --warmup 2 --repeat 5 --no-ablations $no_overlap --out-dir "$work/spin" || true
+cp "$work/spin/perf.json" "$out/perf_spin.json" || true
 
 step "float16 precision of each scheme against the float32 reference (smollm2-135m shape, 3 mask seeds)"
 python -m splitinfer.precision --model preset:smollm2-135m --length "$precision_length" --seeds 1,2,3 \
