@@ -103,6 +103,7 @@ class Matrix(Plain):
             self.encryption_scheme = self.encryption_scheme.replace("ABᵀ", f"ABᵀ, rank {rank}, mix scale {mix_scale:g}")
 
     def prepare(self, linears, matmuls, weights=None, dtype=torch.float32) -> int:
+        self.linear_masks, self.matmul_masks = {}, {}  # the last inference's masks go before these are drawn
         self.linear_masks = {name: self._mixing_mask(shape) for name, shape in linears.items()}
         self.matmul_masks = {name: self._matmul_mask(a, b, dtype) for name, (a, b) in matmuls.items()}
         tensors = [t for m in (*self.linear_masks.values(), *self.matmul_masks.values()) for t in m.values()]
@@ -215,18 +216,16 @@ class Otp(Plain):
         self.pad_scale = pad_scale
 
     def prepare(self, linears, matmuls, weights=None, dtype=torch.float32) -> int:
+        # The last inference's pads go before this one's are drawn: kept until the loop below, they were 637 MiB
+        # of the peak (VM, 1B shape, 512 tokens, float16: the second offline phase)
+        self.linear_pads, self.matmul_pads = {}, {}
         # The attention pads are exact in any dtype (masking and recovery use the same stored values), so they
         # are kept in the model's: half the memory of float32 for the largest pads, the [n, n] ones.
         noises = iter(self._gaussians([*linears.values(), *(shape for pair in matmuls.values() for shape in pair)],
                                       [dtype] * (len(linears) + 2 * len(matmuls))))
-        self.linear_pads = {}
         for name in linears:  # one weight at a time in the TEE
             noise = next(noises)
-            # N Wᵀ costs as much as the linear itself. Multiplied in float32, which the CPU does far faster
-            # than half precision (VM, default model, 512 tokens: offline 0.75 s against 2.4 s), and kept
-            # in the model's dtype, as the half-precision product was before (stored as float32 then, at
-            # twice the memory; the logits come out the same either way)
-            self.linear_pads[name] = (noise, (noise.float() @ weights(name).float().T).to(dtype))
+            self.linear_pads[name] = (noise, _float32_product(noise, weights(name), dtype))
         self.matmul_pads = {name: (next(noises), next(noises)) for name in matmuls}
         tensors = [t for pads in (*self.linear_pads.values(), *self.matmul_pads.values()) for t in pads]
         return sum(t.numel() * t.element_size() for t in tensors)
@@ -270,6 +269,22 @@ class Otp(Plain):
             cross = product(a.float(), pad_b.float()).add_(product(pad_a.float(), masked_b.float()))
         # added in float32, rounded once (VM, 4.7 M scores: 0.78 ms against 1.22 for a float16 `out=`)
         return cross.add_(c).to(c.dtype)
+
+
+def _float32_product(x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype, block_bytes: int = 64 * 2 ** 20
+                     ) -> torch.Tensor:
+    """x Wᵀ multiplied in float32 and kept in `dtype`.
+
+    float32 because the CPU multiplies it far faster than half precision (VM, default model, 512 tokens:
+    otp's offline phase 0.75 s against 2.4 s); kept in the model's dtype, as a half-precision product
+    was before (the logits come out the same). W is converted a block of rows at a time: a float32 copy of
+    the 1B shape's whole LM head would be 1 GiB, and it set the peak of otp's offline phase (VM, 512 tokens,
+    float16: 2072 MiB over the setup before, 919 after, of which the pads are 784)."""
+    x32, rows = x.float(), max(1, block_bytes // (4 * weight.shape[1]))
+    out = torch.empty(*x.shape[:-1], weight.shape[0], dtype=dtype)
+    for start in range(0, weight.shape[0], rows):
+        out[..., start:start + rows] = x32 @ weight[start:start + rows].float().T
+    return out
 
 
 def _permute_rows(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,7 @@ import pytest
 import torch
 from conftest import VARIANTS
 
+from splitinfer import schemes
 from splitinfer.engine import SplitLlama
 from splitinfer.inputs import build_batch
 from splitinfer.models import load_model
@@ -45,6 +46,34 @@ def test_matmul_recovery(scheme_cls, heads, groups):
     assert b_masked.shape == b.shape  # the K/V side is never expanded to the query heads
     c = scheme.recover_matmul(grouped_matmul(a_masked, b_masked), secret)
     torch.testing.assert_close(c, grouped_matmul(a, b), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_otp_pad_product_in_row_blocks(dtype):
+    """otp's offline N·Wᵀ converts W to float32 a block of rows at a time (uneven blocks here: 37 rows in
+    blocks of 8), and equals the product of whole float32 copies, kept in the model's dtype."""
+    noise = torch.randn(3, 5, 16).to(dtype)
+    weight = torch.randn(37, 16).to(dtype)
+    product = schemes._float32_product(noise, weight, dtype, block_bytes=4 * 16 * 8)
+    assert product.dtype == dtype and product.shape == (3, 5, 37)
+    torch.testing.assert_close(product, (noise.float() @ weight.float().T).to(dtype), rtol=1e-6, atol=1e-6)
+
+
+def test_otp_drops_the_last_pads_before_drawing_new_ones(monkeypatch):
+    """Each offline phase lets the last inference's pads go before drawing its own, so that two sets are
+    never held at once (they were 637 MiB of otp's peak at the 1B shape and 512 tokens)."""
+    weights, shapes = _weights(24, 16), ({"w": (2, 9, 16)}, {"s": ((1, 2, 9, 4), (1, 1, 4, 9))})
+    scheme = Otp(seed=1)
+    scheme.prepare(*shapes, weights.get)
+    held, draw = [], scheme._gaussians
+
+    def counting_draw(*args):
+        held.append(len(scheme.linear_pads) + len(scheme.matmul_pads))
+        return draw(*args)
+
+    monkeypatch.setattr(scheme, "_gaussians", counting_draw)
+    scheme.prepare(*shapes, weights.get)
+    assert held == [0] and set(scheme.linear_pads) == {"w"} and set(scheme.matmul_pads) == {"s"}
 
 
 def test_matrix_permutations_are_not_identity():

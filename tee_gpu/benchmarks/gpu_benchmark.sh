@@ -3,14 +3,16 @@
 # Writes six files to OUT_DIR, each as soon as its step is done, most needed first (a run cut short keeps them):
 #   perf.json          the in-process comparison, its ratios, the overlapped plain split and the ablations
 #   profile.txt        torch.profiler tables of one inference of each split runner
-#   runners.json       every runner's own JSON (and the plain one with --overlap), each in a fresh process:
+#   runners.json       every runner's own JSON, each in a fresh process:
 #                      first inference, memory, logit error
 #   perf_spin.json     the comparison again with OMP_WAIT_POLICY=ACTIVE (idle TEE threads spin), no ablations
 #   precision.json     float16 logit error of each scheme against the float32 reference, 3 mask seeds
 #   log.txt            with the seconds since the start at each step
-# About 6 minutes on one H200 (2026-11-26), before the full-scores and block-size ablations, the overlapped
-# plain split and its smoke test were added. A CUDA failure in any pass does not stop the passes after it;
-# THREAD_SWEEP=4,8 adds thread-count ablations to the first pass (~1 minute per count).
+# On one H100 (2026-11-26) with THREAD_SWEEP=8 the steps began at 10, 30, 194, 430 and 489 s, and the
+# precision step was cut at 520 s; since then the runners step no longer runs the overlapped plain split
+# in a process of its own (2 of its 12 processes; perf still times it), so expect about 8 minutes without
+# the sweep. A CUDA failure in any pass does not stop the passes after it;
+# THREAD_SWEEP=4,8 adds thread-count ablations to the first pass (~40 s per count).
 # Usage: bash tee_gpu/benchmarks/gpu_benchmark.sh OUT_DIR [PRESET]   (PRESET defaults to llama-3.2-1b)
 # LENGTHS=128,512 and PRECISION_LENGTH=128 may be overridden (tiny values for a dry run on a CPU).
 set -euo pipefail
@@ -63,8 +65,6 @@ for n in ${lengths//,/ }; do
     python "$root/tee_gpu/tee_runner_$runner.py" --model "preset:$preset" --prefill-length $n --dtype float16 \
       --repeat 3 --output "$work/runners/${runner}_n$n.json" 2>&1 | tail -3 || true
   done
-  [ -n "$no_overlap" ] || python "$root/tee_gpu/tee_runner_optimized.py" --model "preset:$preset" --prefill-length $n \
-    --dtype float16 --repeat 3 --overlap --output "$work/runners/optimized_overlap_n$n.json" 2>&1 | tail -3 || true
   python "$root/tee_only_llama/tee_runner.py" --model "preset:$preset" --prefill-length $n --dtype bfloat16 \
     --repeat 2 --no-reference --output "$work/runners/tee_only_n$n.json" 2>&1 | tail -2 || true
   merge runners  # after each length, so that a run cut short still returns what it measured
