@@ -18,4 +18,4 @@ PROMPTS_FILE = os.path.normpath(os.path.join(_HERE, "..", "tee_only_llama", "pro
 OTP_PAD_SCALE = 1.0          # otp: pad std as a multiple of the padded tensor's RMS
 MASK_RANK = 1                # ours: rank k of the token mixing in M = D + ABᵀ (1: the original D + αβᵀ)
 MIX_SCALE = 1.0              # ours: size of the token mixing ABᵀX against DX
-OVERLAP = False              # optimized: copies in parts, overlapping the TEE's work (CUDA; see README "Overlap")
+OVERLAP = False              # optimized: copies in parts, overlapping the TEE's work (CUDA; slower on the H100 machine, README "Overlap")
