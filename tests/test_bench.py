@@ -141,3 +141,31 @@ def test_privacy_column(results, tmp_path, capsys):
     assert bench.main(["report", "--out-dir", str(tmp_path / "x"), "--leakage", str(tmp_path / "nope.json"),
                        *pairs]) == 2
     assert "leakage file" in capsys.readouterr().err
+
+
+def test_gpu_benchmark_dry_run(tiny_models, tmp_path):
+    """gpu_benchmark.sh, the one script a lent GPU machine runs, end to end on the CPU with a tiny model:
+    every step ran (no step's failure is hidden by the script's `|| true`) and wrote what it measured."""
+    script = os.path.join(ROOT, "tee_gpu", "benchmarks", "gpu_benchmark.sh")
+    env = {**os.environ, "MODEL": tiny_models["gqa-tied"], "PRECISION_MODEL": tiny_models["gqa-tied"],
+           "LENGTHS": "8,16", "PRECISION_LENGTH": "8"}
+    out = tmp_path / "out"
+    done = subprocess.run(["bash", script, str(out)], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert sorted(os.listdir(out)) == ["log.txt", "perf.json", "perf_spin.json", "precision.json", "profile.txt",
+                                       "runners.json"]
+    log = (out / "log.txt").read_text()
+    assert log.count("== [") == 5 and "warning: --overlap failed" not in log and "Traceback" not in log
+    for name, policy in (("perf.json", None), ("perf_spin.json", "ACTIVE")):
+        perf = json.loads((out / name).read_text())
+        assert "incomplete" not in perf and set(perf["lengths"]) == {"8", "16"}
+        assert perf["environment"]["omp_wait_policy"] == policy
+        assert all("error" not in row for rows in perf["lengths"].values() for row in rows.values())
+    runners = json.loads((out / "runners.json").read_text())
+    assert set(runners) == {f"{r}_n{n}" for r in ("optimized", "ours", "otp", "tee_only") for n in (8, 16)}
+    for name, result in runners.items():
+        assert result["timing"]["total_ms"] > 0 and result["memory"]["peak_host_rss_mb"] > 0
+        if not name.startswith("tee_only"):
+            assert result["correctness"]["rel_logit_error"] < 1e-2
+    assert set(json.loads((out / "precision.json").read_text())) == {"batch1", "batch2_ragged"}
+

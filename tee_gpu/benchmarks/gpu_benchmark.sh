@@ -14,10 +14,13 @@
 # the sweep. A CUDA failure in any pass does not stop the passes after it;
 # THREAD_SWEEP=4,8 adds thread-count ablations to the first pass (~40 s per count).
 # Usage: bash tee_gpu/benchmarks/gpu_benchmark.sh OUT_DIR [PRESET]   (PRESET defaults to llama-3.2-1b)
-# LENGTHS=128,512 and PRECISION_LENGTH=128 may be overridden (tiny values for a dry run on a CPU).
+# LENGTHS=128,512 and PRECISION_LENGTH=128 may be overridden, and MODEL (default preset:PRESET) and
+# PRECISION_MODEL (default preset:smollm2-135m) too: tiny values make a dry run on a CPU (tests/test_bench.py).
 set -euo pipefail
 out=${1:?usage: gpu_benchmark.sh OUT_DIR [PRESET]}
 preset=${2:-llama-3.2-1b}
+model=${MODEL:-preset:$preset}
+precision_model=${PRECISION_MODEL:-preset:smollm2-135m}
 lengths=${LENGTHS:-128,512}
 precision_length=${PRECISION_LENGTH:-128}
 thread_sweep=${THREAD_SWEEP:-}
@@ -36,13 +39,13 @@ python -c "import torch, transformers; print('torch', torch.__version__, 'transf
 # when this was written) is first tried in a process of its own, and left out of the comparisons if it fails.
 step "smoke test: the plain runner with --overlap, in a process of its own"
 no_overlap=""
-python "$root/tee_gpu/tee_runner_optimized.py" --model "preset:$preset" --prefill-length "${lengths%%,*}" \
+python "$root/tee_gpu/tee_runner_optimized.py" --model "$model" --prefill-length "${lengths%%,*}" \
   --dtype float16 --overlap --output "$work/overlap_smoke.json" 2>&1 | tail -2 || true
 python -c "import json, sys; sys.exit(json.load(open(sys.argv[1]))['correctness']['rel_logit_error'] > 1e-2)" \
   "$work/overlap_smoke.json" 2>/dev/null || { no_overlap="--no-overlap"; echo "warning: --overlap failed or its logits are off; the comparisons leave it out"; }
 
 step "in-process comparison: split runners, TEE-only (bfloat16), transformers on CPU and GPU"
-python -m splitinfer.perf --model "preset:$preset" --lengths "$lengths" --dtype float16 --tee-dtype bfloat16 \
+python -m splitinfer.perf --model "$model" --lengths "$lengths" --dtype float16 --tee-dtype bfloat16 \
   --warmup 2 --repeat 5 ${thread_sweep:+--thread-sweep "$thread_sweep"} $no_overlap --profile \
   --out-dir "$work/perf" || true
 cp "$work/perf/perf.json" "$out/perf.json" || true
@@ -62,23 +65,23 @@ PY
 step "each runner in its own process: the first inference, then 3 more"
 for n in ${lengths//,/ }; do
   for runner in optimized ours otp; do
-    python "$root/tee_gpu/tee_runner_$runner.py" --model "preset:$preset" --prefill-length $n --dtype float16 \
+    python "$root/tee_gpu/tee_runner_$runner.py" --model "$model" --prefill-length $n --dtype float16 \
       --repeat 3 --output "$work/runners/${runner}_n$n.json" 2>&1 | tail -3 || true
   done
-  python "$root/tee_only_llama/tee_runner.py" --model "preset:$preset" --prefill-length $n --dtype bfloat16 \
+  python "$root/tee_only_llama/tee_runner.py" --model "$model" --prefill-length $n --dtype bfloat16 \
     --repeat 2 --no-reference --output "$work/runners/tee_only_n$n.json" 2>&1 | tail -2 || true
   merge runners  # after each length, so that a run cut short still returns what it measured
 done
 
 step "the same with spinning OpenMP threads (OMP_WAIT_POLICY=ACTIVE), baselines included"
-OMP_WAIT_POLICY=ACTIVE python -m splitinfer.perf --model "preset:$preset" --lengths "$lengths" --dtype float16 \
+OMP_WAIT_POLICY=ACTIVE python -m splitinfer.perf --model "$model" --lengths "$lengths" --dtype float16 \
   --tee-dtype bfloat16 --warmup 2 --repeat 5 --no-ablations $no_overlap --out-dir "$work/spin" || true
 cp "$work/spin/perf.json" "$out/perf_spin.json" || true
 
 step "float16 precision of each scheme against the float32 reference (smollm2-135m shape, 3 mask seeds)"
-python -m splitinfer.precision --model preset:smollm2-135m --length "$precision_length" --seeds 1,2,3 \
+python -m splitinfer.precision --model "$precision_model" --length "$precision_length" --seeds 1,2,3 \
   --out "$work/precision/batch1.json" || true
-python -m splitinfer.precision --model preset:smollm2-135m --length "$precision_length" --seeds 1,2,3 \
+python -m splitinfer.precision --model "$precision_model" --length "$precision_length" --seeds 1,2,3 \
   --batch-size 2 --ragged --out "$work/precision/batch2_ragged.json" || true
 merge precision
 
