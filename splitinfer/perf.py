@@ -101,11 +101,12 @@ def time_engine(engine: SplitLlama, ids, mask, warmup: int, repeat: int) -> tupl
 
 def variants(overlap: bool, ablations: bool, thread_sweep: str | None) -> list[tuple[str, str, dict, int | None]]:
     """(label, scheme, engine options, threads) of every split engine to time: the three runners as they
-    ship; the plain split with copies overlapping the TEE's work (`overlap`: on CUDA), which is off by
-    default until measured; ablations on the same machine (`ablations`: on CUDA): the plain split with
-    pageable copies (what the pinned staging buys), the plain split and otp with the full n×n scores
-    (what the causal block triangle buys), and the plain split with blocks of at least 128 rows (half as
-    many ops, a little more of n²); and each runner at each thread count of the sweep."""
+    ship; the plain split with copies overlapping the TEE's work (`overlap`: on CUDA; off by default, as
+    it measured slower on the H100 machine); ablations on the same machine (`ablations`: on CUDA): the
+    plain split with pageable copies (what the pinned staging buys), the plain split and otp with the
+    full n×n scores (what the causal block triangle buys), and the plain split with blocks of at least
+    128 rows (half as many TEE ops, a little more of n²); and each runner at each thread count of the
+    sweep."""
     out = [(method, scheme, {}, None) for method, scheme in RUNNERS.items()]
     if overlap:
         out.append(("optimized_overlap", "plain", {"overlap": True}, None))

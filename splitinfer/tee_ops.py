@@ -127,7 +127,7 @@ class CausalBlocks:
 
     Blocks are packed one after another into a flat tensor, each a contiguous [B, H, rows, keys]; one block
     is simply the [B, H, n, n] matrix. With 8 blocks (512 tokens) that is 9/16 of the n² entries (the exact
-    triangle is about 1/2), for 8 ops instead of one."""
+    triangle is about 1/2), for 8 ops instead of one in the TEE (and, on the CPU fallback, in the products)."""
 
     batch: int
     heads: int
@@ -189,14 +189,18 @@ class CausalBlocks:
 
     def pack(self, full: torch.Tensor) -> torch.Tensor:
         """The packed block triangle of full [B, H, n, n] scores: one gather."""
-        return full.reshape(-1).index_select(0, _packed_positions(self.batch, self.heads, self.starts, full.device))
+        return full.reshape(-1).index_select(0, self.positions(full.device))
 
     def unpack(self, packed: torch.Tensor) -> torch.Tensor:
         """Packed blocks -> [B, H, n, n], zero outside the block triangle: one scatter into zeros."""
         n = self.starts[-1]
         full = packed.new_zeros(self.batch, self.heads, n, n)
-        full.view(-1).index_copy_(0, _packed_positions(self.batch, self.heads, self.starts, packed.device), packed)
+        full.view(-1).index_copy_(0, self.positions(packed.device), packed)
         return full
+
+    def positions(self, device: torch.device) -> torch.Tensor:
+        """Where each packed entry sits in the flat [B, H, n, n] matrix, on `device` (`pack`, `unpack`)."""
+        return _packed_positions(self.batch, self.heads, self.starts, device)
 
     def softmax(self, scores: torch.Tensor, bias: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """masked_softmax of every block of packed scores, with its part of the [B, 1, n, n] bias (which
@@ -230,9 +234,10 @@ class CausalBlocks:
 
 @functools.lru_cache(maxsize=4)
 def _packed_positions(batch: int, heads: int, starts: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """Where each packed entry sits in the flat [B, H, n, n] matrix; kept, since every layer and every
-    inference of one shape uses the same (int64: 8 bytes per packed score, 38 MB at 32 heads x 512 tokens)."""
-    n, matrices = starts[-1], torch.arange(batch * heads, device=device).view(-1, 1, 1) * (starts[-1] ** 2)
+    """CausalBlocks.positions, kept: every layer and every inference of one shape uses the same (int64:
+    8 bytes per packed score, 38 MB at 32 heads x 512 tokens)."""
+    n = starts[-1]
+    matrices = torch.arange(batch * heads, device=device).view(-1, 1, 1) * (n * n)
     return torch.cat([(matrices + torch.arange(start, end, device=device).view(1, -1, 1) * n
                        + torch.arange(end, device=device).view(1, 1, -1)).reshape(-1)
                       for start, end in zip(starts[:-1], starts[1:])])
