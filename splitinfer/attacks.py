@@ -84,6 +84,13 @@ def crossings(records: list[dict], op: str, layer: int | None, occurrence: int =
     return found[occurrence] if occurrence < len(found) else None
 
 
+def sent_queries(records: list[dict], model: PublicModel, layer: int) -> torch.Tensor | None:
+    """The q the GPU receives at `layer`: the first heads of the first matmul operand (the plain split sends
+    q and k as one tensor, the masked schemes each alone)."""
+    q = crossings(records, "matmul", layer, occurrence=0)
+    return None if q is None else q[:, : model.config.num_attention_heads]
+
+
 def nearest(rows: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """Index of the table row with the largest |cosine| to each row."""
     sims = F.normalize(rows.float(), dim=-1) @ F.normalize(table.float(), dim=-1).T
@@ -137,7 +144,7 @@ def query_profile(records: list[dict], model: PublicModel, layer: int = 0) -> to
     """Against ours' Q' = D₁P₁ Q P₂D₂ (rows of each head in a secret order, entries permuted and rescaled):
     match each row's profile against every (token, position) candidate's rotated q of the same head.
     Guesses are a multiset per head; head by head, since every head has its own row order."""
-    q = crossings(records, "matmul", layer, occurrence=0)
+    q = sent_queries(records, model, layer)
     if q is None:
         return None
     batch, heads, n, _ = q.shape
@@ -155,7 +162,7 @@ def query_profile(records: list[dict], model: PublicModel, layer: int = 0) -> to
 
 def query_match(records: list[dict], model: PublicModel, layer: int = 0) -> torch.Tensor | None:
     """q rows in place (otp sends Q − R₁, each row at its own position): nearest rotated candidate q."""
-    q = crossings(records, "matmul", layer, occurrence=0)
+    q = sent_queries(records, model, layer)
     if q is None:
         return None
     batch, heads, n, head_dim = q.shape

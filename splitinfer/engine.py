@@ -152,11 +152,17 @@ class SplitLlama:
         self.sources["lm_head"] = ["model.embed_tokens" if tied else "lm_head"]
         self.final_norm = tee("model.norm.weight")
 
+        def scaled(module: str, part: str) -> torch.Tensor:
+            # q's projection carries the scores' 1/sqrt(head_dim) (RoPE is linear, so it commutes), so that
+            # q and k share one RoPE op and one crossing and no pass over the n² scores scales them
+            t = sd[f"{module}.{part}"]
+            return (t.float() * self.scale).to(t.dtype) if module.endswith("q_proj") else t
+
         self.tee_biases: dict[str, torch.Tensor] = {}
         for name, modules in self.sources.items():
-            biases = [sd[m + ".bias"] for m in modules if m + ".bias" in sd] or None
+            biases = [scaled(m, "bias") for m in modules if m + ".bias" in sd] or None
             # masked schemes add the bias in the TEE after recovery: the GPU's product is still masked
-            self.gpu.upload(name, [sd[m + ".weight"] for m in modules], None if self.scheme.masked else biases,
+            self.gpu.upload(name, [scaled(m, "weight") for m in modules], None if self.scheme.masked else biases,
                             self.dtype)
             if self.scheme.masked and biases:
                 self.tee_biases[name] = torch.cat([b.to(self.tee_device, self.dtype) for b in biases])
@@ -323,7 +329,7 @@ class SplitLlama:
         """Logits [B, vocab] (float32) at the last real position of each (right-padded) sequence."""
         batch, n = ids.shape
         x = self.embed(ids)
-        rope = self.tee("rotary_tables", self.rotary.q_and_k_tables, n, self.dtype, self.scale)
+        rope = self.tee("rotary_tables", self.rotary.tables, n, self.dtype)
         bias = self.tee("attention_mask", attention_bias, attention_mask, self.dtype)
         blocks = self.causal_blocks(batch, n, attention_mask)
         for i, layer in enumerate(self.layers):
@@ -340,8 +346,8 @@ class SplitLlama:
         if not self.scheme.masked:
             return self.plain_attention(h, i, rope, bias, blocks)
         qkv = self.linear(h, f"{i}.qkv", "linear_attn", i)
-        q, k, v = self.heads(qkv)
-        q, k = self.rotate(q, k, rope)
+        q_and_k, v = self.heads(qkv)
+        q, k = self.split_q_k(self.rotate(q_and_k, rope))
         scores = self.matmul(q, k.transpose(-1, -2), f"{i}.scores", i, blocks.scores)
         probs = self.tee("softmax", blocks.softmax, scores, bias)
         out = self.matmul(probs, v, f"{i}.attend", i, blocks.attend)
@@ -352,36 +358,37 @@ class SplitLlama:
         """Unprotected attention: v and P·V need no TEE step, so they never leave the GPU; of the scores
         and probabilities, only the causal lower block triangle is computed and crosses."""
         qkv = self.gpu.linear(self.link.to_gpu(h, "linear_attn", i), f"{i}.qkv", "linear_attn")
-        q_and_k = (self.n_heads + self.n_kv_heads) * self.head_dim
-        q, k, _ = self.heads(self.link.to_tee(qkv[..., :q_and_k], "linear_attn"))
-        _, _, v = self.heads(qkv)
-        q, k = self.rotate(q, k, rope)
-        # k crosses as laid out and is transposed on the GPU, where that is a view: a transposed view would be
-        # copied into pageable memory on the host first, and from there at the pageable rate
-        scores = self.gpu.matmul(self.link.to_gpu(q, "matmul", i), self.link.to_gpu(k, "matmul", i).transpose(-1, -2),
-                                 blocks.scores)
+        width = (self.n_heads + self.n_kv_heads) * self.head_dim
+        q_and_k, _ = self.heads(self.link.to_tee(qkv[..., :width], "linear_attn"))
+        _, v = self.heads(qkv)
+        # q and k cross together, k as laid out: it is transposed on the GPU, where that is a view (a
+        # transposed view would be copied into pageable memory on the host first, and cross at that rate)
+        q, k = self.split_q_k(self.link.to_gpu(self.rotate(q_and_k, rope), "matmul", i))
+        scores = self.gpu.matmul(q, k.transpose(-1, -2), blocks.scores)
         probs = self.through_tee("softmax", "matmul", i, scores, scores.shape, blocks.views,
                                  lambda r, block, into: blocks.softmax_block(r, block, bias, into))
         out = self.gpu.matmul(probs, v, blocks.attend)
         return self.link.to_tee(self.gpu.linear(merge_heads(out), f"{i}.o", "linear_attn"), "linear_attn")
 
-    def rotate(self, q: torch.Tensor, k: torch.Tensor, rope: tuple) -> tuple[torch.Tensor, torch.Tensor]:
-        """RoPE on q (whose tables also scale it by 1/sqrt(head_dim)) and on k."""
-        (q_cos, q_sin), (cos, sin) = rope
-        return (self.tee("rotary", apply_rope, q, q_cos, q_sin, self.gpu_bound(q.shape)),
-                self.tee("rotary", apply_rope, k, cos, sin, self.gpu_bound(k.shape)))
+    def rotate(self, q_and_k: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """RoPE on q and k [B, H + Hkv, N, h] in one op (q comes already scaled by 1/sqrt(head_dim))."""
+        cos, sin = rope
+        return self.tee("rotary", apply_rope, q_and_k, cos, sin, self.gpu_bound(q_and_k.shape))
+
+    def split_q_k(self, q_and_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, H + Hkv, N, h] -> q [B, H, N, h], k [B, Hkv, N, h] (views)."""
+        return q_and_k[:, : self.n_heads], q_and_k[:, self.n_heads:]
 
     def gpu_bound(self, shape: torch.Size) -> torch.Tensor | None:
         """Where a TEE op's result goes straight to the GPU (the plain split: no protect step between),
         a pinned buffer for it to write into, so the boundary has nothing to stage; else None."""
         return None if self.scheme.masked else self.link.pinned_buffer(shape, self.dtype)
 
-    def heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """[B, N, (H + 2·Hkv)·h] (or just its q and k part) -> q [B, H, N, h], k and v [B, Hkv, N, h]."""
+    def heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, N, (H + 2·Hkv)·h] (or just its q and k part) -> q and k [B, H + Hkv, N, h], v [B, Hkv, N, h]."""
         batch, n, width = qkv.shape
         per_head = qkv.view(batch, n, width // self.head_dim, self.head_dim).transpose(1, 2)
-        q, k = per_head[:, : self.n_heads], per_head[:, self.n_heads: self.n_heads + self.n_kv_heads]
-        return q, k, per_head[:, self.n_heads + self.n_kv_heads:]
+        return per_head[:, : self.n_heads + self.n_kv_heads], per_head[:, self.n_heads + self.n_kv_heads:]
 
     def mlp(self, h: torch.Tensor, i: int) -> torch.Tensor:
         if not self.scheme.masked:
@@ -408,6 +415,10 @@ class SplitLlama:
             for kind, fused in (("weight", self.gpu.weights[name]), ("bias", bias)):
                 if fused is not None:
                     sd.update(zip([f"{m}.{kind}" for m in modules], fused.split(self.split_sizes[name])))
+            for m in modules:  # q's projection without the scale it carries here (exact for a power of two)
+                for kind in ("weight", "bias"):
+                    if m.endswith("q_proj") and f"{m}.{kind}" in sd:
+                        sd[f"{m}.{kind}"] = sd[f"{m}.{kind}"].float() / self.scale
         for i, layer in enumerate(self.layers):
             sd[f"model.layers.{i}.input_layernorm.weight"] = layer.attn_norm
             sd[f"model.layers.{i}.post_attention_layernorm.weight"] = layer.mlp_norm

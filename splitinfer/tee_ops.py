@@ -39,12 +39,6 @@ class Rotary:
         cos, sin = self.embedding(torch.empty(0, dtype=dtype), positions)
         return cos[0], sin[0]
 
-    def q_and_k_tables(self, n: int, dtype: torch.dtype, q_scale: float) -> tuple[tuple[torch.Tensor, ...], ...]:
-        """((cos, sin) for q, (cos, sin) for k): q's also carry `q_scale` (applied in float32), which costs
-        nothing here and would cost a pass over every n² scores later."""
-        cos, sin = self.tables(n, torch.float32)
-        return ((cos * q_scale).to(dtype), (sin * q_scale).to(dtype)), (cos.to(dtype), sin.to(dtype))
-
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """Rotate x [B, heads, N, head_dim] by position: x·cos + rotate_half(x)·sin, written half by half

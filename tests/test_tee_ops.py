@@ -27,7 +27,7 @@ def test_rms_norm_matches_transformers(dtype, tolerance):
 
 
 @pytest.mark.parametrize("head_dim", [16, 24])
-def test_rope_matches_transformers_and_scales_q(head_dim):
+def test_rope_matches_transformers_on_q_and_k_together(head_dim):
     torch.manual_seed(1)
     config = LlamaConfig(hidden_size=4 * head_dim, num_attention_heads=4, head_dim=head_dim,
                          rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
@@ -37,11 +37,12 @@ def test_rope_matches_transformers_and_scales_q(head_dim):
     cos, sin = Rotary(config).tables(7, torch.float32)
     expected_q, expected_k = apply_rotary_pos_emb(q, k, cos[None], sin[None])
     torch.testing.assert_close(apply_rope(k, cos, sin), expected_k)
-    # a strided view in, as the engine passes it, and the scale riding on the tables
-    strided = torch.cat([q, q], dim=-1)[..., :head_dim]
-    (scaled_cos, scaled_sin), k_tables = Rotary(config).q_and_k_tables(7, torch.float32, 0.25)
-    torch.testing.assert_close(apply_rope(strided, scaled_cos, scaled_sin), 0.25 * expected_q)
-    torch.testing.assert_close(apply_rope(k, *k_tables), expected_k)
+    # q and k as one strided view of the projection's output, as the engine passes them
+    token_major = torch.cat([q, k], dim=1).transpose(1, 2).contiguous()
+    rotated = apply_rope(token_major.transpose(1, 2), cos, sin)
+    assert rotated.is_contiguous()
+    torch.testing.assert_close(rotated[:, :4], expected_q)
+    torch.testing.assert_close(rotated[:, 4:], expected_k)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
