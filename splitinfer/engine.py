@@ -17,7 +17,7 @@ from splitinfer.boundary import Boundary
 from splitinfer.inputs import last_positions
 from splitinfer.metrics import Metrics
 from splitinfer.schemes import Plain
-from splitinfer.tee_ops import (CausalBlocks, Rotary, apply_rope, attention_bias, grouped_matmul, rms_norm,
+from splitinfer.tee_ops import (CausalBlocks, RmsNorm, Rotary, apply_rope, attention_bias, grouped_matmul,
                                 row_parts, silu_gate)
 
 
@@ -105,8 +105,8 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class TeeLayer:
-    attn_norm: torch.Tensor
-    mlp_norm: torch.Tensor
+    attn_norm: RmsNorm
+    mlp_norm: RmsNorm
 
 
 class SplitLlama:
@@ -139,6 +139,9 @@ class SplitLlama:
         def tee(name: str) -> torch.Tensor:
             return sd[name].to(self.tee_device, self.dtype)
 
+        def norm(name: str) -> RmsNorm:
+            return RmsNorm.of(tee(name), self.eps)
+
         tied = self.config.tie_word_embeddings or "lm_head.weight" not in sd
         self.sources: dict[str, list[str]] = {}  # GPU weight -> the transformers modules fused into it
         self.layers: list[TeeLayer] = []
@@ -148,9 +151,9 @@ class SplitLlama:
             self.sources[f"{i}.o"] = [p + "self_attn.o_proj"]
             self.sources[f"{i}.gate_up"] = [p + "mlp.gate_proj", p + "mlp.up_proj"]
             self.sources[f"{i}.down"] = [p + "mlp.down_proj"]
-            self.layers.append(TeeLayer(tee(p + "input_layernorm.weight"), tee(p + "post_attention_layernorm.weight")))
+            self.layers.append(TeeLayer(norm(p + "input_layernorm.weight"), norm(p + "post_attention_layernorm.weight")))
         self.sources["lm_head"] = ["model.embed_tokens" if tied else "lm_head"]
-        self.final_norm = tee("model.norm.weight")
+        self.final_norm = norm("model.norm.weight")
 
         def scaled(module: str, part: str) -> torch.Tensor:
             # q's projection carries the scores' 1/sqrt(head_dim) (RoPE is linear, so it commutes), so that
@@ -186,11 +189,14 @@ class SplitLlama:
             self.offline_fetched_bytes += weight.numel() * weight.element_size()
         return weight.to(self.tee_device)
 
+    def norms(self) -> list[RmsNorm]:
+        return [n for layer in self.layers for n in (layer.attn_norm, layer.mlp_norm)] + [self.final_norm]
+
     def tee_weight_bytes(self) -> int:
         """Bytes of model weights the TEE holds: the norms, and under a masked scheme the embedding table
         and the biases. Never a linear weight: those live on the GPU alone."""
-        held = [t for layer in self.layers for t in (layer.attn_norm, layer.mlp_norm)]
-        held += [self.final_norm, *self.tee_biases.values()] + ([self.embed_table] if self.scheme.masked else [])
+        held = [t for n in self.norms() for t in (n.weight, n.scaled)]
+        held += [*self.tee_biases.values()] + ([self.embed_table] if self.scheme.masked else [])
         return sum(t.numel() * t.element_size() for t in held)
 
     def causal_blocks(self, batch: int, n: int, attention_mask: torch.Tensor | None = None) -> CausalBlocks:
@@ -334,12 +340,12 @@ class SplitLlama:
         blocks = self.causal_blocks(batch, n, attention_mask)
         for i, layer in enumerate(self.layers):
             with self.metrics.in_layer(i):
-                h = self.tee("rmsnorm", rms_norm, x, layer.attn_norm, self.eps, self.gpu_bound(x.shape))
+                h = self.tee("rmsnorm", layer.attn_norm, x, self.gpu_bound(x.shape))
                 x = x + self.attention(h, i, rope, bias, blocks)
-                h = self.tee("rmsnorm", rms_norm, x, layer.mlp_norm, self.eps, self.gpu_bound(x.shape))
+                h = self.tee("rmsnorm", layer.mlp_norm, x, self.gpu_bound(x.shape))
                 x = x + self.mlp(h, i)
         last = x[torch.arange(batch), last_positions(attention_mask)]
-        h = self.tee("rmsnorm", rms_norm, last, self.final_norm, self.eps)
+        h = self.tee("rmsnorm", self.final_norm, last)
         return self.linear(h, "lm_head", "lm_head").float()
 
     def attention(self, h: torch.Tensor, i: int, rope: tuple, bias: torch.Tensor, blocks: CausalBlocks) -> torch.Tensor:
@@ -420,9 +426,9 @@ class SplitLlama:
                     if m.endswith("q_proj") and f"{m}.{kind}" in sd:
                         sd[f"{m}.{kind}"] = sd[f"{m}.{kind}"].float() / self.scale
         for i, layer in enumerate(self.layers):
-            sd[f"model.layers.{i}.input_layernorm.weight"] = layer.attn_norm
-            sd[f"model.layers.{i}.post_attention_layernorm.weight"] = layer.mlp_norm
-        sd["model.norm.weight"] = self.final_norm
+            sd[f"model.layers.{i}.input_layernorm.weight"] = layer.attn_norm.weight
+            sd[f"model.layers.{i}.post_attention_layernorm.weight"] = layer.mlp_norm.weight
+        sd["model.norm.weight"] = self.final_norm.weight
         sd["model.embed_tokens.weight"] = self.embed_table if self.scheme.masked else self.gpu.weights["embed"]
         sd.setdefault("lm_head.weight", self.gpu.weights["lm_head"])
         return sd

@@ -13,18 +13,31 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
-    """weight · x / rms(x), in float32: x in float32, its norm, scaled, times the weight.
+@dataclass(frozen=True)
+class RmsNorm:
+    """An RMSNorm whose weight is kept in float32 and times √d: weight·x/rms(x) = (weight·√d)·x/√(‖x‖² + d·eps),
+    so a call casts no weight and divides by nothing. `weight` is the model's own, for export."""
 
-    `out`, where given, receives the result (the ops that feed the GPU write straight into pinned memory).
-    x is converted first because an op mixing float16 and float32 inputs takes PyTorch's slower casting
-    path, and so does a norm accumulating float16 in float32: on the 2-core VM, 512 x 2048 in float16,
-    0.20-0.22 ms against 0.27-0.28 for the same three passes on x itself (and 0.30 for the textbook seven)."""
-    xf = x.float()  # x itself when it is float32
-    inverse_rms = torch.linalg.vector_norm(xf, dim=-1, keepdim=True)
-    inverse_rms = inverse_rms.square_().div_(x.shape[-1]).add_(eps).rsqrt_()
-    scaled = xf * inverse_rms if xf is x else xf.mul_(inverse_rms)  # never overwrite x
-    return torch.mul(scaled, weight.float(), out=torch.empty_like(x) if out is None else out)
+    weight: torch.Tensor
+    scaled: torch.Tensor
+    eps_d: float
+
+    @classmethod
+    def of(cls, weight: torch.Tensor, eps: float) -> RmsNorm:
+        d = weight.shape[-1]
+        return cls(weight, weight.float() * d ** 0.5, eps * d)
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """In float32, into `out` where given (the ops that feed the GPU write straight into pinned memory).
+
+        x is converted first because an op mixing float16 and float32 inputs takes PyTorch's slower casting
+        path, and so does a norm accumulating float16 in float32: on the 2-core VM, 512 x 2048 in float16,
+        0.20-0.22 ms against 0.27-0.28 for the same three passes on x itself (and 0.30 for the textbook seven).
+        With the weight kept scaled, two small ops fewer a call: 0.052 ms against 0.057 at 128 x 2048."""
+        xf = x.float()  # x itself when it is float32
+        inverse_rms = torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square_().add_(self.eps_d).rsqrt_()
+        normed = xf * inverse_rms if xf is x else xf.mul_(inverse_rms)  # never overwrite x
+        return torch.mul(normed, self.scaled, out=torch.empty_like(x) if out is None else out)
 
 
 class Rotary:

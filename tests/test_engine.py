@@ -188,5 +188,5 @@ def test_otp_offline_holds_one_weight_at_a_time(tiny_models):
     logits, _ = engine.timed_forward(ids, mask)
     assert len(alive) == 4 * 2 + 1 and max(most) == 0
     assert compare(logits, reference_logits(model.config, model.state_dict, ids, mask))["rel_logit_error"] < 1e-3
-    norms = (2 * 2 + 1) * 64 * 4
+    norms = 2 * (2 * 2 + 1) * 64 * 4  # each norm as given and as the TEE uses it (times sqrt(d), float32)
     assert engine.tee_weight_bytes() == norms + 320 * 64 * 4  # the norms and the embedding table, nothing else

@@ -9,8 +9,8 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_
 import splitinfer.schemes as schemes
 from splitinfer import perf
 from splitinfer.errors import UserError, one_line_errors
-from splitinfer.tee_ops import (CausalBlocks, Rotary, apply_rope, attention_bias, grouped_matmul, masked_softmax,
-                                rms_norm)
+from splitinfer.tee_ops import (CausalBlocks, RmsNorm, Rotary, apply_rope, attention_bias, grouped_matmul,
+                                masked_softmax)
 
 
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.float16, 2e-3)])
@@ -21,7 +21,9 @@ def test_rms_norm_matches_transformers(dtype, tolerance):
     x = (3 * torch.randn(2, 5, 48)).to(dtype)
     expected = norm.to(dtype)(x).float()
     out, before = torch.empty_like(x), x.clone()
-    assert rms_norm(x, norm.weight.data.to(dtype), 1e-5, out).data_ptr() == out.data_ptr()
+    tee_norm = RmsNorm.of(norm.weight.data.to(dtype), 1e-5)
+    assert tee_norm(x, out).data_ptr() == out.data_ptr()
+    torch.testing.assert_close(tee_norm(x).float(), out.float(), rtol=0, atol=0)
     assert torch.equal(x, before)  # the input is left alone
     torch.testing.assert_close(out.float(), expected, rtol=tolerance, atol=tolerance)
 
