@@ -72,7 +72,8 @@ def build_parser(config, scheme: str, prog: str) -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=config.WARMUP,
                    help="untimed inferences before the timed one (0: the first inference is the one timed)")
     p.add_argument("--repeat", type=int, default=config.REPEAT,
-                   help="further inferences after the timed one, summarised under steady_state")
+                   help="further inferences after the timed one, summarised under steady_state, and as many "
+                        "that time only their total (steady_state.uninstrumented_total_ms)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch; unset keeps torch's own choice")
     p.add_argument("--per-layer", action="store_true",
                    help="add a per-layer table (time per category in each decoder layer) to the output and JSON")
@@ -202,6 +203,7 @@ def run(args, scheme_name: str) -> dict:
     logits, figures = engine.timed_forward(ids, mask)
     engine.link.audit = None
     repeats = [engine.timed_forward(ids, mask)[1] for _ in range(args.repeat)]
+    uninstrumented = [engine.timed_forward(ids, mask, instrumented=False)[1]["total_ms"] for _ in range(args.repeat)]
     # before the reference adds its own
     memory = memory_block(gpu_device, figures["offline_mask_bytes"], engine.tee_weight_bytes())
     if audit is not None:
@@ -245,7 +247,7 @@ def run(args, scheme_name: str) -> dict:
         result["per_layer"] = figures["per_layer"]
         print_per_layer(figures["per_layer"])
     if repeats:
-        result["steady_state"] = steady_state_block(repeats)
+        result["steady_state"] = steady_state_block(repeats, uninstrumented)
     write_json(args.output, result)
     progress(f"wrote {args.output}")
     if args.save_logits:

@@ -8,18 +8,23 @@ TEE needs before it reads a result). Without CUDA, a region is timed on the host
 Whatever no region claims is `other`: residual adds, reshapes, the interpreter, kernel-launch and
 synchronisation latency. Where copies run while the TEE works (an `overlapped` region), the time they
 share is `overlap`: then the online categories and `other`, less `overlap`, make up the total.
+
+Timing every region costs time of its own: two CUDA events per device region, a clock read per TEE region,
+and the interpreter's work around each. So an inference can also run `instrumented=False`: then only its
+total is measured, and the headline figures of `perf` come from such runs (see `perf.time_engine`).
 """
 from __future__ import annotations
 
 import time
 from collections import Counter, defaultdict
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Iterator
 
 import torch
 
 ONLINE = ("transfer_to_gpu", "transfer_to_cpu", "gpu_compute", "cpu_compute", "crypto")
 DEVICE_WORK = ("transfer_to_gpu", "transfer_to_cpu", "gpu_compute")
+NOTHING = nullcontext()  # reusable: it holds no state
 
 
 def synchronize(device: torch.device) -> None:
@@ -32,6 +37,7 @@ class Metrics:
 
     def __init__(self, device: torch.device):
         self.device = device
+        self.instrumented = True  # False: time the total alone (see the module's docstring)
         self.spare_events: list[torch.cuda.Event] = []  # reused across inferences: creating one costs a driver call
         self.reset()
 
@@ -51,12 +57,16 @@ class Metrics:
         if layer is not None:
             self.layer_ms[layer][category] += elapsed
 
-    @contextmanager
-    def time(self, category: str, op: str, count: str | None = None, host: bool = False) -> Iterator[None]:
+    def time(self, category: str, op: str, count: str | None = None,
+             host: bool = False) -> AbstractContextManager[None]:
         """Time a region under `category` and op kind `op`, adding one to counter `count` if given.
 
         Device work on CUDA is timed with events (read in `total`); everything else, and any region
-        marked `host`, with the host clock."""
+        marked `host`, with the host clock. Uninstrumented, nothing."""
+        return self._time(category, op, count, host) if self.instrumented else NOTHING
+
+    @contextmanager
+    def _time(self, category: str, op: str, count: str | None, host: bool) -> Iterator[None]:
         if count:
             self.counts[count] += 1
         if self.device.type == "cuda" and category in DEVICE_WORK and not host:
@@ -82,7 +92,7 @@ class Metrics:
         region took: from its start on the current stream to the end of its last copy back, queued on
         `copies_back`. Gaps in the region make this a lower bound. It is kept under the op kind `op` of
         the hop. Without CUDA nothing overlaps."""
-        if self.device.type != "cuda":
+        if self.device.type != "cuda" or not self.instrumented:
             yield
             return
         start, end = self._event(), self._event()
@@ -101,6 +111,9 @@ class Metrics:
     @contextmanager
     def in_layer(self, layer: int) -> Iterator[None]:
         """Attribute the regions inside to `layer`, and time the layer as a whole."""
+        if not self.instrumented:
+            yield
+            return
         synchronize(self.device)
         start = time.perf_counter()
         self.layer = layer

@@ -5,7 +5,9 @@ ratios the performance targets are stated in and writes them as JSON.
     python -m splitinfer.perf --model preset:llama-3.2-1b --lengths 128,512 --out-dir perf_results
 
 Every method is warmed up, then timed `--repeat` times (median, min, max); `first_ms` is each method's
-first inference in this process, after its own set-up. Engines are built one at a time and freed, so
+first inference in this process, after its own set-up. A split engine's timed runs time no region of
+their own; as many runs in between, with every region timed, say where the time went (see
+`time_engine`). Engines are built one at a time and freed, so
 large presets fit. Each split engine's logits are compared with the plain split's
 (`rel_diff_from_optimized`: 0 for a variant that computes the same thing another way, rounding for a
 masked scheme). A variant beyond the three runners that fails (a CUDA error, say) is recorded as
@@ -82,13 +84,20 @@ def time_calls(fn, device: torch.device, warmup: int, repeat: int) -> dict:
 
 def time_engine(engine: SplitLlama, ids, mask, warmup: int, repeat: int) -> tuple[dict, torch.Tensor]:
     """Like time_calls, but from the engine's own totals, which leave out the offline phase; also returns
-    the last inference's logits."""
-    runs = [engine.timed_forward(ids, mask) for _ in range(1 + warmup + repeat)]
-    figures = [f for _, f in runs]
-    timed = figures[1 + warmup:]
-    totals = [f["total_ms"] for f in timed]
-    out = {"first_ms": figures[0]["total_ms"], "median_ms": statistics.median(totals), "min_ms": min(totals),
-           "max_ms": max(totals)}
+    the last inference's logits. Each repeat is run twice, alternately: uninstrumented, for the headline
+    figures (`median_ms`, `min_ms`, `max_ms`), and instrumented, for where the time went
+    (`categories_median_ms`, `breakdown_median_ms`) and what timing every region costs
+    (`instrumented_median_ms`). The first inference is instrumented, as in the runners."""
+    first = engine.timed_forward(ids, mask)[1]
+    for _ in range(warmup):
+        engine.timed_forward(ids, mask, instrumented=False)
+    timed, totals = [], []
+    for _ in range(repeat):
+        timed.append(engine.timed_forward(ids, mask)[1])
+        logits, lean = engine.timed_forward(ids, mask, instrumented=False)
+        totals.append(lean["total_ms"])
+    out = {"first_ms": first["total_ms"], "median_ms": statistics.median(totals), "min_ms": min(totals),
+           "max_ms": max(totals), "instrumented_median_ms": statistics.median(f["total_ms"] for f in timed)}
     out["categories_median_ms"] = {c: statistics.median(f["categories"][c] for f in timed)
                                    for c in timed[0]["categories"]}
     # per op kind too (which hop's copies, which scheme step), so that a GPU run says where time went
@@ -96,7 +105,7 @@ def time_engine(engine: SplitLlama, ids, mask, warmup: int, repeat: int) -> tupl
                                       for op in ops} for c, ops in timed[-1]["breakdown"].items()}
     out["bytes_to_gpu"], out["bytes_to_cpu"] = (timed[0]["data_transfer"]["to_gpu_bytes"],
                                                 timed[0]["data_transfer"]["to_cpu_bytes"])
-    return out, runs[-1][0]
+    return out, logits
 
 
 def variants(overlap: bool, ablations: bool, thread_sweep: str | None) -> list[tuple[str, str, dict, int | None]]:

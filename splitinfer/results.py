@@ -40,10 +40,12 @@ def percentage_block(figures: dict) -> dict:
     return {name: 100.0 * sum(c[k] for k in keys) / total for name, keys in PERCENT_GROUPS.items()}
 
 
-def steady_state_block(runs: list[dict]) -> dict:
-    """median/min/max/p90 per category (and total) over the repeated inferences."""
+def steady_state_block(runs: list[dict], uninstrumented_totals: list[float]) -> dict:
+    """median/min/max/p90 per category (and total) over the repeated inferences, and of the totals of as
+    many more that timed no region of their own (`uninstrumented_total_ms`: what timing costs, left out)."""
     series = {f"{k}_ms": [r["categories"][k] for r in runs] for k in (*ONLINE, "other", "overlap", "offline")}
     series["total_ms"] = [r["total_ms"] for r in runs]
+    series["uninstrumented_total_ms"] = uninstrumented_totals
     return {"runs": len(runs), **{name: _stats(values) for name, values in series.items()}}
 
 

@@ -154,6 +154,26 @@ def test_figures_add_up(tiny_models):
     assert counts["cpu_rmsnorm"] == 2 * 2 + 1 and counts["cpu_softmax"] == 2 and counts["gpu_lm_head"] == 1
 
 
+@pytest.mark.parametrize("scheme", ["plain", "matrix", "otp"])
+def test_uninstrumented_runs_time_the_total_alone(tiny_models, scheme):
+    """The headline runs time no region: same logits (plain; the masked schemes draw fresh masks), same
+    bytes, a total, and no breakdown; the next inference is instrumented again."""
+    model = load_model(tiny_models["gqa-tied"], torch.float32, CPU)
+    ids, mask = build_batch(model.tokenizer, PROMPTS, 12, 2, True)
+    engine = SplitLlama(model.config, model.state_dict, make_scheme(scheme, seed=0), CPU, torch.float32)
+    logits, figures = engine.timed_forward(ids, mask)
+    lean_logits, lean = engine.timed_forward(ids, mask, instrumented=False)
+    assert lean["instrumented"] is False and lean["total_ms"] > 0 and not lean["counts"]
+    assert all(lean["categories"][c] == 0 for c in ("transfer_to_gpu", "gpu_compute", "cpu_compute", "crypto"))
+    assert lean["data_transfer"]["to_gpu_bytes"] == figures["data_transfer"]["to_gpu_bytes"]
+    if scheme == "plain":
+        assert torch.equal(lean_logits, logits)
+    else:
+        reference = reference_logits(model.config, model.state_dict, ids, mask)
+        assert compare(lean_logits, reference)["rel_logit_error"] < 1e-3
+    assert engine.timed_forward(ids, mask)[1]["categories"]["cpu_compute"] > 0
+
+
 def test_tee_only_never_crosses(tiny_models):
     _, _, figures, _, _ = run_engine(tiny_models["mha-untied"], True, batch=1, ragged=False)
     assert figures["data_transfer"]["total_mb"] == 0

@@ -43,6 +43,7 @@ def test_json_result(tiny_models, tmp_path, scheme):
     assert r["correctness"]["rel_logit_error"] <= (1e-3 if scheme in CRYPTO_STEPS else 1e-4)
     assert r["correctness"]["top1_agreement"] == 1.0
     assert r["steady_state"]["runs"] == 2 and set(r["steady_state"]["total_ms"]) == {"median", "min", "max", "p90"}
+    assert r["steady_state"]["uninstrumented_total_ms"]["min"] > 0
     env = r["environment"]
     assert {"python", "torch", "transformers", "gpu", "cuda", "cpu", "threads", "tdx_guest", "argv"} <= set(env)
     if scheme == cli.TEE_ONLY:
