@@ -27,7 +27,10 @@ SCRIPTS = {"optimized": os.path.join(ROOT, "tee_gpu", "tee_runner_optimized.py")
            "tee_only": os.path.join(ROOT, "tee_only_llama", "tee_runner.py")}
 MODES = {"split": ("optimized", "ours", "otp"), "tee": ("tee_only",), "compare": tuple(SCRIPTS)}
 SET_BY_BENCH = ("--output", "--audit-dir", "--save-logits")  # one value per runner: the bench chooses
-ONLY_FOR = {"--pad-scale": "otp", "--mask-rank": "ours", "--mix-scale": "ours"}  # scheme-specific runner flags
+# scheme-specific runner flags, and the runners that take them; switches take no value
+ONLY_FOR = {"--pad-scale": ("otp",), "--mask-rank": ("ours",), "--mix-scale": ("ours",), "--overlap": ("optimized",),
+            "--resident-embedding": ("ours", "otp")}
+SWITCHES = ("--overlap", "--resident-embedding")
 RUNNER_SCHEMES = {**RUNNERS, "tee_only": TEE_ONLY}
 
 
@@ -80,8 +83,8 @@ def flags_for(method: str, flags: list[str], tee_dtype: str | None) -> list[str]
             skip = False
             continue
         name = arg.split("=", 1)[0]
-        if name in ONLY_FOR and ONLY_FOR[name] != method:
-            skip = "=" not in arg
+        if name in ONLY_FOR and method not in ONLY_FOR[name]:
+            skip = "=" not in arg and name not in SWITCHES
             continue
         if method == "tee_only" and tee_dtype and name == "--dtype":
             skip = "=" not in arg

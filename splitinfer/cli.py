@@ -89,6 +89,11 @@ def build_parser(config, scheme: str, prog: str) -> argparse.ArgumentParser:
         p.add_argument("--overlap", action="store_true", default=getattr(config, "OVERLAP", False),
                        help="on CUDA, send the scores and gate/up's output to the TEE and back in parts, so that "
                             "copies run while the TEE works on other parts (timing JSON: overlap_ms)")
+    if scheme in ("matrix", "otp"):
+        p.add_argument("--resident-embedding", action="store_true",
+                       default=getattr(config, "RESIDENT_EMBEDDING", False),
+                       help="with a tied LM head, keep a copy of the embedding table in the TEE instead of reading "
+                            "the GPU's whole at every inference: one table copy faster, a table's size more memory")
     if scheme == "matrix":
         p.add_argument("--mask-rank", type=int, default=config.MASK_RANK,
                        help="rank k of the token-mixing part of M = D + ABᵀ (1: the original D + αβᵀ); "
@@ -187,7 +192,8 @@ def run(args, scheme_name: str) -> dict:
                {"rank": args.mask_rank, "mix_scale": args.mix_scale} if scheme_name == "matrix" else {})
     scheme = make_scheme("plain" if tee_only else scheme_name, seed=args.seed, **options)
     engine = SplitLlama(model.config, model.state_dict, scheme, gpu_device, dtype, tee_only=tee_only,
-                        overlap=getattr(args, "overlap", False))
+                        overlap=getattr(args, "overlap", False),
+                        resident_embedding=getattr(args, "resident_embedding", False))
     if gpu_device.type == "cuda":  # context and cuBLAS handle belong to set-up, not to the first inference
         torch.ones(8, 8, device=gpu_device, dtype=dtype) @ torch.ones(8, 8, device=gpu_device, dtype=dtype)
     synchronize(gpu_device)

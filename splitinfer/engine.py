@@ -25,6 +25,7 @@ Product = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Parts = Callable[[torch.Tensor], list[torch.Tensor]]
 Step = Callable[[int, torch.Tensor, torch.Tensor], object]
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4  # glibc's mallopt parameters
+EMBEDDING_BLOCK_BYTES = 32 * 2 ** 20  # what the TEE holds of a streamed embedding table at a time
 _ALLOCATOR_SETTING: str | None = None
 
 
@@ -114,13 +115,17 @@ class SplitLlama:
 
     def __init__(self, config: LlamaConfig, state_dict: dict[str, torch.Tensor], scheme: Plain,
                  gpu_device: torch.device, dtype: torch.dtype, tee_only: bool = False, pinned: bool | None = None,
-                 triangle: bool = True, block_rows: int | None = None, overlap: bool = False):
+                 triangle: bool = True, block_rows: int | None = None, overlap: bool = False,
+                 resident_embedding: bool = False):
         """`pinned` and `triangle` (the scores' causal block triangle) exist to be switched off for ablations;
         `block_rows` sets the triangle's least rows per block (tee_ops.ROWS unless given), to compare sizes.
         `overlap` makes the plain split's two largest hops (scores -> softmax -> probabilities, gate/up ->
         SiLU -> down's input) cross in parts, each part's copies running while the TEE works on another
-        (`through_tee`); masked schemes, whose protect and recover steps need whole tensors, ignore it."""
+        (`through_tee`); masked schemes, whose protect and recover steps need whole tensors, ignore it.
+        `resident_embedding` makes a masked scheme with a tied LM head keep its own copy of the embedding
+        table in the TEE instead of reading the GPU's at every inference (`streamed_embedding`)."""
         self.config, self.scheme, self.dtype, self.triangle, self.block_rows = config, scheme, dtype, triangle, block_rows
+        self.resident_embedding = resident_embedding
         self.allocator = keep_freed_memory()
         self.tee_device = torch.device("cpu")
         self.metrics = Metrics(gpu_device)
@@ -169,8 +174,12 @@ class SplitLlama:
                             self.dtype)
             if self.scheme.masked and biases:
                 self.tee_biases[name] = torch.cat([b.to(self.tee_device, self.dtype) for b in biases])
-        if self.scheme.masked:  # token ids are private: the lookup table stays in the TEE
-            self.embed_table = tee("model.embed_tokens.weight")
+        # token ids are private, so a masked scheme looks them up in the TEE: in its own table, unless the
+        # table is the tied LM head's weight, already on the GPU (then `streamed_embedding`)
+        self.embed_table = None
+        if self.scheme.masked:
+            if self.resident_embedding or not tied:
+                self.embed_table = tee("model.embed_tokens.weight")
         elif tied:
             self.gpu.weights["embed"] = self.gpu.weights["lm_head"]
         else:
@@ -181,8 +190,8 @@ class SplitLlama:
     def weight_in_tee(self, name: str) -> torch.Tensor:
         """A linear's weight for an offline step in the TEE (otp multiplies its pads by it), fetched from
         the GPU for that step alone: weights are public, so they may cross, and the TEE never holds a copy
-        of them all (1.95 GB at the 1B shape in float16). A tied LM head is the TEE's own embedding table."""
-        if name == "lm_head" and self.tied and self.scheme.masked:
+        of them all (1.95 GB at the 1B shape in float16). A tied LM head may be the TEE's own embedding table."""
+        if name == "lm_head" and self.tied and self.embed_table is not None:
             return self.embed_table
         weight = self.gpu.weights[name]
         if weight.device != self.tee_device:
@@ -193,10 +202,10 @@ class SplitLlama:
         return [n for layer in self.layers for n in (layer.attn_norm, layer.mlp_norm)] + [self.final_norm]
 
     def tee_weight_bytes(self) -> int:
-        """Bytes of model weights the TEE holds: the norms, and under a masked scheme the embedding table
-        and the biases. Never a linear weight: those live on the GPU alone."""
+        """Bytes of model weights the TEE holds: the norms, and under a masked scheme the biases and an
+        untied (or resident) embedding table. Never a linear weight: those live on the GPU alone."""
         held = [t for n in self.norms() for t in (n.weight, n.scaled)]
-        held += [*self.tee_biases.values()] + ([self.embed_table] if self.scheme.masked else [])
+        held += [*self.tee_biases.values()] + ([] if self.embed_table is None else [self.embed_table])
         return sum(t.numel() * t.element_size() for t in held)
 
     def causal_blocks(self, batch: int, n: int, attention_mask: torch.Tensor | None = None) -> CausalBlocks:
@@ -225,7 +234,8 @@ class SplitLlama:
         tee_gpu/README.md derives them: per layer, every linear input and output crosses once and each
         attention matmul ships its operands and product, except that the plain split keeps v, P·V and
         the o-projection input on the GPU; of the scores and probabilities, only the causal triangle,
-        unless the scheme's masks need every entry; plus the embedding (plain only) and the LM head rows."""
+        unless the scheme's masks need every entry; plus the embedding (plain: the ids and their rows;
+        masked with a streamed table: the whole table) and the LM head rows."""
         size = torch.finfo(self.dtype).bits // 8
         d, inner = self.config.hidden_size, self.gpu.weights["0.down"].shape[1]
         q, kv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
@@ -234,7 +244,8 @@ class SplitLlama:
         if self.scheme.masked:
             to_gpu = tokens * (2 * d + 2 * q + 2 * kv + inner) + scores
             to_tee = tokens * (2 * q + 2 * kv + 2 * d + 2 * inner) + scores
-            embed_to_gpu, embed_to_tee = 0, 0
+            embed_to_gpu = 0  # the table crosses whole where it is streamed (`streamed_embedding`)
+            embed_to_tee = 0 if self.embed_table is not None else size * self.gpu.weights["lm_head"].numel()
         else:
             to_gpu = tokens * (2 * d + q + kv + inner) + scores
             to_tee = tokens * (q + kv + 2 * d + 2 * inner) + scores
@@ -265,9 +276,29 @@ class SplitLlama:
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Token ids -> hidden states: in the TEE under a masked scheme, else on the GPU (the ids cross)."""
-        if self.scheme.masked:
+        if self.embed_table is not None:
             return self.tee("embedding", F.embedding, ids, self.embed_table)
+        if self.scheme.masked:
+            return self.streamed_embedding(ids)
         return self.link.to_tee(self.gpu.embed(self.link.to_gpu(ids, "embedding")), "embedding")
+
+    def streamed_embedding(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids -> hidden states in the TEE from the GPU's table (the tied LM head), which crosses
+        whole, a block of rows at a time: the GPU sees every row read whatever the ids, and the TEE keeps one
+        block at a time and the rows its ids name (not a copy of the GPU's weight: see tee_gpu/README.md)."""
+        table = self.gpu.weights["lm_head"]
+        rows = max(1, EMBEDDING_BLOCK_BYTES // (table.shape[1] * table.element_size()))
+        flat = ids.reshape(-1)
+        order = torch.argsort(flat)
+        ordered = flat[order]
+        ends = torch.searchsorted(ordered, torch.arange(0, table.shape[0] + rows, rows)).tolist()
+        out = torch.empty(flat.shape[0], table.shape[1], dtype=self.dtype)
+        for b, start in enumerate(range(0, table.shape[0], rows)):
+            block = self.link.to_tee(table[start: start + rows], "embedding")
+            first, last = ends[b], ends[b + 1]
+            self.tee("embedding", lambda: out.index_copy_(0, order[first:last], block[ordered[first:last] - start]),
+                     count=b == 0)
+        return out.view(*ids.shape, -1)
 
     def crypto(self, step: int, kind: str, fn, *args):
         """A scheme's protect (step 0) or recover (step 1), timed as crypto; the plain scheme has none."""
@@ -436,6 +467,7 @@ class SplitLlama:
             sd[f"model.layers.{i}.input_layernorm.weight"] = layer.attn_norm.weight
             sd[f"model.layers.{i}.post_attention_layernorm.weight"] = layer.mlp_norm.weight
         sd["model.norm.weight"] = self.final_norm.weight
-        sd["model.embed_tokens.weight"] = self.embed_table if self.scheme.masked else self.gpu.weights["embed"]
+        sd["model.embed_tokens.weight"] = (self.embed_table if self.embed_table is not None
+                                           else self.gpu.weights["lm_head" if self.scheme.masked else "embed"])
         sd.setdefault("lm_head.weight", self.gpu.weights["lm_head"])
         return sd

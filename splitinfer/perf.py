@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split-only", action="store_true",
                    help="time only the split runners (no TEE-only baseline, no transformers, no ratios)")
     p.add_argument("--no-ablations", action="store_true",
-                   help="on CUDA, skip the pageable-copy, full-scores and 128-row-block variants of the split runners")
+                   help="on CUDA, skip the pageable-copy, full-scores, 128-row-block and resident-embedding variants "
+                        "of the split runners")
     p.add_argument("--no-overlap", action="store_true",
                    help="on CUDA, skip the plain split with copies overlapping the TEE's work (optimized_overlap)")
     p.add_argument("--profile", action="store_true",
@@ -113,9 +114,9 @@ def variants(overlap: bool, ablations: bool, thread_sweep: str | None) -> list[t
     ship; the plain split with copies overlapping the TEE's work (`overlap`: on CUDA; off by default, as
     it measured slower on the H100 machine); ablations on the same machine (`ablations`: on CUDA): the
     plain split with pageable copies (what the pinned staging buys), the plain split and otp with the
-    full n×n scores (what the causal block triangle buys), and the plain split with blocks of at least
-    128 rows (half as many TEE ops, a little more of n²); and each runner at each thread count of the
-    sweep."""
+    full n×n scores (what the causal block triangle buys), the plain split with blocks of at least
+    128 rows (half as many TEE ops, a little more of n²), and ours with its own copy of a tied embedding
+    table (what reading the GPU's costs); and each runner at each thread count of the sweep."""
     out = [(method, scheme, {}, None) for method, scheme in RUNNERS.items()]
     if overlap:
         out.append(("optimized_overlap", "plain", {"overlap": True}, None))
@@ -124,6 +125,7 @@ def variants(overlap: bool, ablations: bool, thread_sweep: str | None) -> list[t
         out += [(f"{method}_full_scores", RUNNERS[method], {"triangle": False}, None)
                 for method in ("optimized", "otp")]
         out.append(("optimized_blocks128", "plain", {"block_rows": 128}, None))
+        out.append(("ours_resident_embedding", "matrix", {"resident_embedding": True}, None))
     for threads in parse_counts(thread_sweep, "--thread-sweep"):
         out += [(f"{method}_threads{threads}", scheme, {}, threads) for method, scheme in RUNNERS.items()]
     return out
@@ -272,6 +274,8 @@ def ratios(row: dict) -> dict:
             out[f"{method}_full_scores_over_triangle"] = full / row[method]["median_ms"]
     if "optimized_blocks128" in row:
         out["blocks128_over_blocks64"] = row["optimized_blocks128"]["median_ms"] / plain
+    if "ours_resident_embedding" in row:
+        out["ours_streamed_over_resident_embedding"] = row["ours"]["median_ms"] / row["ours_resident_embedding"]["median_ms"]
     return out
 
 

@@ -19,3 +19,4 @@ OTP_PAD_SCALE = 1.0          # otp: pad std as a multiple of the padded tensor's
 MASK_RANK = 1                # ours: rank k of the token mixing in M = D + ABᵀ (1: the original D + αβᵀ)
 MIX_SCALE = 1.0              # ours: size of the token mixing ABᵀX against DX
 OVERLAP = False              # optimized: copies in parts, overlapping the TEE's work (CUDA; slower on the H100 machine, README "Overlap")
+RESIDENT_EMBEDDING = False   # ours, otp: with a tied LM head, the TEE keeps its own embedding table (else reads the GPU's)

@@ -169,3 +169,11 @@ def test_gpu_benchmark_dry_run(tiny_models, tmp_path):
             assert result["correctness"]["rel_logit_error"] < 1e-2
     assert set(json.loads((out / "precision.json").read_text())) == {"batch1", "batch2_ragged"}
 
+
+
+def test_scheme_flags_reach_only_their_runners():
+    flags = ["--resident-embedding", "--model", "m", "--pad-scale", "2", "--overlap", "--mask-rank=2"]
+    assert bench.flags_for("optimized", flags, None) == ["--model", "m", "--overlap"]
+    assert bench.flags_for("ours", flags, None) == ["--resident-embedding", "--model", "m", "--mask-rank=2"]
+    assert bench.flags_for("otp", flags, None) == ["--resident-embedding", "--model", "m", "--pad-scale", "2"]
+    assert bench.flags_for("tee_only", flags, "bfloat16") == ["--model", "m", "--dtype", "bfloat16"]

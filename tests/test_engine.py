@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import VARIANTS
 
+from splitinfer import engine as engine_module
 from splitinfer.engine import SplitLlama
 from splitinfer.inputs import build_batch, last_positions
 from splitinfer.models import ByteTokenizer, load_model
@@ -172,6 +173,33 @@ def test_uninstrumented_runs_time_the_total_alone(tiny_models, scheme):
         reference = reference_logits(model.config, model.state_dict, ids, mask)
         assert compare(lean_logits, reference)["rel_logit_error"] < 1e-3
     assert engine.timed_forward(ids, mask)[1]["categories"]["cpu_compute"] > 0
+
+
+@pytest.mark.parametrize("scheme", ["matrix", "otp"])
+def test_streamed_embedding_equals_the_resident_table(tiny_models, scheme, monkeypatch):
+    """A tied table is read from the GPU in blocks (here of 3 rows, so that ids fall in many): the same
+    logits as from the TEE's own copy, which the TEE then does not hold; the whole table crosses."""
+    monkeypatch.setattr(engine_module, "EMBEDDING_BLOCK_BYTES", 3 * 64 * 4)
+    model = load_model(tiny_models["gqa-tied"], torch.float32, CPU)
+    ids, mask = build_batch(model.tokenizer, PROMPTS, 12, 2, True)
+    runs = {}
+    for resident in (False, True):
+        engine = SplitLlama(model.config, model.state_dict, make_scheme(scheme, seed=3), CPU, torch.float32,
+                            resident_embedding=resident)
+        runs[resident] = engine, *engine.timed_forward(ids, mask)
+    (streamed, logits, figures), (resident, resident_logits, resident_figures) = runs[False], runs[True]
+    assert torch.equal(logits, resident_logits)
+    table = 320 * 64 * 4
+    assert resident.tee_weight_bytes() - streamed.tee_weight_bytes() == table
+    moved = figures["data_transfer"]["to_cpu_bytes"] - resident_figures["data_transfer"]["to_cpu_bytes"]
+    assert moved == table and figures["data_transfer"]["excess_over_minimum"] <= 0.10
+    assert streamed.export_state_dict()["model.embed_tokens.weight"].shape == (320, 64)
+
+
+def test_untied_table_stays_in_the_tee(tiny_models):
+    model = load_model(tiny_models["mha-untied"], torch.float32, CPU)
+    engine = SplitLlama(model.config, model.state_dict, make_scheme("matrix", seed=0), CPU, torch.float32)
+    assert engine.embed_table is not None
 
 
 def test_tee_only_never_crosses(tiny_models):

@@ -115,7 +115,8 @@ def test_perf_counts_and_variants():
             perf.parse_counts(bad, "--lengths")
     names = [v[0] for v in perf.variants(overlap=True, ablations=True, thread_sweep="4")]
     assert names == ["optimized", "ours", "otp", "optimized_overlap", "optimized_pageable", "optimized_full_scores",
-                     "otp_full_scores", "optimized_blocks128", "optimized_threads4", "ours_threads4", "otp_threads4"]
+                     "otp_full_scores", "optimized_blocks128", "ours_resident_embedding", "optimized_threads4",
+                     "ours_threads4", "otp_threads4"]
     assert [v[0] for v in perf.variants(overlap=True, ablations=False, thread_sweep=None)] == [
         "optimized", "ours", "otp", "optimized_overlap"]
     assert [v[0] for v in perf.variants(overlap=False, ablations=False, thread_sweep=None)] == ["optimized", "ours", "otp"]
