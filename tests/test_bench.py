@@ -148,15 +148,15 @@ def test_gpu_benchmark_dry_run(tiny_models, tmp_path):
     every step ran (no step's failure is hidden by the script's `|| true`) and wrote what it measured."""
     script = os.path.join(ROOT, "tee_gpu", "benchmarks", "gpu_benchmark.sh")
     env = {**os.environ, "MODEL": tiny_models["gqa-tied"], "PRECISION_MODEL": tiny_models["gqa-tied"],
-           "LENGTHS": "8,16", "PRECISION_LENGTH": "8"}
+           "LENGTHS": "8,16", "PRECISION_LENGTH": "8", "BASELINE": ROOT}  # this tree as its own baseline
     out = tmp_path / "out"
     done = subprocess.run(["bash", script, str(out)], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:]
-    assert sorted(os.listdir(out)) == ["log.txt", "perf.json", "perf_spin.json", "precision.json", "profile.txt",
-                                       "runners.json"]
+    assert sorted(os.listdir(out)) == ["log.txt", "perf.json", "perf_baseline.json", "perf_spin.json",
+                                       "precision.json", "profile.txt", "runners.json"]
     log = (out / "log.txt").read_text()
-    assert log.count("== [") == 5 and "warning: --overlap failed" not in log and "Traceback" not in log
-    for name, policy in (("perf.json", None), ("perf_spin.json", "ACTIVE")):
+    assert log.count("== [") == 6 and "warning: --overlap failed" not in log and "Traceback" not in log
+    for name, policy in (("perf.json", None), ("perf_baseline.json", None), ("perf_spin.json", "ACTIVE")):
         perf = json.loads((out / name).read_text())
         assert "incomplete" not in perf and set(perf["lengths"]) == {"8", "16"}
         assert perf["environment"]["omp_wait_policy"] == policy

@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # The GPU benchmark: one script for a GPU machine (random presets only: it needs no network and no gguf).
-# Writes six files to OUT_DIR, each as soon as its step is done, most needed first (a run cut short keeps them):
+# Writes six files to OUT_DIR (seven with BASELINE), each as soon as its step is done, most needed first (a run
+# cut short keeps them):
 #   perf.json          the in-process comparison, its ratios, the overlapped plain split and the ablations
 #   profile.txt        torch.profiler tables of one inference of each split runner
+#   perf_baseline.json with BASELINE=DIR (a folder holding an older `splitinfer` package): its split runners,
+#                      timed the same way right after, for a before/after on one machine (compare its
+#                      median_ms with perf.json's instrumented_median_ms if it predates uninstrumented runs)
 #   runners.json       every runner's own JSON, each in a fresh process:
 #                      first inference, memory, logit error
 #   perf_spin.json     the comparison again with OMP_WAIT_POLICY=ACTIVE (idle TEE threads spin), no ablations
@@ -11,7 +15,8 @@
 # On one H100 (2026-11-26) with THREAD_SWEEP=8 the steps began at 10, 30, 194, 430 and 489 s, and the
 # precision step was cut at 520 s; since then the runners step no longer runs the overlapped plain split
 # in a process of its own (2 of its 12 processes; perf still times it), so expect about 8 minutes without
-# the sweep. A CUDA failure in any pass does not stop the passes after it;
+# the sweep. Since then perf times each repeat twice (uninstrumented and instrumented) and the runners repeat
+# once, not 3 times; BASELINE adds about 90 s. A CUDA failure in any pass does not stop the passes after it;
 # THREAD_SWEEP=4,8 adds thread-count ablations to the first pass (~40 s per count).
 # Usage: bash tee_gpu/benchmarks/gpu_benchmark.sh OUT_DIR [PRESET]   (PRESET defaults to llama-3.2-1b)
 # LENGTHS=128,512 and PRECISION_LENGTH=128 may be overridden, and MODEL (default preset:PRESET) and
@@ -24,6 +29,7 @@ precision_model=${PRECISION_MODEL:-preset:smollm2-135m}
 lengths=${LENGTHS:-128,512}
 precision_length=${PRECISION_LENGTH:-128}
 thread_sweep=${THREAD_SWEEP:-}
+baseline=${BASELINE:-}
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 mkdir -p "$out"
@@ -51,6 +57,13 @@ python -m splitinfer.perf --model "$model" --lengths "$lengths" --dtype float16 
 cp "$work/perf/perf.json" "$out/perf.json" || true
 cp "$work/perf/profile.txt" "$out/profile.txt" || true
 
+if [ -n "$baseline" ]; then
+  step "the split runners of the baseline in $baseline, timed the same way"
+  PYTHONPATH="$baseline" python -m splitinfer.perf --model "$model" --lengths "$lengths" --dtype float16 \
+    --warmup 2 --repeat 5 --split-only --no-ablations --no-overlap --out-dir "$work/baseline" || true
+  cp "$work/baseline/perf.json" "$out/perf_baseline.json" || true
+fi
+
 merge() {  # every JSON of one group into OUT_DIR/GROUP.json, written as soon as the group is done
   python - "$work/$1" "$out/$1.json" <<'PY'
 import glob, json, os, sys
@@ -62,14 +75,14 @@ print(f"{target}: {len(merged)} results")
 PY
 }
 
-step "each runner in its own process: the first inference, then 3 more"
+step "each runner in its own process: the first inference, then one more"
 for n in ${lengths//,/ }; do
   for runner in optimized ours otp; do
     python "$root/tee_gpu/tee_runner_$runner.py" --model "$model" --prefill-length $n --dtype float16 \
-      --repeat 3 --output "$work/runners/${runner}_n$n.json" 2>&1 | tail -3 || true
+      --repeat 1 --output "$work/runners/${runner}_n$n.json" 2>&1 | tail -3 || true
   done
   python "$root/tee_only_llama/tee_runner.py" --model "$model" --prefill-length $n --dtype bfloat16 \
-    --repeat 2 --no-reference --output "$work/runners/tee_only_n$n.json" 2>&1 | tail -2 || true
+    --repeat 1 --no-reference --output "$work/runners/tee_only_n$n.json" 2>&1 | tail -2 || true
   merge runners  # after each length, so that a run cut short still returns what it measured
 done
 
