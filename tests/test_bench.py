@@ -148,7 +148,8 @@ def test_gpu_benchmark_dry_run(tiny_models, tmp_path):
     every step ran (no step's failure is hidden by the script's `|| true`) and wrote what it measured."""
     script = os.path.join(ROOT, "tee_gpu", "benchmarks", "gpu_benchmark.sh")
     env = {**os.environ, "MODEL": tiny_models["gqa-tied"], "PRECISION_MODEL": tiny_models["gqa-tied"],
-           "LENGTHS": "8,16", "PRECISION_LENGTH": "8", "BASELINE": ROOT}  # this tree as its own baseline
+           "LENGTHS": "8,16", "PRECISION_LENGTH": "8", "BASELINE": ROOT,  # this tree as its own baseline
+           "SPIN": "1"}
     out = tmp_path / "out"
     done = subprocess.run(["bash", script, str(out)], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:]

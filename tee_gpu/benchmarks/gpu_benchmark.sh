@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU benchmark: one script for a GPU machine (random presets only: it needs no network and no gguf).
-# Writes six files to OUT_DIR (seven with BASELINE), each as soon as its step is done, most needed first (a run
-# cut short keeps them):
+# Writes five files to OUT_DIR (one more each with BASELINE and SPIN), each as soon as its step is done, most
+# needed first (a run cut short keeps them):
 #   perf.json          the in-process comparison, its ratios, the overlapped plain split and the ablations
 #   profile.txt        torch.profiler tables of one inference of each split runner
 #   perf_baseline.json with BASELINE=DIR (a folder holding an older `splitinfer` package): its split runners,
@@ -9,15 +9,16 @@
 #                      median_ms with perf.json's instrumented_median_ms if it predates uninstrumented runs)
 #   runners.json       every runner's own JSON, each in a fresh process:
 #                      first inference, memory, logit error
-#   perf_spin.json     the comparison again with OMP_WAIT_POLICY=ACTIVE (idle TEE threads spin), no ablations
+#   perf_spin.json     with SPIN=1: the comparison again with OMP_WAIT_POLICY=ACTIVE (idle TEE threads spin),
+#                      no ablations (about 70 s; spinning measured slower on the H100 machine, faster on the H200)
 #   precision.json     float16 logit error of each scheme against the float32 reference, 3 mask seeds
 #   log.txt            with the seconds since the start at each step
-# On one H100 (2026-11-26) with THREAD_SWEEP=8 the steps began at 10, 30, 194, 430 and 489 s, and the
-# precision step was cut at 520 s; since then the runners step no longer runs the overlapped plain split
-# in a process of its own (2 of its 12 processes; perf still times it), so expect about 8 minutes without
-# the sweep. Since then perf times each repeat twice (uninstrumented and instrumented) and the runners repeat
-# once, not 3 times; BASELINE adds about 90 s. A CUDA failure in any pass does not stop the passes after it;
-# THREAD_SWEEP=4,8 adds thread-count ablations to the first pass (~40 s per count).
+# On one H100 (2026-11-26) with THREAD_SWEEP=8 and the spin pass the steps began at 10, 30, 194, 430 and
+# 489 s, and the precision step was cut at 520 s. Since then the runners step runs 12 processes, not 14, each
+# with one repeat, not 3; perf times each repeat twice (uninstrumented and instrumented); the spin pass is
+# opt-in. Expect about 8 minutes, 9.5 with BASELINE (about 90 s), so leave SPIN out when BASELINE is set.
+# A CUDA failure in any pass does not stop the passes after it; THREAD_SWEEP=4,8 adds thread-count
+# ablations to the first pass (~40 s per count).
 # Usage: bash tee_gpu/benchmarks/gpu_benchmark.sh OUT_DIR [PRESET]   (PRESET defaults to llama-3.2-1b)
 # LENGTHS=128,512 and PRECISION_LENGTH=128 may be overridden, and MODEL (default preset:PRESET) and
 # PRECISION_MODEL (default preset:smollm2-135m) too: tiny values make a dry run on a CPU (tests/test_bench.py).
@@ -30,6 +31,7 @@ lengths=${LENGTHS:-128,512}
 precision_length=${PRECISION_LENGTH:-128}
 thread_sweep=${THREAD_SWEEP:-}
 baseline=${BASELINE:-}
+spin=${SPIN:-}
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 mkdir -p "$out"
@@ -86,10 +88,12 @@ for n in ${lengths//,/ }; do
   merge runners  # after each length, so that a run cut short still returns what it measured
 done
 
-step "the same with spinning OpenMP threads (OMP_WAIT_POLICY=ACTIVE), baselines included"
-OMP_WAIT_POLICY=ACTIVE python -m splitinfer.perf --model "$model" --lengths "$lengths" --dtype float16 \
-  --tee-dtype bfloat16 --warmup 2 --repeat 5 --no-ablations $no_overlap --out-dir "$work/spin" || true
-cp "$work/spin/perf.json" "$out/perf_spin.json" || true
+if [ -n "$spin" ]; then
+  step "the same with spinning OpenMP threads (OMP_WAIT_POLICY=ACTIVE), baselines included"
+  OMP_WAIT_POLICY=ACTIVE python -m splitinfer.perf --model "$model" --lengths "$lengths" --dtype float16 \
+    --tee-dtype bfloat16 --warmup 2 --repeat 5 --no-ablations $no_overlap --out-dir "$work/spin" || true
+  cp "$work/spin/perf.json" "$out/perf_spin.json" || true
+fi
 
 step "float16 precision of each scheme against the float32 reference (smollm2-135m shape, 3 mask seeds)"
 python -m splitinfer.precision --model "$precision_model" --length "$precision_length" --seeds 1,2,3 \
