@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -147,9 +148,11 @@ def test_gpu_benchmark_dry_run(tiny_models, tmp_path):
     """gpu_benchmark.sh, the one script a lent GPU machine runs, end to end on the CPU with a tiny model:
     every step ran (no step's failure is hidden by the script's `|| true`) and wrote what it measured."""
     script = os.path.join(ROOT, "tee_gpu", "benchmarks", "gpu_benchmark.sh")
+    baseline = tmp_path / "baseline"  # a copy of this tree stands in for an older commit's
+    for folder in ("splitinfer", "tee_gpu", "tee_only_llama"):
+        shutil.copytree(os.path.join(ROOT, folder), baseline / folder, ignore=shutil.ignore_patterns("__pycache__"))
     env = {**os.environ, "MODEL": tiny_models["gqa-tied"], "PRECISION_MODEL": tiny_models["gqa-tied"],
-           "LENGTHS": "8,16", "PRECISION_LENGTH": "8", "BASELINE": ROOT,  # this tree as its own baseline
-           "SPIN": "1"}
+           "LENGTHS": "8,16", "PRECISION_LENGTH": "8", "BASELINE": str(baseline), "SPIN": "1"}
     out = tmp_path / "out"
     done = subprocess.run(["bash", script, str(out)], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:]
@@ -162,6 +165,8 @@ def test_gpu_benchmark_dry_run(tiny_models, tmp_path):
         assert "incomplete" not in perf and set(perf["lengths"]) == {"8", "16"}
         assert perf["environment"]["omp_wait_policy"] == policy
         assert all("error" not in row for rows in perf["lengths"].values() for row in rows.values())
+    ran = json.loads((out / "perf_baseline.json").read_text())["environment"]["argv"][0]
+    assert ran.startswith(str(baseline))  # the baseline's own code, not this tree's
     runners = json.loads((out / "runners.json").read_text())
     assert set(runners) == {f"{r}_n{n}" for r in ("optimized", "ours", "otp", "tee_only") for n in (8, 16)}
     for name, result in runners.items():

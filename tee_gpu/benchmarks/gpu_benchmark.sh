@@ -4,7 +4,8 @@
 # needed first (a run cut short keeps them):
 #   perf.json          the in-process comparison, its ratios, the overlapped plain split and the ablations
 #   profile.txt        torch.profiler tables of one inference of each split runner
-#   perf_baseline.json with BASELINE=DIR (a folder holding an older `splitinfer` package): its split runners,
+#   perf_baseline.json with BASELINE=DIR (an older commit's tree, e.g. `git archive REF splitinfer tee_gpu
+#                      tee_only_llama | tar -x -C DIR`; an absolute path): its split runners,
 #                      timed the same way right after, for a before/after on one machine (compare its
 #                      median_ms with perf.json's instrumented_median_ms if it predates uninstrumented runs)
 #   runners.json       every runner's own JSON, each in a fresh process:
@@ -61,8 +62,9 @@ cp "$work/perf/profile.txt" "$out/profile.txt" || true
 
 if [ -n "$baseline" ]; then
   step "the split runners of the baseline in $baseline, timed the same way"
-  PYTHONPATH="$baseline" python -m splitinfer.perf --model "$model" --lengths "$lengths" --dtype float16 \
-    --warmup 2 --repeat 5 --split-only --no-ablations --no-overlap --out-dir "$work/baseline" || true
+  # from inside it: `python -m` puts the working directory ahead of PYTHONPATH
+  (cd "$baseline" && PYTHONPATH="$baseline" python -m splitinfer.perf --model "$model" --lengths "$lengths" \
+    --dtype float16 --warmup 2 --repeat 5 --split-only --no-ablations --no-overlap --out-dir "$work/baseline") || true
   cp "$work/baseline/perf.json" "$out/perf_baseline.json" || true
 fi
 
