@@ -275,7 +275,8 @@ class SplitLlama:
         return self.crypto(1, "matmul", self.scheme.recover_matmul, c, secret, product)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        """Token ids -> hidden states: in the TEE under a masked scheme, else on the GPU (the ids cross)."""
+        """Token ids -> hidden states: in the TEE under a masked scheme (from its own table, or from the GPU's
+        read whole), else on the GPU (the ids cross)."""
         if self.embed_table is not None:
             return self.tee("embedding", F.embedding, ids, self.embed_table)
         if self.scheme.masked:
