@@ -187,16 +187,17 @@ class SplitLlama:
         self.split_sizes = {name: [sd[m + ".weight"].shape[0] for m in modules] for name, modules in self.sources.items()}
         self.tied = tied
 
-    def weight_in_tee(self, name: str) -> torch.Tensor:
-        """A linear's weight for an offline step in the TEE (otp multiplies its pads by it), fetched from
-        the GPU for that step alone: weights are public, so they may cross, and the TEE never holds a copy
-        of them all (1.95 GB at the 1B shape in float16). A tied LM head may be the TEE's own embedding table."""
+    def weight_for_tee(self, name: str) -> torch.Tensor:
+        """A linear's weight for an offline step in the TEE (otp multiplies its pads by it), where it lives:
+        the step fetches it from the GPU a block of rows at a time (`schemes._float32_product`). Weights are
+        public, so they may cross, and the TEE never holds a copy of one whole (the 1B shape's tied LM head is
+        501 MiB in float16). A tied LM head may be the TEE's own embedding table."""
         if name == "lm_head" and self.tied and self.embed_table is not None:
             return self.embed_table
         weight = self.gpu.weights[name]
         if weight.device != self.tee_device:
             self.offline_fetched_bytes += weight.numel() * weight.element_size()
-        return weight.to(self.tee_device)
+        return weight
 
     def norms(self) -> list[RmsNorm]:
         return [n for layer in self.layers for n in (layer.attn_norm, layer.mlp_norm)] + [self.final_norm]
@@ -352,7 +353,7 @@ class SplitLlama:
         try:
             if self.scheme.masked:  # the offline phase: every mask of this inference, before the prompt is seen
                 with self.metrics.time("offline", "masks"):
-                    mask_bytes = self.scheme.prepare(*self.mask_shapes(*ids.shape), self.weight_in_tee, self.dtype)
+                    mask_bytes = self.scheme.prepare(*self.mask_shapes(*ids.shape), self.weight_for_tee, self.dtype)
             with self.metrics.total():
                 logits = self.forward(ids, attention_mask)
         finally:

@@ -39,7 +39,8 @@ class Plain:
     def prepare(self, linears: MaskShapes, matmuls: MatmulShapes,
                 weights: Callable[[str], torch.Tensor] | None = None, dtype: torch.dtype = torch.float32) -> int:
         """Offline phase: draw every mask of one inference (`dtype` is the model's, for masks that may be
-        stored in it; `weights(name)` fetches a linear's weight into the TEE). Returns the bytes the masks hold."""
+        stored in it; `weights(name)` gives a linear's weight where it lives, for the TEE to fetch a block of
+        rows at a time). Returns the bytes the masks hold."""
         return 0
 
     def protect_linear(self, x: torch.Tensor, name: str) -> tuple[torch.Tensor, object]:
@@ -271,19 +272,23 @@ class Otp(Plain):
         return cross.add_(c).to(c.dtype)
 
 
-def _float32_product(x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype, block_bytes: int = 64 * 2 ** 20
+WEIGHT_BLOCK_BYTES = 64 * 2 ** 20  # the float32 rows of a weight that otp's offline phase converts at a time
+
+
+def _float32_product(x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype, block_bytes: int | None = None
                      ) -> torch.Tensor:
-    """x Wᵀ multiplied in float32 and kept in `dtype`.
+    """x Wᵀ multiplied in float32 on x's device (the TEE) and kept in `dtype`.
 
     float32 because the CPU multiplies it far faster than half precision (VM, default model, 512 tokens:
     otp's offline phase 0.75 s against 2.4 s); kept in the model's dtype, as a half-precision product
-    was before (the logits come out the same). W is converted a block of rows at a time: a float32 copy of
-    the 1B shape's whole LM head would be 1 GiB, and it set the peak of otp's offline phase (VM, 512 tokens,
-    float16: 2072 MiB over the setup before, 919 after, of which the pads are 784)."""
-    x32, rows = x.float(), max(1, block_bytes // (4 * weight.shape[1]))
+    was before (the logits come out the same). W, wherever it lives, is fetched and converted a block of
+    rows at a time: a float32 copy of the 1B shape's whole LM head would be 1 GiB, and it set the peak of
+    otp's offline phase (VM, 512 tokens, float16: 2072 MiB over the setup before, 919 after, of which the
+    pads are 784); a whole fetch of it from the GPU would still be 501 MiB."""
+    x32, rows = x.float(), max(1, (block_bytes or WEIGHT_BLOCK_BYTES) // (4 * weight.shape[1]))
     out = torch.empty(*x.shape[:-1], weight.shape[0], dtype=dtype)
     for start in range(0, weight.shape[0], rows):
-        out[..., start:start + rows] = x32 @ weight[start:start + rows].float().T
+        out[..., start:start + rows] = x32 @ weight[start:start + rows].to(x.device).float().T
     return out
 
 

@@ -8,6 +8,7 @@ import torch
 from conftest import VARIANTS
 
 from splitinfer import engine as engine_module
+from splitinfer import schemes
 from splitinfer.engine import SplitLlama
 from splitinfer.inputs import build_batch, last_positions
 from splitinfer.models import ByteTokenizer, load_model
@@ -218,23 +219,34 @@ def test_inputs_cut_and_repeat():
     assert last_positions(mask).tolist() == [3, 2]
 
 
-def test_otp_offline_holds_one_weight_at_a_time(tiny_models):
-    """otp multiplies its pads by the weights offline, in the TEE: it fetches them one at a time and keeps
-    none, so the TEE never holds a copy of the GPU's weights (a fetch is a copy on CUDA, simulated here)."""
+def test_otp_offline_fetches_weights_a_block_at_a_time(tiny_models, monkeypatch):
+    """otp multiplies its pads by the weights offline, in the TEE: it fetches each from where it lives (the
+    GPU) a few rows at a time and keeps none, so the TEE never holds a copy of a GPU weight."""
     model = load_model(tiny_models["mha-untied"], torch.float32, CPU)
     ids, mask = build_batch(model.tokenizer, PROMPTS, 8, 1)
     engine = SplitLlama(model.config, model.state_dict, make_scheme("otp", seed=0), CPU, torch.float32)
-    fetch, alive, most = engine.weight_in_tee, [], []
+    monkeypatch.setattr(schemes, "WEIGHT_BLOCK_BYTES", 3 * 64 * 4)  # three float32 rows of 64
+    where, fetched, alive = engine.weight_for_tee, [], []
 
-    def fetch_a_copy(name):
-        copy = fetch(name).clone()
-        most.append(sum(r() is not None for r in alive))  # earlier fetches still held when this one is made
-        alive.append(weakref.ref(copy))
-        return copy
+    class OnTheGpu:  # a weight that records every block of rows taken from it
+        def __init__(self, name):
+            self.name, self.weight = name, where(name)
+            self.shape = self.weight.shape
 
-    engine.weight_in_tee = fetch_a_copy
+        def __getitem__(self, rows):
+            block = self.weight[rows].clone()  # on CUDA a fetch is a copy: simulated
+            held = sum(r() is not None for r in alive)
+            fetched.append((self.name, block.shape[0], held))
+            alive.append(weakref.ref(block))
+            return block
+
+    engine.weight_for_tee = OnTheGpu
     logits, _ = engine.timed_forward(ids, mask)
-    assert len(alive) == 4 * 2 + 1 and max(most) == 0
+    rows = {}
+    for name, count, held in fetched:
+        assert count <= 3 and held == 0  # no earlier block is still held when the next is taken
+        rows[name] = rows.get(name, 0) + count
+    assert len(rows) == 4 * 2 + 1 and rows["lm_head"] == 320 and rows["0.gate_up"] == 2 * 96
     assert compare(logits, reference_logits(model.config, model.state_dict, ids, mask))["rel_logit_error"] < 1e-3
     norms = 2 * (2 * 2 + 1) * 64 * 4  # each norm as given and as the TEE uses it (times sqrt(d), float32)
     assert engine.tee_weight_bytes() == norms + 320 * 64 * 4  # the norms and the embedding table, nothing else
