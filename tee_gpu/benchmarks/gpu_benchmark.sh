@@ -5,7 +5,7 @@
 #   perf.json          the in-process comparison, its ratios, the overlapped plain split and the ablations
 #   profile.txt        torch.profiler tables of one inference of each split runner
 #   perf_baseline.json with BASELINE=DIR (an older commit's tree, e.g. `git archive REF splitinfer tee_gpu
-#                      tee_only_llama | tar -x -C DIR`; an absolute path): its split runners,
+#                      tee_only_llama | tar -x -C DIR`): its split runners,
 #                      timed the same way right after, for a before/after on one machine (compare its
 #                      median_ms with perf.json's instrumented_median_ms if it predates uninstrumented runs)
 #   runners.json       every runner's own JSON, each in a fresh process:
@@ -32,6 +32,10 @@ lengths=${LENGTHS:-128,512}
 precision_length=${PRECISION_LENGTH:-128}
 thread_sweep=${THREAD_SWEEP:-}
 baseline=${BASELINE:-}
+if [ -n "$baseline" ]; then  # absolute, since its pass runs from inside it; checked before anything runs
+  [ -d "$baseline/splitinfer" ] || { echo "error: BASELINE '$baseline' holds no splitinfer package" >&2; exit 2; }
+  baseline=$(cd "$baseline" && pwd)
+fi
 spin=${SPIN:-}
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -61,9 +65,10 @@ cp "$work/perf/perf.json" "$out/perf.json" || true
 cp "$work/perf/profile.txt" "$out/profile.txt" || true
 
 if [ -n "$baseline" ]; then
+  if [ -d "$model" ]; then model_there=$(cd "$model" && pwd); else model_there=$model; fi
   step "the split runners of the baseline in $baseline, timed the same way"
   # from inside it: `python -m` puts the working directory ahead of PYTHONPATH
-  (cd "$baseline" && PYTHONPATH="$baseline" python -m splitinfer.perf --model "$model" --lengths "$lengths" \
+  (cd "$baseline" && PYTHONPATH="$baseline" python -m splitinfer.perf --model "$model_there" --lengths "$lengths" \
     --dtype float16 --warmup 2 --repeat 5 --split-only --no-ablations --no-overlap --out-dir "$work/baseline") || true
   cp "$work/baseline/perf.json" "$out/perf_baseline.json" || true
 fi
