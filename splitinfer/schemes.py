@@ -147,6 +147,12 @@ class Matrix(Plain):
                 "p3": self._permutations((batch, groups, m)),
                 "d3": self._signed_uniform((batch, groups, m), *self.D_RANGE).to(dtype)}
         mask["p1_inverse"], mask["p3_inverse"] = mask["p1"].argsort(-1), mask["p3"].argsort(-1)
+        # offline, so that the online steps take fewer ops: each row permutation as the flat index it gathers
+        # with, and B's two diagonals as one k×m scale (B is q's or v's size, never n×n), from the very
+        # rounded values A's and the recovery's diagonals use
+        for name in ("p1", "p2", "p1_inverse"):
+            mask[f"rows_{name}"] = _row_index(mask[name])
+        mask["b_scale"] = (mask["d3"].float()[:, :, None, :] / mask["d2"].float()[..., None]).to(dtype)
         return mask
 
     def protect_linear(self, x, name):
@@ -184,10 +190,10 @@ class Matrix(Plain):
         m = self.matmul_masks[name]
         batch, heads, n, k = a.shape
         groups = b.shape[1]
-        a5 = _permute_cols(_permute_rows(a.reshape(batch, groups, heads // groups, n, k), m["p1"]), m["p2"])
+        a5 = _permute_cols(_permute_rows(a.reshape(batch, groups, heads // groups, n, k), m["rows_p1"]), m["p2"])
         a5.mul_(m["d1"][..., None]).mul_(m["d2"][:, :, None, None, :])                      # D₁P₁ A P₂D₂
-        b4 = _permute_cols(_permute_rows(b, m["p2"]), m["p3"])                              # P₂⁻¹ B P₃
-        b4.div_(m["d2"][..., None]).mul_(m["d3"][:, :, None, :])                            # D₂⁻¹ · · D₃
+        b4 = _permute_cols(_permute_rows(b, m["rows_p2"]), m["p3"])                         # P₂⁻¹ B P₃
+        b4.mul_(m["b_scale"])                                                               # D₂⁻¹ · · D₃
         return a5.view(a.shape), b4, (m, groups)
 
     def recover_matmul(self, c, secret, product=grouped_matmul):
@@ -196,7 +202,7 @@ class Matrix(Plain):
         batch, heads, n, cols = c.shape
         c5 = c.view(batch, groups, heads // groups, n, cols)
         c5.div_(m["d1"][..., None]).div_(m["d3"][:, :, None, None, :])
-        return _permute_cols(_permute_rows(c5, m["p1_inverse"]), m["p3_inverse"]).view(c.shape)
+        return _permute_cols(_permute_rows(c5, m["rows_p1_inverse"]), m["p3_inverse"]).view(c.shape)
 
 
 class Otp(Plain):
@@ -292,13 +298,18 @@ def _float32_product(x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype, 
     return out
 
 
-def _permute_rows(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
-    """out[..., i, :] = x[..., perm[..., i], :], one permutation per matrix (perm has x's shape less the last dim).
-
-    A single index_select over the flattened rows: a row copy, far cheaper than a broadcast gather."""
-    rows = x.shape[-2]
+def _row_index(perm: torch.Tensor) -> torch.Tensor:
+    """The flat index `_permute_rows` gathers with for `perm` (one permutation per matrix, over its rows):
+    each matrix's permuted rows, offset to where that matrix's rows start among all of them."""
+    rows = perm.shape[-1]
     offsets = torch.arange(0, perm.numel(), rows).view(*perm.shape[:-1], 1)
-    return x.reshape(-1, x.shape[-1]).index_select(0, (perm + offsets).reshape(-1)).view(x.shape)
+    return (perm + offsets).reshape(-1)
+
+
+def _permute_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """out[..., i, :] = x[..., perm[..., i], :] for index = `_row_index(perm)`: one index_select over the
+    flattened rows, a row copy, far cheaper than a broadcast gather."""
+    return x.reshape(-1, x.shape[-1]).index_select(0, index).view(x.shape)
 
 
 def _permute_cols(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:

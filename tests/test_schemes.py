@@ -87,7 +87,7 @@ def test_matrix_permutations_are_not_identity():
     # undoing a permutation with itself instead of its inverse (the original implementation's bug) fails
     a, b = torch.randn(1, 2, 16, 8), torch.randn(1, 1, 8, 16)
     a_masked, b_masked, secret = scheme.protect_matmul(a, b, "mm")
-    wrong = dict(masks, p1_inverse=masks["p1"])
+    wrong = dict(masks, rows_p1_inverse=masks["rows_p1"])
     c_wrong = scheme.recover_matmul(grouped_matmul(a_masked, b_masked), (wrong, 1))
     assert not torch.allclose(c_wrong, grouped_matmul(a, b), atol=1e-3)
 
