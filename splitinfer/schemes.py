@@ -167,20 +167,21 @@ class Matrix(Plain):
         if "dummy" in mask:
             rows = torch.cat([rows, mask["dummy"]], dim=1)
             norms = torch.cat([norms, torch.ones(sequences, rows.shape[1] - n, 1)], dim=1)
-        rows.mul_(mask["d"][..., None] / norms)                            # D diag(1/r) X
+        scale = mask["d"][..., None] / norms
+        rows.mul_(scale)                                                   # D diag(1/r) X
         shared = mask["b_t_over_d"] @ rows                                 # Bᵀ diag(1/r) X, k×d
         mixed = _add_low_rank(rows, mask["a"], shared)                     # (D + ABᵀ) diag(1/r) X
         shape = x.shape if "dummy" not in mask else (-1, x.shape[-1])
-        return mixed.reshape(shape).to(x.dtype), (mask, x.shape, norms, n)
+        return mixed.reshape(shape).to(x.dtype), (mask, x.shape, scale, n)
 
     def recover_linear(self, z, secret):
         """May overwrite `z` (the GPU's answer, which nothing else holds)."""
-        mask, in_shape, norms, n = secret
-        zf = z.float().reshape(norms.shape[0], norms.shape[1], z.shape[-1])
+        mask, in_shape, scale, n = secret  # scale: D diag(1/r), a column
+        zf = z.float().reshape(scale.shape[0], scale.shape[1], z.shape[-1])
         # diag(r) M⁻¹ Z by Woodbury, in O(n·k·out), never forming M:
         #   M⁻¹Z = D⁻¹ (Z − A G⁻¹BᵀD⁻¹Z),  G = I + BᵀD⁻¹A
         shared = mask["woodbury_rows"] @ zf
-        y = _add_low_rank(zf, mask["a"], shared, alpha=-1).mul_(norms / mask["d"][..., None])
+        y = _add_low_rank(zf, mask["a"], shared, alpha=-1).div_(scale)
         return y[:, :n].reshape(*in_shape[:-1], z.shape[-1]).to(z.dtype)
 
     # The matmul masks work in the operands' own dtype: a permutation is exact in any dtype, and the n×n
