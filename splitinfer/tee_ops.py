@@ -20,12 +20,12 @@ class RmsNorm:
 
     weight: torch.Tensor
     scaled: torch.Tensor
-    eps_d: float
+    eps_d: torch.Tensor  # d·eps, a float32 scalar tensor: ‖x‖² + d·eps is then one op
 
     @classmethod
     def of(cls, weight: torch.Tensor, eps: float) -> RmsNorm:
         d = weight.shape[-1]
-        return cls(weight, weight.float() * d ** 0.5, eps * d)
+        return cls(weight, weight.float() * d ** 0.5, torch.tensor(eps * d, dtype=torch.float32))
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """In float32, into `out` where given (the ops that feed the GPU write straight into pinned memory).
@@ -33,9 +33,11 @@ class RmsNorm:
         x is converted first because an op mixing float16 and float32 inputs takes PyTorch's slower casting
         path, and so does a norm accumulating float16 in float32: on the 2-core VM, 512 x 2048 in float16,
         0.20-0.22 ms against 0.27-0.28 for the same three passes on x itself (and 0.30 for the textbook seven).
-        With the weight kept scaled, two small ops fewer a call: 0.052 ms against 0.057 at 128 x 2048."""
+        With the weight kept scaled, three small ops fewer a call: 0.052 ms against 0.057 at 128 x 2048
+        for two fewer, and the square and the eps in one op, 2.5 µs less."""
         xf = x.float()  # x itself when it is float32
-        inverse_rms = torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square_().add_(self.eps_d).rsqrt_()
+        norm = torch.linalg.vector_norm(xf, dim=-1, keepdim=True)
+        inverse_rms = torch.addcmul(self.eps_d, norm, norm).rsqrt_()
         normed = xf * inverse_rms if xf is x else xf.mul_(inverse_rms)  # never overwrite x
         return torch.mul(normed, self.scaled, out=torch.empty_like(x) if out is None else out)
 
@@ -54,14 +56,15 @@ class Rotary:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Rotate x [B, heads, N, head_dim] by position: x·cos + rotate_half(x)·sin, written half by half
-    (no concatenated copy of x). Measured on the 2-core VM, 32 heads x 512 x 64 in float16: 0.16 ms
-    against 0.23 for the concatenating form."""
+    """Rotate x [B, heads, N, head_dim] by position: x·cos + rotate_half(x)·sin, as x·cos whole, then
+    rotate_half(x)·sin added into each half (no concatenated copy of x): three ops. Measured on the 2-core
+    VM, 40 heads x 512 x 64 in float16: 0.17 ms, against 0.19 for four ops (x·cos half by half) and
+    0.23 for the concatenating form (at 32 heads)."""
     half = x.shape[-1] // 2
     out = torch.empty(x.shape, dtype=x.dtype) if out is None else out
-    x1, x2 = x[..., :half], x[..., half:]
-    torch.mul(x1, cos[..., :half], out=out[..., :half]).addcmul_(x2, sin[..., :half], value=-1)
-    torch.mul(x2, cos[..., half:], out=out[..., half:]).addcmul_(x1, sin[..., half:])
+    torch.mul(x, cos, out=out)
+    out[..., :half].addcmul_(x[..., half:], sin[..., :half], value=-1)
+    out[..., half:].addcmul_(x[..., :half], sin[..., half:])
     return out
 
 
