@@ -295,11 +295,13 @@ class SplitLlama:
         ordered = flat[order]
         ends = torch.searchsorted(ordered, torch.arange(0, table.shape[0] + rows, rows)).tolist()
         out = torch.empty(flat.shape[0], table.shape[1], dtype=self.dtype)
+
+        def take(block: torch.Tensor, start: int, hits: slice) -> None:  # the rows of the ids `hits` picks
+            out.index_copy_(0, order[hits], block[ordered[hits] - start])
+
         for b, start in enumerate(range(0, table.shape[0], rows)):
             block = self.link.to_tee(table[start: start + rows], "embedding")
-            first, last = ends[b], ends[b + 1]
-            self.tee("embedding", lambda: out.index_copy_(0, order[first:last], block[ordered[first:last] - start]),
-                     count=b == 0)
+            self.tee("embedding", take, block, start, slice(ends[b], ends[b + 1]), count=b == 0)
         return out.view(*ids.shape, -1)
 
     def crypto(self, step: int, kind: str, fn, *args):
