@@ -195,6 +195,8 @@ def test_streamed_embedding_equals_the_resident_table(tiny_models, scheme, monke
     moved = figures["data_transfer"]["to_cpu_bytes"] - resident_figures["data_transfer"]["to_cpu_bytes"]
     assert moved == table and figures["data_transfer"]["excess_over_minimum"] <= 0.10
     assert streamed.export_state_dict()["model.embed_tokens.weight"].shape == (320, 64)
+    with pytest.raises(IndexError):  # as the resident table's lookup does, never rows left unwritten
+        streamed.streamed_embedding(torch.tensor([[3, 320]]))
 
 
 def test_untied_table_stays_in_the_tee(tiny_models):
