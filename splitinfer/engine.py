@@ -293,9 +293,9 @@ class SplitLlama:
         flat = ids.reshape(-1)
         order = torch.argsort(flat)
         ordered = flat[order]
-        if flat.numel() and (ordered[0] < 0 or ordered[-1] >= table.shape[0]):  # else rows would stay unwritten
-            raise IndexError(f"token id {int(ordered[-1] if ordered[-1] >= table.shape[0] else ordered[0])} is "
-                             f"outside the vocabulary (0..{table.shape[0] - 1})")
+        if flat.numel() and not 0 <= int(ordered[0]) <= int(ordered[-1]) < table.shape[0]:  # else rows stay unwritten
+            raise IndexError(f"token ids {int(ordered[0])}..{int(ordered[-1])} reach outside the vocabulary "
+                             f"(0..{table.shape[0] - 1})")
         ends = torch.searchsorted(ordered, torch.arange(0, table.shape[0] + rows, rows)).tolist()
         out = torch.empty(flat.shape[0], table.shape[1], dtype=self.dtype)
 
