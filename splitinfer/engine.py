@@ -26,6 +26,7 @@ Parts = Callable[[torch.Tensor], list[torch.Tensor]]
 Step = Callable[[int, torch.Tensor, torch.Tensor], object]
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4  # glibc's mallopt parameters
 EMBEDDING_BLOCK_BYTES = 32 * 2 ** 20  # what the TEE holds of a streamed embedding table at a time
+SCALED_PROJECTION = "self_attn.q_proj"  # its GPU weight and bias carry the scores' 1/sqrt(head_dim)
 _ALLOCATOR_SETTING: str | None = None
 
 
@@ -164,7 +165,7 @@ class SplitLlama:
             # q's projection carries the scores' 1/sqrt(head_dim) (RoPE is linear, so it commutes), so that
             # q and k share one RoPE op and one crossing and no pass over the n² scores scales them
             t = sd[f"{module}.{part}"]
-            return (t.float() * self.scale).to(t.dtype) if module.endswith("q_proj") else t
+            return (t.float() * self.scale).to(t.dtype) if module.endswith(SCALED_PROJECTION) else t
 
         self.tee_biases: dict[str, torch.Tensor] = {}
         for name, modules in self.sources.items():
@@ -466,10 +467,8 @@ class SplitLlama:
             for kind, fused in (("weight", self.gpu.weights[name]), ("bias", bias)):
                 if fused is not None:
                     sd.update(zip([f"{m}.{kind}" for m in modules], fused.split(self.split_sizes[name])))
-            for m in modules:  # q's projection without the scale it carries here (exact for a power of two)
-                for kind in ("weight", "bias"):
-                    if m.endswith("q_proj") and f"{m}.{kind}" in sd:
-                        sd[f"{m}.{kind}"] = sd[f"{m}.{kind}"].float() / self.scale
+        for key in [k for k in sd if k.rsplit(".", 1)[0].endswith(SCALED_PROJECTION)]:
+            sd[key] = sd[key].float() / self.scale  # without the scale it carries here (exact for a power of two)
         for i, layer in enumerate(self.layers):
             sd[f"model.layers.{i}.input_layernorm.weight"] = layer.attn_norm.weight
             sd[f"model.layers.{i}.post_attention_layernorm.weight"] = layer.mlp_norm.weight
