@@ -148,7 +148,7 @@ class Matrix(Plain):
                 "d3": self._signed_uniform((batch, groups, m), *self.D_RANGE).to(dtype)}
         mask["p1_inverse"], mask["p3_inverse"] = mask["p1"].argsort(-1), mask["p3"].argsort(-1)
         # offline, so that the online steps take fewer ops: each row permutation as the flat index it gathers
-        # with, and B's two diagonals as one k×m scale (B is q's or v's size, never n×n), from the very
+        # with, and B's two diagonals as one k×m scale (B is kᵀ or v, never n×n), from the very
         # rounded values A's and the recovery's diagonals use
         for name in ("p1", "p2", "p1_inverse"):
             mask[f"rows_{name}"] = _row_index(mask[name])
