@@ -75,6 +75,9 @@ def build_parser(config, scheme: str, prog: str) -> argparse.ArgumentParser:
                    help="further inferences after the timed one, summarised under steady_state, and as many "
                         "that time only their total (steady_state.uninstrumented_total_ms)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch; unset keeps torch's own choice")
+    p.add_argument("--kernels", choices=("compiled", "eager"), default=getattr(config, "KERNELS", "compiled"),
+                   help="the TEE's fused kernels (RMSNorm, SiLU, ours' linear masks): compiled by torch.compile in "
+                        "set-up (needs a C++ compiler; eager with a warning without one), or eager PyTorch ops")
     p.add_argument("--per-layer", action="store_true",
                    help="add a per-layer table (time per category in each decoder layer) to the output and JSON")
     p.add_argument("--save-logits", metavar="PATH", default=None,
@@ -193,9 +196,13 @@ def run(args, scheme_name: str) -> dict:
     scheme = make_scheme("plain" if tee_only else scheme_name, seed=args.seed, **options)
     engine = SplitLlama(model.config, model.state_dict, scheme, gpu_device, dtype, tee_only=tee_only,
                         overlap=getattr(args, "overlap", False),
-                        resident_embedding=getattr(args, "resident_embedding", False))
+                        resident_embedding=getattr(args, "resident_embedding", False),
+                        compiled=args.kernels == "compiled")
     if gpu_device.type == "cuda":  # context and cuBLAS handle belong to set-up, not to the first inference
         torch.ones(8, 8, device=gpu_device, dtype=dtype) @ torch.ones(8, 8, device=gpu_device, dtype=dtype)
+    if engine.compiled:
+        progress("compiling the TEE's kernels for this input's shapes (torch.compile)")
+    compile_ms = engine.warm_kernels(*ids.shape)
     synchronize(gpu_device)
     setup_ms = (time.perf_counter() - start) * 1e3
     info = model_info(model)
@@ -228,7 +235,7 @@ def run(args, scheme_name: str) -> dict:
 
     real_tokens = int(mask.sum())
     result = {
-        "timing": timing_block(figures, setup_ms, scheme.steps if scheme.masked else ()),
+        "timing": timing_block(figures, setup_ms, scheme.steps if scheme.masked else (), compile_ms),
         "timing_breakdown": figures["breakdown"],
         "timing_percentage": percentage_block(figures),
         "data_transfer": figures["data_transfer"],
@@ -247,7 +254,8 @@ def run(args, scheme_name: str) -> dict:
         "predictions": predictions,
         "environment": {**environment_block(gpu_device, fallback, torch.get_num_threads()),
                         "model": info["model"], "random_weights": info["random_weights"], "params": info["params"],
-                        "dtype": dtype_name, "seed": args.seed, "tee_allocator": engine.allocator},
+                        "dtype": dtype_name, "seed": args.seed, "tee_allocator": engine.allocator,
+                        "tee_kernels": engine.kernels},
     }
     if args.per_layer:
         result["per_layer"] = figures["per_layer"]

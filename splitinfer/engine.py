@@ -6,6 +6,7 @@ runs every linear op. A scheme protects what crosses; `plain` protects nothing.
 from __future__ import annotations
 
 import ctypes
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -13,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig
 
+from splitinfer import kernels
 from splitinfer.boundary import Boundary
 from splitinfer.inputs import last_positions
 from splitinfer.metrics import Metrics
@@ -117,17 +119,20 @@ class SplitLlama:
     def __init__(self, config: LlamaConfig, state_dict: dict[str, torch.Tensor], scheme: Plain,
                  gpu_device: torch.device, dtype: torch.dtype, tee_only: bool = False, pinned: bool | None = None,
                  triangle: bool = True, block_rows: int | None = None, overlap: bool = False,
-                 resident_embedding: bool = False):
+                 resident_embedding: bool = False, compiled: bool = False):
         """`pinned` and `triangle` (the scores' causal block triangle) exist to be switched off for ablations;
         `block_rows` sets the triangle's least rows per block (tee_ops.ROWS unless given), to compare sizes.
         `overlap` makes the plain split's two largest hops (scores -> softmax -> probabilities, gate/up ->
         SiLU -> down's input) cross in parts, each part's copies running while the TEE works on another
         (`through_tee`); masked schemes, whose protect and recover steps need whole tensors, ignore it.
         `resident_embedding` makes a masked scheme with a tied LM head keep its own copy of the embedding
-        table in the TEE instead of reading the GPU's at every inference (`streamed_embedding`)."""
+        table in the TEE instead of reading the GPU's at every inference (`streamed_embedding`).
+        `compiled` runs the TEE's fused kernels compiled (`kernels`; `warm_kernels` builds them in set-up)."""
         self.config, self.scheme, self.dtype, self.triangle, self.block_rows = config, scheme, dtype, triangle, block_rows
         self.resident_embedding = resident_embedding
         self.allocator = keep_freed_memory()
+        self.compiled = compiled
+        self.kernels = kernels.select(compiled)
         self.tee_device = torch.device("cpu")
         self.metrics = Metrics(gpu_device)
         self.link = Boundary(gpu_device, self.tee_device, self.metrics, crossing=not tee_only, pinned=pinned)
@@ -209,6 +214,26 @@ class SplitLlama:
         held = [t for n in self.norms() for t in (n.weight, n.scaled)]
         held += [*self.tee_biases.values()] + ([] if self.embed_table is None else [self.embed_table])
         return sum(t.numel() * t.element_size() for t in held)
+
+    @torch.no_grad()
+    def warm_kernels(self, batch: int, n: int) -> float:
+        """Build the compiled TEE kernels for one inference of `batch` sequences of n tokens, by running each
+        on zeros of the shapes (and outputs) the inference gives it: set-up, so that the inference compiles
+        nothing. Returns the milliseconds it took (0 with eager kernels)."""
+        self.kernels = kernels.select(self.compiled)
+        if self.kernels != kernels.COMPILED:
+            return 0.0
+        start = time.perf_counter()
+        # the kernels take their output as an argument, so a pinned one or not makes no new kernel
+        h = torch.zeros(batch, n, self.config.hidden_size, dtype=self.dtype)
+        self.layers[0].attn_norm(h)
+        self.final_norm(torch.zeros(batch, self.config.hidden_size, dtype=self.dtype))
+        inner = self.gpu.weights["0.down"].shape[1]
+        by_parts(lambda r, x, into: silu_gate(x, into), row_parts if self.overlap else whole,
+                 torch.zeros(batch, n, 2 * inner, dtype=self.dtype), torch.empty(batch, n, inner, dtype=self.dtype))
+        linears = self.mask_shapes(batch, n)[0]
+        self.scheme.warm_kernels(linears, {name: self.gpu.weights[name].shape[0] for name in linears}, self.dtype)
+        return (time.perf_counter() - start) * 1e3
 
     def causal_blocks(self, batch: int, n: int, attention_mask: torch.Tensor | None = None) -> CausalBlocks:
         """How the attention scores are laid out: the lower block triangle where it cuts what crosses and
@@ -354,6 +379,7 @@ class SplitLlama:
         (`total_ms`) is measured: no region is timed, so none adds its timing's own cost."""
         self.metrics.reset()
         self.metrics.instrumented = instrumented
+        kernels.select(self.compiled)  # process-wide: another engine may have switched it
         self.link.reset()
         mask_bytes, self.offline_fetched_bytes = 0, 0
         try:

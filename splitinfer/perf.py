@@ -52,14 +52,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--kernels", choices=("compiled", "eager"), default="compiled",
+                   help="the TEE's fused kernels: compiled by torch.compile (in each engine's set-up) or eager; "
+                        "compiled also times the plain split and ours with eager kernels (*_eager_kernels)")
     p.add_argument("--out-dir", default="perf_results", help="perf.json goes here")
     p.add_argument("--thread-sweep", metavar="N,N", default=None,
                    help="also time every split runner at these torch thread counts (e.g. 4,8)")
     p.add_argument("--split-only", action="store_true",
                    help="time only the split runners (no TEE-only baseline, no transformers, no ratios)")
     p.add_argument("--no-ablations", action="store_true",
-                   help="on CUDA, skip the pageable-copy, full-scores, 128-row-block and resident-embedding variants "
-                        "of the split runners")
+                   help="skip the eager-kernel variants and, on CUDA, the pageable-copy, full-scores, 128-row-block and "
+                        "resident-embedding variants of the split runners")
     p.add_argument("--no-overlap", action="store_true",
                    help="on CUDA, skip the plain split with copies overlapping the TEE's work (optimized_overlap)")
     p.add_argument("--profile", action="store_true",
@@ -88,7 +91,9 @@ def time_engine(engine: SplitLlama, ids, mask, warmup: int, repeat: int) -> tupl
     the last inference's logits. Each repeat is run twice, alternately: uninstrumented, for the headline
     figures (`median_ms`, `min_ms`, `max_ms`), and instrumented, for where the time went
     (`categories_median_ms`, `breakdown_median_ms`) and what timing every region costs
-    (`instrumented_median_ms`). The first inference is instrumented, as in the runners."""
+    (`instrumented_median_ms`). The first inference is instrumented, as in the runners, and follows the
+    set-up's building of the engine's compiled kernels (`kernel_compile_ms`)."""
+    compile_ms = engine.warm_kernels(*ids.shape)
     first = engine.timed_forward(ids, mask)[1]
     for _ in range(warmup):
         engine.timed_forward(ids, mask, instrumented=False)
@@ -98,7 +103,8 @@ def time_engine(engine: SplitLlama, ids, mask, warmup: int, repeat: int) -> tupl
         logits, lean = engine.timed_forward(ids, mask, instrumented=False)
         totals.append(lean["total_ms"])
     out = {"first_ms": first["total_ms"], "median_ms": statistics.median(totals), "min_ms": min(totals),
-           "max_ms": max(totals), "instrumented_median_ms": statistics.median(f["total_ms"] for f in timed)}
+           "max_ms": max(totals), "instrumented_median_ms": statistics.median(f["total_ms"] for f in timed),
+           "kernel_compile_ms": compile_ms, "kernels": engine.kernels}
     out["categories_median_ms"] = {c: statistics.median(f["categories"][c] for f in timed)
                                    for c in timed[0]["categories"]}
     # per op kind too (which hop's copies, which scheme step), so that a GPU run says where time went
@@ -109,14 +115,16 @@ def time_engine(engine: SplitLlama, ids, mask, warmup: int, repeat: int) -> tupl
     return out, logits
 
 
-def variants(overlap: bool, ablations: bool, thread_sweep: str | None) -> list[tuple[str, str, dict, int | None]]:
+def variants(overlap: bool, ablations: bool, thread_sweep: str | None, eager_kernels: bool = False
+             ) -> list[tuple[str, str, dict, int | None]]:
     """(label, scheme, engine options, threads) of every split engine to time: the three runners as they
     ship; the plain split with copies overlapping the TEE's work (`overlap`: on CUDA; off by default, as
     it measured slower on the H100 machine); ablations on the same machine (`ablations`: on CUDA): the
     plain split with pageable copies (what the pinned staging buys), the plain split and otp with the
     full n×n scores (what the causal block triangle buys), the plain split with blocks of at least
     128 rows (half as many TEE ops, a little more of n²), and ours with its own copy of a tied embedding
-    table (what reading the GPU's costs); and each runner at each thread count of the sweep."""
+    table (what reading the GPU's costs); the plain split and ours with eager TEE kernels (`eager_kernels`:
+    what compiling them buys); and each runner at each thread count of the sweep."""
     out = [(method, scheme, {}, None) for method, scheme in RUNNERS.items()]
     if overlap:
         out.append(("optimized_overlap", "plain", {"overlap": True}, None))
@@ -126,6 +134,8 @@ def variants(overlap: bool, ablations: bool, thread_sweep: str | None) -> list[t
                 for method in ("optimized", "otp")]
         out.append(("optimized_blocks128", "plain", {"block_rows": 128}, None))
         out.append(("ours_resident_embedding", "matrix", {"resident_embedding": True}, None))
+    if eager_kernels:
+        out += [(f"{method}_eager_kernels", RUNNERS[method], {"compiled": False}, None) for method in ("optimized", "ours")]
     for threads in parse_counts(thread_sweep, "--thread-sweep"):
         out += [(f"{method}_threads{threads}", scheme, {}, threads) for method, scheme in RUNNERS.items()]
     return out
@@ -184,8 +194,9 @@ def measure(args, results: dict) -> None:
     tee_name = args.tee_dtype or ("bfloat16" if cuda else dtype_name)
     dtype, tee_dtype = DTYPES[dtype_name], DTYPES[tee_name]
     lengths = parse_counts(args.lengths, "--lengths")
+    compiled = args.kernels == "compiled"
     split_variants = variants(cuda and not args.no_overlap, cuda and not args.no_ablations,
-                              args.thread_sweep)  # a bad sweep fails before loading
+                              args.thread_sweep, compiled and not args.no_ablations)  # a bad sweep fails before loading
     prompts = read_prompts(DEFAULT_PROMPTS)
     progress(f"loading {args.model} ({dtype_name}; TEE-only {tee_name})")
     model = load_model(args.model, dtype, gpu_device)
@@ -204,7 +215,8 @@ def measure(args, results: dict) -> None:
             default_threads = torch.get_num_threads()
             torch.set_num_threads(threads or default_threads)
             try:
-                engine = SplitLlama(model.config, state, make_scheme(scheme), gpu_device, dtype, **options)
+                engine = SplitLlama(model.config, state, make_scheme(scheme), gpu_device, dtype,
+                                    **{"compiled": compiled, **options})
                 row[method], logits = time_engine(engine, ids, mask, args.warmup, args.repeat)
                 if args.profile and not threads and not options:
                     profiles.append(profile_engine(engine, ids, mask, f"{n} tokens: {method}"))
@@ -224,7 +236,8 @@ def measure(args, results: dict) -> None:
         if args.split_only:
             continue
         progress(f"{n} tokens: tee_only ({tee_name})")
-        engine = SplitLlama(model.config, state, make_scheme("plain"), torch.device("cpu"), tee_dtype, tee_only=True)
+        engine = SplitLlama(model.config, state, make_scheme("plain"), torch.device("cpu"), tee_dtype, tee_only=True,
+                            compiled=compiled)
         row["tee_only"] = time_engine(engine, ids, mask, args.warmup, args.repeat)[0]
         del engine
         gc.collect()
@@ -274,6 +287,9 @@ def ratios(row: dict) -> dict:
             out[f"{method}_full_scores_over_triangle"] = full / row[method]["median_ms"]
     if "optimized_blocks128" in row:
         out["blocks128_over_blocks64"] = row["optimized_blocks128"]["median_ms"] / plain
+    for method in ("optimized", "ours"):
+        if f"{method}_eager_kernels" in row:
+            out[f"{method}_eager_over_compiled_kernels"] = row[f"{method}_eager_kernels"]["median_ms"] / row[method]["median_ms"]
     if "ours_resident_embedding" in row:
         out["ours_streamed_over_resident_embedding"] = row["ours"]["median_ms"] / row["ours_resident_embedding"]["median_ms"]
     return out

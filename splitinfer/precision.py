@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=list(DTYPES), default="float16")
     p.add_argument("--seeds", default="1,2,3", help="comma-separated mask seeds for the masked runners")
     p.add_argument("--gpu-device", default="cuda:0")
+    p.add_argument("--kernels", choices=("compiled", "eager"), default="compiled",
+                   help="the TEE's fused kernels, as in the runners: compiled (torch.compile) or eager")
     p.add_argument("--out", default="precision.json", help="the JSON goes here")
     return p
 
@@ -55,7 +57,9 @@ def measure(args) -> dict:
     for runner, scheme in RUNNERS.items():
         for seed in seeds if SCHEMES[scheme].masked else seeds[:1]:
             progress(f"{runner}, mask seed {seed}")
-            engine = SplitLlama(model.config, model.state_dict, make_scheme(scheme, seed=seed), gpu_device, dtype)
+            engine = SplitLlama(model.config, model.state_dict, make_scheme(scheme, seed=seed), gpu_device, dtype,
+                                compiled=args.kernels == "compiled")
+            mode = engine.kernels
             logits, _ = engine.timed_forward(ids, mask)
             if reference is None:
                 progress("transformers reference (float32, CPU)")
@@ -66,7 +70,7 @@ def measure(args) -> dict:
     worst = {runner: max(r["rel_logit_error"] for r in rs) for runner, rs in runs.items()}
     return {"setup": {"model": model.name, "length": args.length, "batch_size": args.batch_size,
                       "ragged": args.ragged, "dtype": args.dtype, "seeds": seeds, "gpu_device": str(gpu_device),
-                      "gpu_fallback_to_cpu": fallback},
+                      "gpu_fallback_to_cpu": fallback, "kernels": mode},
             "runs": runs, "worst_rel_logit_error": worst,
             "worst_over_plain": {runner: w / plain if plain else float("inf") for runner, w in worst.items()},
             "environment": environment_block(gpu_device, fallback, torch.get_num_threads())}

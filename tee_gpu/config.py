@@ -13,6 +13,7 @@ SEED = None                  # None: masks drawn from the OS CSPRNG; an int make
 WEIGHTS_SEED = 0             # seed of a preset's random weights, the same for every runner
 WARMUP = 0                   # 0: the first inference is the one timed
 REPEAT = 0                   # extra inferences for steady-state statistics
+KERNELS = "compiled"         # the TEE's fused kernels: "compiled" (torch.compile, in set-up) or "eager"
 OUTPUT_FILE = "tee_gpu_results.json"
 PROMPTS_FILE = os.path.normpath(os.path.join(_HERE, "..", "tee_only_llama", "prompts.txt"))  # the same prompts for every runner
 OTP_PAD_SCALE = 1.0          # otp: pad std as a multiple of the padded tensor's RMS

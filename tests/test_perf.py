@@ -48,7 +48,7 @@ def test_ratios_and_logits_against_the_plain_split(tiny_models, tmp_path, capsys
 
 def test_a_failing_variant_is_recorded_and_the_rest_still_run(tiny_models, tmp_path, monkeypatch, capsys):
     """One ablation failing on a lent GPU must not cost the whole comparison."""
-    monkeypatch.setattr(perf, "variants", lambda overlap, ablations, sweep: [
+    monkeypatch.setattr(perf, "variants", lambda overlap, ablations, sweep, eager_kernels=False: [
         ("optimized", "plain", {}, None), ("ours", "matrix", {}, None), ("otp", "otp", {}, None),
         ("optimized_overlap", "plain", {"overlap": True}, None), ("optimized_threads1", "plain", {}, 1)])
     monkeypatch.setattr(perf, "SplitLlama", failing_engine(
@@ -68,4 +68,4 @@ def test_a_run_cut_short_keeps_what_it_measured(tiny_models, tmp_path, monkeypat
         perf.main(perf_argv(tiny_models, tmp_path, lengths="8"))
     result = json.loads((tmp_path / "perf.json").read_text())
     assert result["incomplete"] == "CUDA error: unspecified launch failure"
-    assert set(result["lengths"]["8"]) == {"optimized", "ours", "otp"}
+    assert set(result["lengths"]["8"]) == {"optimized", "ours", "otp", "optimized_eager_kernels", "ours_eager_kernels"}

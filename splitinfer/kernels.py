@@ -1,0 +1,74 @@
+"""The TEE's fused kernels: chains of element-wise ops that torch.compile (inductor's C++/OpenMP backend)
+turns into one or two passes over memory, where eager PyTorch makes a pass, and a round of thread
+wake-ups, per op.
+
+A kernel is a plain function of tensors marked `@tee_kernel`. It runs as written (eager) unless
+`select(True)` switched compiled kernels on for the process, so the same code is both paths. Compiling
+needs a C++ compiler; where there is none, `select` says so once and the kernels stay eager. Shapes are
+static: each new shape compiles once (about a second), which `SplitLlama.warm_kernels` does during
+set-up, so that the timed inference compiles nothing.
+"""
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Callable
+
+import torch
+
+COMPILED = "compiled (torch.compile, inductor C++)"
+EAGER = "eager"
+_state = {"on": False, "mode": EAGER, "threads": None, "failure": None}
+
+
+def tee_kernel(fn: Callable) -> Callable:
+    """`fn` as a TEE kernel: compiled on first use once compiled kernels are on, else called as it is."""
+    compiled: Callable | None = None
+
+    @functools.wraps(fn)
+    def call(*args):
+        nonlocal compiled
+        if not _state["on"]:
+            return fn(*args)
+        if compiled is None:
+            compiled = torch.compile(fn, dynamic=False)
+        return compiled(*args)
+
+    call.eager = fn
+    return call
+
+
+def select(compiled: bool) -> str:
+    """Switch the process's TEE kernels to compiled (when `compiled` and a compiler works) or eager; returns
+    the mode now in force, for the JSON. The first switch on compiles a probe, so a missing compiler shows
+    here, not in the middle of an inference. A changed torch thread count drops compiled code, whose
+    parallel loops keep the count they were built with."""
+    if compiled and _state["failure"] is None:
+        if _state["threads"] not in (None, torch.get_num_threads()):
+            torch._dynamo.reset()
+        _state["threads"] = torch.get_num_threads()
+        if _state["mode"] != COMPILED:
+            _state["failure"] = _probe()
+            if _state["failure"] is not None:
+                print(f"warning: the TEE's kernels run eager: torch.compile failed ({_state['failure']})",
+                      file=sys.stderr)
+    _state["on"] = compiled and _state["failure"] is None
+    _state["mode"] = COMPILED if _state["on"] else EAGER + (f" (compile failed: {_state['failure']})"
+                                                            if compiled and _state["failure"] else "")
+    return _state["mode"]
+
+
+def _probe() -> str | None:
+    """None if a small kernel compiles and gives the right answer, else why not (one line)."""
+    config = torch._dynamo.config
+    # every layer shares its kernels' shapes, but tests and sweeps bring many: keep them all compiled
+    for limit in ("recompile_limit", "cache_size_limit"):
+        if hasattr(config, limit):
+            setattr(config, limit, max(getattr(config, limit), 64))
+    try:
+        x = torch.arange(8, dtype=torch.float32)
+        if not torch.equal(torch.compile(lambda t: t * 2 + 1, dynamic=False)(x), x * 2 + 1):
+            return "a probe kernel computed a wrong answer"
+    except Exception as e:  # a missing compiler surfaces as any of several exception types
+        return (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
+    return None

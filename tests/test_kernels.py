@@ -1,0 +1,72 @@
+"""The TEE's compiled kernels: the same logits as the eager ops, built in set-up, and an eager fallback."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch._dynamo.utils
+
+from splitinfer import kernels
+from splitinfer.engine import SplitLlama
+from splitinfer.inputs import build_batch
+from splitinfer.models import load_model
+from splitinfer.reference import compare, reference_logits
+from splitinfer.schemes import make_scheme
+from splitinfer.tee_ops import RmsNorm
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def eager_afterwards():
+    yield
+    kernels.select(False)
+
+
+def graphs_built() -> int:
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+@pytest.mark.parametrize("scheme", ["plain", "matrix", "otp"])
+@pytest.mark.parametrize("variant,batch", [("gqa-tied", 1), ("biases", 2)])
+def test_compiled_kernels_match_transformers_and_build_in_set_up(tiny_models, scheme, variant, batch):
+    model = load_model(tiny_models[variant], torch.float32, CPU)
+    ids, mask = build_batch(model.tokenizer, ["Compiled kernels, the same answers."], 9, batch, ragged=batch > 1)
+    reference = reference_logits(model.config, model.state_dict, ids, mask)
+    logits = {}
+    for compiled in (False, True):
+        engine = SplitLlama(model.config, model.state_dict, make_scheme(scheme, seed=3), CPU, torch.float32,
+                            compiled=compiled)
+        compile_ms = engine.warm_kernels(*ids.shape)
+        assert (compile_ms > 0) == compiled and (engine.kernels == kernels.COMPILED) == compiled
+        built = graphs_built()
+        logits[compiled] = engine.timed_forward(ids, mask)[0]
+        assert graphs_built() == built  # the set-up built every kernel the inference runs
+    err = compare(logits[True], reference)
+    assert err["rel_logit_error"] <= (1e-4 if scheme == "plain" else 1e-3) and err["top1_agreement"] == 1.0
+    # the same masks (the set-up's draws leave the generator as it was), so only rounding differs
+    assert compare(logits[True], logits[False])["rel_logit_error"] <= 1e-5
+
+
+def test_a_kernel_is_one_function_compiled_or_not():
+    norm = RmsNorm.of(torch.rand(32) + 0.5, 1e-5)
+    x = torch.randn(3, 5, 32)
+    kernels.select(False)
+    eager = norm(x)
+    kernels.select(True)
+    assert torch.allclose(norm(x), eager, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(eager, norm.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5), atol=1e-5)
+
+
+def test_without_a_compiler_the_kernels_run_eager(monkeypatch, capsys):
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    monkeypatch.setitem(kernels._state, "mode", kernels.EAGER)
+    monkeypatch.setitem(kernels._state, "failure", None)
+    mode = kernels.select(True)
+    assert mode.startswith(kernels.EAGER) and "No working C++ compiler" in mode
+    assert "the TEE's kernels run eager" in capsys.readouterr().err
+    norm = RmsNorm.of(torch.ones(8), 1e-5)
+    assert torch.allclose(norm(torch.full((2, 8), 3.0)), torch.ones(2, 8), atol=1e-4)  # eager, no compile called
+    monkeypatch.setitem(kernels._state, "failure", None)  # the real compiler for the tests after this one
