@@ -226,13 +226,15 @@ class SplitLlama:
         start = time.perf_counter()
         # the kernels take their output as an argument, so a pinned one or not makes no new kernel
         h = torch.zeros(batch, n, self.config.hidden_size, dtype=self.dtype)
-        self.layers[0].attn_norm(h)
+        self.layers[0].attn_norm.after(h, None)
+        self.layers[0].attn_norm.after(h, torch.zeros_like(h))  # not h itself: an aliased pair is another kernel
         self.final_norm(torch.zeros(batch, self.config.hidden_size, dtype=self.dtype))
         inner = self.gpu.weights["0.down"].shape[1]
         by_parts(lambda r, x, into: silu_gate(x, into), row_parts if self.overlap else whole,
                  torch.zeros(batch, n, 2 * inner, dtype=self.dtype), torch.empty(batch, n, inner, dtype=self.dtype))
-        linears = self.mask_shapes(batch, n)[0]
-        self.scheme.warm_kernels(linears, {name: self.gpu.weights[name].shape[0] for name in linears}, self.dtype)
+        linears, matmuls = self.mask_shapes(batch, n)
+        self.scheme.warm_kernels(linears, matmuls, {name: self.gpu.weights[name].shape[0] for name in linears},
+                                 self.dtype)
         return (time.perf_counter() - start) * 1e3
 
     def causal_blocks(self, batch: int, n: int, attention_mask: torch.Tensor | None = None) -> CausalBlocks:
@@ -410,12 +412,14 @@ class SplitLlama:
         rope = self.tee("rotary_tables", self.rotary.tables, n, self.dtype)
         bias = self.tee("attention_mask", attention_bias, attention_mask, self.dtype)
         blocks = self.causal_blocks(batch, n, attention_mask)
+        branch = None  # each norm first adds the residual branch before it: one TEE op for both
         for i, layer in enumerate(self.layers):
             with self.metrics.in_layer(i):
-                h = self.tee("rmsnorm", layer.attn_norm, x, self.gpu_bound(x.shape))
-                x = x + self.attention(h, i, rope, bias, blocks)
-                h = self.tee("rmsnorm", layer.mlp_norm, x, self.gpu_bound(x.shape))
-                x = x + self.mlp(h, i)
+                x, h = self.tee("rmsnorm", layer.attn_norm.after, x, branch, self.gpu_bound(x.shape))
+                x, h = self.tee("rmsnorm", layer.mlp_norm.after, x, self.attention(h, i, rope, bias, blocks),
+                                self.gpu_bound(x.shape))
+                branch = self.mlp(h, i)
+        x = self.tee("residual", torch.add, x, branch)
         last = x[torch.arange(batch), last_positions(attention_mask)]
         h = self.tee("rmsnorm", self.final_norm, last)
         return self.linear(h, "lm_head", "lm_head").float()

@@ -33,6 +33,15 @@ class RmsNorm:
         """In float32, into `out` where given (the ops that feed the GPU write straight into pinned memory)."""
         return rms_norm(x, self.scaled, self.eps_d, torch.empty_like(x) if out is None else out)
 
+    def after(self, x: torch.Tensor, branch: torch.Tensor | None, out: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + branch, its norm): the residual add of the block before this norm, fused with it (one kernel
+        compiled, one pass fewer); with no branch (the first block), (x, its norm)."""
+        out = torch.empty_like(x) if out is None else out
+        if branch is None:
+            return x, rms_norm(x, self.scaled, self.eps_d, out)
+        return residual_rms_norm(x, branch, self.scaled, self.eps_d, out)
+
 
 @tee_kernel
 def rms_norm(x: torch.Tensor, scaled: torch.Tensor, eps_d: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -48,6 +57,14 @@ def rms_norm(x: torch.Tensor, scaled: torch.Tensor, eps_d: torch.Tensor, out: to
     norm = torch.linalg.vector_norm(xf, dim=-1, keepdim=True)
     xf.mul_(torch.addcmul(eps_d, norm, norm).rsqrt_())
     return torch.mul(xf, scaled, out=out)
+
+
+@tee_kernel
+def residual_rms_norm(x: torch.Tensor, branch: torch.Tensor, scaled: torch.Tensor, eps_d: torch.Tensor,
+                      out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + branch in x's dtype, its `rms_norm` into `out`)."""
+    total = torch.add(x, branch)
+    return total, rms_norm.eager(total, scaled, eps_d, out)
 
 
 class Rotary:
