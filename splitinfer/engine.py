@@ -20,7 +20,7 @@ from splitinfer.inputs import last_positions
 from splitinfer.metrics import Metrics
 from splitinfer.schemes import Plain
 from splitinfer.tee_ops import (CausalBlocks, RmsNorm, Rotary, apply_rope, attention_bias, grouped_matmul,
-                                row_parts, silu_gate)
+                                row_parts, silu_gate, softmax_in_order)
 
 
 Product = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -234,7 +234,12 @@ class SplitLlama:
                  torch.zeros(batch, n, 2 * inner, dtype=self.dtype), torch.empty(batch, n, inner, dtype=self.dtype))
         linears, matmuls = self.mask_shapes(batch, n)
         self.scheme.warm_kernels(linears, matmuls, {name: self.gpu.weights[name].shape[0] for name in linears},
-                                 self.dtype)
+                                 self.dtype, self.softmax_of())
+        if self.softmax_of():
+            groups, long = self.n_kv_heads, torch.long
+            softmax_in_order(torch.zeros(batch, self.n_heads, n, n, dtype=self.dtype),
+                             torch.zeros(batch, groups, self.n_heads // groups, n, dtype=long),
+                             torch.zeros(batch, groups, n, dtype=long), torch.ones(batch, n, dtype=long))
         return (time.perf_counter() - start) * 1e3
 
     def causal_blocks(self, batch: int, n: int, attention_mask: torch.Tensor | None = None) -> CausalBlocks:
@@ -245,6 +250,15 @@ class SplitLlama:
         split = self.triangle and self.link.crossing and self.scheme.causal_blocks
         padded = attention_mask is None or not bool(attention_mask.all())
         return CausalBlocks.of(batch, self.n_heads, n, split=split, padded=padded, rows=self.block_rows)
+
+    def softmax_of(self) -> dict[str, str]:
+        """Each layer's P·V matmul -> its scores matmul, whose product's row softmax is P·V's left operand, for
+        a scheme that may then leave the scores in its masks' order (`Plain.scores_order`): two gathers over
+        the n² scores fewer per layer. Only with compiled kernels: eager, hiding the keys in that order costs
+        more than the gathers (`tee_ops._hide_later_keys`)."""
+        if not (self.scheme.keeps_scores_order and self.kernels == kernels.COMPILED):
+            return {}
+        return {f"{i}.attend": f"{i}.scores" for i in range(len(self.layers))}
 
     def mask_shapes(self, batch: int, n: int) -> tuple[dict, dict]:
         """The input shape of every linear and matmul of one inference, keyed as the hops name them."""
@@ -381,13 +395,14 @@ class SplitLlama:
         (`total_ms`) is measured: no region is timed, so none adds its timing's own cost."""
         self.metrics.reset()
         self.metrics.instrumented = instrumented
-        kernels.select(self.compiled)  # process-wide: another engine may have switched it
+        self.kernels = kernels.select(self.compiled)  # process-wide: another engine may have switched it
         self.link.reset()
         mask_bytes, self.offline_fetched_bytes = 0, 0
         try:
             if self.scheme.masked:  # the offline phase: every mask of this inference, before the prompt is seen
                 with self.metrics.time("offline", "masks"):
-                    mask_bytes = self.scheme.prepare(*self.mask_shapes(*ids.shape), self.weight_for_tee, self.dtype)
+                    mask_bytes = self.scheme.prepare(*self.mask_shapes(*ids.shape), self.weight_for_tee, self.dtype,
+                                                     softmax_of=self.softmax_of())
             with self.metrics.total():
                 logits = self.forward(ids, attention_mask)
         finally:
@@ -416,22 +431,25 @@ class SplitLlama:
         for i, layer in enumerate(self.layers):
             with self.metrics.in_layer(i):
                 x, h = self.tee("rmsnorm", layer.attn_norm.after, x, branch, self.gpu_bound(x.shape))
-                x, h = self.tee("rmsnorm", layer.mlp_norm.after, x, self.attention(h, i, rope, bias, blocks),
-                                self.gpu_bound(x.shape))
+                x, h = self.tee("rmsnorm", layer.mlp_norm.after, x,
+                                self.attention(h, i, rope, bias, blocks, attention_mask), self.gpu_bound(x.shape))
                 branch = self.mlp(h, i)
         x = self.tee("residual", torch.add, x, branch)
         last = x[torch.arange(batch), last_positions(attention_mask)]
         h = self.tee("rmsnorm", self.final_norm, last)
         return self.linear(h, "lm_head", "lm_head").float()
 
-    def attention(self, h: torch.Tensor, i: int, rope: tuple, bias: torch.Tensor, blocks: CausalBlocks) -> torch.Tensor:
+    def attention(self, h: torch.Tensor, i: int, rope: tuple, bias: torch.Tensor, blocks: CausalBlocks,
+                  attention_mask: torch.Tensor) -> torch.Tensor:
         if not self.scheme.masked:
             return self.plain_attention(h, i, rope, bias, blocks)
         qkv = self.linear(h, f"{i}.qkv", "linear_attn", i)
         q_and_k, v = self.heads(qkv)
         q, k = self.split_q_k(self.rotate(q_and_k, rope))
         scores = self.matmul(q, k.transpose(-1, -2), f"{i}.scores", i, blocks.scores)
-        probs = self.tee("softmax", blocks.softmax, scores, bias)
+        order = self.scheme.scores_order(f"{i}.scores")  # ours: rows and keys may stay in its masks' order
+        probs = (self.tee("softmax", blocks.softmax, scores, bias) if order is None else
+                 self.tee("softmax", softmax_in_order, scores, *order, attention_mask))
         out = self.matmul(probs, v, f"{i}.attend", i, blocks.attend)
         return self.linear(merge_heads(out), f"{i}.o", "linear_attn", i)
 

@@ -32,20 +32,30 @@ class Plain:
     encryption_scheme: str | None = None
     masked = False            # masked schemes keep token ids and biases in the TEE
     causal_blocks = True      # whether the scores may be only their causal block triangle (tee_ops.CausalBlocks)
+    keeps_scores_order = False  # whether the scores may stay in the masks' order when recovered (`scores_order`)
     steps = ("encryption", "decryption")  # how the JSON names the protect and recover steps
 
     def __init__(self, seed: int | None = None):
         self.generator = torch.Generator().manual_seed(secrets.randbits(63) if seed is None else seed)
 
     def prepare(self, linears: MaskShapes, matmuls: MatmulShapes,
-                weights: Callable[[str], torch.Tensor] | None = None, dtype: torch.dtype = torch.float32) -> int:
+                weights: Callable[[str], torch.Tensor] | None = None, dtype: torch.dtype = torch.float32,
+                softmax_of: dict[str, str] | None = None) -> int:
         """Offline phase: draw every mask of one inference (`dtype` is the model's, for masks that may be
         stored in it; `weights(name)` gives a linear's weight where it lives, for the TEE to fetch a block of
-        rows at a time). Returns the bytes the masks hold."""
+        rows at a time; `softmax_of` maps a matmul whose left operand is the row softmax of another's product
+        to that other, which a scheme may then leave in its masks' order: `scores_order`). Returns the bytes
+        the masks hold."""
         return 0
 
+    def scores_order(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The order matmul `name`'s recovered product comes in, where the scheme `keeps_scores_order` and
+        `prepare` was told its product feeds a softmax (`softmax_of`): (rows [B, G, H/G, n], keys [B, G, m]),
+        row i being query rows[i] and column j key keys[j]; None where the product is in order."""
+        return None
+
     def warm_kernels(self, linears: MaskShapes, matmuls: MatmulShapes, outputs: dict[str, int],
-                     dtype: torch.dtype) -> None:
+                     dtype: torch.dtype, softmax_of: dict[str, str] | None = None) -> None:
         """Build the compiled kernels that the protect and recover steps run (none here), before the
         inference; `outputs` gives each linear's output width."""
 
@@ -100,19 +110,24 @@ class Matrix(Plain):
     encryption_scheme = "matrix transformation (D + ABᵀ token mixing; permutation-diagonal matmul masks)"
     masked = True
     causal_blocks = False  # permuted rows and keys scatter the triangle: every score must cross
+    keeps_scores_order = True
     D_RANGE = (1.0, 2.0)        # |diagonal entries|, signs random: recovery divides by at most 1
     LOW_RANK_RANGE = (0.5, 1.5)  # |A_ij|, |B_ij| before the (n^(1/4)·√k) scaling that keeps ABᵀX about as large as DX
 
     def __init__(self, seed: int | None = None, rank: int = 1, mix_scale: float = 1.0):
         super().__init__(seed)
         self.rank, self.mix_scale = rank, mix_scale
+        self.kept_order: set[str] = set()  # the matmuls whose products stay in their masks' order
         if rank > 1 or mix_scale != 1.0:
             self.encryption_scheme = self.encryption_scheme.replace("ABᵀ", f"ABᵀ, rank {rank}, mix scale {mix_scale:g}")
 
-    def prepare(self, linears, matmuls, weights=None, dtype=torch.float32) -> int:
+    def prepare(self, linears, matmuls, weights=None, dtype=torch.float32, softmax_of=None) -> int:
         self.linear_masks, self.matmul_masks = {}, {}  # the last inference's masks go before these are drawn
         self.linear_masks = {name: self._mixing_mask(shape) for name, shape in linears.items()}
         self.matmul_masks = {name: self._matmul_mask(a, b, dtype) for name, (a, b) in matmuls.items()}
+        self.kept_order = set(softmax_of.values()) if softmax_of else set()
+        for name, source in (softmax_of or {}).items():
+            self._chain(self.matmul_masks[source], self.matmul_masks[name])
         tensors = [t for m in (*self.linear_masks.values(), *self.matmul_masks.values()) for t in m.values()]
         return sum(t.numel() * t.element_size() for t in tensors)
 
@@ -161,6 +176,17 @@ class Matrix(Plain):
         mask["b_scale"] = (mask["d3"].float()[:, :, None, :] / mask["d2"].float()[..., None]).to(dtype)
         return mask
 
+    @staticmethod
+    def _chain(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]) -> None:
+        """Offline: `first`'s product is recovered only from its diagonals, so it stays in its masks' order,
+        Ŝ[i, j] = S[p1[i], p3[j]] (the softmax is per row, so that order does not change it); `second`
+        gathers its A' = D₁'P₁' A P₂'D₂' straight from that order, A[r, c] = Â[p1⁻¹[r], p3⁻¹[c]], through
+        composite indices. Two gathers over the n² entries fewer per layer; the GPU still sees A under
+        second's own fresh P₁', P₂', and B (v) is masked as before."""
+        second["a_rows"] = _row_index(torch.gather(first["p1_inverse"], -1, second["p1"]))
+        second["a_cols"] = torch.gather(first["p3_inverse"], -1, second["p2"])
+        del first["rows_p1_inverse"], second["rows_p1"]  # the gathers they were for are gone
+
     def protect_linear(self, x, name):
         mask = self.linear_masks[name]
         sequences, n = _sequences(x.shape)
@@ -175,7 +201,7 @@ class Matrix(Plain):
         y = _unmix_rows(z.reshape(scale.shape[0], scale.shape[1], z.shape[-1]), mask["woodbury_rows"], mask["a"], scale)
         return y[:, :n].reshape(*in_shape[:-1], z.shape[-1])
 
-    def warm_kernels(self, linears, matmuls, outputs, dtype) -> None:
+    def warm_kernels(self, linears, matmuls, outputs, dtype, softmax_of=None) -> None:
         """Protect and recover every linear and matmul once, on zeros of its shapes, so that compiled kernels
         are built before the inference; with masks from a copy of the generator, so that the inference's own
         masks are the ones it would have drawn without this."""
@@ -183,7 +209,8 @@ class Matrix(Plain):
         # one of each shape: the layers share them
         linears = {name: linears[name] for name in {(shape, outputs[name]): name for name, shape in linears.items()}.values()}
         matmuls = {name: matmuls[name] for name in {shapes: name for name, shapes in matmuls.items()}.values()}
-        self.prepare(linears, matmuls, dtype=dtype)
+        softmax_of = {name: source for name, source in (softmax_of or {}).items() if {name, source} <= set(matmuls)}
+        self.prepare(linears, matmuls, dtype=dtype, softmax_of=softmax_of)
         for name, shape in linears.items():
             masked, secret = self.protect_linear(torch.zeros(shape, dtype=dtype), name)
             self.recover_linear(torch.zeros(*masked.shape[:-1], outputs[name], dtype=dtype), secret)
@@ -196,21 +223,28 @@ class Matrix(Plain):
     # The matmul masks work in the operands' own dtype: a permutation is exact in any dtype, and the n×n
     # operands (scores, probabilities) stay half the bytes of float32.
 
+    def scores_order(self, name):
+        m = self.matmul_masks[name]
+        return (m["p1"], m["p3"]) if name in self.kept_order else None
+
     def protect_matmul(self, a, b, name):
         m = self.matmul_masks[name]
         batch, heads, n, k = a.shape
         groups = b.shape[1]
-        a5 = _permute_cols(_permute_rows(a.reshape(batch, groups, heads // groups, n, k), m["rows_p1"]), m["p2"])
+        rows, cols = (m["a_rows"], m["a_cols"]) if "a_rows" in m else (m["rows_p1"], m["p2"])  # see `_chain`
+        a5 = _permute_cols(_permute_rows(a.reshape(batch, groups, heads // groups, n, k), rows), cols)
         _scale_rows_cols(a5, m["d1"], m["d2"])                                              # D₁P₁ A P₂D₂
         b4 = _permute_cols(_permute_rows(b, m["rows_p2"]), m["p3"])                         # P₂⁻¹ B P₃
         b4.mul_(m["b_scale"])                                                               # D₂⁻¹ · · D₃
-        return a5.view(a.shape), b4, (m, groups)
+        return a5.view(a.shape), b4, (m, groups, name in self.kept_order)
 
     def recover_matmul(self, c, secret, product=grouped_matmul):
         """Overwrites `c` (the GPU's answer, which nothing else holds) on the way."""
-        m, groups = secret
+        m, groups, keep_order = secret
         batch, heads, n, cols = c.shape
         c5 = _unscale_rows_cols(c.view(batch, groups, heads // groups, n, cols), m["d1"], m["d3"])
+        if keep_order:  # left in the masks' order: `scores_order`
+            return c5.view(c.shape)
         return _permute_cols(_permute_rows(c5, m["rows_p1_inverse"]), m["p3_inverse"]).view(c.shape)
 
 
@@ -231,7 +265,7 @@ class Otp(Plain):
         super().__init__(seed)
         self.pad_scale = pad_scale
 
-    def prepare(self, linears, matmuls, weights=None, dtype=torch.float32) -> int:
+    def prepare(self, linears, matmuls, weights=None, dtype=torch.float32, softmax_of=None) -> int:
         # The last inference's pads go before this one's are drawn: kept until the loop below, they were 637 MiB
         # of the peak (VM, 1B shape, 512 tokens, float16: the second offline phase)
         self.linear_pads, self.matmul_pads = {}, {}

@@ -88,7 +88,7 @@ def test_matrix_permutations_are_not_identity():
     a, b = torch.randn(1, 2, 16, 8), torch.randn(1, 1, 8, 16)
     a_masked, b_masked, secret = scheme.protect_matmul(a, b, "mm")
     wrong = dict(masks, rows_p1_inverse=masks["rows_p1"])
-    c_wrong = scheme.recover_matmul(grouped_matmul(a_masked, b_masked), (wrong, 1))
+    c_wrong = scheme.recover_matmul(grouped_matmul(a_masked, b_masked), (wrong, 1, False))
     assert not torch.allclose(c_wrong, grouped_matmul(a, b), atol=1e-3)
 
 
@@ -145,3 +145,35 @@ def test_masked_engine_matches_transformers(tiny_models, scheme, variant):
         assert err["rel_logit_error"] <= 1e-3, (batch, err)
         assert err["top1_agreement"] == 1.0
         assert figures["categories"]["crypto"] > 0 and figures["categories"]["offline"] > 0
+
+
+@pytest.mark.parametrize("heads,groups", [(4, 2), (3, 1)])
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_scores_kept_in_mask_order(heads, groups, compiled):
+    """ours with the scores left in its masks' order (softmax_of): the softmax over that order, with the
+    causal and padding mask moved along, gives the same probabilities, and P·V's protect gathers from it
+    exactly the A' = D₁P₁ A P₂D₂ that its own fresh masks make of the probabilities in order."""
+    from splitinfer import kernels
+    from splitinfer.tee_ops import attention_bias, masked_softmax, softmax_in_order
+    kernels.select(compiled)
+    try:
+        n, k = 9, 5
+        attention_mask = torch.tensor([[1] * n, [1] * 6 + [0] * 3])
+        q, k_t, v = torch.randn(2, heads, n, k), torch.randn(2, groups, k, n), torch.randn(2, groups, n, k)
+        scheme = Matrix(seed=11)
+        scheme.prepare({}, {"s": (q.shape, k_t.shape), "p": ((2, heads, n, n), v.shape)}, softmax_of={"p": "s"})
+        a_masked, b_masked, secret = scheme.protect_matmul(q, k_t, "s")
+        kept = scheme.recover_matmul(grouped_matmul(a_masked, b_masked), secret)
+        rows, keys = scheme.scores_order("s")
+        probs = masked_softmax(grouped_matmul(q, k_t), attention_bias(attention_mask, torch.float32))
+        kept_probs = softmax_in_order(kept, rows, keys, attention_mask).view(2, groups, heads // groups, n, n)
+        sent = scheme.protect_matmul(kept_probs.view(probs.shape), v, "p")[0].view(kept_probs.shape)
+        m = scheme.matmul_masks["p"]
+        in_order = probs.view(kept_probs.shape)
+        for b, g, r in [(b, g, r) for b in range(2) for g in range(groups) for r in range(heads // groups)]:
+            mine = in_order[b, g, r]
+            torch.testing.assert_close(kept_probs[b, g, r], mine[rows[b, g, r]][:, keys[b, g]], rtol=1e-5, atol=1e-6)
+            want = mine[m["p1"][b, g, r]][:, m["p2"][b, g]] * m["d1"][b, g, r, :, None] * m["d2"][b, g]
+            torch.testing.assert_close(sent[b, g, r], want, rtol=1e-5, atol=1e-6)
+    finally:
+        kernels.select(False)
