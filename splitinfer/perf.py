@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from splitinfer.cli import DTYPES, OneLineParser, progress, resolve_gpu_device
+from splitinfer.cli import DTYPES, OneLineParser, compiled_kernels, progress, resolve_gpu_device
 from splitinfer.engine import SplitLlama
 from splitinfer.errors import UserError, one_line_errors
 from splitinfer.inputs import build_batch, read_prompts
@@ -52,9 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--kernels", choices=("compiled", "eager"), default="compiled",
-                   help="the TEE's fused kernels: compiled by torch.compile (in each engine's set-up) or eager; "
-                        "compiled also times the plain split and ours with eager kernels (*_eager_kernels)")
+    p.add_argument("--kernels", choices=("compiled", "eager"), default=None,
+                   help="the TEE's fused kernels: compiled by torch.compile (in each engine's set-up) or eager; unset: "
+                        "as the runners choose (compiled for the split engines with CUDA, else eager). Compiled split "
+                        "engines are also timed with eager kernels (*_eager_kernels)")
     p.add_argument("--out-dir", default="perf_results", help="perf.json goes here")
     p.add_argument("--thread-sweep", metavar="N,N", default=None,
                    help="also time every split runner at these torch thread counts (e.g. 4,8)")
@@ -194,7 +195,7 @@ def measure(args, results: dict) -> None:
     tee_name = args.tee_dtype or ("bfloat16" if cuda else dtype_name)
     dtype, tee_dtype = DTYPES[dtype_name], DTYPES[tee_name]
     lengths = parse_counts(args.lengths, "--lengths")
-    compiled = args.kernels == "compiled"
+    compiled = compiled_kernels(args.kernels, gpu_device)
     split_variants = variants(cuda and not args.no_overlap, cuda and not args.no_ablations,
                               args.thread_sweep, compiled and not args.no_ablations)  # a bad sweep fails before loading
     prompts = read_prompts(DEFAULT_PROMPTS)
@@ -237,7 +238,7 @@ def measure(args, results: dict) -> None:
             continue
         progress(f"{n} tokens: tee_only ({tee_name})")
         engine = SplitLlama(model.config, state, make_scheme("plain"), torch.device("cpu"), tee_dtype, tee_only=True,
-                            compiled=compiled)
+                            compiled=compiled_kernels(args.kernels, torch.device("cpu")))
         row["tee_only"] = time_engine(engine, ids, mask, args.warmup, args.repeat)[0]
         del engine
         gc.collect()

@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-from splitinfer.cli import DTYPES, OneLineParser, progress, resolve_gpu_device
+from splitinfer.cli import DTYPES, OneLineParser, compiled_kernels, progress, resolve_gpu_device
 from splitinfer.engine import SplitLlama
 from splitinfer.errors import UserError, one_line_errors
 from splitinfer.inputs import build_batch, read_prompts
@@ -34,8 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=list(DTYPES), default="float16")
     p.add_argument("--seeds", default="1,2,3", help="comma-separated mask seeds for the masked runners")
     p.add_argument("--gpu-device", default="cuda:0")
-    p.add_argument("--kernels", choices=("compiled", "eager"), default="compiled",
-                   help="the TEE's fused kernels, as in the runners: compiled (torch.compile) or eager")
+    p.add_argument("--kernels", choices=("compiled", "eager"), default=None,
+                   help="the TEE's fused kernels, as in the runners: compiled (torch.compile) or eager; unset: "
+                        "compiled with CUDA, eager without")
     p.add_argument("--out", default="precision.json", help="the JSON goes here")
     return p
 
@@ -58,7 +59,7 @@ def measure(args) -> dict:
         for seed in seeds if SCHEMES[scheme].masked else seeds[:1]:
             progress(f"{runner}, mask seed {seed}")
             engine = SplitLlama(model.config, model.state_dict, make_scheme(scheme, seed=seed), gpu_device, dtype,
-                                compiled=args.kernels == "compiled")
+                                compiled=compiled_kernels(args.kernels, gpu_device))
             mode = engine.kernels
             logits, _ = engine.timed_forward(ids, mask)
             if reference is None:

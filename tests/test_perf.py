@@ -31,7 +31,7 @@ def failing_engine(option: str, message: str) -> type[SplitLlama]:
 
 
 def test_ratios_and_logits_against_the_plain_split(tiny_models, tmp_path, capsys):
-    lengths = run_perf(tiny_models, tmp_path)
+    lengths = run_perf(tiny_models, tmp_path, "--kernels", "compiled")
     assert set(lengths) == {"8", "16"}
     for row in lengths.values():
         assert {"optimized", "ours", "otp", "tee_only", "transformers_cpu", "ratios"} <= set(row)
@@ -43,6 +43,11 @@ def test_ratios_and_logits_against_the_plain_split(tiny_models, tmp_path, capsys
         assert all(row[m]["instrumented_median_ms"] > 0 for m in ("optimized", "ours", "otp"))
         steps = row["otp"]["breakdown_median_ms"]["crypto"]
         assert steps["recovery_matmul"] > 0 and "softmax" in row["optimized"]["breakdown_median_ms"]["cpu_compute"]
+        # compiled kernels, built in set-up, and the same engines with eager ones beside them
+        assert row["ours"]["kernels"].startswith("compiled") and row["ours"]["kernel_compile_ms"] > 0
+        assert row["ours_eager_kernels"]["kernels"] == "eager" and row["ours_eager_kernels"]["kernel_compile_ms"] == 0
+        assert row["ratios"]["ours_eager_over_compiled_kernels"] > 0
+        assert row["ours_eager_kernels"]["rel_diff_from_optimized"] < 1e-3
     assert "ours_over_plain" in capsys.readouterr().out
 
 
@@ -68,4 +73,4 @@ def test_a_run_cut_short_keeps_what_it_measured(tiny_models, tmp_path, monkeypat
         perf.main(perf_argv(tiny_models, tmp_path, lengths="8"))
     result = json.loads((tmp_path / "perf.json").read_text())
     assert result["incomplete"] == "CUDA error: unspecified launch failure"
-    assert set(result["lengths"]["8"]) == {"optimized", "ours", "otp", "optimized_eager_kernels", "ours_eager_kernels"}
+    assert set(result["lengths"]["8"]) == {"optimized", "ours", "otp"}

@@ -74,6 +74,20 @@ def test_json_result(tiny_models, tmp_path, scheme):
     assert compare(saved["logits"], ref)["rel_logit_error"] <= 1e-4
 
 
+@pytest.mark.parametrize("kernels", ["compiled", "eager"])
+def test_kernels_flag(tiny_models, tmp_path, kernels):
+    """Compiled kernels are built in set-up (timing.kernel_compile_ms) and the JSON says which ran; without
+    CUDA the default is eager."""
+    out = tmp_path / "r.json"
+    flag = ["--kernels", kernels] if kernels == "compiled" else []
+    assert run("matrix", "--model", tiny_models["gqa-tied"], "--prefill-length", "6", "--output", str(out), *flag) == 0
+    r = json.loads(out.read_text())
+    assert r["environment"]["tee_kernels"].startswith(kernels)
+    assert (r["timing"]["kernel_compile_ms"] > 0) == (kernels == "compiled")
+    assert r["timing"]["setup_ms"] >= r["timing"]["kernel_compile_ms"]
+    assert r["correctness"]["rel_logit_error"] <= 1e-3
+
+
 def test_preset_and_half_precision(tmp_path):
     out = tmp_path / "r.json"
     assert run("plain", "--model", "preset:smollm2-135m", "--dtype", "bfloat16", "--output", str(out)) == 0

@@ -18,16 +18,16 @@
 # 489 s, and the precision step was cut at 520 s. Since then the runners step runs 12 processes, not 14, each
 # with one repeat, not 3; perf times each repeat twice (uninstrumented and instrumented); the spin pass is
 # opt-in. Expect about 8 minutes, 9.5 with BASELINE (about 90 s), so leave SPIN out when BASELINE is set.
-# Compiled TEE kernels (the default since the seventh round; KERNELS=eager for the ops as written) add the
-# eager-kernel ablations to perf (two variants per length) and a few seconds of set-up to every runner
-# process (the compiler's import and its on-disk cache): unmeasured on a GPU machine, perhaps 40-60 s in
-# all, so with BASELINE as well the run may pass 10 minutes: give it LENGTHS=512 or drop the baseline.
+# Compiled TEE kernels (the split runners' default with CUDA since the seventh round) add the eager-kernel
+# ablations to perf (two variants per length) and a few seconds of set-up to every split runner process (the
+# compiler's import and its on-disk cache): unmeasured on a GPU machine, perhaps 40-60 s in all, so with
+# BASELINE as well the run may pass 10 minutes: give it LENGTHS=512 or drop the baseline.
 # A CUDA failure in any pass does not stop the passes after it; THREAD_SWEEP=4,8 adds thread-count
 # ablations to the first pass (~40 s per count).
 # Usage: bash tee_gpu/benchmarks/gpu_benchmark.sh OUT_DIR [PRESET]   (PRESET defaults to llama-3.2-1b)
 # LENGTHS=128,512 and PRECISION_LENGTH=128 may be overridden, and MODEL (default preset:PRESET) and
 # PRECISION_MODEL (default preset:smollm2-135m) too: tiny values make a dry run on a CPU (tests/test_bench.py).
-# KERNELS=eager runs this tree's runners with the TEE's ops as written instead of compiled kernels.
+# KERNELS=eager (or compiled) sets this tree's runners' TEE kernels; unset, each runner's own default.
 set -euo pipefail
 out=${1:?usage: gpu_benchmark.sh OUT_DIR [PRESET]}
 preset=${2:-llama-3.2-1b}
@@ -42,7 +42,7 @@ if [ -n "$baseline" ]; then  # absolute, since its pass runs from inside it; che
   baseline=$(cd "$baseline" && pwd)
 fi
 spin=${SPIN:-}
-kernels=--kernels=${KERNELS:-compiled}  # this tree's runners only: a baseline's may predate the flag
+kernels=${KERNELS:+--kernels=$KERNELS}  # this tree's runners only (a baseline's may predate the flag); unset: theirs
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 mkdir -p "$out"
@@ -59,13 +59,13 @@ python -c "import torch, transformers; print('torch', torch.__version__, 'transf
 step "smoke test: the plain runner with --overlap, in a process of its own"
 no_overlap=""
 python "$root/tee_gpu/tee_runner_optimized.py" --model "$model" --prefill-length "${lengths%%,*}" \
-  --dtype float16 --overlap "$kernels" --output "$work/overlap_smoke.json" 2>&1 | tail -2 || true
+  --dtype float16 --overlap $kernels --output "$work/overlap_smoke.json" 2>&1 | tail -2 || true
 python -c "import json, sys; sys.exit(json.load(open(sys.argv[1]))['correctness']['rel_logit_error'] > 1e-2)" \
   "$work/overlap_smoke.json" 2>/dev/null || { no_overlap="--no-overlap"; echo "warning: --overlap failed or its logits are off; the comparisons leave it out"; }
 
 step "in-process comparison: split runners, TEE-only (bfloat16), transformers on CPU and GPU"
 python -m splitinfer.perf --model "$model" --lengths "$lengths" --dtype float16 --tee-dtype bfloat16 \
-  --warmup 2 --repeat 5 ${thread_sweep:+--thread-sweep "$thread_sweep"} $no_overlap --profile "$kernels" \
+  --warmup 2 --repeat 5 ${thread_sweep:+--thread-sweep "$thread_sweep"} $no_overlap --profile $kernels \
   --out-dir "$work/perf" || true
 cp "$work/perf/perf.json" "$out/perf.json" || true
 cp "$work/perf/profile.txt" "$out/profile.txt" || true
@@ -94,25 +94,25 @@ step "each runner in its own process: the first inference, then one more"
 for n in ${lengths//,/ }; do
   for runner in optimized ours otp; do
     python "$root/tee_gpu/tee_runner_$runner.py" --model "$model" --prefill-length $n --dtype float16 \
-      --repeat 1 "$kernels" --output "$work/runners/${runner}_n$n.json" 2>&1 | tail -3 || true
+      --repeat 1 $kernels --output "$work/runners/${runner}_n$n.json" 2>&1 | tail -3 || true
   done
   python "$root/tee_only_llama/tee_runner.py" --model "$model" --prefill-length $n --dtype bfloat16 \
-    --repeat 1 --no-reference "$kernels" --output "$work/runners/tee_only_n$n.json" 2>&1 | tail -2 || true
+    --repeat 1 --no-reference $kernels --output "$work/runners/tee_only_n$n.json" 2>&1 | tail -2 || true
   merge runners  # after each length, so that a run cut short still returns what it measured
 done
 
 if [ -n "$spin" ]; then
   step "the same with spinning OpenMP threads (OMP_WAIT_POLICY=ACTIVE), baselines included"
   OMP_WAIT_POLICY=ACTIVE python -m splitinfer.perf --model "$model" --lengths "$lengths" --dtype float16 \
-    --tee-dtype bfloat16 --warmup 2 --repeat 5 --no-ablations $no_overlap "$kernels" --out-dir "$work/spin" || true
+    --tee-dtype bfloat16 --warmup 2 --repeat 5 --no-ablations $no_overlap $kernels --out-dir "$work/spin" || true
   cp "$work/spin/perf.json" "$out/perf_spin.json" || true
 fi
 
 step "float16 precision of each scheme against the float32 reference (smollm2-135m shape, 3 mask seeds)"
 python -m splitinfer.precision --model "$precision_model" --length "$precision_length" --seeds 1,2,3 \
-  "$kernels" --out "$work/precision/batch1.json" || true
+  $kernels --out "$work/precision/batch1.json" || true
 python -m splitinfer.precision --model "$precision_model" --length "$precision_length" --seeds 1,2,3 \
-  --batch-size 2 --ragged "$kernels" --out "$work/precision/batch2_ragged.json" || true
+  --batch-size 2 --ragged $kernels --out "$work/precision/batch2_ragged.json" || true
 merge precision
 
 echo "wrote $(ls "$out" | tr '\n' ' ')to $out in ${SECONDS}s"
