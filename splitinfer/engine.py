@@ -228,7 +228,8 @@ class SplitLlama:
         h = torch.zeros(batch, n, self.config.hidden_size, dtype=self.dtype)
         self.layers[0].attn_norm.after(h, None)
         self.layers[0].attn_norm.after(h, torch.zeros_like(h))  # not h itself: an aliased pair is another kernel
-        self.final_norm(torch.zeros(batch, self.config.hidden_size, dtype=self.dtype))
+        self.final_norm.after(torch.zeros(batch, self.config.hidden_size, dtype=self.dtype),
+                              torch.zeros(batch, self.config.hidden_size, dtype=self.dtype))
         inner = self.gpu.weights["0.down"].shape[1]
         by_parts(lambda r, x, into: silu_gate(x, into), row_parts if self.overlap else whole,
                  torch.zeros(batch, n, 2 * inner, dtype=self.dtype), torch.empty(batch, n, inner, dtype=self.dtype))
@@ -434,9 +435,8 @@ class SplitLlama:
                 x, h = self.tee("rmsnorm", layer.mlp_norm.after, x,
                                 self.attention(h, i, rope, bias, blocks, attention_mask), self.gpu_bound(x.shape))
                 branch = self.mlp(h, i)
-        x = self.tee("residual", torch.add, x, branch)
-        last = x[torch.arange(batch), last_positions(attention_mask)]
-        h = self.tee("rmsnorm", self.final_norm, last)
+        last = torch.arange(batch), last_positions(attention_mask)  # only these rows reach the LM head
+        _, h = self.tee("rmsnorm", self.final_norm.after, x[last], branch[last])
         return self.linear(h, "lm_head", "lm_head").float()
 
     def attention(self, h: torch.Tensor, i: int, rope: tuple, bias: torch.Tensor, blocks: CausalBlocks,
