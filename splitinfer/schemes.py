@@ -280,14 +280,15 @@ class Otp(Plain):
         tensors = [t for pads in (*self.linear_pads.values(), *self.matmul_pads.values()) for t in pads]
         return sum(t.numel() * t.element_size() for t in tensors)
 
+    def warm_kernels(self, linears, matmuls, outputs, dtype, softmax_of=None) -> None:
+        """Pad every linear input shape once, on zeros (no masks needed: the kernel takes the noise)."""
+        for shape in set(linears.values()):
+            _pad_rows(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype), self.pad_scale)
+
     def protect_linear(self, x, name):
         noise, projected = self.linear_pads[name]
-        # One scale per row: a pad sized for an outlier token would drown the others in rounding. The scale
-        # is rounded to the model's dtype, and recovery uses that very value, so the pad stays exact: then
-        # one addcmul in that dtype (computed in float32, rounded once), not an op mixing dtypes, which
-        # took PyTorch's casting path (VM, 512 x 8192 float16: 0.27 ms against 2.2-2.5)
-        sigma = (self.pad_scale * _row_rms(x)).to(x.dtype)
-        return torch.addcmul(x, sigma, noise, value=-1), (projected, sigma)
+        masked, sigma = _pad_rows(x, noise, self.pad_scale)
+        return masked, (projected, sigma)
 
     def recover_linear(self, z, secret):
         projected, sigma = secret
@@ -319,6 +320,18 @@ class Otp(Plain):
             cross = product(a.float(), pad_b.float()).add_(product(pad_a.float(), masked_b.float()))
         # added in float32, rounded once (VM, 4.7 M scores: 0.78 ms against 1.22 for a float16 `out=`)
         return cross.add_(c).to(c.dtype)
+
+
+@tee_kernel
+def _pad_rows(x: torch.Tensor, noise: torch.Tensor, pad_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """otp's protect: (X − diag(σ)·N, σ), σ = pad_scale · each row's RMS.
+
+    One scale per row: a pad sized for an outlier token would drown the others in rounding. The scale is
+    rounded to the model's dtype, and recovery uses that very value, so the pad stays exact: then one
+    addcmul in that dtype (computed in float32, rounded once), not an op mixing dtypes, which took
+    PyTorch's casting path (VM, 512 x 8192 float16: 0.27 ms against 2.2-2.5)."""
+    sigma = (pad_scale * _row_rms(x)).to(x.dtype)
+    return torch.addcmul(x, sigma, noise, value=-1), sigma
 
 
 WEIGHT_BLOCK_BYTES = 64 * 2 ** 20  # the float32 rows of a weight that otp's offline phase converts at a time
