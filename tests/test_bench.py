@@ -152,14 +152,15 @@ def test_gpu_benchmark_dry_run(tiny_models, tmp_path):
     for folder in ("splitinfer", "tee_gpu", "tee_only_llama"):
         shutil.copytree(os.path.join(ROOT, folder), baseline / folder, ignore=shutil.ignore_patterns("__pycache__"))
     env = {**os.environ, "MODEL": tiny_models["gqa-tied"], "PRECISION_MODEL": tiny_models["gqa-tied"],
-           "LENGTHS": "8,16", "PRECISION_LENGTH": "8", "BASELINE": str(baseline), "SPIN": "1"}
+           "LENGTHS": "8,16", "PRECISION_LENGTH": "8", "BASELINE": str(baseline), "SPIN": "1",
+           "KERNEL_PRESET": "smollm2-135m"}
     out = tmp_path / "out"
     done = subprocess.run(["bash", script, str(out)], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:]
-    assert sorted(os.listdir(out)) == ["log.txt", "perf.json", "perf_baseline.json", "perf_spin.json",
-                                       "precision.json", "profile.txt", "runners.json"]
+    assert sorted(os.listdir(out)) == ["kernel_bench.json", "log.txt", "perf.json", "perf_baseline.json",
+                                       "perf_spin.json", "precision.json", "profile.txt", "runners.json"]
     log = (out / "log.txt").read_text()
-    assert log.count("== [") == 6 and "warning: --overlap failed" not in log and "Traceback" not in log
+    assert log.count("== [") == 7 and "warning: --overlap failed" not in log and "Traceback" not in log
     for name, policy in (("perf.json", None), ("perf_baseline.json", None), ("perf_spin.json", "ACTIVE")):
         perf = json.loads((out / name).read_text())
         assert "incomplete" not in perf and set(perf["lengths"]) == {"8", "16"}
@@ -174,6 +175,8 @@ def test_gpu_benchmark_dry_run(tiny_models, tmp_path):
         if not name.startswith("tee_only"):
             assert result["correctness"]["rel_logit_error"] < 1e-2
     assert set(json.loads((out / "precision.json").read_text())) == {"batch1", "batch2_ragged"}
+    steps = json.loads((out / "kernel_bench.json").read_text())["lengths"]["8"]
+    assert set(steps["eager"]) == set(steps["compiled"]) and all(ms > 0 for ms in steps["compiled"].values())
 
 
 

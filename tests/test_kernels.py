@@ -1,6 +1,8 @@
 """The TEE's compiled kernels: the same logits as the eager ops, built in set-up, and an eager fallback."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch._dynamo.utils
@@ -70,3 +72,15 @@ def test_without_a_compiler_the_kernels_run_eager(monkeypatch, capsys):
     norm = RmsNorm.of(torch.ones(8), 1e-5)
     assert torch.allclose(norm(torch.full((2, 8), 3.0)), torch.ones(2, 8), atol=1e-4)  # eager, no compile called
     monkeypatch.setitem(kernels._state, "failure", None)  # the real compiler for the tests after this one
+
+
+def test_kernel_bench_times_each_step_both_ways(tmp_path, capsys):
+    from splitinfer import kernel_bench
+    out = tmp_path / "k.json"
+    assert kernel_bench.main(["--preset", "smollm2-135m", "--lengths", "4", "--repeat", "2", "--out", str(out)]) == 0
+    steps = json.loads(out.read_text())["lengths"]["4"]
+    assert set(steps["eager"]) == set(steps["compiled"]) and len(steps["eager"]) == 7
+    assert all(ms > 0 for mode in ("eager", "compiled") for ms in steps[mode].values())
+    assert steps["kernels"] == kernels.COMPILED and "ours: recover 4 linears" in capsys.readouterr().out
+    assert kernel_bench.main(["--preset", "nope", "--out", str(out)]) == 2
+    assert "unknown preset 'nope'" in capsys.readouterr().err

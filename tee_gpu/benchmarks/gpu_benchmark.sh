@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU benchmark: one script for a GPU machine (random presets only: it needs no network and no gguf).
-# Writes five files to OUT_DIR (one more each with BASELINE and SPIN), each as soon as its step is done, most
+# Writes six files to OUT_DIR (one more each with BASELINE and SPIN), each as soon as its step is done, most
 # needed first (a run cut short keeps them):
 #   perf.json          the in-process comparison, its ratios, the overlapped plain split and the ablations
 #   profile.txt        torch.profiler tables of one inference of each split runner
@@ -13,6 +13,8 @@
 #   perf_spin.json     with SPIN=1: the comparison again with OMP_WAIT_POLICY=ACTIVE (idle TEE threads spin),
 #                      no ablations (about 70 s; spinning measured slower on the H100 machine, faster on the H200)
 #   precision.json     float16 logit error of each scheme against the float32 reference, 3 mask seeds
+#   kernel_bench.json  the TEE's steps of one layer on this machine's CPU, eager against compiled kernels
+#                      (splitinfer.kernel_bench; last, as the least needed; about 40 s)
 #   log.txt            with the seconds since the start at each step
 # On one H100 (2026-11-26) with THREAD_SWEEP=8 and the spin pass the steps began at 10, 30, 194, 430 and
 # 489 s, and the precision step was cut at 520 s. Since then the runners step runs 12 processes, not 14, each
@@ -26,7 +28,8 @@
 # ablations to the first pass (~40 s per count).
 # Usage: bash tee_gpu/benchmarks/gpu_benchmark.sh OUT_DIR [PRESET]   (PRESET defaults to llama-3.2-1b)
 # LENGTHS=128,512 and PRECISION_LENGTH=128 may be overridden, and MODEL (default preset:PRESET) and
-# PRECISION_MODEL (default preset:smollm2-135m) too: tiny values make a dry run on a CPU (tests/test_bench.py).
+# PRECISION_MODEL (default preset:smollm2-135m) and KERNEL_PRESET (default PRESET) too: tiny values make a
+# dry run on a CPU (tests/test_bench.py).
 # KERNELS=eager (or compiled) sets this tree's runners' TEE kernels; unset, each runner's own default.
 set -euo pipefail
 out=${1:?usage: gpu_benchmark.sh OUT_DIR [PRESET]}
@@ -114,5 +117,10 @@ python -m splitinfer.precision --model "$precision_model" --length "$precision_l
 python -m splitinfer.precision --model "$precision_model" --length "$precision_length" --seeds 1,2,3 \
   --batch-size 2 --ragged $kernels --out "$work/precision/batch2_ragged.json" || true
 merge precision
+
+step "the TEE's steps of one layer, eager and compiled kernels (CPU only)"
+python -m splitinfer.kernel_bench --preset "${KERNEL_PRESET:-$preset}" --lengths "$lengths" \
+  --out "$work/kernel_bench.json" || true
+cp "$work/kernel_bench.json" "$out/kernel_bench.json" || true
 
 echo "wrote $(ls "$out" | tr '\n' ' ')to $out in ${SECONDS}s"

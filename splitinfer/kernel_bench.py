@@ -1,0 +1,132 @@
+"""The TEE's steps of one decoder layer, timed with eager and with compiled kernels, as the engine runs them in
+each mode. Each step is timed after a busy-wait that stands for the TEE waiting on the GPU (so the CPU's
+threads are as idle as they are between hops), median of `--repeat`.
+
+    python -m splitinfer.kernel_bench --preset llama-3.2-1b --lengths 128,512 --out kernel_bench.json
+
+No model is loaded: the steps run on random tensors of the preset's shapes, in float16 by default.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from typing import Callable
+
+import torch
+
+from splitinfer import kernels
+from splitinfer.cli import DTYPES, OneLineParser, progress
+from splitinfer.engine import keep_freed_memory
+from splitinfer.errors import UserError, one_line_errors
+from splitinfer.models import PRESETS
+from splitinfer.perf import parse_counts
+from splitinfer.results import environment_block, write_json
+from splitinfer.schemes import Matrix, Otp
+from splitinfer.tee_ops import RmsNorm, attention_bias, grouped_matmul, masked_softmax, silu_gate, softmax_in_order
+
+WAIT_S = 2e-4  # the busy-wait before each timed step
+
+
+def timed(step: Callable[[object], object], fresh: Callable[[], object] = lambda: None, repeat: int = 30) -> float:
+    """Median ms of `step(fresh())` over `repeat` calls, each after a busy-wait (`fresh` is untimed)."""
+    def once() -> float:
+        arg = fresh()
+        start = time.perf_counter()
+        while time.perf_counter() - start < WAIT_S:
+            pass
+        start = time.perf_counter()
+        step(arg)
+        return time.perf_counter() - start
+
+    for _ in range(3):
+        once()
+    return statistics.median(once() for _ in range(repeat)) * 1e3
+
+
+def layer_steps(preset: str, n: int, dtype: torch.dtype, compiled: bool, repeat: int) -> dict[str, float]:
+    """ms per TEE step of one layer at n tokens, batch 1, with the kernels compiled or not."""
+    kernels.select(compiled)
+    p = PRESETS[preset]
+    d, inner, heads, groups = p.hidden_size, p.intermediate_size, p.num_attention_heads, p.num_key_value_heads
+    h = d // heads
+    linears = {"qkv": (d, (heads + 2 * groups) * h), "o": (heads * h, d), "gate_up": (d, 2 * inner), "down": (inner, d)}
+    x, branch, gate_up = (torch.randn(1, n, width).to(dtype) for width in (d, d, 2 * inner))
+    inputs = {name: torch.randn(1, n, width_in).to(dtype) for name, (width_in, _) in linears.items()}
+    outputs = {name: torch.randn(1, n, width_out).to(dtype) for name, (_, width_out) in linears.items()}
+    q, k_t, v = torch.randn(1, heads, n, h).to(dtype), torch.randn(1, groups, h, n).to(dtype), torch.randn(1, groups, n, h).to(dtype)
+    mask = torch.ones(1, n, dtype=torch.long)
+    bias = attention_bias(mask, dtype)
+    ours = Matrix(seed=1)
+    ours.prepare({name: (1, n, width_in) for name, (width_in, _) in linears.items()},
+                 {"s": (q.shape, k_t.shape), "p": ((1, heads, n, n), v.shape)}, dtype=dtype,
+                 softmax_of={"p": "s"} if compiled else None)  # as `SplitLlama.softmax_of` chooses
+    secrets = {name: ours.protect_linear(inputs[name], name)[1] for name in linears}
+    a, b, scores_secret = ours.protect_matmul(q, k_t, "s")
+    masked_scores = grouped_matmul(a, b)
+    scores = ours.recover_matmul(masked_scores.clone(), scores_secret)
+    order = ours.scores_order("s")
+
+    def softmax(s: torch.Tensor) -> torch.Tensor:
+        return masked_softmax(s, bias) if order is None else softmax_in_order(s, *order, mask)
+
+    probs = softmax(scores.clone())
+    a, b, attend_secret = ours.protect_matmul(probs, v, "p")
+    masked_out = grouped_matmul(a, b)
+    norm = RmsNorm.of(torch.rand(d).to(dtype) + 0.5, 1e-5)
+    otp = Otp(seed=1)  # its pads only, without the offline N·Wᵀ: only protect is timed
+    otp.linear_pads = {name: (torch.randn(t.shape).to(dtype), outputs[name]) for name, t in inputs.items()}
+    return {
+        "2 x RMSNorm with the residual add": 2 * timed(lambda _: norm.after(x, branch), repeat=repeat),
+        "SiLU·up": timed(lambda _: silu_gate(gate_up), repeat=repeat),
+        "ours: protect 4 linears": sum(timed(lambda _, k=k: ours.protect_linear(inputs[k], k), repeat=repeat)
+                                       for k in linears),
+        "ours: recover 4 linears": sum(timed(lambda z, k=k: ours.recover_linear(z, secrets[k]),
+                                             lambda k=k: outputs[k].clone(), repeat) for k in linears),
+        "ours: both matmuls' masks": (timed(lambda _: ours.protect_matmul(q, k_t, "s"), repeat=repeat)
+                                      + timed(lambda c: ours.recover_matmul(c, scores_secret), masked_scores.clone, repeat)
+                                      + timed(lambda _: ours.protect_matmul(probs, v, "p"), repeat=repeat)
+                                      + timed(lambda c: ours.recover_matmul(c, attend_secret), masked_out.clone, repeat)),
+        "ours: softmax": timed(softmax, scores.clone, repeat),
+        "otp: pad 4 linears": sum(timed(lambda _, k=k: otp.protect_linear(inputs[k], k), repeat=repeat)
+                                  for k in linears),
+    }
+
+
+@one_line_errors
+def main(argv: list[str] | None = None) -> int:
+    p = OneLineParser(prog="splitinfer.kernel_bench", description=__doc__.split("\n\n")[0],
+                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", default="llama-3.2-1b", help=f"shape to time, one of {', '.join(PRESETS)}")
+    p.add_argument("--lengths", default="128,512", help="comma-separated token counts")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float16")
+    p.add_argument("--repeat", type=int, default=30, help="timed calls per step (the median is kept)")
+    p.add_argument("--out", default="kernel_bench.json", help="the JSON goes here")
+    args = p.parse_args(argv)
+    if args.preset not in PRESETS:
+        raise UserError(f"unknown preset '{args.preset}' (one of {', '.join(PRESETS)})")
+    if args.repeat < 1:
+        raise UserError(f"--repeat must be at least 1, got {args.repeat}")
+    keep_freed_memory()
+    results: dict = {"preset": args.preset, "dtype": args.dtype, "wait_us": WAIT_S * 1e6, "lengths": {}}
+    for n in parse_counts(args.lengths, "--lengths"):
+        modes = {}
+        for mode in ("eager", "compiled"):
+            progress(f"{n} tokens: {mode} kernels")
+            modes[mode] = layer_steps(args.preset, n, DTYPES[args.dtype], mode == "compiled", args.repeat)
+        modes["kernels"] = kernels.select(True)
+        results["lengths"][n] = modes
+        for step, eager in modes["eager"].items():
+            compiled = modes["compiled"][step]
+            print(f"{n:>5} {step:<36} eager {eager:8.3f} ms  compiled {compiled:8.3f} ms  "
+                  f"x{eager / compiled if compiled else float('nan'):.2f}")
+    kernels.select(False)
+    results["environment"] = environment_block(torch.device("cpu"), False, torch.get_num_threads())
+    write_json(args.out, results)
+    progress(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
