@@ -12,6 +12,7 @@ import time
 
 import torch
 
+from splitinfer import kernels
 from splitinfer.audit import AuditLog, prepare_audit_dir
 from splitinfer.engine import SplitLlama
 from splitinfer.errors import UserError, one_line_errors
@@ -265,7 +266,7 @@ def run(args, scheme_name: str) -> dict:
         "environment": {**environment_block(gpu_device, fallback, torch.get_num_threads()),
                         "model": info["model"], "random_weights": info["random_weights"], "params": info["params"],
                         "dtype": dtype_name, "seed": args.seed, "tee_allocator": engine.allocator,
-                        "tee_kernels": engine.kernels},
+                        "tee_kernels": engine.kernels, "tee_kernels_failed": dict(kernels.failed)},
     }
     if args.per_layer:
         result["per_layer"] = figures["per_layer"]

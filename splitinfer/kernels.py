@@ -19,20 +19,28 @@ import torch
 COMPILED = "compiled (torch.compile, inductor C++)"
 EAGER = "eager"
 _state = {"on": False, "mode": EAGER, "threads": None, "failure": None}
+failed: dict[str, str] = {}  # kernel -> why it could not be compiled (it runs eager), for the JSON
 
 
 def tee_kernel(fn: Callable) -> Callable:
-    """`fn` as a TEE kernel: compiled on first use once compiled kernels are on, else called as it is."""
+    """`fn` as a TEE kernel: compiled on first use once compiled kernels are on, else called as it is. A kernel
+    that fails to compile (an op this torch's compiler does not take, say) runs eager from then on, with
+    one warning, and is listed in `failed`; an error that eager raises too still surfaces."""
     compiled: Callable | None = None
 
     @functools.wraps(fn)
     def call(*args):
         nonlocal compiled
-        if not _state["on"]:
+        if not _state["on"] or fn.__name__ in failed:
             return fn(*args)
         if compiled is None:
             compiled = torch.compile(fn, dynamic=False)
-        return compiled(*args)
+        try:
+            return compiled(*args)
+        except Exception as e:  # compiling happens before any write, so the eager call starts afresh
+            failed[fn.__name__] = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            print(f"warning: the TEE kernel {fn.__name__} runs eager: {failed[fn.__name__]}", file=sys.stderr)
+            return fn(*args)
 
     call.eager = fn
     return call

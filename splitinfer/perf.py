@@ -25,6 +25,7 @@ import time
 
 import torch
 
+from splitinfer import kernels
 from splitinfer.cli import DTYPES, OneLineParser, compiled_kernels, progress, resolve_gpu_device
 from splitinfer.engine import SplitLlama
 from splitinfer.errors import UserError, one_line_errors
@@ -105,7 +106,7 @@ def time_engine(engine: SplitLlama, ids, mask, warmup: int, repeat: int) -> tupl
         totals.append(lean["total_ms"])
     out = {"first_ms": first["total_ms"], "median_ms": statistics.median(totals), "min_ms": min(totals),
            "max_ms": max(totals), "instrumented_median_ms": statistics.median(f["total_ms"] for f in timed),
-           "kernel_compile_ms": compile_ms, "kernels": engine.kernels}
+           "kernel_compile_ms": compile_ms, "kernels": engine.kernels, "kernels_failed": dict(kernels.failed)}
     out["categories_median_ms"] = {c: statistics.median(f["categories"][c] for f in timed)
                                    for c in timed[0]["categories"]}
     # per op kind too (which hop's copies, which scheme step), so that a GPU run says where time went

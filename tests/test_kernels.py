@@ -84,3 +84,23 @@ def test_kernel_bench_times_each_step_both_ways(tmp_path, capsys):
     assert steps["kernels"] == kernels.COMPILED and "ours: recover 4 linears" in capsys.readouterr().out
     assert kernel_bench.main(["--preset", "nope", "--out", str(out)]) == 2
     assert "unknown preset 'nope'" in capsys.readouterr().err
+
+
+def test_a_kernel_that_fails_to_compile_runs_eager(monkeypatch, capsys):
+    def broken_compile(fn, **options):
+        def run(*args):
+            raise RuntimeError("Unsupported: an op this compiler does not take\ndetails")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    monkeypatch.setattr(kernels, "failed", {})
+    monkeypatch.setitem(kernels._state, "on", True)
+
+    @kernels.tee_kernel
+    def doubled(x):
+        return x * 2
+
+    assert torch.equal(doubled(torch.ones(2)), torch.full((2,), 2.0))
+    assert kernels.failed == {"doubled": "Unsupported: an op this compiler does not take"}
+    assert "the TEE kernel doubled runs eager" in capsys.readouterr().err
+    assert torch.equal(doubled(torch.ones(3)), torch.full((3,), 2.0)) and capsys.readouterr().err == ""
