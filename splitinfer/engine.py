@@ -224,15 +224,17 @@ class SplitLlama:
         if self.kernels != kernels.COMPILED:
             return 0.0
         start = time.perf_counter()
-        # the kernels take their output as an argument, so a pinned one or not makes no new kernel
+        # with outputs where the inference puts them (pinned, where they go straight to the GPU)
         h = torch.zeros(batch, n, self.config.hidden_size, dtype=self.dtype)
-        self.layers[0].attn_norm.after(h, None)
-        self.layers[0].attn_norm.after(h, torch.zeros_like(h))  # not h itself: an aliased pair is another kernel
+        self.layers[0].attn_norm.after(h, None, self.gpu_bound(h.shape))
+        self.layers[0].attn_norm.after(h, torch.zeros_like(h), self.gpu_bound(h.shape))  # not h: an aliased pair
         self.final_norm.after(torch.zeros(batch, self.config.hidden_size, dtype=self.dtype),
                               torch.zeros(batch, self.config.hidden_size, dtype=self.dtype))
         inner = self.gpu.weights["0.down"].shape[1]
+        act = self.gpu_bound((batch, n, inner))
         by_parts(lambda r, x, into: silu_gate(x, into), row_parts if self.overlap else whole,
-                 torch.zeros(batch, n, 2 * inner, dtype=self.dtype), torch.empty(batch, n, inner, dtype=self.dtype))
+                 torch.zeros(batch, n, 2 * inner, dtype=self.dtype),
+                 torch.empty(batch, n, inner, dtype=self.dtype) if act is None else act)
         linears, matmuls = self.mask_shapes(batch, n)
         self.scheme.warm_kernels(linears, matmuls, {name: self.gpu.weights[name].shape[0] for name in linears},
                                  self.dtype, self.softmax_of())
