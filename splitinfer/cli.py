@@ -25,6 +25,7 @@ from splitinfer.results import (environment_block, memory_block, percentage_bloc
 from splitinfer.schemes import make_scheme
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+KERNEL_MODES = ("compiled", "eager")  # --kernels: see `compiled_kernels`
 TEE_ONLY = "tee_only"
 
 
@@ -76,7 +77,7 @@ def build_parser(config, scheme: str, prog: str) -> argparse.ArgumentParser:
                    help="further inferences after the timed one, summarised under steady_state, and as many "
                         "that time only their total (steady_state.uninstrumented_total_ms)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch; unset keeps torch's own choice")
-    p.add_argument("--kernels", choices=("compiled", "eager"), default=getattr(config, "KERNELS", None),
+    p.add_argument("--kernels", choices=KERNEL_MODES, default=getattr(config, "KERNELS", None),
                    help="the TEE's fused kernels (RMSNorm with the residual add, SiLU, ours' masks): compiled by "
                         "torch.compile in set-up (needs a C++ compiler; eager with a warning without one), or eager "
                         "PyTorch ops; unset: compiled with CUDA, eager without (with the linears on the CPU between "

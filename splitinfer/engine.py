@@ -236,9 +236,10 @@ class SplitLlama:
                  torch.zeros(batch, n, 2 * inner, dtype=self.dtype),
                  torch.empty(batch, n, inner, dtype=self.dtype) if act is None else act)
         linears, matmuls = self.mask_shapes(batch, n)
+        softmax_of = self.softmax_of()
         self.scheme.warm_kernels(linears, matmuls, {name: self.gpu.weights[name].shape[0] for name in linears},
-                                 self.dtype, self.softmax_of())
-        if self.softmax_of():
+                                 self.dtype, softmax_of)
+        if softmax_of:
             groups, long = self.n_kv_heads, torch.long
             softmax_in_order(torch.zeros(batch, self.n_heads, n, n, dtype=self.dtype),
                              torch.zeros(batch, groups, self.n_heads // groups, n, dtype=long),

@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-from splitinfer.cli import DTYPES, OneLineParser, compiled_kernels, progress, resolve_gpu_device
+from splitinfer.cli import DTYPES, KERNEL_MODES, OneLineParser, compiled_kernels, progress, resolve_gpu_device
 from splitinfer.engine import SplitLlama
 from splitinfer.errors import UserError, one_line_errors
 from splitinfer.inputs import build_batch, read_prompts
@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=list(DTYPES), default="float16")
     p.add_argument("--seeds", default="1,2,3", help="comma-separated mask seeds for the masked runners")
     p.add_argument("--gpu-device", default="cuda:0")
-    p.add_argument("--kernels", choices=("compiled", "eager"), default=None,
+    p.add_argument("--kernels", choices=KERNEL_MODES, default=None,
                    help="the TEE's fused kernels, as in the runners: compiled (torch.compile) or eager; unset: "
                         "compiled with CUDA, eager without")
     p.add_argument("--out", default="precision.json", help="the JSON goes here")
