@@ -11,6 +11,7 @@ set-up, so that the timed inference compiles nothing.
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from typing import Callable
 
@@ -73,6 +74,13 @@ def _probe() -> str | None:
     for limit in ("recompile_limit", "cache_size_limit"):
         if hasattr(config, limit):
             setattr(config, limit, max(getattr(config, limit), 64))
+    if "TORCHINDUCTOR_COMPILE_THREADS" not in os.environ:
+        # Build in this process. Where triton is installed, inductor otherwise starts a pool of one worker
+        # process per core at the first compile, each importing torch: on the H100 machine that coincided with
+        # 41 s set-ups and with the first timed inferences of a process running slow. The TEE's kernels are
+        # small and built one at a time, so the pool has nothing to do in parallel.
+        import torch._inductor.config as inductor
+        inductor.compile_threads = 1
     try:
         x = torch.arange(8, dtype=torch.float32)
         if not torch.equal(torch.compile(lambda t: t * 2 + 1, dynamic=False)(x), x * 2 + 1):

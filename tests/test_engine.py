@@ -252,3 +252,32 @@ def test_otp_offline_fetches_weights_a_block_at_a_time(tiny_models, monkeypatch)
     assert compare(logits, reference_logits(model.config, model.state_dict, ids, mask))["rel_logit_error"] < 1e-3
     norms = 2 * (2 * 2 + 1) * 64 * 4  # each norm as given and as the TEE uses it (times sqrt(d), float32)
     assert engine.tee_weight_bytes() == norms + 320 * 64 * 4  # the norms and the embedding table, nothing else
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("scheme", ["matrix", "otp"])
+def test_protected_operands_are_written_where_the_gpu_reads_them(tiny_models, scheme, compiled):
+    """With CUDA, a masked scheme writes every operand bound for the GPU into a pinned buffer of the
+    boundary's, so nothing is staged on the way. Here the buffers are NaN-filled stand-ins: every one is
+    written whole (the same logits, bit for bit), and every tensor sent to the GPU is one of them."""
+    from splitinfer import kernels
+    model = load_model(tiny_models["gqa-tied"], torch.float32, CPU)
+    ids, mask = build_batch(model.tokenizer, PROMPTS, 12, 2, True)
+    logits, buffers, sent = {}, set(), []
+    try:
+        for buffered in (False, True):
+            engine = SplitLlama(model.config, model.state_dict, make_scheme(scheme, seed=5), CPU, torch.float32,
+                                compiled=compiled)
+            if buffered:
+                def poisoned(shape, dtype):
+                    out = torch.full(shape, float("nan"), dtype=dtype)
+                    buffers.add(out.untyped_storage().data_ptr())
+                    return out
+                engine.scheme.pinned_buffer = poisoned
+                engine.link.audit = lambda layer, op, t: sent.append((op, t.untyped_storage().data_ptr()))
+            engine.warm_kernels(*ids.shape)
+            logits[buffered] = engine.timed_forward(ids, mask)[0]
+    finally:
+        kernels.select(False)
+    assert torch.equal(logits[True], logits[False]) and not logits[True].isnan().any()
+    assert sent and all(ptr in buffers for op, ptr in sent), [op for op, ptr in sent if ptr not in buffers]

@@ -59,6 +59,16 @@ def test_a_kernel_is_one_function_compiled_or_not():
     assert torch.allclose(eager, norm.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5), atol=1e-5)
 
 
+def test_kernels_build_in_this_process(monkeypatch):
+    """No pool of compile worker processes: it would compete with the timed TEE for the CPU."""
+    import torch._inductor.config as inductor
+    monkeypatch.delenv("TORCHINDUCTOR_COMPILE_THREADS", raising=False)
+    monkeypatch.setattr(inductor, "compile_threads", None)
+    monkeypatch.setitem(kernels._state, "mode", kernels.EAGER)
+    assert kernels.select(True) == kernels.COMPILED
+    assert inductor.compile_threads == 1
+
+
 def test_without_a_compiler_the_kernels_run_eager(monkeypatch, capsys):
     def no_compiler(*args, **kwargs):
         raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")

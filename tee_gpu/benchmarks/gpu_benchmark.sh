@@ -20,10 +20,12 @@
 # 489 s, and the precision step was cut at 520 s. Since then the runners step runs 12 processes, not 14, each
 # with one repeat, not 3; perf times each repeat twice (uninstrumented and instrumented); the spin pass is
 # opt-in. Expect about 8 minutes, 9.5 with BASELINE (about 90 s), so leave SPIN out when BASELINE is set.
-# Compiled TEE kernels (the split runners' default with CUDA since the seventh round) add the eager-kernel
-# ablations to perf (two variants per length) and a few seconds of set-up to every split runner process (the
-# compiler's import and its on-disk cache): unmeasured on a GPU machine, perhaps 40-60 s in all, so with
-# BASELINE as well the run may pass 10 minutes: give it LENGTHS=512 or drop the baseline.
+# With compiled TEE kernels (the split runners' default with CUDA since the seventh round), one H100 run of
+# the seventh round's code (2026-11-26, eighth round) began its steps at 8, 82 and 307 s and was cut at 550 s
+# after 4 of the 8 runner processes: each split runner's set-up took 41 s (setup_ms), where the compiler
+# then started a pool of 16 worker processes; the eighth round builds in-process (kernels._probe), which
+# should bring a runner process back to about 17 s, unmeasured. Until a run shows it, leave BASELINE out.
+# The runners step takes the longest length first: the memory target is stated at 512 tokens.
 # A CUDA failure in any pass does not stop the passes after it; THREAD_SWEEP=4,8 adds thread-count
 # ablations to the first pass (~40 s per count).
 # Usage: bash tee_gpu/benchmarks/gpu_benchmark.sh OUT_DIR [PRESET]   (PRESET defaults to llama-3.2-1b)
@@ -94,7 +96,7 @@ PY
 }
 
 step "each runner in its own process: the first inference, then one more"
-for n in ${lengths//,/ }; do
+for n in $(tr ',' '\n' <<<"$lengths" | sort -rn); do
   for runner in optimized ours otp; do
     python "$root/tee_gpu/tee_runner_$runner.py" --model "$model" --prefill-length $n --dtype float16 \
       --repeat 1 $kernels --output "$work/runners/${runner}_n$n.json" 2>&1 | tail -3 || true
