@@ -39,13 +39,8 @@ class Plain:
         self.generator = torch.Generator().manual_seed(secrets.randbits(63) if seed is None else seed)
         # Where a protected operand bound for the GPU is written: the engine gives its boundary's pinned
         # buffers (`Boundary.pinned_buffer`), so that the copy engines read it as it is and the boundary
-        # stages nothing; None (pageable or no GPU) means a fresh tensor.
+        # stages nothing; None (pageable copies, or no GPU) leaves the op to allocate its own result.
         self.pinned_buffer: Callable[[tuple[int, ...], torch.dtype], torch.Tensor | None] = lambda shape, dtype: None
-
-    def _for_gpu(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """An empty tensor for a protected operand bound for the GPU: pinned where copies are."""
-        out = self.pinned_buffer(tuple(shape), dtype)
-        return torch.empty(shape, dtype=dtype) if out is None else out
 
     def prepare(self, linears: MaskShapes, matmuls: MatmulShapes,
                 weights: Callable[[str], torch.Tensor] | None = None, dtype: torch.dtype = torch.float32,
@@ -200,7 +195,7 @@ class Matrix(Plain):
         mask = self.linear_masks[name]
         sequences, n = _sequences(x.shape)
         mixed, scale = _mix_rows(x.reshape(sequences, n, x.shape[-1]), mask["d"], mask["a"], mask["b_t_over_d"],
-                                 mask.get("dummy"), self._for_gpu((*mask["d"].shape, x.shape[-1]), x.dtype))
+                                 mask.get("dummy"), self.pinned_buffer((*mask["d"].shape, x.shape[-1]), x.dtype))
         shape = x.shape if "dummy" not in mask else (-1, x.shape[-1])
         return mixed.reshape(shape), (mask, x.shape, scale, n)
 
@@ -242,9 +237,9 @@ class Matrix(Plain):
         groups = b.shape[1]
         rows, cols = (m["a_rows"], m["a_cols"]) if "a_rows" in m else (m["rows_p1"], m["p2"])  # see `_chain`
         a5 = _permute_cols(_permute_rows(a.reshape(batch, groups, heads // groups, n, k), rows), cols,
-                           self._for_gpu((batch, groups, heads // groups, n, k), a.dtype))
+                           self.pinned_buffer((batch, groups, heads // groups, n, k), a.dtype))
         _scale_rows_cols(a5, m["d1"], m["d2"])                                              # D₁P₁ A P₂D₂
-        b4 = _permute_cols(_permute_rows(b, m["rows_p2"]), m["p3"], self._for_gpu(b.shape, b.dtype))  # P₂⁻¹ B P₃
+        b4 = _permute_cols(_permute_rows(b, m["rows_p2"]), m["p3"], self.pinned_buffer(b.shape, b.dtype))  # P₂⁻¹ B P₃
         b4.mul_(m["b_scale"])                                                               # D₂⁻¹ · · D₃
         return a5.view(a.shape), b4, (m, groups, name in self.kept_order)
 
@@ -294,11 +289,11 @@ class Otp(Plain):
         """Pad every linear input shape once, on zeros (no masks needed: the kernel takes the noise)."""
         for shape in set(linears.values()):
             _pad_rows(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype), self.pad_scale,
-                      self._for_gpu(shape, dtype))
+                      self.pinned_buffer(shape, dtype))
 
     def protect_linear(self, x, name):
         noise, projected = self.linear_pads[name]
-        masked, sigma = _pad_rows(x, noise, self.pad_scale, self._for_gpu(x.shape, x.dtype))
+        masked, sigma = _pad_rows(x, noise, self.pad_scale, self.pinned_buffer(x.shape, x.dtype))
         return masked, (projected, sigma)
 
     def recover_linear(self, z, secret):
@@ -312,8 +307,8 @@ class Otp(Plain):
         # In the operands' dtype: each pad is rounded once, and recovery uses the very values sent
         pad_a = noise_a * (self.pad_scale * _rms(a))
         pad_b = noise_b * (self.pad_scale * _rms(b))
-        masked_b = torch.sub(b, pad_b, out=self._for_gpu(b.shape, b.dtype))
-        return torch.sub(a, pad_a, out=self._for_gpu(a.shape, a.dtype)), masked_b, (a, pad_a, pad_b, masked_b)
+        masked_b = torch.sub(b, pad_b, out=self.pinned_buffer(b.shape, b.dtype))
+        return torch.sub(a, pad_a, out=self.pinned_buffer(a.shape, a.dtype)), masked_b, (a, pad_a, pad_b, masked_b)
 
     def recover_matmul(self, c, secret, product=grouped_matmul):
         a, pad_a, pad_b, masked_b = secret
@@ -334,9 +329,9 @@ class Otp(Plain):
 
 
 @tee_kernel
-def _pad_rows(x: torch.Tensor, noise: torch.Tensor, pad_scale: float, out: torch.Tensor
+def _pad_rows(x: torch.Tensor, noise: torch.Tensor, pad_scale: float, out: torch.Tensor | None
               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """otp's protect: (X − diag(σ)·N into `out`, σ), σ = pad_scale · each row's RMS.
+    """otp's protect: (X − diag(σ)·N, into `out` where given; σ), σ = pad_scale · each row's RMS.
 
     One scale per row: a pad sized for an outlier token would drown the others in rounding. The scale is
     rounded to the model's dtype, and recovery uses that very value, so the pad stays exact: then one
@@ -368,9 +363,9 @@ def _float32_product(x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype, 
 
 @tee_kernel
 def _mix_rows(x3: torch.Tensor, d: torch.Tensor, a: torch.Tensor, b_t_over_d: torch.Tensor,
-              dummy: torch.Tensor | None, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """ours' protect: (M·diag(1/r)·X into `out` in x's dtype, D·diag(1/r)) for x3 [S, n, d], M = D + ABᵀ, the
-    dummy rows (if any) appended to X first with r = 1.
+              dummy: torch.Tensor | None, out: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """ours' protect: (M·diag(1/r)·X in x's dtype, into `out` where given; D·diag(1/r)) for x3 [S, n, d],
+    M = D + ABᵀ, the dummy rows (if any) appended to X first with r = 1.
 
     Mixes unit-RMS rows: one outlier token (an attention sink) would otherwise dominate BᵀX and drown every
     other row in half-precision rounding; it also hides row norms. A float32 copy (never x itself), then
@@ -384,7 +379,9 @@ def _mix_rows(x3: torch.Tensor, d: torch.Tensor, a: torch.Tensor, b_t_over_d: to
     scale = d[..., None] / norms
     rows.mul_(scale)                                                   # D diag(1/r) X
     shared = b_t_over_d @ rows                                         # Bᵀ diag(1/r) X, k×d
-    return out.copy_(_add_low_rank(rows, a, shared)), scale            # (D + ABᵀ) diag(1/r) X
+    mixed = _add_low_rank(rows, a, shared)                             # (D + ABᵀ) diag(1/r) X
+    # in float32 `.to` is no copy at all, where `copy_` into a buffer would be one pass more
+    return (mixed.to(x3.dtype) if out is None else out.copy_(mixed)), scale
 
 
 @tee_kernel
