@@ -74,8 +74,15 @@ def environment_block(gpu_device: torch.device, gpu_fallback: bool, threads: int
             "gpu": torch.cuda.get_device_name(gpu_device) if cuda else None,
             "cuda": torch.version.cuda if cuda else None, "gpu_fallback_to_cpu": gpu_fallback,
             "cpu": cpu_model(), "cpu_count": os.cpu_count(), "threads": threads,
+            # which half-precision matrix units the TEE's CPU has (AMX, AVX-512 FP16/BF16) and the vector
+            # level torch's kernels use: what the TEE's products can run at, where the model name is hidden
+            "cpu_matrix_flags": sorted(CPU_MATRIX_FLAGS & cpu_flags()),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
             "tdx_guest": in_tdx_guest(), "argv": sys.argv}
+
+
+CPU_MATRIX_FLAGS = {"avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_fp16", "amx_int8"}
 
 
 def cpu_model() -> str:
@@ -89,15 +96,21 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def in_tdx_guest() -> bool:
-    """True inside an Intel TDX trust domain (the guest device node or the CPU flag)."""
-    if os.path.exists("/dev/tdx_guest"):
-        return True
+def cpu_flags() -> set[str]:
+    """The first CPU's feature flags (/proc/cpuinfo; empty where there is none)."""
     try:
         with open("/proc/cpuinfo") as f:
-            return any(line.startswith("flags") and "tdx_guest" in line.split() for line in f)
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
     except OSError:
-        return False
+        pass
+    return set()
+
+
+def in_tdx_guest() -> bool:
+    """True inside an Intel TDX trust domain (the guest device node or the CPU flag)."""
+    return os.path.exists("/dev/tdx_guest") or "tdx_guest" in cpu_flags()
 
 
 def write_atomically(path: str, write) -> None:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import ROOT
 
-from splitinfer import cli
+from splitinfer import cli, results
 from splitinfer.reference import compare, reference_logits
 from splitinfer.models import load_model
 
@@ -46,6 +46,7 @@ def test_json_result(tiny_models, tmp_path, scheme):
     assert r["steady_state"]["uninstrumented_total_ms"]["min"] > 0
     env = r["environment"]
     assert {"python", "torch", "transformers", "gpu", "cuda", "cpu", "threads", "tdx_guest", "argv"} <= set(env)
+    assert set(env["cpu_matrix_flags"]) <= results.CPU_MATRIX_FLAGS and env["cpu_capability"]
     if scheme == cli.TEE_ONLY:
         assert r["data_transfer"]["total_mb"] == 0
     else:
