@@ -13,7 +13,8 @@ import sys
 
 import torch
 
-from splitinfer.cli import DTYPES, KERNEL_MODES, OneLineParser, compiled_kernels, progress, resolve_gpu_device
+from splitinfer.cli import (DTYPES, OneLineParser, add_kernels_flag, compiled_kernels, progress,
+                            resolve_gpu_device)
 from splitinfer.engine import SplitLlama
 from splitinfer.errors import UserError, one_line_errors
 from splitinfer.inputs import build_batch, read_prompts
@@ -34,9 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=list(DTYPES), default="float16")
     p.add_argument("--seeds", default="1,2,3", help="comma-separated mask seeds for the masked runners")
     p.add_argument("--gpu-device", default="cuda:0")
-    p.add_argument("--kernels", choices=KERNEL_MODES, default=None,
-                   help="the TEE's fused kernels, as in the runners: compiled (torch.compile) or eager; unset: "
-                        "compiled with CUDA, eager without")
+    add_kernels_flag(p)
     p.add_argument("--out", default="precision.json", help="the JSON goes here")
     return p
 
@@ -60,8 +59,8 @@ def measure(args) -> dict:
             progress(f"{runner}, mask seed {seed}")
             engine = SplitLlama(model.config, model.state_dict, make_scheme(scheme, seed=seed), gpu_device, dtype,
                                 compiled=compiled_kernels(args.kernels, gpu_device))
-            mode = engine.kernels
             logits, _ = engine.timed_forward(ids, mask)
+            mode = engine.kernels
             if reference is None:
                 progress("transformers reference (float32, CPU)")
                 reference = reference_logits(model.config, engine.export_state_dict(), ids, mask)
