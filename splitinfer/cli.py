@@ -77,11 +77,7 @@ def build_parser(config, scheme: str, prog: str) -> argparse.ArgumentParser:
                    help="further inferences after the timed one, summarised under steady_state, and as many "
                         "that time only their total (steady_state.uninstrumented_total_ms)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch; unset keeps torch's own choice")
-    p.add_argument("--kernels", choices=KERNEL_MODES, default=getattr(config, "KERNELS", None),
-                   help="the TEE's fused kernels (RMSNorm with the residual add, SiLU, ours' masks): compiled by "
-                        "torch.compile in set-up (needs a C++ compiler; eager with a warning without one), or eager "
-                        "PyTorch ops; unset: compiled with CUDA, eager without (with the linears on the CPU between "
-                        "them, compiled kernels measured slower)")
+    add_kernels_flag(p, getattr(config, "KERNELS", None))
     p.add_argument("--per-layer", action="store_true",
                    help="add a per-layer table (time per category in each decoder layer) to the output and JSON")
     p.add_argument("--save-logits", metavar="PATH", default=None,
@@ -141,6 +137,15 @@ def resolve_gpu_device(name: str) -> tuple[torch.device, bool]:
     if index >= torch.cuda.device_count():
         raise UserError(f"CUDA device '{name}' does not exist ({torch.cuda.device_count()} visible)")
     return torch.device("cuda", index), False
+
+
+def add_kernels_flag(p: argparse.ArgumentParser, default: str | None = None, more: str = "") -> None:
+    """--kernels, as every entry point takes it (`compiled_kernels` reads it)."""
+    p.add_argument("--kernels", choices=KERNEL_MODES, default=default,
+                   help="the TEE's fused kernels (RMSNorm with the residual add, SiLU, ours' masks): compiled by "
+                        "torch.compile in set-up (needs a C++ compiler; eager with a warning without one), or eager "
+                        "PyTorch ops; unset: compiled with CUDA, eager without (with the linears on the CPU between "
+                        "them, compiled kernels measured slower)" + more)
 
 
 def compiled_kernels(choice: str | None, gpu_device: torch.device) -> bool:

@@ -26,7 +26,8 @@ import time
 import torch
 
 from splitinfer import kernels
-from splitinfer.cli import DTYPES, KERNEL_MODES, OneLineParser, compiled_kernels, progress, resolve_gpu_device
+from splitinfer.cli import (DTYPES, OneLineParser, add_kernels_flag, compiled_kernels, progress,
+                            resolve_gpu_device)
 from splitinfer.engine import SplitLlama
 from splitinfer.errors import UserError, one_line_errors
 from splitinfer.inputs import build_batch, read_prompts
@@ -53,10 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--kernels", choices=KERNEL_MODES, default=None,
-                   help="the TEE's fused kernels: compiled by torch.compile (in each engine's set-up) or eager; unset: "
-                        "as the runners choose (compiled for the split engines with CUDA, else eager). Compiled split "
-                        "engines are also timed with eager kernels (*_eager_kernels)")
+    add_kernels_flag(p, more=". Compiled split engines are also timed with eager kernels (*_eager_kernels)")
     p.add_argument("--out-dir", default="perf_results", help="perf.json goes here")
     p.add_argument("--thread-sweep", metavar="N,N", default=None,
                    help="also time every split runner at these torch thread counts (e.g. 4,8)")
