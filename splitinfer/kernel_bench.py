@@ -1,5 +1,5 @@
 """The TEE's steps of one decoder layer, timed with eager and with compiled kernels, as the engine runs them in
-each mode. Each step is timed after a busy-wait that stands for the TEE waiting on the GPU (so the CPU's
+each mode, and the fixed cost of a call at each thread count (`--threads`). Each step is timed after a busy-wait that stands for the TEE waiting on the GPU (so the CPU's
 threads are as idle as they are between hops), median of `--repeat`.
 
     python -m splitinfer.kernel_bench --preset llama-3.2-1b --lengths 128,512 --out kernel_bench.json
@@ -24,7 +24,8 @@ from splitinfer.models import PRESETS
 from splitinfer.perf import parse_counts
 from splitinfer.results import environment_block, write_json
 from splitinfer.schemes import Matrix, Otp
-from splitinfer.tee_ops import RmsNorm, attention_bias, grouped_matmul, masked_softmax, silu_gate, softmax_in_order
+from splitinfer.tee_ops import (CausalBlocks, RmsNorm, attention_bias, grouped_matmul, masked_softmax, rms_norm,
+                                silu_gate, softmax_in_order)
 
 WAIT_S = 2e-4  # the busy-wait before each timed step
 
@@ -75,11 +76,14 @@ def layer_steps(preset: str, n: int, dtype: torch.dtype, compiled: bool, repeat:
     a, b, attend_secret = ours.protect_matmul(probs, v, "p")
     masked_out = grouped_matmul(a, b)
     norm = RmsNorm.of(torch.rand(d).to(dtype) + 0.5, 1e-5)
+    blocks = CausalBlocks.of(1, heads, n, padded=False)  # as the plain split and otp pack an unpadded prompt
+    packed = blocks.pack(grouped_matmul(q, k_t))
     otp = Otp(seed=1)  # its pads only, without the offline N·Wᵀ: only protect is timed
     otp.linear_pads = {name: (torch.randn(t.shape).to(dtype), outputs[name]) for name, t in inputs.items()}
     return {
         "2 x RMSNorm with the residual add": 2 * timed(lambda _: norm.after(x, branch), repeat=repeat),
         "SiLU·up": timed(lambda _: silu_gate(gate_up), repeat=repeat),
+        "plain, otp: softmax of the causal blocks": timed(lambda s: blocks.softmax(s, bias), packed.clone, repeat),
         "ours: protect 4 linears": sum(timed(lambda _, k=k: ours.protect_linear(inputs[k], k), repeat=repeat)
                                        for k in linears),
         "ours: recover 4 linears": sum(timed(lambda z, k=k: ours.recover_linear(z, secrets[k]),
@@ -94,6 +98,30 @@ def layer_steps(preset: str, n: int, dtype: torch.dtype, compiled: bool, repeat:
     }
 
 
+def fixed_costs(d: int, dtype: torch.dtype, threads: list[int], repeat: int) -> dict[int, dict[str, float]]:
+    """ms of a call that does next to nothing, eager and compiled, and of one RMSNorm over 128 tokens, at each
+    torch thread count: what a TEE op costs beyond its arithmetic on this CPU, and whether fewer threads
+    cut it."""
+    tiny, x, branch = torch.randn(8).to(dtype), torch.randn(1, 128, d).to(dtype), torch.randn(1, 128, d).to(dtype)
+    norm = RmsNorm.of(torch.rand(d).to(dtype) + 0.5, 1e-5)
+    scaled, eps_d, out = norm.scaled[:8], norm.eps_d, torch.empty(8, dtype=dtype)
+    default, costs = torch.get_num_threads(), {}
+    try:
+        for count in threads:
+            torch.set_num_threads(count)
+            row = costs[count] = {}
+            for mode in ("eager", "compiled"):
+                kernels.select(mode == "compiled")  # a changed count rebuilds the compiled kernels
+                row[f"a kernel on 8 values, {mode}"] = timed(lambda _: rms_norm(tiny, scaled, eps_d, out), repeat=repeat)
+                row[f"RMSNorm with the residual add, 128 tokens, {mode}"] = timed(lambda _: norm.after(x, branch),
+                                                                                  repeat=repeat)
+            row["an eager add of 8 values"] = timed(lambda _: torch.add(tiny, tiny, out=out), repeat=repeat)
+    finally:
+        torch.set_num_threads(default)
+        kernels.select(False)
+    return costs
+
+
 @one_line_errors
 def main(argv: list[str] | None = None) -> int:
     p = OneLineParser(prog="splitinfer.kernel_bench", description=__doc__.split("\n\n")[0],
@@ -102,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lengths", default="128,512", help="comma-separated token counts")
     p.add_argument("--dtype", choices=list(DTYPES), default="float16")
     p.add_argument("--repeat", type=int, default=30, help="timed calls per step (the median is kept)")
+    p.add_argument("--threads", default=None, metavar="N,N",
+                   help="torch thread counts to time the fixed costs per call at (default: the current count)")
     p.add_argument("--out", default="kernel_bench.json", help="the JSON goes here")
     args = p.parse_args(argv)
     if args.preset not in PRESETS:
@@ -119,9 +149,15 @@ def main(argv: list[str] | None = None) -> int:
         results["lengths"][n] = modes
         for step, eager in modes["eager"].items():
             compiled = modes["compiled"][step]
-            print(f"{n:>5} {step:<36} eager {eager:8.3f} ms  compiled {compiled:8.3f} ms  "
+            print(f"{n:>5} {step:<40} eager {eager:8.3f} ms  compiled {compiled:8.3f} ms  "
                   f"x{eager / compiled if compiled else float('nan'):.2f}")
     kernels.select(False)
+    progress("fixed costs per call")
+    threads = parse_counts(args.threads, "--threads") or [torch.get_num_threads()]
+    results["fixed_costs"] = fixed_costs(PRESETS[args.preset].hidden_size, DTYPES[args.dtype], threads, args.repeat)
+    for count, row in results["fixed_costs"].items():
+        for step, ms in row.items():
+            print(f"{count:>3} threads  {step:<52} {ms * 1e3:8.1f} µs")
     results["environment"] = environment_block(torch.device("cpu"), False, torch.get_num_threads())
     write_json(args.out, results)
     progress(f"wrote {args.out}")

@@ -11,14 +11,15 @@ their own; as many runs in between, with every region timed, say where the time 
 large presets fit. Each split engine's logits are compared with the plain split's
 (`rel_diff_from_optimized`: 0 for a variant that computes the same thing another way, rounding for a
 masked scheme). A variant beyond the three runners that fails (a CUDA error, say) is recorded as
-`{"error": ...}` and the rest still run; a failure that ends the run still writes what was measured
-before it, marked `incomplete`.
+`{"error": ...}` and the rest still run; a failure that ends the run, or a SIGTERM (a time limit), still
+writes what was measured before it, marked `incomplete`.
 """
 from __future__ import annotations
 
 import argparse
 import gc
 import os
+import signal
 import statistics
 import sys
 import time
@@ -310,6 +311,14 @@ def print_table(results: dict) -> None:
             print(f"  {name:<34} {value:8.2f}")
 
 
+class Stopped(Exception):
+    """SIGTERM arrived (a time limit, such as gpu_benchmark.sh's): stop, keeping what was measured."""
+
+
+def _stop(signum, frame) -> None:
+    raise Stopped("stopped by SIGTERM (a time limit)")
+
+
 @one_line_errors
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
@@ -318,13 +327,19 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(args.out_dir, exist_ok=True)
     path = os.path.join(args.out_dir, "perf.json")
     results: dict = {}
+    previous = signal.signal(signal.SIGTERM, _stop)
     try:
         measure(args, results)
-    except RuntimeError as e:  # a CUDA failure mid-run poisons the rest: keep what was measured, marked so
+    except (RuntimeError, Stopped) as e:  # a CUDA failure mid-run poisons the rest: keep what was measured, marked so
         results["incomplete"] = str(e).splitlines()[0]
         write_json(path, results)
-        progress(f"wrote the figures taken before the failure to {path}")
+        progress(f"wrote the figures taken before it stopped to {path}")
+        if isinstance(e, Stopped):
+            print(f"error: {e}", file=sys.stderr)
+            return 1
         raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print_table(results)
     write_json(path, results)
     progress(f"wrote {path}")

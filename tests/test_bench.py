@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 from conftest import ROOT
@@ -152,8 +153,8 @@ def test_gpu_benchmark_dry_run(tiny_models, tmp_path):
     for folder in ("splitinfer", "tee_gpu", "tee_only_llama"):
         shutil.copytree(os.path.join(ROOT, folder), baseline / folder, ignore=shutil.ignore_patterns("__pycache__"))
     env = {**os.environ, "MODEL": tiny_models["gqa-tied"], "PRECISION_MODEL": tiny_models["gqa-tied"],
-           "LENGTHS": "8,16", "PRECISION_LENGTH": "8", "BASELINE": str(baseline), "SPIN": "1",
-           "KERNEL_PRESET": "smollm2-135m"}
+           "LENGTHS": "8,16", "PRECISION_LENGTH": "8", "BASELINE": str(baseline), "SPIN": "1", "ABLATIONS": "1",
+           "KERNEL_PRESET": "smollm2-135m", "KERNEL_THREADS": "1"}
     out = tmp_path / "out"
     done = subprocess.run(["bash", script, str(out)], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:]
@@ -161,6 +162,8 @@ def test_gpu_benchmark_dry_run(tiny_models, tmp_path):
                                        "perf_spin.json", "precision.json", "profile.txt", "runners.json"]
     log = (out / "log.txt").read_text()
     assert log.count("== [") == 7 and "warning: --overlap failed" not in log and "Traceback" not in log
+    assert "skipped" not in log and "warning: exit status" not in log
+    assert "optimized_threads8" in json.loads((out / "perf.json").read_text())["lengths"]["8"]  # the default sweep
     for name, policy in (("perf.json", None), ("perf_baseline.json", None), ("perf_spin.json", "ACTIVE")):
         perf = json.loads((out / name).read_text())
         assert "incomplete" not in perf and set(perf["lengths"]) == {"8", "16"}
@@ -177,6 +180,30 @@ def test_gpu_benchmark_dry_run(tiny_models, tmp_path):
     assert set(json.loads((out / "precision.json").read_text())) == {"batch1", "batch2_ragged"}
     steps = json.loads((out / "kernel_bench.json").read_text())["lengths"]["8"]
     assert set(steps["eager"]) == set(steps["compiled"]) and all(ms > 0 for ms in steps["compiled"].values())
+
+
+def test_gpu_benchmark_keeps_to_its_budget(tiny_models, tmp_path):
+    """A step that cannot start with the least it needs is skipped, and one cut at the budget keeps what it
+    measured: perf, stopped by the budget's SIGTERM, writes its figures marked `incomplete`."""
+    script = os.path.join(ROOT, "tee_gpu", "benchmarks", "gpu_benchmark.sh")
+    env = {**os.environ, "MODEL": tiny_models["gqa-tied"], "LENGTHS": "8,16", "DEADLINE": "0"}
+    done = subprocess.run(["bash", script, str(tmp_path / "none")], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and done.stdout.count("skipped (") == 12, done.stdout[-3000:]
+    assert sorted(os.listdir(tmp_path / "none")) == ["log.txt", "precision.json", "runners.json"]
+    out, log = tmp_path / "perf", tmp_path / "perf.log"
+    with open(log, "w") as err:
+        perf = subprocess.Popen([sys.executable, "-m", "splitinfer.perf", "--model", tiny_models["gqa-tied"],
+                                 "--lengths", "8", "--repeat", "100000", "--out-dir", str(out)], cwd=ROOT,
+                                stdout=subprocess.DEVNULL, stderr=err)
+        started = time.time()
+        while "8 tokens: optimized" not in log.read_text() and perf.poll() is None and time.time() - started < 120:
+            time.sleep(0.2)  # until the plain split is being timed (for ever, at this repeat count)
+        perf.terminate()
+        perf.wait(timeout=60)
+    assert perf.returncode == 1 and "stopped by SIGTERM" in log.read_text(), log.read_text()[-2000:]
+    result = json.loads((out / "perf.json").read_text())
+    assert result["incomplete"].startswith("stopped by SIGTERM") and result["lengths"] == {"8": {}}
 
 
 

@@ -87,9 +87,13 @@ def test_without_a_compiler_the_kernels_run_eager(monkeypatch, capsys):
 def test_kernel_bench_times_each_step_both_ways(tmp_path, capsys):
     from splitinfer import kernel_bench
     out = tmp_path / "k.json"
-    assert kernel_bench.main(["--preset", "smollm2-135m", "--lengths", "4", "--repeat", "2", "--out", str(out)]) == 0
-    steps = json.loads(out.read_text())["lengths"]["4"]
-    assert set(steps["eager"]) == set(steps["compiled"]) and len(steps["eager"]) == 7
+    assert kernel_bench.main(["--preset", "smollm2-135m", "--lengths", "4", "--repeat", "2", "--threads", "1,2",
+                              "--out", str(out)]) == 0
+    results = json.loads(out.read_text())
+    steps = results["lengths"]["4"]
+    assert set(steps["eager"]) == set(steps["compiled"]) and len(steps["eager"]) == 8
+    assert set(results["fixed_costs"]) == {"1", "2"} and all(len(row) == 5 and min(row.values()) > 0
+                                                             for row in results["fixed_costs"].values())
     assert all(ms > 0 for mode in ("eager", "compiled") for ms in steps[mode].values())
     assert steps["kernels"] == kernels.COMPILED and "ours: recover 4 linears" in capsys.readouterr().out
     assert kernel_bench.main(["--preset", "nope", "--out", str(out)]) == 2
