@@ -74,3 +74,34 @@ def test_a_run_cut_short_keeps_what_it_measured(tiny_models, tmp_path, monkeypat
     result = json.loads((tmp_path / "perf.json").read_text())
     assert result["incomplete"] == "CUDA error: unspecified launch failure"
     assert set(result["lengths"]["8"]) == {"optimized", "ours", "otp"}
+
+
+def test_copy_bandwidth_at_the_boundarys_sizes(monkeypatch, capsys):
+    """The copy probe (CUDA only) on the CPU, with CUDA's events standing in as 2 ms per copy: every size and
+    direction is timed, as bytes over time, and the table prints them."""
+    import torch
+
+    class Event:
+        def __init__(self, enable_timing: bool = False):
+            pass
+
+        def record(self, stream=None):
+            pass
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, end) -> float:
+            return 2.0
+
+    empty = torch.empty
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: None)
+    monkeypatch.setattr(torch, "empty", lambda *a, pin_memory=False, device=None, **k: empty(*a, **k))
+    bandwidth = perf.copy_bandwidth(torch.device("cpu"), mib=4, repeat=2, sizes=(1,))
+    assert bandwidth["to_gpu_pinned_gb_per_s"] == pytest.approx(4 * 2 ** 20 / 2e-3 / 1e9)
+    assert set(bandwidth["by_size"]) == {1, 4} and bandwidth["by_size"][1] == {
+        name: pytest.approx(2 ** 20 / 2e-3 / 1e9) for name in
+        ("to_gpu_pinned_gb_per_s", "to_gpu_pinned_just_written_gb_per_s", "to_cpu_pinned_gb_per_s")}
+    perf.print_table({"copy_bandwidth": bandwidth, "lengths": {}})
+    assert "1 MiB pinned, GB/s: to_gpu_pinned 0.5, to_gpu_pinned_just_written 0.5" in capsys.readouterr().out
