@@ -93,8 +93,10 @@ def time_engine(engine: SplitLlama, ids, mask, warmup: int, repeat: int) -> tupl
     figures (`median_ms`, `min_ms`, `max_ms`), and instrumented, for where the time went
     (`categories_median_ms`, `breakdown_median_ms`) and what timing every region costs
     (`instrumented_median_ms`). The first inference is instrumented, as in the runners, and follows the
-    set-up's building of the engine's compiled kernels (`kernel_compile_ms`)."""
+    set-up's building of the engine's compiled kernels (`kernel_compile_ms`) and its device warm-up
+    (`device_warmup_ms`)."""
     compile_ms = engine.warm_kernels(*ids.shape)
+    warmup_ms = engine.warm_device(*ids.shape)
     first = engine.timed_forward(ids, mask)[1]
     for _ in range(warmup):
         engine.timed_forward(ids, mask, instrumented=False)
@@ -105,7 +107,8 @@ def time_engine(engine: SplitLlama, ids, mask, warmup: int, repeat: int) -> tupl
         totals.append(lean["total_ms"])
     out = {"first_ms": first["total_ms"], "median_ms": statistics.median(totals), "min_ms": min(totals),
            "max_ms": max(totals), "instrumented_median_ms": statistics.median(f["total_ms"] for f in timed),
-           "kernel_compile_ms": compile_ms, "kernels": engine.kernels, "kernels_failed": dict(kernels.failed)}
+           "kernel_compile_ms": compile_ms, "device_warmup_ms": warmup_ms, "kernels": engine.kernels,
+           "kernels_failed": dict(kernels.failed)}
     out["categories_median_ms"] = {c: statistics.median(f["categories"][c] for f in timed)
                                    for c in timed[0]["categories"]}
     # per op kind too (which hop's copies, which scheme step), so that a GPU run says where time went

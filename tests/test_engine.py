@@ -281,3 +281,22 @@ def test_protected_operands_are_written_where_the_gpu_reads_them(tiny_models, sc
         kernels.select(False)
     assert torch.equal(logits[True], logits[False]) and not logits[True].isnan().any()
     assert sent and all(ptr in buffers for op, ptr in sent), [op for op, ptr in sent if ptr not in buffers]
+
+
+@pytest.mark.parametrize("scheme,variant", [("plain", "gqa-tied"), ("matrix", "gqa-tied"), ("otp", "biases")])
+def test_device_warmup_changes_nothing_an_inference_measures(tiny_models, scheme, variant):
+    """warm_device runs each GPU op once in set-up (and, for a streamed table, one block of it): the inference
+    after it gives the same logits, crosses the same bytes in as many copies, and counts the same ops."""
+    model = load_model(tiny_models[variant], torch.float32, CPU)
+    ids, mask = build_batch(model.tokenizer, PROMPTS, 12, 2, ragged=True)
+    runs = []
+    for warm in (False, True):
+        engine = SplitLlama(model.config, model.state_dict, make_scheme(scheme, seed=5), CPU, torch.float32,
+                            block_rows=4)
+        if warm:
+            assert engine.warm_device(*ids.shape) > 0
+        runs.append(engine.timed_forward(ids, mask))
+    (cold, cold_figures), (warmed, warm_figures) = runs
+    assert torch.equal(cold, warmed) and cold_figures["counts"] == warm_figures["counts"]
+    moved = [{k: v for k, v in f["data_transfer"].items() if k.endswith(("bytes", "calls"))} for f in (cold_figures, warm_figures)]
+    assert moved[0] == moved[1]
