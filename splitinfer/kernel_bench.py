@@ -1,6 +1,7 @@
 """The TEE's steps of one decoder layer, timed with eager and with compiled kernels, as the engine runs them in
-each mode, and the fixed cost of a call at each thread count (`--threads`). Each step is timed after a busy-wait that stands for the TEE waiting on the GPU (so the CPU's
-threads are as idle as they are between hops), median of `--repeat`.
+each mode, and the fixed cost of a call at each thread count (`--threads`). Each step is timed after a
+busy-wait that stands for the TEE waiting on the GPU (so the CPU's threads are as idle as they are between
+hops), median of `--repeat`.
 
     python -m splitinfer.kernel_bench --preset llama-3.2-1b --lengths 128,512 --out kernel_bench.json
 
@@ -112,7 +113,8 @@ def fixed_costs(d: int, dtype: torch.dtype, threads: list[int], repeat: int) -> 
             row = costs[count] = {}
             for mode in ("eager", "compiled"):
                 kernels.select(mode == "compiled")  # a changed count rebuilds the compiled kernels
-                row[f"a kernel on 8 values, {mode}"] = timed(lambda _: rms_norm(tiny, scaled, eps_d, out), repeat=repeat)
+                row[f"a kernel on 8 values, {mode}"] = timed(lambda _: rms_norm(tiny, scaled, eps_d, out),
+                                                              repeat=repeat)
                 row[f"RMSNorm with the residual add, 128 tokens, {mode}"] = timed(lambda _: norm.after(x, branch),
                                                                                   repeat=repeat)
             row["an eager add of 8 values"] = timed(lambda _: torch.add(tiny, tiny, out=out), repeat=repeat)
