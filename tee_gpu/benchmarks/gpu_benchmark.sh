@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The GPU benchmark: one script for a GPU machine (random presets only: it needs no network and no gguf).
 # It keeps to a time budget, DEADLINE seconds from its start (default 570, under the 10 minutes one lent
-# machine's call allows): each step runs with what is left of it, a step cut short keeps what it measured
-# (perf writes its figures marked `incomplete`), and a step that cannot start with the least it needs is
-# skipped with a line in the log. Files in OUT_DIR, each written as soon as its step is done, most needed first:
+# machine's call allows): each step runs with what is left of it, and for no longer than its own limit (the
+# comparison 330 s, a runner process 120 s), so that one slow step leaves time to the others. A step cut
+# short keeps what it measured (perf writes its figures marked `incomplete`), and a step that cannot start
+# with the least it needs is skipped with a line in the log. Files in OUT_DIR, each written as soon as its
+# step is done, most needed first:
 #   perf.json          the in-process comparison (split runners, TEE-only in bfloat16, transformers on the CPU
 #                      and the GPU) and its ratios, the runners at THREAD_SWEEP threads too (default 8)
 #   profile.txt        torch.profiler tables of one inference of each split runner
@@ -59,14 +61,15 @@ trap 'rm -rf "$work"' EXIT
 mkdir -p "$work/runners" "$work/precision"
 exec > >(tee "$out/log.txt") 2>&1
 step() { echo "== [${SECONDS}s] $* =="; }  # seconds since the start: how long each step took, for planning runs
-within() {  # within LEAST_S COMMAND...: run COMMAND with what is left of the budget, if at least LEAST_S is
-  local least=$1 left=$((deadline - SECONDS))
-  shift
+within() {  # within LEAST_S MOST_S COMMAND...: run COMMAND for at most MOST_S seconds and what is left of the
+  # budget, if at least LEAST_S is left
+  local least=$1 most=$2 left=$((deadline - SECONDS))
+  shift 2
   if [ "$left" -lt "$least" ]; then
     echo "skipped (${left}s left of the ${deadline}s budget, ${least}s needed): ${*:1:3}"
     return 1
   fi
-  timeout -k 15 "$left" "$@" || { echo "warning: exit status $? (124: cut at the budget): ${*:1:3}"; return 0; }
+  timeout -k 15 $((left < most ? left : most)) "$@" || { echo "warning: exit status $? (124: cut at its limit): ${*:1:3}"; return 0; }
 }
 python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, \
 'cuda', torch.cuda.is_available() and torch.cuda.get_device_name(0), 'threads', torch.get_num_threads())"
@@ -75,14 +78,14 @@ no_overlap="--no-overlap" no_ablations="--no-ablations"
 if [ -n "$ablations" ]; then
   no_ablations=""
   step "smoke test: the plain runner with --overlap, in a process of its own"
-  within 60 python "$root/tee_gpu/tee_runner_optimized.py" --model "$model" --prefill-length "${lengths%%,*}" \
+  within 60 120 python "$root/tee_gpu/tee_runner_optimized.py" --model "$model" --prefill-length "${lengths%%,*}" \
     --dtype float16 --overlap $kernels --output "$work/overlap_smoke.json" 2>&1 | tail -2 || true
   python -c "import json, sys; sys.exit(json.load(open(sys.argv[1]))['correctness']['rel_logit_error'] > 1e-2)" \
     "$work/overlap_smoke.json" 2>/dev/null && no_overlap="" || echo "warning: --overlap failed or its logits are off; the comparisons leave it out"
 fi
 
 step "in-process comparison: split runners, TEE-only (bfloat16), transformers on CPU and GPU"
-within 60 python -m splitinfer.perf --model "$model" --lengths "$lengths" --dtype float16 --tee-dtype bfloat16 \
+within 60 330 python -m splitinfer.perf --model "$model" --lengths "$lengths" --dtype float16 --tee-dtype bfloat16 \
   --warmup 2 --repeat 5 ${thread_sweep:+--thread-sweep "$thread_sweep"} $no_overlap $no_ablations --profile $kernels \
   --out-dir "$work/perf" || true
 cp "$work/perf/perf.json" "$out/perf.json" 2>/dev/null || true
@@ -92,7 +95,7 @@ if [ -n "$baseline" ]; then
   if [ -d "$model" ]; then model_there=$(cd "$model" && pwd); else model_there=$model; fi
   step "the split runners of the baseline in $baseline, timed the same way"
   # from inside it: `python -m` puts the working directory ahead of PYTHONPATH
-  (cd "$baseline" && PYTHONPATH="$baseline" within 60 python -m splitinfer.perf --model "$model_there" \
+  (cd "$baseline" && PYTHONPATH="$baseline" within 60 150 python -m splitinfer.perf --model "$model_there" \
     --lengths "$lengths" --dtype float16 --warmup 2 --repeat 5 --split-only --no-ablations --no-overlap \
     --out-dir "$work/baseline") || true
   cp "$work/baseline/perf.json" "$out/perf_baseline.json" 2>/dev/null || true
@@ -100,13 +103,13 @@ fi
 
 if [ -n "$spin" ]; then
   step "the comparison with spinning OpenMP threads (OMP_WAIT_POLICY=ACTIVE), baselines included"
-  OMP_WAIT_POLICY=ACTIVE within 60 python -m splitinfer.perf --model "$model" --lengths "$lengths" --dtype float16 \
+  OMP_WAIT_POLICY=ACTIVE within 60 150 python -m splitinfer.perf --model "$model" --lengths "$lengths" --dtype float16 \
     --tee-dtype bfloat16 --warmup 2 --repeat 5 --no-ablations --no-overlap $kernels --out-dir "$work/spin" || true
   cp "$work/spin/perf.json" "$out/perf_spin.json" 2>/dev/null || true
 fi
 
 step "the TEE's steps of one layer, eager and compiled kernels, and the fixed cost of a call (CPU only)"
-within 40 python -m splitinfer.kernel_bench --preset "${KERNEL_PRESET:-$preset}" --lengths "$lengths" \
+within 40 120 python -m splitinfer.kernel_bench --preset "${KERNEL_PRESET:-$preset}" --lengths "$lengths" \
   --threads "$kernel_threads" --out "$work/kernel_bench.json" || true
 cp "$work/kernel_bench.json" "$out/kernel_bench.json" 2>/dev/null || true
 
@@ -124,18 +127,18 @@ PY
 step "each runner in its own process: the first inference, then one more"
 for n in $(tr ',' '\n' <<<"$lengths" | sort -rn); do
   for runner in optimized ours otp; do
-    within 45 python "$root/tee_gpu/tee_runner_$runner.py" --model "$model" --prefill-length $n --dtype float16 \
+    within 45 120 python "$root/tee_gpu/tee_runner_$runner.py" --model "$model" --prefill-length $n --dtype float16 \
       --repeat 1 $kernels --output "$work/runners/${runner}_n$n.json" 2>&1 | tail -3 || true
   done
-  within 30 python "$root/tee_only_llama/tee_runner.py" --model "$model" --prefill-length $n --dtype bfloat16 \
+  within 30 90 python "$root/tee_only_llama/tee_runner.py" --model "$model" --prefill-length $n --dtype bfloat16 \
     --repeat 1 --no-reference $kernels --output "$work/runners/tee_only_n$n.json" 2>&1 | tail -2 || true
   merge runners  # after each length, so that a run cut short still returns what it measured
 done
 
 step "float16 precision of each scheme against the float32 reference (smollm2-135m shape, 3 mask seeds)"
-within 30 python -m splitinfer.precision --model "$precision_model" --length "$precision_length" --seeds 1,2,3 \
+within 30 120 python -m splitinfer.precision --model "$precision_model" --length "$precision_length" --seeds 1,2,3 \
   $kernels --out "$work/precision/batch1.json" || true
-within 30 python -m splitinfer.precision --model "$precision_model" --length "$precision_length" --seeds 1,2,3 \
+within 30 120 python -m splitinfer.precision --model "$precision_model" --length "$precision_length" --seeds 1,2,3 \
   --batch-size 2 --ragged $kernels --out "$work/precision/batch2_ragged.json" || true
 merge precision
 
