@@ -271,8 +271,9 @@ class SplitLlama:
             return torch.zeros(*shape, device=device, dtype=self.dtype)
 
         for name in {tuple(w.shape): name for name, w in weights.items() if name != "embed"}.values():
-            rows = (batch,) if name == "lm_head" else (batch, n)
-            F.linear(zeros(*rows, weights[name].shape[1]), weights[name], self.gpu.biases[name])
+            # the LM head's rows: one per sequence, or at least two where a masked scheme pads one row (ours)
+            for rows in ({(batch,), (max(batch, 2),)} if name == "lm_head" else {(batch, n)}):
+                F.linear(zeros(*rows, weights[name].shape[1]), weights[name], self.gpu.biases[name])
         if "embed" in weights:
             F.embedding(torch.zeros(batch, n, dtype=torch.long, device=device), weights["embed"])
         blocks, kv_heads = self.causal_blocks(batch, n), self.n_kv_heads
