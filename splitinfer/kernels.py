@@ -13,13 +13,14 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import time
 from typing import Callable
 
 import torch
 
 COMPILED = "compiled (torch.compile, inductor C++)"
 EAGER = "eager"
-_state = {"on": False, "mode": EAGER, "threads": None, "failure": None}
+_state = {"on": False, "mode": EAGER, "threads": None, "failure": None, "start_ms": 0.0}
 failed: dict[str, str] = {}  # kernel -> why it could not be compiled (it runs eager), for the JSON
 
 
@@ -50,14 +51,16 @@ def tee_kernel(fn: Callable) -> Callable:
 def select(compiled: bool) -> str:
     """Switch the process's TEE kernels to compiled (when `compiled` and a compiler works) or eager; returns
     the mode now in force, for the JSON. The first switch on compiles a probe, so a missing compiler shows
-    here, not in the middle of an inference. A changed torch thread count drops compiled code, whose
-    parallel loops keep the count they were built with."""
+    here, not in the middle of an inference; its milliseconds are `start_ms()`. A changed torch thread count
+    drops compiled code, whose parallel loops keep the count they were built with."""
     if compiled and _state["failure"] is None:
         if _state["threads"] not in (None, torch.get_num_threads()):
             torch._dynamo.reset()
         _state["threads"] = torch.get_num_threads()
         if _state["mode"] != COMPILED:
+            start = time.perf_counter()
             _state["failure"] = _probe()
+            _state["start_ms"] = _state["start_ms"] or (time.perf_counter() - start) * 1e3
             if _state["failure"] is not None:
                 print(f"warning: the TEE's kernels run eager: torch.compile failed ({_state['failure']})",
                       file=sys.stderr)
@@ -67,6 +70,11 @@ def select(compiled: bool) -> str:
     return _state["mode"]
 
 
+def start_ms() -> float:
+    """Milliseconds the compiler's first start in this process took (the probe of `select`; 0 before it)."""
+    return _state["start_ms"]
+
+
 def _probe() -> str | None:
     """None if a small kernel compiles and gives the right answer, else why not (one line)."""
     config = torch._dynamo.config
@@ -74,13 +82,31 @@ def _probe() -> str | None:
     for limit in ("recompile_limit", "cache_size_limit"):
         if hasattr(config, limit):
             setattr(config, limit, max(getattr(config, limit), 64))
+    import torch._inductor.config as inductor
     if "TORCHINDUCTOR_COMPILE_THREADS" not in os.environ:
         # Build in this process. Where triton is installed, inductor otherwise starts a pool of one worker
-        # process per core at the first compile, each importing torch: on the H100 machine that coincided with
-        # 41 s set-ups and with the first timed inferences of a process running slow. The TEE's kernels are
-        # small and built one at a time, so the pool has nothing to do in parallel.
-        import torch._inductor.config as inductor
+        # process per core at the first compile, each importing torch. The TEE's kernels are small and built
+        # one at a time, so the pool has nothing to do in parallel.
         inductor.compile_threads = 1
+    # Take the vector instruction sets from the CPU's flags instead of test-building each one: inductor loads
+    # each test build in a fresh Python, which older torch (the GPU machine's 2.11) makes import torch, three
+    # times on an AVX-512 host. The probe below builds with the chosen set; if that fails, the tests return.
+    trusted = inductor.cpp.vec_isa_ok is None
+    if trusted:
+        inductor.cpp.vec_isa_ok = True
+    failure = _build_probe()
+    if failure is not None and trusted:
+        inductor.cpp.vec_isa_ok = None
+        isa_list = getattr(getattr(torch._inductor, "cpu_vec_isa", None), "valid_vec_isa_list", None)
+        if hasattr(isa_list, "cache_clear"):
+            isa_list.cache_clear()
+        torch._dynamo.reset()
+        failure = _build_probe()
+    return failure
+
+
+def _build_probe() -> str | None:
+    """None if a small kernel compiles and computes the right answer, else why not (one line)."""
     try:
         x = torch.arange(8, dtype=torch.float32)
         if not torch.equal(torch.compile(lambda t: t * 2 + 1, dynamic=False)(x), x * 2 + 1):

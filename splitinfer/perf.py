@@ -220,6 +220,13 @@ def measure(args, results: dict) -> None:
     progress(f"loading {args.model} ({dtype_name}; TEE-only {tee_name})")
     model = load_model(args.model, dtype, gpu_device)
     state = model.state_dict
+    results["setup"] = {"model": model.name, "random_weights": model.random_weights, "dtype": dtype_name,
+                        "tee_dtype": tee_name, "batch_size": args.batch_size, "gpu_device": str(gpu_device),
+                        "gpu_fallback_to_cpu": fallback, "warmup": args.warmup, "repeat": args.repeat}
+    results["environment"] = environment_block(gpu_device, fallback, torch.get_num_threads())
+    if cuda:  # first: a few seconds, and a run cut short by its budget still has them
+        progress("copy bandwidth: pinned and pageable, by size")
+        results["copy_bandwidth"] = copy_bandwidth(gpu_device)
     results["lengths"] = {}
     profiles: list[str] = []
     for n in lengths:
@@ -273,16 +280,10 @@ def measure(args, results: dict) -> None:
             del hf
             gc.collect()
         row["ratios"] = ratios(row)
-    results["setup"] = {"model": model.name, "random_weights": model.random_weights, "dtype": dtype_name,
-                        "tee_dtype": tee_name, "batch_size": args.batch_size, "gpu_device": str(gpu_device),
-                        "gpu_fallback_to_cpu": fallback, "warmup": args.warmup, "repeat": args.repeat}
     if profiles:
         text = "\n\n".join(profiles).encode()
         write_atomically(os.path.join(args.out_dir, "profile.txt"), lambda f: f.write(text))
-    if cuda:
-        results["copy_bandwidth"] = copy_bandwidth(gpu_device)
     results["memory"] = memory_block(gpu_device, 0)
-    results["environment"] = environment_block(gpu_device, fallback, torch.get_num_threads())
 
 
 def ratios(row: dict) -> dict:
@@ -352,7 +353,8 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _stop)
     try:
         measure(args, results)
-    except (RuntimeError, Stopped) as e:  # a CUDA failure mid-run poisons the rest: keep what was measured, marked so
+    except (RuntimeError, Stopped) as e:
+        results["compiler_start_ms"] = kernels.start_ms()  # a CUDA failure mid-run poisons the rest: keep what was measured, marked so
         results["incomplete"] = str(e).splitlines()[0]
         write_json(path, results)
         progress(f"wrote the figures taken before it stopped to {path}")
@@ -362,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)
+    results["compiler_start_ms"] = kernels.start_ms()  # once per process: inside the first compiled engine's kernel_compile_ms
     print_table(results)
     write_json(path, results)
     progress(f"wrote {path}")

@@ -154,7 +154,7 @@ def test_gpu_benchmark_dry_run(tiny_models, tmp_path):
         shutil.copytree(os.path.join(ROOT, folder), baseline / folder, ignore=shutil.ignore_patterns("__pycache__"))
     env = {**os.environ, "MODEL": tiny_models["gqa-tied"], "PRECISION_MODEL": tiny_models["gqa-tied"],
            "LENGTHS": "8,16", "PRECISION_LENGTH": "8", "BASELINE": str(baseline), "SPIN": "1", "ABLATIONS": "1",
-           "KERNEL_PRESET": "smollm2-135m", "KERNEL_THREADS": "1"}
+           "KERNEL_PRESET": "smollm2-135m", "KERNEL_THREADS": "1", "THREAD_SWEEP": "2"}
     out = tmp_path / "out"
     done = subprocess.run(["bash", script, str(out)], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:]
@@ -163,10 +163,10 @@ def test_gpu_benchmark_dry_run(tiny_models, tmp_path):
     log = (out / "log.txt").read_text()
     assert log.count("== [") == 7 and "warning: --overlap failed" not in log and "Traceback" not in log
     assert "skipped" not in log and "warning: exit status" not in log
-    assert "optimized_threads8" in json.loads((out / "perf.json").read_text())["lengths"]["8"]  # the default sweep
+    assert "optimized_threads2" in json.loads((out / "perf.json").read_text())["lengths"]["8"]  # THREAD_SWEEP's
     for name, policy in (("perf.json", None), ("perf_baseline.json", None), ("perf_spin.json", "ACTIVE")):
         perf = json.loads((out / name).read_text())
-        assert "incomplete" not in perf and set(perf["lengths"]) == {"8", "16"}
+        assert "incomplete" not in perf and set(perf["lengths"]) == {"8", "16"} and perf["compiler_start_ms"] >= 0
         assert perf["environment"]["omp_wait_policy"] == policy
         assert all("error" not in row for rows in perf["lengths"].values() for row in rows.values())
     ran = json.loads((out / "perf_baseline.json").read_text())["environment"]["argv"][0]

@@ -64,9 +64,29 @@ def test_kernels_build_in_this_process(monkeypatch):
     import torch._inductor.config as inductor
     monkeypatch.delenv("TORCHINDUCTOR_COMPILE_THREADS", raising=False)
     monkeypatch.setattr(inductor, "compile_threads", None)
+    monkeypatch.setattr(inductor.cpp, "vec_isa_ok", None)
     monkeypatch.setitem(kernels._state, "mode", kernels.EAGER)
     assert kernels.select(True) == kernels.COMPILED
     assert inductor.compile_threads == 1
+    assert inductor.cpp.vec_isa_ok is True  # the CPU's flags, not a test build per instruction set
+    assert kernels.start_ms() > 0
+
+
+def test_a_failed_probe_brings_back_the_instruction_set_tests(monkeypatch):
+    """Where the instruction sets the CPU's flags name do not build, the probe fails once; inductor's own
+    test builds then choose, and the kernels are still compiled."""
+    import torch._inductor.config as inductor
+    calls = []
+
+    def fails_first(real=kernels._build_probe):
+        calls.append(inductor.cpp.vec_isa_ok)
+        return "avx512 does not build" if len(calls) == 1 else real()
+
+    monkeypatch.setattr(kernels, "_build_probe", fails_first)
+    monkeypatch.setattr(inductor.cpp, "vec_isa_ok", None)
+    monkeypatch.setitem(kernels._state, "mode", kernels.EAGER)
+    assert kernels.select(True) == kernels.COMPILED
+    assert calls == [True, None] and inductor.cpp.vec_isa_ok is None
 
 
 def test_without_a_compiler_the_kernels_run_eager(monkeypatch, capsys):

@@ -87,6 +87,7 @@ def test_kernels_flag(tiny_models, tmp_path, kernels):
     assert (r["timing"]["kernel_compile_ms"] > 0) == (kernels == "compiled")
     assert r["timing"]["device_warmup_ms"] > 0  # each GPU op once, in set-up
     assert r["timing"]["setup_ms"] >= r["timing"]["kernel_compile_ms"] + r["timing"]["device_warmup_ms"]
+    assert 0 <= r["timing"]["compiler_start_ms"] <= r["timing"]["kernel_compile_ms"]
     assert r["correctness"]["rel_logit_error"] <= 1e-3
 
 

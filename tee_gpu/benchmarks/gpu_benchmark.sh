@@ -7,7 +7,7 @@
 # with the least it needs is skipped with a line in the log. Files in OUT_DIR, each written as soon as its
 # step is done, most needed first:
 #   perf.json          the in-process comparison (split runners, TEE-only in bfloat16, transformers on the CPU
-#                      and the GPU) and its ratios, the runners at THREAD_SWEEP threads too (default 8)
+#                      and the GPU) and its ratios; copy bandwidth first, so that a cut run keeps it
 #   profile.txt        torch.profiler tables of one inference of each split runner
 #   kernel_bench.json  the TEE's steps of one layer on this machine's CPU, eager against compiled kernels, and
 #                      the fixed cost of a call at 4, 8 and 16 threads (splitinfer.kernel_bench)
@@ -25,14 +25,18 @@
 #                 for a before/after on one machine (about 90 s)
 #   SPIN=1        perf_spin.json: the comparison again with OMP_WAIT_POLICY=ACTIVE (idle TEE threads spin;
 #                 measured slower on the H100 machine, faster on the H200; about 70 s)
-# Step times on one H100 (2026-11-26, eighth round, with the ablations): start 8 s, smoke test 74 s,
-# comparison 225 s, then 41 s of set-up per split runner process (the compiler's worker pool, since built
-# in-process: kernels._probe) where the fifth round's took about 17 s. By those figures the default steps
-# take about 8 minutes; more where set-up is still slow, and the budget then cuts the last steps.
+# Step times on one H100 (2026-11-26, tenth round, tenth-round host slower than the eighth's): start 9 s; the
+# comparison over 330 s with THREAD_SWEEP=4,8,12 (cut at 512 tokens: leave the sweep out unless asked); a
+# split runner process 66-75 s, of which 45-54 s was compiling the TEE's kernels. Since then the compiler no
+# longer test-builds each vector instruction set in a fresh Python importing torch (kernels._probe); its
+# first start is reported apart (`compiler_start_ms`). Where set-up is still that slow, the budget cuts the
+# last steps: the precision check, then the 128-token runner processes.
 # Usage: bash tee_gpu/benchmarks/gpu_benchmark.sh OUT_DIR [PRESET]   (PRESET defaults to llama-3.2-1b)
 # LENGTHS=128,512 and PRECISION_LENGTH=128 may be overridden, and MODEL (default preset:PRESET) and
 # PRECISION_MODEL (default preset:smollm2-135m) and KERNEL_PRESET (default PRESET) too: tiny values make a
-# dry run on a CPU (tests/test_bench.py). THREAD_SWEEP= (empty) leaves the thread sweep out; KERNEL_THREADS
+# dry run on a CPU (tests/test_bench.py). THREAD_SWEEP=8,12 adds the runners at those thread counts to the
+# comparison (tenth round, 128 tokens, against 16 threads: plain 0.87-1.34x, ours 1.19-2.0x, otp
+# 1.06-1.53x, so none by default); KERNEL_THREADS
 # (default 4,8,16) sets kernel_bench's thread counts.
 # KERNELS=eager (or compiled) sets this tree's runners' TEE kernels; unset, each runner's own default.
 set -euo pipefail
@@ -42,7 +46,7 @@ model=${MODEL:-preset:$preset}
 precision_model=${PRECISION_MODEL:-preset:smollm2-135m}
 lengths=${LENGTHS:-128,512}
 precision_length=${PRECISION_LENGTH:-128}
-thread_sweep=${THREAD_SWEEP-8}
+thread_sweep=${THREAD_SWEEP:-}
 kernel_threads=${KERNEL_THREADS:-4,8,16}
 deadline=${DEADLINE:-570}
 ablations=${ABLATIONS:-}
