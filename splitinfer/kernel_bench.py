@@ -141,8 +141,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeat < 1:
         raise UserError(f"--repeat must be at least 1, got {args.repeat}")
     keep_freed_memory()
-    results: dict = {"preset": args.preset, "dtype": args.dtype, "wait_us": WAIT_S * 1e6, "lengths": {}}
-    for n in parse_counts(args.lengths, "--lengths"):
+    lengths = parse_counts(args.lengths, "--lengths")
+    threads = parse_counts(args.threads, "--threads") or [torch.get_num_threads()]
+    # written after each stage, marked incomplete until the last: a run cut at its time limit keeps what it took
+    results: dict = {"preset": args.preset, "dtype": args.dtype, "wait_us": WAIT_S * 1e6,
+                     "incomplete": "stopped before the end (a time limit?)",
+                     "environment": environment_block(torch.device("cpu"), False, torch.get_num_threads()),
+                     "fixed_costs": {}, "lengths": {}}
+    progress("fixed costs per call")  # first: the cheapest stage, and the one a GPU run's budget cut twice
+    results["fixed_costs"] = fixed_costs(PRESETS[args.preset].hidden_size, DTYPES[args.dtype], threads, args.repeat)
+    for count, row in results["fixed_costs"].items():
+        for step, ms in row.items():
+            print(f"{count:>3} threads  {step:<52} {ms * 1e3:8.1f} µs")
+    write_json(args.out, results)
+    for n in lengths:
         modes = {}
         for mode in ("eager", "compiled"):
             progress(f"{n} tokens: {mode} kernels")
@@ -153,14 +165,9 @@ def main(argv: list[str] | None = None) -> int:
             compiled = modes["compiled"][step]
             print(f"{n:>5} {step:<40} eager {eager:8.3f} ms  compiled {compiled:8.3f} ms  "
                   f"x{eager / compiled if compiled else float('nan'):.2f}")
+        write_json(args.out, results)
     kernels.select(False)
-    progress("fixed costs per call")
-    threads = parse_counts(args.threads, "--threads") or [torch.get_num_threads()]
-    results["fixed_costs"] = fixed_costs(PRESETS[args.preset].hidden_size, DTYPES[args.dtype], threads, args.repeat)
-    for count, row in results["fixed_costs"].items():
-        for step, ms in row.items():
-            print(f"{count:>3} threads  {step:<52} {ms * 1e3:8.1f} µs")
-    results["environment"] = environment_block(torch.device("cpu"), False, torch.get_num_threads())
+    del results["incomplete"]
     write_json(args.out, results)
     progress(f"wrote {args.out}")
     return 0

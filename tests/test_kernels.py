@@ -116,8 +116,26 @@ def test_kernel_bench_times_each_step_both_ways(tmp_path, capsys):
                                                              for row in results["fixed_costs"].values())
     assert all(ms > 0 for mode in ("eager", "compiled") for ms in steps[mode].values())
     assert steps["kernels"] == kernels.COMPILED and "ours: recover 4 linears" in capsys.readouterr().out
+    assert "incomplete" not in results
     assert kernel_bench.main(["--preset", "nope", "--out", str(out)]) == 2
     assert "unknown preset 'nope'" in capsys.readouterr().err
+
+
+def test_kernel_bench_cut_short_keeps_its_fixed_costs(tmp_path, monkeypatch):
+    """The fixed costs come first and are written at once, so a run stopped in the per-layer stage (a GPU
+    run's time limit) still leaves them, marked incomplete."""
+    from splitinfer import kernel_bench
+
+    def stopped(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(kernel_bench, "layer_steps", stopped)
+    out = tmp_path / "k.json"
+    with pytest.raises(KeyboardInterrupt):
+        kernel_bench.main(["--preset", "smollm2-135m", "--lengths", "4", "--repeat", "2", "--out", str(out)])
+    results = json.loads(out.read_text())
+    assert results["incomplete"] and results["lengths"] == {}
+    assert len(results["fixed_costs"]) == 1 and min(next(iter(results["fixed_costs"].values())).values()) > 0
 
 
 def test_a_kernel_that_fails_to_compile_runs_eager(monkeypatch, capsys):

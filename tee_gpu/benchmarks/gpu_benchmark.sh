@@ -9,8 +9,9 @@
 #   perf.json          the in-process comparison (split runners, TEE-only in bfloat16, transformers on the CPU
 #                      and the GPU) and its ratios; copy bandwidth first, so that a cut run keeps it
 #   profile.txt        torch.profiler tables of one inference of each split runner
-#   kernel_bench.json  the TEE's steps of one layer on this machine's CPU, eager against compiled kernels, and
-#                      the fixed cost of a call at 4, 8 and 16 threads (splitinfer.kernel_bench)
+#   kernel_bench.json  the fixed cost of a call at 4, 8 and 16 threads, then the TEE's steps of one layer on
+#                      this machine's CPU, eager against compiled kernels (splitinfer.kernel_bench; written
+#                      after each stage, marked incomplete if cut)
 #   runners.json       every runner's own JSON, each in a fresh process, the longest length first (the memory
 #                      target is stated at 512 tokens): first inference, set-up, memory, logit error
 #   precision.json     float16 logit error of each scheme against the float32 reference, 3 mask seeds
