@@ -351,22 +351,23 @@ def main(argv: list[str] | None = None) -> int:
     path = os.path.join(args.out_dir, "perf.json")
     results: dict = {}
     previous = signal.signal(signal.SIGTERM, _stop)
+    stopped: RuntimeError | Stopped | None = None
     try:
         measure(args, results)
-    except (RuntimeError, Stopped) as e:
-        results["compiler_start_ms"] = kernels.start_ms()  # a CUDA failure mid-run poisons the rest: keep what was measured, marked so
+    except (RuntimeError, Stopped) as e:  # a CUDA failure mid-run poisons the rest: keep what was measured, marked so
         results["incomplete"] = str(e).splitlines()[0]
-        write_json(path, results)
-        progress(f"wrote the figures taken before it stopped to {path}")
-        if isinstance(e, Stopped):
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-        raise
+        stopped = e
     finally:
         signal.signal(signal.SIGTERM, previous)
     results["compiler_start_ms"] = kernels.start_ms()  # once per process: inside the first compiled engine's kernel_compile_ms
-    print_table(results)
     write_json(path, results)
+    if stopped is not None:
+        progress(f"wrote the figures taken before it stopped to {path}")
+        if isinstance(stopped, Stopped):
+            print(f"error: {stopped}", file=sys.stderr)
+            return 1
+        raise stopped
+    print_table(results)
     progress(f"wrote {path}")
     return 0
 
