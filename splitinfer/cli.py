@@ -14,7 +14,7 @@ import torch
 
 from splitinfer import kernels
 from splitinfer.audit import AuditLog, prepare_audit_dir
-from splitinfer.engine import SplitLlama
+from splitinfer.engine import ATTENTION_FORMS, SplitLlama
 from splitinfer.errors import UserError, one_line_errors
 from splitinfer.inputs import build_batch, read_prompts
 from splitinfer.metrics import synchronize
@@ -84,6 +84,11 @@ def build_parser(config, scheme: str, prog: str) -> argparse.ArgumentParser:
                    help="torch.save {input_ids, attention_mask, logits} (float32, last real position) here")
     p.add_argument("--no-reference", action="store_true",
                    help="skip the transformers reference (for models too large to run twice)")
+    if scheme == TEE_ONLY:
+        p.add_argument("--attention", choices=("auto", *ATTENTION_FORMS), default=getattr(config, "ATTENTION", "auto"),
+                       help="the attention's form: the scores as one n×n block, as the causal block triangle, or the "
+                            "three steps as one op (torch's scaled_dot_product_attention); auto: each timed on one "
+                            "layer's shapes in set-up, the fastest kept (JSON: environment.tee_attention)")
     if scheme != TEE_ONLY:
         p.add_argument("--audit-dir", default=None,
                        help="write every tensor sent to the GPU during the timed inference here, in order, "
@@ -214,14 +219,17 @@ def run(args, scheme_name: str) -> dict:
     engine = SplitLlama(model.config, model.state_dict, scheme, gpu_device, dtype, tee_only=tee_only,
                         overlap=getattr(args, "overlap", False),
                         resident_embedding=getattr(args, "resident_embedding", False),
-                        compiled=compiled_kernels(args.kernels, gpu_device))
+                        compiled=compiled_kernels(args.kernels, gpu_device),
+                        attention=None if getattr(args, "attention", "auto") == "auto" else args.attention)
     if gpu_device.type == "cuda":  # context and cuBLAS handle belong to set-up, not to the first inference
         torch.ones(8, 8, device=gpu_device, dtype=dtype) @ torch.ones(8, 8, device=gpu_device, dtype=dtype)
     if engine.compiled:
         progress("compiling the TEE's kernels for this input's shapes (torch.compile)")
     started = kernels.start_ms()  # nonzero: an earlier engine in this process started the compiler
     compile_ms = engine.warm_kernels(*ids.shape)
-    progress("warming the device: each GPU op once on zeros of this input's shapes")
+    progress("set-up: the attention's forms timed on one layer's shapes (--attention auto)"
+             if tee_only and engine.attention_ms == {} and not engine.attention_pinned else
+             "warming the device: each GPU op once on zeros of this input's shapes")
     warmup_ms = engine.warm_device(*ids.shape)
     synchronize(gpu_device)
     setup_ms = (time.perf_counter() - start) * 1e3
@@ -276,7 +284,8 @@ def run(args, scheme_name: str) -> dict:
         "environment": {**environment_block(gpu_device, fallback, torch.get_num_threads()),
                         "model": info["model"], "random_weights": info["random_weights"], "params": info["params"],
                         "dtype": dtype_name, "seed": args.seed, "tee_allocator": engine.allocator,
-                        "tee_kernels": engine.kernels, "tee_kernels_failed": dict(kernels.failed)},
+                        "tee_kernels": engine.kernels, "tee_kernels_failed": dict(kernels.failed),
+                        "tee_attention": engine.attention_form, "tee_attention_ms_per_layer": engine.attention_ms},
     }
     if args.per_layer:
         result["per_layer"] = figures["per_layer"]

@@ -6,6 +6,7 @@ runs every linear op. A scheme protects what crosses; `plain` protects nothing.
 from __future__ import annotations
 
 import ctypes
+import sys
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -19,8 +20,8 @@ from splitinfer.boundary import Boundary
 from splitinfer.inputs import last_positions
 from splitinfer.metrics import Metrics, synchronize
 from splitinfer.schemes import Plain
-from splitinfer.tee_ops import (CausalBlocks, RmsNorm, Rotary, apply_rope, attention_bias, grouped_matmul,
-                                row_parts, silu_gate, softmax_in_order)
+from splitinfer.tee_ops import (CausalBlocks, RmsNorm, Rotary, apply_rope, attention_bias, fused_attention,
+                                grouped_matmul, row_parts, silu_gate, softmax_in_order)
 
 
 Product = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -29,6 +30,10 @@ Step = Callable[[int, torch.Tensor, torch.Tensor], object]
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4  # glibc's mallopt parameters
 EMBEDDING_BLOCK_BYTES = 32 * 2 ** 20  # what the TEE holds of a streamed embedding table at a time
 SCALED_PROJECTION = "self_attn.q_proj"  # its GPU weight and bias carry the scores' 1/sqrt(head_dim)
+# The TEE-only runner's forms of attention, where no hop separates its steps (`SplitLlama.choose_attention`):
+# the scores as one n×n block, as the causal block triangle, or the three steps as one op (`fused_attention`)
+ONE_BLOCK, CAUSAL_BLOCKS, FUSED = "one-block", "causal-blocks", "fused"
+ATTENTION_FORMS = (ONE_BLOCK, CAUSAL_BLOCKS, FUSED)
 _ALLOCATOR_SETTING: str | None = None
 
 
@@ -124,7 +129,7 @@ class SplitLlama:
     def __init__(self, config: LlamaConfig, state_dict: dict[str, torch.Tensor], scheme: Plain,
                  gpu_device: torch.device, dtype: torch.dtype, tee_only: bool = False, pinned: bool | None = None,
                  triangle: bool = True, block_rows: int | None = None, overlap: bool = False,
-                 resident_embedding: bool = False, compiled: bool = False):
+                 resident_embedding: bool = False, compiled: bool = False, attention: str | None = None):
         """`pinned` and `triangle` (the scores' causal block triangle) exist to be switched off for ablations;
         `block_rows` sets the triangle's least rows per block (tee_ops.ROWS unless given), to compare sizes.
         `overlap` makes the plain split's two largest hops (scores -> softmax -> probabilities, gate/up ->
@@ -132,7 +137,11 @@ class SplitLlama:
         (`through_tee`); masked schemes, whose protect and recover steps need whole tensors, ignore it.
         `resident_embedding` makes a masked scheme with a tied LM head keep its own copy of the embedding
         table in the TEE instead of reading the GPU's at every inference (`streamed_embedding`).
-        `compiled` runs the TEE's fused kernels compiled (`kernels`; `warm_kernels` builds them in set-up)."""
+        `compiled` runs the TEE's fused kernels compiled (`kernels`; `warm_kernels` builds them in set-up).
+        `attention` pins the TEE-only runner's form of attention (one of ATTENTION_FORMS); unset, set-up times
+        each on this CPU and keeps the fastest (`choose_attention`). Split engines have none: their scores cross."""
+        if attention not in (None, *ATTENTION_FORMS):
+            raise ValueError(f"attention must be one of {', '.join(ATTENTION_FORMS)}, not {attention!r}")
         self.config, self.scheme, self.dtype, self.triangle, self.block_rows = config, scheme, dtype, triangle, block_rows
         self.resident_embedding = resident_embedding
         self.allocator = keep_freed_memory()
@@ -146,6 +155,9 @@ class SplitLlama:
         scheme.pinned_buffer = self.link.pinned_buffer  # protected operands are written where the GPU reads them
         self.gpu = Gpu(gpu_device, self.metrics, in_tee=tee_only)
         self.overlap = overlap and not tee_only and not scheme.masked
+        self.attention_pinned = attention is not None
+        self.attention_form = (attention or ONE_BLOCK) if tee_only else None  # ONE_BLOCK until `choose_attention`
+        self.attention_ms: dict[str, float] = {}  # what each form took in `choose_attention`, ms per layer
         self.n_heads = config.num_attention_heads
         self.n_kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.n_heads
@@ -263,8 +275,9 @@ class SplitLlama:
         where a masked scheme streams the tied table, one block of it, so that the pinned host memory its
         copies land in is allocated. Nothing of it is counted in an inference. Returns the milliseconds it
         took. (On the H100 machine the first inference's GPU work took 72 ms, against 7 warm: eighth round,
-        plain split, 128 tokens.)"""
+        plain split, 128 tokens.) The TEE-only runner's attention form is chosen here too."""
         start = time.perf_counter()
+        self.choose_attention(batch, n)
         device, weights = self.gpu.device, self.gpu.weights
 
         def zeros(*shape: int) -> torch.Tensor:
@@ -287,11 +300,53 @@ class SplitLlama:
     def causal_blocks(self, batch: int, n: int, attention_mask: torch.Tensor | None = None) -> CausalBlocks:
         """How the attention scores are laid out: the lower block triangle where it cuts what crosses and
         the scheme's masks keep that structure (`ours` permutes rows and keys, so it needs every entry).
-        With nothing crossing, the TEE-only runner keeps one block: its faster form on the 2-core VM
-        (bfloat16, 512 tokens: 197 ms against 201-214 ms in blocks of 64 rows)."""
-        split = self.triangle and self.link.crossing and self.scheme.causal_blocks
+        With nothing crossing, the TEE-only runner's form (`choose_attention`)."""
+        if self.link.crossing:
+            split = self.triangle and self.scheme.causal_blocks
+        else:
+            split = self.attention_form == CAUSAL_BLOCKS
         padded = attention_mask is None or not bool(attention_mask.all())
         return CausalBlocks.of(batch, self.n_heads, n, split=split, padded=padded, rows=self.block_rows)
+
+    @torch.no_grad()
+    def choose_attention(self, batch: int, n: int, repeat: int = 3) -> None:
+        """The TEE-only runner's attention form, unless pinned: each of ATTENTION_FORMS timed on one layer's
+        shapes (random q, k and v, an unpadded batch; the best of `repeat` after an untimed call), the
+        fastest kept, the times in `attention_ms`. The TEE-only baseline should be as fast as this CPU
+        allows, and which form is depends on the CPU. On the 2-core VM (1B shape, 512 tokens) one block, the
+        causal blocks and the fused op took 6.0, 6.5 and 14.3 ms per layer in bfloat16, and 15.2, 12.0 and
+        13.6 in float32. On the H100 machine the TEE-only runner took 300.9 ms at 512 tokens in bfloat16 with
+        the causal blocks (fifth round) and 397.7 with one block (eighth), while transformers' own forward,
+        with the fused op, took 321.8 and 295.5. A form that fails is left out."""
+        if self.link.crossing or self.attention_pinned:
+            return
+        heads, groups, h = self.n_heads, self.n_kv_heads, self.head_dim
+        q = (torch.randn(batch, heads, n, h) * self.scale).to(self.dtype)
+        k, v = (torch.randn(batch, groups, n, h).to(self.dtype) for _ in range(2))
+        mask = torch.ones(batch, n, dtype=torch.long)
+        bias = attention_bias(mask, self.dtype)
+        self.attention_ms = {}
+        for form in ATTENTION_FORMS:
+            self.attention_form = form
+            blocks = self.causal_blocks(batch, n, mask)
+
+            def attend(blocks: CausalBlocks = blocks) -> torch.Tensor:  # as `plain_attention` runs it, untimed
+                if self.attention_form == FUSED:
+                    return fused_attention(q, k, v, None)
+                return blocks.attend(blocks.softmax(blocks.scores(q, k.transpose(-1, -2)), bias), v)
+
+            try:
+                attend()
+            except RuntimeError as e:  # an op this torch does not have for this dtype on this CPU
+                print(f"warning: the TEE-only attention form {form} failed ({str(e).splitlines()[0]})", file=sys.stderr)
+                continue
+            times = []
+            for _ in range(repeat):
+                start = time.perf_counter()
+                attend()
+                times.append((time.perf_counter() - start) * 1e3)
+            self.attention_ms[form] = min(times)
+        self.attention_form = min(self.attention_ms, key=self.attention_ms.get)
 
     def softmax_of(self) -> dict[str, str]:
         """Each layer's P·V matmul -> its scores matmul, whose product's row softmax is P·V's left operand, for
@@ -505,10 +560,13 @@ class SplitLlama:
         # q and k cross together, k as laid out: it is transposed on the GPU, where that is a view (a
         # transposed view would be copied into pageable memory on the host first, and cross at that rate)
         q, k = self.split_q_k(self.link.to_gpu(self.rotate(q_and_k, rope), "matmul", i))
-        scores = self.gpu.matmul(q, k.transpose(-1, -2), blocks.scores)
-        probs = self.through_tee("softmax", "matmul", i, scores, scores.shape, blocks.views,
-                                 lambda r, block, into: blocks.softmax_block(r, block, bias, into))
-        out = self.gpu.matmul(probs, v, blocks.attend)
+        if self.attention_form == FUSED:  # the TEE-only runner: no hop between the three steps, so one op may do them
+            out = self.tee("attention", fused_attention, q, k, v, bias if blocks.padded else None)
+        else:
+            scores = self.gpu.matmul(q, k.transpose(-1, -2), blocks.scores)
+            probs = self.through_tee("softmax", "matmul", i, scores, scores.shape, blocks.views,
+                                     lambda r, block, into: blocks.softmax_block(r, block, bias, into))
+            out = self.gpu.matmul(probs, v, blocks.attend)
         return self.link.to_tee(self.gpu.linear(merge_heads(out), f"{i}.o", "linear_attn"), "linear_attn")
 
     def rotate(self, q_and_k: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:

@@ -108,7 +108,8 @@ def time_engine(engine: SplitLlama, ids, mask, warmup: int, repeat: int) -> tupl
     out = {"first_ms": first["total_ms"], "median_ms": statistics.median(totals), "min_ms": min(totals),
            "max_ms": max(totals), "instrumented_median_ms": statistics.median(f["total_ms"] for f in timed),
            "kernel_compile_ms": compile_ms, "device_warmup_ms": warmup_ms, "kernels": engine.kernels,
-           "kernels_failed": dict(kernels.failed)}
+           "kernels_failed": dict(kernels.failed), "attention": engine.attention_form,
+           "attention_ms_per_layer": engine.attention_ms}
     out["categories_median_ms"] = {c: statistics.median(f["categories"][c] for f in timed)
                                    for c in timed[0]["categories"]}
     # per op kind too (which hop's copies, which scheme step), so that a GPU run says where time went
@@ -329,7 +330,8 @@ def print_table(results: dict) -> None:
             if "error" in r:
                 print(f"  {method:<20} failed: {r['error']}")
             elif method != "ratios":
-                print(f"  {method:<20} {r['median_ms']:9.2f}  ({r['first_ms']:.2f})")
+                form = f"  attention: {r['attention']}" if r.get("attention") else ""  # the TEE-only runner's choice
+                print(f"  {method:<20} {r['median_ms']:9.2f}  ({r['first_ms']:.2f}){form}")
         for name, value in row.get("ratios", {}).items():
             print(f"  {name:<34} {value:8.2f}")
 

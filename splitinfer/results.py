@@ -25,7 +25,8 @@ def timing_block(figures: dict, setup_ms: float, crypto_steps: tuple[str, ...] =
     per-op-kind figures (e.g. encryption_linear_attn_ms) and totals (encryption_ms) are added;
     `kernel_compile_ms` is the part of set-up that built the TEE's compiled kernels, `compiler_start_ms` the
     part of that which started the compiler (`kernels.start_ms`), `device_warmup_ms` the part of set-up that
-    ran each GPU op once (`SplitLlama.warm_device`)."""
+    ran each GPU op once (`SplitLlama.warm_device`; for the TEE-only runner, the timing of its attention's
+    forms too)."""
     c = figures["categories"]
     crypto = figures["breakdown"].get("crypto", {})
     per_step = {f"{step}_ms": sum(ms for op, ms in crypto.items() if op.startswith(step)) for step in crypto_steps}

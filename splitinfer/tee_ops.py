@@ -9,6 +9,7 @@ import functools
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
@@ -138,6 +139,14 @@ def _hide_later_keys(scores5: torch.Tensor, rows: torch.Tensor, keys: torch.Tens
     at 32 heads x 512² in float16 compiled on the 2-core VM, 0.48 in int64; 4.7 ms eager, so eager kernels
     keep the scores in order, see `SplitLlama.softmax_of`)."""
     return scores5.masked_fill_(keys[:, :, None, None, :] > rows[..., None], BLOCKED)
+
+
+def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """softmax(q kᵀ + bias) v in one op, torch's scaled_dot_product_attention (q comes scaled), each group of
+    query heads sharing its k and v [B, G, N, h]; causal where there is no bias (an unpadded batch). Only
+    where nothing crosses between the steps: the TEE-only runner (`SplitLlama.choose_attention`)."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=bias is None, scale=1.0,
+                                          enable_gqa=True)
 
 
 def silu_gate(gate_up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

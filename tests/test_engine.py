@@ -212,6 +212,50 @@ def test_tee_only_never_crosses(tiny_models):
     assert "cpu_linear" in figures["counts"] and "gpu_linear" not in figures["counts"]
 
 
+@pytest.mark.parametrize("form", engine_module.ATTENTION_FORMS)
+@pytest.mark.parametrize("variant", ["gqa-head-dim", "rope-llama3"])
+def test_tee_only_attention_forms(tiny_models, variant, form):
+    """Each form of the TEE-only runner's attention matches transformers, on a padded batch too (where the
+    fused op takes the bias) and an unpadded one (where it is causal alone); the fused form is one op."""
+    model = load_model(tiny_models[variant], torch.float32, CPU)
+    engine = SplitLlama(model.config, model.state_dict, Plain(), CPU, torch.float32, tee_only=True, attention=form,
+                        block_rows=16)  # two blocks of 20 rows: the causal blocks are more than one
+    for batch, ragged in ((3, True), (1, False)):
+        ids, mask = build_batch(model.tokenizer, PROMPTS, 40, batch, ragged)
+        engine.warm_device(*ids.shape)
+        assert engine.attention_form == form and engine.attention_ms == {}  # pinned: nothing timed
+        logits, figures = engine.timed_forward(ids, mask)
+        err = compare(logits, reference_logits(model.config, model.state_dict, ids, mask))
+        assert err["rel_logit_error"] <= 1e-4 and err["top1_agreement"] == 1.0, (batch, err)
+        layers = model.config.num_hidden_layers
+        assert figures["counts"].get("cpu_attention", 0) == (layers if form == engine_module.FUSED else 0)
+        assert figures["counts"].get("cpu_matmul", 0) == (0 if form == engine_module.FUSED else 2 * layers)
+    assert engine.causal_blocks(1, 40, mask).whole == (form != engine_module.CAUSAL_BLOCKS)
+
+
+def test_tee_only_attention_is_the_fastest_form(tiny_models, monkeypatch):
+    """Unpinned, set-up times every form and keeps the fastest; a form that fails is left out; split
+    engines have no form (their scores cross) and choose nothing."""
+    model = load_model(tiny_models["gqa-tied"], torch.float32, CPU)
+    engine = SplitLlama(model.config, model.state_dict, Plain(), CPU, torch.float32, tee_only=True)
+    assert engine.attention_form == engine_module.ONE_BLOCK  # until set-up chooses
+    engine.warm_device(1, 64)
+    assert set(engine.attention_ms) == set(engine_module.ATTENTION_FORMS)
+    assert engine.attention_form == min(engine.attention_ms, key=engine.attention_ms.get)
+
+    def failing(*args):
+        raise RuntimeError("not implemented for this dtype")
+
+    monkeypatch.setattr(engine_module, "fused_attention", failing)
+    engine.warm_device(1, 64)
+    assert engine.attention_form != engine_module.FUSED and engine_module.FUSED not in engine.attention_ms
+    split = SplitLlama(model.config, model.state_dict, Plain(), CPU, torch.float32)
+    split.warm_device(1, 16)
+    assert split.attention_form is None and split.attention_ms == {}
+    with pytest.raises(ValueError):
+        SplitLlama(model.config, model.state_dict, Plain(), CPU, torch.float32, tee_only=True, attention="flash")
+
+
 def test_inputs_cut_and_repeat():
     tok = ByteTokenizer(256)
     ids, mask = build_batch(tok, ["abc"], 7, 1)

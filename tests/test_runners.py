@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import ROOT
 
-from splitinfer import cli, results
+from splitinfer import cli, engine, results
 from splitinfer.reference import compare, reference_logits
 from splitinfer.models import load_model
 
@@ -49,7 +49,10 @@ def test_json_result(tiny_models, tmp_path, scheme):
     assert set(env["cpu_matrix_flags"]) <= results.CPU_MATRIX_FLAGS and env["cpu_capability"]
     if scheme == cli.TEE_ONLY:
         assert r["data_transfer"]["total_mb"] == 0
+        forms = env["tee_attention_ms_per_layer"]  # --attention auto: every form timed in set-up, the fastest kept
+        assert set(forms) == set(engine.ATTENTION_FORMS) and env["tee_attention"] == min(forms, key=forms.get)
     else:
+        assert env["tee_attention"] is None
         assert info["gpu_fallback_to_cpu"] is True and r["data_transfer"]["to_gpu_calls"] > 0
     if scheme in CRYPTO_STEPS:
         protect, recover = CRYPTO_STEPS[scheme]
@@ -191,5 +194,5 @@ def test_help_lists_every_flag():
                           capture_output=True, text=True)
     assert done.returncode == 0
     for flag in ("--model", "--prefill-length", "--batch-size", "--dtype", "--gpu-device", "--output", "--seed",
-                 "--warmup", "--repeat", "--save-logits", "--no-reference"):
+                 "--warmup", "--repeat", "--save-logits", "--no-reference", "--attention"):
         assert flag in done.stdout
