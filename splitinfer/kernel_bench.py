@@ -10,10 +10,7 @@ No model is loaded: the steps run on random tensors of the preset's shapes, in f
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
-from typing import Callable
 
 import torch
 
@@ -21,30 +18,13 @@ from splitinfer import kernels
 from splitinfer.cli import DTYPES, OneLineParser, progress
 from splitinfer.engine import keep_freed_memory
 from splitinfer.errors import UserError, one_line_errors
+from splitinfer.kernels import WAIT_S, timed
 from splitinfer.models import PRESETS
 from splitinfer.perf import parse_counts
 from splitinfer.results import environment_block, write_json
 from splitinfer.schemes import Matrix, Otp
 from splitinfer.tee_ops import (CausalBlocks, RmsNorm, attention_bias, grouped_matmul, masked_softmax, rms_norm,
                                 silu_gate, softmax_in_order)
-
-WAIT_S = 2e-4  # the busy-wait before each timed step
-
-
-def timed(step: Callable[[object], object], fresh: Callable[[], object] = lambda: None, repeat: int = 30) -> float:
-    """Median ms of `step(fresh())` over `repeat` calls, each after a busy-wait (`fresh` is untimed)."""
-    def once() -> float:
-        arg = fresh()
-        start = time.perf_counter()
-        while time.perf_counter() - start < WAIT_S:
-            pass
-        start = time.perf_counter()
-        step(arg)
-        return time.perf_counter() - start
-
-    for _ in range(3):
-        once()
-    return statistics.median(once() for _ in range(repeat)) * 1e3
 
 
 def layer_steps(preset: str, n: int, dtype: torch.dtype, compiled: bool, repeat: int) -> dict[str, float]:

@@ -6,39 +6,50 @@ A kernel is a plain function of tensors marked `@tee_kernel`. It runs as written
 `select(True)` switched compiled kernels on for the process, so the same code is both paths. Compiling
 needs a C++ compiler; where there is none, `select` says so once and the kernels stay eager. Shapes are
 static: each new shape compiles once (about a second), which `SplitLlama.warm_kernels` does during
-set-up, so that the timed inference compiles nothing.
+set-up, so that the timed inference compiles nothing. Set-up also times each compiled kernel against its
+eager form at each shape (`choosing`) and keeps the faster there: which is faster depends on the CPU and
+the size (on the H100 machine, at 128 tokens, ours' matmul masks ran slower compiled in two rounds, and
+every step faster at 512).
 """
 from __future__ import annotations
 
 import functools
 import os
+import statistics
 import sys
 import time
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import torch
 
 COMPILED = "compiled (torch.compile, inductor C++)"
 EAGER = "eager"
-_state = {"on": False, "mode": EAGER, "threads": None, "failure": None, "start_ms": 0.0}
+_state = {"on": False, "mode": EAGER, "threads": None, "failure": None, "start_ms": 0.0, "choosing": False}
 failed: dict[str, str] = {}  # kernel -> why it could not be compiled (it runs eager), for the JSON
+# (kernel, its first argument's shape) -> {"eager_ms", "compiled_ms"} as set-up timed them (`choosing`); the
+# kernel runs eager at that shape where that was faster, compiled at every other
+choices: dict[tuple[str, tuple[int, ...]], dict[str, float]] = {}
+_eager_at: set[tuple[str, tuple[int, ...]]] = set()
+WAIT_S = 2e-4  # the busy-wait before each timed call: the TEE's threads idle, as while it waits on the GPU
 
 
 def tee_kernel(fn: Callable) -> Callable:
-    """`fn` as a TEE kernel: compiled on first use once compiled kernels are on, else called as it is. A kernel
-    that fails to compile (an op this torch's compiler does not take, say) runs eager from then on, with
-    one warning, and is listed in `failed`; an error that eager raises too still surfaces."""
+    """`fn` as a TEE kernel: compiled on first use once compiled kernels are on, else called as it is; eager
+    at a shape where set-up measured eager faster (`choosing`). A kernel that fails to compile (an op this
+    torch's compiler does not take, say) runs eager from then on, with one warning, and is listed in
+    `failed`; an error that eager raises too still surfaces. The first argument is a tensor."""
     compiled: Callable | None = None
 
     @functools.wraps(fn)
     def call(*args):
         nonlocal compiled
-        if not _state["on"] or fn.__name__ in failed:
+        if not _state["on"] or fn.__name__ in failed or (fn.__name__, args[0].shape) in _eager_at:
             return fn(*args)
         if compiled is None:
             compiled = torch.compile(fn, dynamic=False)
         try:
-            return compiled(*args)
+            return _choose(fn, compiled, args) if _state["choosing"] else compiled(*args)
         except Exception as e:  # compiling happens before any write, so the eager call starts afresh
             failed[fn.__name__] = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
             print(f"warning: the TEE kernel {fn.__name__} runs eager: {failed[fn.__name__]}", file=sys.stderr)
@@ -46,6 +57,54 @@ def tee_kernel(fn: Callable) -> Callable:
 
     call.eager = fn
     return call
+
+
+@contextmanager
+def choosing() -> Iterator[None]:
+    """Inside (set-up, on zeros of the inference's shapes: `SplitLlama.warm_kernels`), each compiled kernel
+    call is also timed against the kernel's eager form on the same arguments, and the faster is kept for
+    that shape. The calls repeat, so arguments a kernel writes in place must not matter (zeros)."""
+    _state["choosing"] = True
+    try:
+        yield
+    finally:
+        _state["choosing"] = False
+
+
+def _choose(fn: Callable, compiled: Callable, args: tuple):
+    """Build `compiled`, time it and `fn` on `args` (`timed`), keep the faster for this shape; its result."""
+    compiled(*args)
+    key = (fn.__name__, tuple(args[0].shape))
+    choices[key] = {"eager_ms": timed(lambda _: fn(*args), repeat=7),
+                    "compiled_ms": timed(lambda _: compiled(*args), repeat=7)}
+    if choices[key]["eager_ms"] < choices[key]["compiled_ms"]:
+        _eager_at.add(key)
+        return fn(*args)
+    _eager_at.discard(key)
+    return compiled(*args)
+
+
+def chosen() -> dict[str, dict[str, float | str]]:
+    """`choices` for the JSON: "kernel [shape]" -> the times and which form runs there."""
+    return {f"{name} {list(shape)}": {**ms, "runs": "eager" if (name, shape) in _eager_at else "compiled"}
+            for (name, shape), ms in choices.items()}
+
+
+def timed(step: Callable[[object], object], fresh: Callable[[], object] = lambda: None, repeat: int = 30) -> float:
+    """Median ms of `step(fresh())` over `repeat` calls, each after a busy-wait of WAIT_S (`fresh` is
+    untimed), after three untimed calls."""
+    def once() -> float:
+        arg = fresh()
+        start = time.perf_counter()
+        while time.perf_counter() - start < WAIT_S:
+            pass
+        start = time.perf_counter()
+        step(arg)
+        return time.perf_counter() - start
+
+    for _ in range(3):
+        once()
+    return statistics.median(once() for _ in range(repeat)) * 1e3
 
 
 def select(compiled: bool) -> str:
@@ -56,6 +115,8 @@ def select(compiled: bool) -> str:
     if compiled and _state["failure"] is None:
         if _state["threads"] not in (None, torch.get_num_threads()):
             torch._dynamo.reset()
+            choices.clear()  # timed at the old count
+            _eager_at.clear()
         _state["threads"] = torch.get_num_threads()
         if _state["mode"] != COMPILED:
             start = time.perf_counter()

@@ -156,3 +156,65 @@ def test_a_kernel_that_fails_to_compile_runs_eager(monkeypatch, capsys):
     assert kernels.failed == {"doubled": "Unsupported: an op this compiler does not take"}
     assert "the TEE kernel doubled runs eager" in capsys.readouterr().err
     assert torch.equal(doubled(torch.ones(3)), torch.full((3,), 2.0)) and capsys.readouterr().err == ""
+
+
+def test_set_up_keeps_the_faster_form_at_each_shape(monkeypatch):
+    """Inside `choosing` (set-up), a compiled kernel is timed against its eager form at each shape, and the faster
+    runs at that shape from then on; a changed thread count drops the choices with the compiled code."""
+    compiled_calls = []
+    real_compile = torch.compile
+
+    def counting_compile(fn, **options):
+        built = real_compile(fn, **options)
+
+        def run(*args):
+            compiled_calls.append(tuple(args[0].shape))
+            return built(*args)
+        return run
+
+    clock = iter([1.0, 2.0, 2.0, 1.0])  # stand-in times: eager, then compiled, at 3 values, then at 5
+    monkeypatch.setattr(torch, "compile", counting_compile)
+    monkeypatch.setattr(kernels, "timed", lambda step, fresh=None, repeat=30: (step(None), next(clock))[1])
+    monkeypatch.setattr(kernels, "choices", {})
+    monkeypatch.setattr(kernels, "_eager_at", set())
+
+    @kernels.tee_kernel
+    def doubled(x):
+        return x * 2
+
+    kernels.select(True)
+    with kernels.choosing():
+        assert torch.equal(doubled(torch.ones(3)), torch.full((3,), 2.0))
+        assert torch.equal(doubled(torch.ones(5)), torch.full((5,), 2.0))
+    assert kernels.chosen() == {"doubled [3]": {"eager_ms": 1.0, "compiled_ms": 2.0, "runs": "eager"},
+                                "doubled [5]": {"eager_ms": 2.0, "compiled_ms": 1.0, "runs": "compiled"}}
+    compiled_calls.clear()
+    assert torch.equal(doubled(torch.ones(3)), torch.full((3,), 2.0))
+    assert torch.equal(doubled(torch.ones(5)), torch.full((5,), 2.0))
+    assert compiled_calls == [(5,)]  # eager at 3 values, compiled at 5
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads + 1)
+        kernels.select(True)
+        assert kernels.chosen() == {}
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_engine_set_up_times_every_kernel(tiny_models):
+    """warm_kernels times each kernel of the inference at its shapes (the JSON lists them), and the inference
+    after it builds nothing new and gives the eager answer."""
+    model = load_model(tiny_models["gqa-tied"], torch.float32, CPU)
+    ids, mask = build_batch(model.tokenizer, ["Each kernel, its faster form."], 9, 1)
+    engine = SplitLlama(model.config, model.state_dict, make_scheme("matrix", seed=3), CPU, torch.float32,
+                        compiled=True)
+    engine.warm_kernels(*ids.shape)
+    names = {key.split(" ")[0] for key in kernels.chosen()}
+    assert {"rms_norm", "residual_rms_norm", "silu_product", "_mix_rows", "_unmix_rows", "_scale_rows_cols",
+            "_unscale_rows_cols", "_hide_later_keys"} <= names
+    assert all(c["eager_ms"] > 0 and c["compiled_ms"] > 0 for c in kernels.chosen().values())
+    built = graphs_built()
+    logits = engine.timed_forward(ids, mask)[0]
+    assert graphs_built() == built
+    eager = SplitLlama(model.config, model.state_dict, make_scheme("matrix", seed=3), CPU, torch.float32)
+    assert compare(logits, eager.timed_forward(ids, mask)[0])["rel_logit_error"] <= 1e-5
