@@ -44,7 +44,9 @@ def tee_kernel(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def call(*args):
         nonlocal compiled
-        if not _state["on"] or fn.__name__ in failed or (fn.__name__, args[0].shape) in _eager_at:
+        if not _state["on"] or fn.__name__ in failed:
+            return fn(*args)
+        if not _state["choosing"] and (fn.__name__, args[0].shape) in _eager_at:  # set-up measured eager faster
             return fn(*args)
         if compiled is None:
             compiled = torch.compile(fn, dynamic=False)

@@ -192,6 +192,10 @@ def test_set_up_keeps_the_faster_form_at_each_shape(monkeypatch):
     assert torch.equal(doubled(torch.ones(3)), torch.full((3,), 2.0))
     assert torch.equal(doubled(torch.ones(5)), torch.full((5,), 2.0))
     assert compiled_calls == [(5,)]  # eager at 3 values, compiled at 5
+    clock = iter([3.0, 1.0])  # timed again in a later set-up, compiled is now faster at 3 values
+    with kernels.choosing():
+        doubled(torch.ones(3))
+    assert kernels.chosen()["doubled [3]"]["runs"] == "compiled"
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(threads + 1)
