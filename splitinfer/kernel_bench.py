@@ -82,7 +82,9 @@ def layer_steps(preset: str, n: int, dtype: torch.dtype, compiled: bool, repeat:
 def fixed_costs(d: int, dtype: torch.dtype, threads: list[int], repeat: int) -> dict[int, dict[str, float]]:
     """ms of a call that does next to nothing, eager and compiled, and of one RMSNorm over 128 tokens, at each
     torch thread count: what a TEE op costs beyond its arithmetic on this CPU, and whether fewer threads
-    cut it."""
+    cut it. The RMSNorm is also timed straight after the call before and after 2 ms idle: OpenMP's threads
+    spin a while after a parallel region, then sleep, and waking them is a cost of its own (on the H100
+    machine a TEE op cost 100-170 µs at 128 tokens, against about 40 on the 2-core VM)."""
     tiny, x, branch = torch.randn(8).to(dtype), torch.randn(1, 128, d).to(dtype), torch.randn(1, 128, d).to(dtype)
     norm = RmsNorm.of(torch.rand(d).to(dtype) + 0.5, 1e-5)
     scaled, eps_d, out = norm.scaled[:8], norm.eps_d, torch.empty(8, dtype=dtype)
@@ -95,8 +97,9 @@ def fixed_costs(d: int, dtype: torch.dtype, threads: list[int], repeat: int) -> 
                 kernels.select(mode == "compiled")  # a changed count rebuilds the compiled kernels
                 row[f"a kernel on 8 values, {mode}"] = timed(lambda _: rms_norm(tiny, scaled, eps_d, out),
                                                               repeat=repeat)
-                row[f"RMSNorm with the residual add, 128 tokens, {mode}"] = timed(lambda _: norm.after(x, branch),
-                                                                                  repeat=repeat)
+                for label, wait_s in (("", WAIT_S), (", no idle wait", 0.0), (", after 2 ms idle", 2e-3)):
+                    row[f"RMSNorm with the residual add, 128 tokens, {mode}{label}"] = timed(
+                        lambda _: norm.after(x, branch), repeat=repeat, wait_s=wait_s)
             row["an eager add of 8 values"] = timed(lambda _: torch.add(tiny, tiny, out=out), repeat=repeat)
     finally:
         torch.set_num_threads(default)
@@ -132,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     results["fixed_costs"] = fixed_costs(PRESETS[args.preset].hidden_size, DTYPES[args.dtype], threads, args.repeat)
     for count, row in results["fixed_costs"].items():
         for step, ms in row.items():
-            print(f"{count:>3} threads  {step:<52} {ms * 1e3:8.1f} µs")
+            print(f"{count:>3} threads  {step:<66} {ms * 1e3:8.1f} µs")
     write_json(args.out, results)
     for n in lengths:
         modes = {}

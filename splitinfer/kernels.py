@@ -92,13 +92,14 @@ def chosen() -> dict[str, dict[str, float | str]]:
             for (name, shape), ms in choices.items()}
 
 
-def timed(step: Callable[[object], object], fresh: Callable[[], object] = lambda: None, repeat: int = 30) -> float:
-    """Median ms of `step(fresh())` over `repeat` calls, each after a busy-wait of WAIT_S (`fresh` is
+def timed(step: Callable[[object], object], fresh: Callable[[], object] = lambda: None, repeat: int = 30,
+          wait_s: float = WAIT_S) -> float:
+    """Median ms of `step(fresh())` over `repeat` calls, each after a busy-wait of `wait_s` (`fresh` is
     untimed), after three untimed calls."""
     def once() -> float:
         arg = fresh()
         start = time.perf_counter()
-        while time.perf_counter() - start < WAIT_S:
+        while time.perf_counter() - start < wait_s:
             pass
         start = time.perf_counter()
         step(arg)

@@ -112,7 +112,7 @@ def test_kernel_bench_times_each_step_both_ways(tmp_path, capsys):
     results = json.loads(out.read_text())
     steps = results["lengths"]["4"]
     assert set(steps["eager"]) == set(steps["compiled"]) and len(steps["eager"]) == 8
-    assert set(results["fixed_costs"]) == {"1", "2"} and all(len(row) == 5 and min(row.values()) > 0
+    assert set(results["fixed_costs"]) == {"1", "2"} and all(len(row) == 9 and min(row.values()) > 0
                                                              for row in results["fixed_costs"].values())
     assert all(ms > 0 for mode in ("eager", "compiled") for ms in steps[mode].values())
     assert steps["kernels"] == kernels.COMPILED and "ours: recover 4 linears" in capsys.readouterr().out

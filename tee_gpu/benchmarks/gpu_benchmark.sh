@@ -9,7 +9,8 @@
 #   perf.json          the in-process comparison (split runners, TEE-only in bfloat16, transformers on the CPU
 #                      and the GPU) and its ratios; copy bandwidth first, so that a cut run keeps it
 #   profile.txt        torch.profiler tables of one inference of each split runner
-#   kernel_bench.json  the fixed cost of a call at 4, 8 and 16 threads, then the TEE's steps of one layer on
+#   kernel_bench.json  the fixed cost of a call at 4, 8 and 16 threads (an RMSNorm straight after another,
+#                      and after 0.2 and 2 ms idle: waking OpenMP's threads), then the TEE's steps of one layer on
 #                      this machine's CPU, eager against compiled kernels (splitinfer.kernel_bench; written
 #                      after each stage, marked incomplete if cut)
 #   runners.json       every runner's own JSON, each in a fresh process, the longest length first (the memory
