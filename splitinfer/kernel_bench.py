@@ -10,7 +10,11 @@ No model is loaded: the steps run on random tensors of the preset's shapes, in f
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
 import sys
+import tempfile
 
 import torch
 
@@ -79,12 +83,15 @@ def layer_steps(preset: str, n: int, dtype: torch.dtype, compiled: bool, repeat:
     }
 
 
+IDLE_WAITS = (("", WAIT_S), (", no idle wait", 0.0), (", after 2 ms idle", 2e-3), (", after 30 ms idle", 3e-2))
+
+
 def fixed_costs(d: int, dtype: torch.dtype, threads: list[int], repeat: int) -> dict[int, dict[str, float]]:
     """ms of a call that does next to nothing, eager and compiled, and of one RMSNorm over 128 tokens, at each
     torch thread count: what a TEE op costs beyond its arithmetic on this CPU, and whether fewer threads
-    cut it. The RMSNorm is also timed straight after the call before and after 2 ms idle: OpenMP's threads
-    spin a while after a parallel region, then sleep, and waking them is a cost of its own (on the H100
-    machine a TEE op cost 100-170 µs at 128 tokens, against about 40 on the 2-core VM)."""
+    cut it. The RMSNorm is also timed straight after the call before, and after 2 and 30 ms idle: OpenMP's
+    threads spin a while after a parallel region, then sleep, and waking them is a cost of its own (on the
+    H100 machine a TEE op cost 100-170 µs at 128 tokens, against about 40 on the 2-core VM)."""
     tiny, x, branch = torch.randn(8).to(dtype), torch.randn(1, 128, d).to(dtype), torch.randn(1, 128, d).to(dtype)
     norm = RmsNorm.of(torch.rand(d).to(dtype) + 0.5, 1e-5)
     scaled, eps_d, out = norm.scaled[:8], norm.eps_d, torch.empty(8, dtype=dtype)
@@ -97,7 +104,7 @@ def fixed_costs(d: int, dtype: torch.dtype, threads: list[int], repeat: int) -> 
                 kernels.select(mode == "compiled")  # a changed count rebuilds the compiled kernels
                 row[f"a kernel on 8 values, {mode}"] = timed(lambda _: rms_norm(tiny, scaled, eps_d, out),
                                                               repeat=repeat)
-                for label, wait_s in (("", WAIT_S), (", no idle wait", 0.0), (", after 2 ms idle", 2e-3)):
+                for label, wait_s in IDLE_WAITS:
                     row[f"RMSNorm with the residual add, 128 tokens, {mode}{label}"] = timed(
                         lambda _: norm.after(x, branch), repeat=repeat, wait_s=wait_s)
             row["an eager add of 8 values"] = timed(lambda _: torch.add(tiny, tiny, out=out), repeat=repeat)
@@ -105,6 +112,32 @@ def fixed_costs(d: int, dtype: torch.dtype, threads: list[int], repeat: int) -> 
         torch.set_num_threads(default)
         kernels.select(False)
     return costs
+
+
+def fixed_costs_under(policy: str, args) -> dict:
+    """The fixed costs measured in a fresh process whose OpenMP threads wait as OMP_WAIT_POLICY=`policy` says
+    (PASSIVE: sleep at once; ACTIVE: spin), which is read once, when a process starts; or why not."""
+    with tempfile.TemporaryDirectory() as folder:
+        out = os.path.join(folder, "fixed.json")
+        command = [sys.executable, "-m", "splitinfer.kernel_bench", "--preset", args.preset, "--lengths", "",
+                   "--dtype", args.dtype, "--repeat", str(args.repeat), "--out", out]
+        if args.threads:
+            command += ["--threads", args.threads]
+        try:
+            done = subprocess.run(command, env={**os.environ, "OMP_WAIT_POLICY": policy}, capture_output=True,
+                                  text=True, timeout=300)
+        except subprocess.TimeoutExpired:
+            return {"error": "timed out after 300 s"}
+        if done.returncode != 0:
+            return {"error": (done.stderr.strip().splitlines() or ["exit status %d" % done.returncode])[-1]}
+        with open(out) as f:
+            return json.load(f)["fixed_costs"]
+
+
+def print_fixed_costs(costs: dict, title: str = "") -> None:
+    for count, row in costs.items():
+        for step, ms in row.items():
+            print(f"{title}{count:>3} threads  {step:<66} {ms * 1e3:8.1f} µs")
 
 
 @one_line_errors
@@ -117,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=30, help="timed calls per step (the median is kept)")
     p.add_argument("--threads", default=None, metavar="N,N",
                    help="torch thread counts to time the fixed costs per call at (default: the current count)")
+    p.add_argument("--wait-policies", default="", metavar="POLICY,POLICY",
+                   help="also time the fixed costs in a fresh process under each OMP_WAIT_POLICY named (PASSIVE, "
+                        "ACTIVE), after them (fixed_costs_by_wait_policy)")
     p.add_argument("--out", default="kernel_bench.json", help="the JSON goes here")
     args = p.parse_args(argv)
     if args.preset not in PRESETS:
@@ -126,17 +162,26 @@ def main(argv: list[str] | None = None) -> int:
     keep_freed_memory()
     lengths = parse_counts(args.lengths, "--lengths")
     threads = parse_counts(args.threads, "--threads") or [torch.get_num_threads()]
+    policies = [x.strip().upper() for x in args.wait_policies.split(",") if x.strip()]
+    if set(policies) - {"PASSIVE", "ACTIVE"}:
+        raise UserError(f"--wait-policies takes PASSIVE and ACTIVE, got '{args.wait_policies}'")
     # written after each stage, marked incomplete until the last: a run cut at its time limit keeps what it took
     results: dict = {"preset": args.preset, "dtype": args.dtype, "wait_us": WAIT_S * 1e6,
                      "incomplete": "stopped before the end (a time limit?)",
                      "environment": environment_block(torch.device("cpu"), False, torch.get_num_threads()),
-                     "fixed_costs": {}, "lengths": {}}
+                     "fixed_costs": {}, "fixed_costs_by_wait_policy": {}, "lengths": {}}
     progress("fixed costs per call")  # first: the cheapest stage, and the one a GPU run's budget cut twice
     results["fixed_costs"] = fixed_costs(PRESETS[args.preset].hidden_size, DTYPES[args.dtype], threads, args.repeat)
-    for count, row in results["fixed_costs"].items():
-        for step, ms in row.items():
-            print(f"{count:>3} threads  {step:<66} {ms * 1e3:8.1f} µs")
+    print_fixed_costs(results["fixed_costs"])
     write_json(args.out, results)
+    for policy in policies:  # before the per-layer steps, which earlier GPU runs already have
+        progress(f"fixed costs per call, OMP_WAIT_POLICY={policy} (a fresh process)")
+        costs = results["fixed_costs_by_wait_policy"][policy] = fixed_costs_under(policy, args)
+        if "error" in costs:
+            print(f"warning: the fixed costs under OMP_WAIT_POLICY={policy} failed: {costs['error']}", file=sys.stderr)
+        else:
+            print_fixed_costs(costs, f"{policy:<8}")
+        write_json(args.out, results)
     for n in lengths:
         modes = {}
         for mode in ("eager", "compiled"):

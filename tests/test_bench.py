@@ -178,8 +178,11 @@ def test_gpu_benchmark_dry_run(tiny_models, tmp_path):
         if not name.startswith("tee_only"):
             assert result["correctness"]["rel_logit_error"] < 1e-2
     assert set(json.loads((out / "precision.json").read_text())) == {"batch1", "batch2_ragged"}
-    steps = json.loads((out / "kernel_bench.json").read_text())["lengths"]["8"]
+    kernel_bench = json.loads((out / "kernel_bench.json").read_text())
+    steps = kernel_bench["lengths"]["8"]
     assert set(steps["eager"]) == set(steps["compiled"]) and all(ms > 0 for ms in steps["compiled"].values())
+    by_policy = kernel_bench["fixed_costs_by_wait_policy"]  # in fresh processes, one per policy
+    assert set(by_policy) == {"PASSIVE", "ACTIVE"} and all(min(c["1"].values()) > 0 for c in by_policy.values())
 
 
 def test_gpu_benchmark_keeps_to_its_budget(tiny_models, tmp_path):

@@ -112,13 +112,32 @@ def test_kernel_bench_times_each_step_both_ways(tmp_path, capsys):
     results = json.loads(out.read_text())
     steps = results["lengths"]["4"]
     assert set(steps["eager"]) == set(steps["compiled"]) and len(steps["eager"]) == 8
-    assert set(results["fixed_costs"]) == {"1", "2"} and all(len(row) == 9 and min(row.values()) > 0
+    assert set(results["fixed_costs"]) == {"1", "2"} and all(len(row) == 11 and min(row.values()) > 0
                                                              for row in results["fixed_costs"].values())
+    assert results["fixed_costs_by_wait_policy"] == {}  # none asked for
     assert all(ms > 0 for mode in ("eager", "compiled") for ms in steps[mode].values())
     assert steps["kernels"] == kernels.COMPILED and "ours: recover 4 linears" in capsys.readouterr().out
     assert "incomplete" not in results
     assert kernel_bench.main(["--preset", "nope", "--out", str(out)]) == 2
     assert "unknown preset 'nope'" in capsys.readouterr().err
+    assert kernel_bench.main(["--wait-policies", "SPIN", "--out", str(out)]) == 2
+    assert "--wait-policies takes PASSIVE and ACTIVE" in capsys.readouterr().err
+
+
+def test_kernel_bench_fixed_costs_under_a_wait_policy(tmp_path, monkeypatch):
+    """--wait-policies times the fixed costs again in a fresh process per policy (OMP_WAIT_POLICY is read when
+    a process starts), and a process that fails leaves its error, not the run's end."""
+    from splitinfer import kernel_bench
+    out = tmp_path / "k.json"
+    assert kernel_bench.main(["--preset", "smollm2-135m", "--lengths", "", "--repeat", "1", "--threads", "1",
+                              "--wait-policies", "passive", "--out", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert set(results["fixed_costs_by_wait_policy"]) == {"PASSIVE"} and results["lengths"] == {}
+    assert min(results["fixed_costs_by_wait_policy"]["PASSIVE"]["1"].values()) > 0
+    monkeypatch.setattr(kernel_bench.sys, "executable", "false")
+    assert kernel_bench.main(["--lengths", "", "--repeat", "1", "--threads", "1", "--wait-policies", "ACTIVE",
+                              "--out", str(out)]) == 0
+    assert "error" in json.loads(out.read_text())["fixed_costs_by_wait_policy"]["ACTIVE"]
 
 
 def test_kernel_bench_cut_short_keeps_its_fixed_costs(tmp_path, monkeypatch):

@@ -10,7 +10,8 @@
 #                      and the GPU) and its ratios; copy bandwidth first, so that a cut run keeps it
 #   profile.txt        torch.profiler tables of one inference of each split runner
 #   kernel_bench.json  the fixed cost of a call at 4, 8 and 16 threads (an RMSNorm straight after another,
-#                      and after 0.2 and 2 ms idle: waking OpenMP's threads), then the TEE's steps of one layer on
+#                      and after 0.2, 2 and 30 ms idle), also in fresh processes under OMP_WAIT_POLICY=PASSIVE
+#                      and ACTIVE (waking OpenMP's threads), then the TEE's steps of one layer on
 #                      this machine's CPU, eager against compiled kernels (splitinfer.kernel_bench; written
 #                      after each stage, marked incomplete if cut)
 #   runners.json       every runner's own JSON, each in a fresh process, the longest length first (the memory
@@ -39,7 +40,8 @@
 # dry run on a CPU (tests/test_bench.py). THREAD_SWEEP=8,12 adds the runners at those thread counts to the
 # comparison (tenth round, 128 tokens, against 16 threads: plain 0.87-1.34x, ours 1.19-2.0x, otp
 # 1.06-1.53x, so none by default); KERNEL_THREADS
-# (default 4,8,16) sets kernel_bench's thread counts.
+# (default 4,8,16) sets kernel_bench's thread counts, KERNEL_WAIT_POLICIES (default PASSIVE,ACTIVE; empty: none)
+# the OpenMP wait policies its fixed costs are also timed under.
 # KERNELS=eager (or compiled) sets this tree's runners' TEE kernels; unset, each runner's own default.
 set -euo pipefail
 out=${1:?usage: gpu_benchmark.sh OUT_DIR [PRESET]}
@@ -50,6 +52,7 @@ lengths=${LENGTHS:-128,512}
 precision_length=${PRECISION_LENGTH:-128}
 thread_sweep=${THREAD_SWEEP:-}
 kernel_threads=${KERNEL_THREADS:-4,8,16}
+kernel_wait_policies=${KERNEL_WAIT_POLICIES-PASSIVE,ACTIVE}
 deadline=${DEADLINE:-570}
 ablations=${ABLATIONS:-}
 baseline=${BASELINE:-}
@@ -114,9 +117,9 @@ if [ -n "$spin" ]; then
   cp "$work/spin/perf.json" "$out/perf_spin.json" 2>/dev/null || true
 fi
 
-step "the TEE's steps of one layer, eager and compiled kernels, and the fixed cost of a call (CPU only)"
-within 40 120 python -m splitinfer.kernel_bench --preset "${KERNEL_PRESET:-$preset}" --lengths "$lengths" \
-  --threads "$kernel_threads" --out "$work/kernel_bench.json" || true
+step "the fixed cost of a call, by OpenMP wait policy, and the TEE's steps of one layer, eager and compiled (CPU only)"
+within 40 150 python -m splitinfer.kernel_bench --preset "${KERNEL_PRESET:-$preset}" --lengths "$lengths" \
+  --threads "$kernel_threads" --wait-policies "$kernel_wait_policies" --out "$work/kernel_bench.json" || true
 cp "$work/kernel_bench.json" "$out/kernel_bench.json" 2>/dev/null || true
 
 merge() {  # every JSON of one group into OUT_DIR/GROUP.json, written as soon as the group is done
