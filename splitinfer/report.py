@@ -47,8 +47,8 @@ def load_privacy(path: str) -> dict[str, str]:
 
 def comparison_rows(results: dict[str, dict], privacy: dict[str, str] | None = None) -> list[dict]:
     """One row per method: total, each category, offline, overhead against the plain split, speedup
-    against the TEE-only runner, logit error and top-1, and with `privacy` the best attack's token
-    recovery rate from the leakage evaluation."""
+    against the TEE-only runner, the TEE-only runner's attention form, logit error and top-1, and with
+    `privacy` the best attack's token recovery rate from the leakage evaluation."""
     plain = results[PLAIN]["timing"]["total_ms"] if PLAIN in results else None
     tee = results[TEE_ONLY]["timing"]["total_ms"] if TEE_ONLY in results else None
     rows = []
@@ -62,6 +62,7 @@ def comparison_rows(results: dict[str, dict], privacy: dict[str, str] | None = N
         row["offline_ms"] = t["offline_ms"]
         row["overhead_vs_plain"] = t["total_ms"] / plain if plain and method != TEE_ONLY else None
         row["speedup_vs_tee_only"] = tee / t["total_ms"] if tee and method != TEE_ONLY else None
+        row["tee_attention"] = r["environment"].get("tee_attention")  # the TEE-only runner's form (set-up chose it)
         row["rel_logit_error"] = None if corr.get("skipped") else corr["rel_logit_error"]
         row["top1_agreement"] = None if corr.get("skipped") else corr["top1_agreement"]
         if privacy is not None:

@@ -12,7 +12,7 @@ import time
 import pytest
 from conftest import ROOT
 
-from splitinfer import bench, cli
+from splitinfer import bench, cli, engine
 from splitinfer.report import breakdown_png, comparison_rows, sweep_report
 
 CONFIG = os.path.join(ROOT, "tee_gpu", "config.py")
@@ -57,6 +57,7 @@ def test_comparison_report(results, tmp_path, capsys):
     rows = list(csv.DictReader(open(tmp_path / "comparison.csv")))
     assert [row["method"] for row in rows] == ["optimized", "ours", "otp", "tee_only"]
     assert float(rows[0]["overhead_vs_plain"]) == 1.0 and rows[3]["speedup_vs_tee_only"] == ""
+    assert rows[0]["tee_attention"] == "" and rows[3]["tee_attention"] in engine.ATTENTION_FORMS
     assert (tmp_path / "comparison.png").read_bytes().startswith(PNG)
 
 
