@@ -129,7 +129,8 @@ class SplitLlama:
     def __init__(self, config: LlamaConfig, state_dict: dict[str, torch.Tensor], scheme: Plain,
                  gpu_device: torch.device, dtype: torch.dtype, tee_only: bool = False, pinned: bool | None = None,
                  triangle: bool = True, block_rows: int | None = None, overlap: bool = False,
-                 resident_embedding: bool = False, compiled: bool = False, attention: str | None = None):
+                 resident_embedding: bool = False, compiled: bool = False, choose_kernels: bool = True,
+                 attention: str | None = None):
         """`pinned` and `triangle` (the scores' causal block triangle) exist to be switched off for ablations;
         `block_rows` sets the triangle's least rows per block (tee_ops.ROWS unless given), to compare sizes.
         `overlap` makes the plain split's two largest hops (scores -> softmax -> probabilities, gate/up ->
@@ -137,7 +138,8 @@ class SplitLlama:
         (`through_tee`); masked schemes, whose protect and recover steps need whole tensors, ignore it.
         `resident_embedding` makes a masked scheme with a tied LM head keep its own copy of the embedding
         table in the TEE instead of reading the GPU's at every inference (`streamed_embedding`).
-        `compiled` runs the TEE's fused kernels compiled (`kernels`; `warm_kernels` builds them in set-up).
+        `compiled` runs the TEE's fused kernels compiled (`kernels`; `warm_kernels` builds them in set-up),
+        each eager at the shapes where set-up measured that faster, unless not `choose_kernels`.
         `attention` pins the TEE-only runner's form of attention (one of ATTENTION_FORMS); unset, set-up times
         each on this CPU and keeps the fastest (`choose_attention`). Split engines have none: their scores cross."""
         if attention not in (None, *ATTENTION_FORMS):
@@ -145,7 +147,7 @@ class SplitLlama:
         self.config, self.scheme, self.dtype, self.triangle, self.block_rows = config, scheme, dtype, triangle, block_rows
         self.resident_embedding = resident_embedding
         self.allocator = keep_freed_memory()
-        self.compiled = compiled
+        self.compiled, self.choose_kernels = compiled, choose_kernels
         # the mode in force (`kernels.select`), set by `warm_kernels` or an inference: not here, so that the
         # compiler's first start in the process counts as building the kernels
         self.kernels: str | None = None
@@ -243,9 +245,12 @@ class SplitLlama:
         (`kernels.choosing`). Returns the milliseconds it took, the compiler's first start in the process
         included where it happens here (0 with eager kernels)."""
         start = time.perf_counter()
-        self.kernels = kernels.select(self.compiled)
+        self.kernels = kernels.select(self.compiled, self.choose_kernels)
         if self.kernels != kernels.COMPILED:
             return 0.0
+        if not self.choose_kernels:
+            self._run_kernels(batch, n)
+            return (time.perf_counter() - start) * 1e3
         with kernels.choosing():  # each kernel also timed eager, at each shape, the faster kept there
             self._run_kernels(batch, n)
         return (time.perf_counter() - start) * 1e3
@@ -498,7 +503,7 @@ class SplitLlama:
         (`total_ms`) is measured: no region is timed, so none adds its timing's own cost."""
         self.metrics.reset()
         self.metrics.instrumented = instrumented
-        self.kernels = kernels.select(self.compiled)  # process-wide: another engine may have switched it
+        self.kernels = kernels.select(self.compiled, self.choose_kernels)  # process-wide: another engine may have switched it
         self.link.reset()
         mask_bytes, self.offline_fetched_bytes = 0, 0
         try:

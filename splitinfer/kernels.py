@@ -25,7 +25,8 @@ import torch
 
 COMPILED = "compiled (torch.compile, inductor C++)"
 EAGER = "eager"
-_state = {"on": False, "mode": EAGER, "threads": None, "failure": None, "start_ms": 0.0, "choosing": False}
+_state = {"on": False, "mode": EAGER, "threads": None, "failure": None, "start_ms": 0.0, "choosing": False,
+          "chosen": True}
 failed: dict[str, str] = {}  # kernel -> why it could not be compiled (it runs eager), for the JSON
 # (kernel, its first argument's shape) -> {"eager_ms", "compiled_ms"} as set-up timed them (`choosing`); the
 # kernel runs eager at that shape where that was faster, compiled at every other
@@ -46,7 +47,7 @@ def tee_kernel(fn: Callable) -> Callable:
         nonlocal compiled
         if not _state["on"] or fn.__name__ in failed:
             return fn(*args)
-        if not _state["choosing"] and (fn.__name__, args[0].shape) in _eager_at:  # set-up measured eager faster
+        if _state["chosen"] and not _state["choosing"] and (fn.__name__, args[0].shape) in _eager_at:
             return fn(*args)
         if compiled is None:
             compiled = torch.compile(fn, dynamic=False)
@@ -110,8 +111,9 @@ def timed(step: Callable[[object], object], fresh: Callable[[], object] = lambda
     return statistics.median(once() for _ in range(repeat)) * 1e3
 
 
-def select(compiled: bool) -> str:
-    """Switch the process's TEE kernels to compiled (when `compiled` and a compiler works) or eager; returns
+def select(compiled: bool, chosen: bool = True) -> str:
+    """Switch the process's TEE kernels to compiled (when `compiled` and a compiler works) or eager, with
+    the eager form where set-up measured it faster (`chosen`; else compiled at every shape); returns
     the mode now in force, for the JSON. The first switch on compiles a probe, so a missing compiler shows
     here, not in the middle of an inference; its milliseconds are `start_ms()`. A changed torch thread count
     drops compiled code, whose parallel loops keep the count they were built with."""
@@ -129,6 +131,7 @@ def select(compiled: bool) -> str:
                 print(f"warning: the TEE's kernels run eager: torch.compile failed ({_state['failure']})",
                       file=sys.stderr)
     _state["on"] = compiled and _state["failure"] is None
+    _state["chosen"] = chosen
     _state["mode"] = COMPILED if _state["on"] else EAGER + (f" (compile failed: {_state['failure']})"
                                                             if compiled and _state["failure"] else "")
     return _state["mode"]

@@ -55,15 +55,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--threads", type=int, default=None)
-    add_kernels_flag(p, more=". Compiled split engines are also timed with eager kernels (*_eager_kernels)")
+    add_kernels_flag(p, more=". Compiled split engines are also timed with eager kernels (*_eager_kernels) and "
+                             "compiled at every shape (*_all_compiled), unless --no-kernel-variants")
     p.add_argument("--out-dir", default="perf_results", help="perf.json goes here")
     p.add_argument("--thread-sweep", metavar="N,N", default=None,
                    help="also time every split runner at these torch thread counts (e.g. 4,8)")
     p.add_argument("--split-only", action="store_true",
                    help="time only the split runners (no TEE-only baseline, no transformers, no ratios)")
     p.add_argument("--no-ablations", action="store_true",
-                   help="skip the eager-kernel variants and, on CUDA, the pageable-copy, full-scores, 128-row-block and "
-                        "resident-embedding variants of the split runners")
+                   help="on CUDA, skip the pageable-copy, full-scores, 128-row-block and resident-embedding variants "
+                        "of the split runners")
+    p.add_argument("--no-kernel-variants", action="store_true",
+                   help="with compiled kernels, skip the plain split and ours with eager kernels (*_eager_kernels) "
+                        "and with compiled kernels at every shape (*_all_compiled: no per-shape choice in set-up)")
     p.add_argument("--no-overlap", action="store_true",
                    help="on CUDA, skip the plain split with copies overlapping the TEE's work (optimized_overlap)")
     p.add_argument("--profile", action="store_true",
@@ -108,7 +112,7 @@ def time_engine(engine: SplitLlama, ids, mask, warmup: int, repeat: int) -> tupl
     out = {"first_ms": first["total_ms"], "median_ms": statistics.median(totals), "min_ms": min(totals),
            "max_ms": max(totals), "instrumented_median_ms": statistics.median(f["total_ms"] for f in timed),
            "kernel_compile_ms": compile_ms, "device_warmup_ms": warmup_ms, "kernels": engine.kernels,
-           "kernels_failed": dict(kernels.failed), "kernel_choices": kernels.chosen() if compile_ms else {},
+           "kernels_failed": dict(kernels.failed), "kernel_choices": kernels.chosen() if compile_ms and engine.choose_kernels else {},
            "attention": engine.attention_form,
            "attention_ms_per_layer": engine.attention_ms}
     out["categories_median_ms"] = {c: statistics.median(f["categories"][c] for f in timed)
@@ -121,7 +125,7 @@ def time_engine(engine: SplitLlama, ids, mask, warmup: int, repeat: int) -> tupl
     return out, logits
 
 
-def variants(overlap: bool, ablations: bool, thread_sweep: str | None, eager_kernels: bool = False
+def variants(overlap: bool, ablations: bool, thread_sweep: str | None, kernel_variants: bool = False
              ) -> list[tuple[str, str, dict, int | None]]:
     """(label, scheme, engine options, threads) of every split engine to time: the three runners as they
     ship; the plain split with copies overlapping the TEE's work (`overlap`: on CUDA; off by default, as
@@ -129,8 +133,9 @@ def variants(overlap: bool, ablations: bool, thread_sweep: str | None, eager_ker
     plain split with pageable copies (what the pinned staging buys), the plain split and otp with the
     full n×n scores (what the causal block triangle buys), the plain split with blocks of at least
     128 rows (half as many TEE ops, a little more of n²), and ours with its own copy of a tied embedding
-    table (what reading the GPU's costs); the plain split and ours with eager TEE kernels (`eager_kernels`:
-    what compiling them buys); and each runner at each thread count of the sweep."""
+    table (what reading the GPU's costs); the plain split and ours with eager TEE kernels, and with compiled
+    ones at every shape (`kernel_variants`: what compiling buys, and what set-up's per-shape choice of
+    eager or compiled buys); and each runner at each thread count of the sweep."""
     out = [(method, scheme, {}, None) for method, scheme in RUNNERS.items()]
     if overlap:
         out.append(("optimized_overlap", "plain", {"overlap": True}, None))
@@ -140,8 +145,10 @@ def variants(overlap: bool, ablations: bool, thread_sweep: str | None, eager_ker
                 for method in ("optimized", "otp")]
         out.append(("optimized_blocks128", "plain", {"block_rows": 128}, None))
         out.append(("ours_resident_embedding", "matrix", {"resident_embedding": True}, None))
-    if eager_kernels:
-        out += [(f"{method}_eager_kernels", RUNNERS[method], {"compiled": False}, None) for method in ("optimized", "ours")]
+    if kernel_variants:
+        for method in ("optimized", "ours"):
+            out += [(f"{method}_eager_kernels", RUNNERS[method], {"compiled": False}, None),
+                    (f"{method}_all_compiled", RUNNERS[method], {"choose_kernels": False}, None)]
     for threads in parse_counts(thread_sweep, "--thread-sweep"):
         out += [(f"{method}_threads{threads}", scheme, {}, threads) for method, scheme in RUNNERS.items()]
     return out
@@ -217,7 +224,7 @@ def measure(args, results: dict) -> None:
     lengths = parse_counts(args.lengths, "--lengths")
     compiled = compiled_kernels(args.kernels, gpu_device)
     split_variants = variants(cuda and not args.no_overlap, cuda and not args.no_ablations,
-                              args.thread_sweep, compiled and not args.no_ablations)  # a bad sweep fails before loading
+                              args.thread_sweep, compiled and not args.no_kernel_variants)  # a bad sweep fails first
     prompts = read_prompts(DEFAULT_PROMPTS)
     progress(f"loading {args.model} ({dtype_name}; TEE-only {tee_name})")
     model = load_model(args.model, dtype, gpu_device)
@@ -312,6 +319,8 @@ def ratios(row: dict) -> dict:
     for method in ("optimized", "ours"):
         if f"{method}_eager_kernels" in row:
             out[f"{method}_eager_over_compiled_kernels"] = row[f"{method}_eager_kernels"]["median_ms"] / row[method]["median_ms"]
+        if f"{method}_all_compiled" in row:
+            out[f"{method}_all_compiled_over_chosen"] = row[f"{method}_all_compiled"]["median_ms"] / row[method]["median_ms"]
     if "ours_resident_embedding" in row:
         out["ours_streamed_over_resident_embedding"] = row["ours"]["median_ms"] / row["ours_resident_embedding"]["median_ms"]
     return out

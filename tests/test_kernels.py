@@ -211,6 +211,10 @@ def test_set_up_keeps_the_faster_form_at_each_shape(monkeypatch):
     assert torch.equal(doubled(torch.ones(3)), torch.full((3,), 2.0))
     assert torch.equal(doubled(torch.ones(5)), torch.full((5,), 2.0))
     assert compiled_calls == [(5,)]  # eager at 3 values, compiled at 5
+    kernels.select(True, chosen=False)  # compiled at every shape (perf's *_all_compiled)
+    doubled(torch.ones(3))
+    assert compiled_calls == [(5,), (3,)]
+    kernels.select(True)
     clock = iter([3.0, 1.0])  # timed again in a later set-up, compiled is now faster at 3 values
     with kernels.choosing():
         doubled(torch.ones(3))

@@ -48,13 +48,16 @@ def test_ratios_and_logits_against_the_plain_split(tiny_models, tmp_path, capsys
         assert row["ours"]["kernels"].startswith("compiled") and row["ours"]["kernel_compile_ms"] > 0
         assert row["ours_eager_kernels"]["kernels"] == "eager" and row["ours_eager_kernels"]["kernel_compile_ms"] == 0
         assert row["ratios"]["ours_eager_over_compiled_kernels"] > 0
+        # and compiled at every shape, without set-up's per-shape choice
+        assert row["optimized_all_compiled"]["kernel_choices"] == {} and row["optimized"]["kernel_choices"]
+        assert row["ratios"]["ours_all_compiled_over_chosen"] > 0
         assert row["ours_eager_kernels"]["rel_diff_from_optimized"] < 1e-3
     assert "ours_over_plain" in capsys.readouterr().out
 
 
 def test_a_failing_variant_is_recorded_and_the_rest_still_run(tiny_models, tmp_path, monkeypatch, capsys):
     """One ablation failing on a lent GPU must not cost the whole comparison."""
-    monkeypatch.setattr(perf, "variants", lambda overlap, ablations, sweep, eager_kernels=False: [
+    monkeypatch.setattr(perf, "variants", lambda overlap, ablations, sweep, kernel_variants=False: [
         ("optimized", "plain", {}, None), ("ours", "matrix", {}, None), ("otp", "otp", {}, None),
         ("optimized_overlap", "plain", {"overlap": True}, None), ("optimized_threads1", "plain", {}, 1)])
     monkeypatch.setattr(perf, "SplitLlama", failing_engine(

@@ -7,7 +7,9 @@
 # with the least it needs is skipped with a line in the log. Files in OUT_DIR, each written as soon as its
 # step is done, most needed first:
 #   perf.json          the in-process comparison (split runners, TEE-only in bfloat16, transformers on the CPU
-#                      and the GPU) and its ratios; copy bandwidth first, so that a cut run keeps it
+#                      and the GPU) and its ratios; copy bandwidth first, so that a cut run keeps it; the
+#                      plain split and ours also with eager kernels and with compiled ones at every shape
+#                      (what set-up's per-shape choice buys)
 #   profile.txt        torch.profiler tables of one inference of each split runner
 #   kernel_bench.json  the fixed cost of a call at 4, 8 and 16 threads (an RMSNorm straight after another,
 #                      and after 0.2, 2 and 30 ms idle), also in fresh processes under OMP_WAIT_POLICY=PASSIVE
@@ -20,7 +22,7 @@
 #   log.txt            with the seconds since the start at each step
 # Opt-in, each adding a step (and a file) and time:
 #   ABLATIONS=1   perf's ablations (pageable copies, the full scores, blocks of 128 rows, ours' own embedding
-#                 table, eager kernels) and the plain split with overlapped copies, after a smoke test of
+#                 table) and the plain split with overlapped copies, after a smoke test of
 #                 --overlap in a process of its own (a CUDA error can poison the process it happens in).
 #                 On one H100 (eighth round) they made the comparison 225 s instead of about 100.
 #   BASELINE=DIR  perf_baseline.json: the split runners of an older commit's tree (e.g. `git archive REF
@@ -113,7 +115,8 @@ fi
 if [ -n "$spin" ]; then
   step "the comparison with spinning OpenMP threads (OMP_WAIT_POLICY=ACTIVE), baselines included"
   OMP_WAIT_POLICY=ACTIVE within 60 150 python -m splitinfer.perf --model "$model" --lengths "$lengths" --dtype float16 \
-    --tee-dtype bfloat16 --warmup 2 --repeat 5 --no-ablations --no-overlap $kernels --out-dir "$work/spin" || true
+    --tee-dtype bfloat16 --warmup 2 --repeat 5 --no-ablations --no-kernel-variants --no-overlap $kernels \
+    --out-dir "$work/spin" || true
   cp "$work/spin/perf.json" "$out/perf_spin.json" 2>/dev/null || true
 fi
 
