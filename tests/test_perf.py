@@ -69,6 +69,28 @@ def test_a_failing_variant_is_recorded_and_the_rest_still_run(tiny_models, tmp_p
     assert "optimized_overlap    failed: CUDA error" in out and "warning: optimized_overlap failed" in err
 
 
+def test_the_headline_comes_first_at_every_length(tiny_models, tmp_path, monkeypatch):
+    """The runners as they ship and the baselines run at every length before any variant, so a run stopped
+    by its budget among the variants still has the ratios the targets are stated in, at every length."""
+    monkeypatch.setattr(perf, "variants", lambda overlap, ablations, sweep, kernel_variants=False: [
+        ("optimized", "plain", {}, None), ("ours", "matrix", {}, None), ("otp", "otp", {}, None),
+        ("optimized_full_scores", "plain", {"triangle": False}, None)])
+
+    class StoppedAtTheVariant(SplitLlama):
+        def __init__(self, *args, **kwargs):
+            if kwargs.get("triangle") is False:
+                raise perf.Stopped("stopped by SIGTERM (a time limit)")
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(perf, "SplitLlama", StoppedAtTheVariant)
+    assert perf.main(perf_argv(tiny_models, tmp_path)) == 1
+    result = json.loads((tmp_path / "perf.json").read_text())
+    assert result["incomplete"].startswith("stopped by SIGTERM")
+    for row in result["lengths"].values():
+        assert {"optimized", "ours", "otp", "tee_only", "transformers_cpu"} <= set(row)
+        assert row["ratios"]["ours_over_plain"] > 0 and "optimized_full_scores" not in row
+
+
 def test_a_run_cut_short_keeps_what_it_measured(tiny_models, tmp_path, monkeypatch):
     """A CUDA failure past the variants (here in the TEE-only engine) poisons the process: perf.json still
     gets every figure taken before it, marked incomplete, and the error still ends the run."""

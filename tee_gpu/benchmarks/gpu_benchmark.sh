@@ -7,9 +7,10 @@
 # with the least it needs is skipped with a line in the log. Files in OUT_DIR, each written as soon as its
 # step is done, most needed first:
 #   perf.json          the in-process comparison (split runners, TEE-only in bfloat16, transformers on the CPU
-#                      and the GPU) and its ratios; copy bandwidth first, so that a cut run keeps it; the
-#                      plain split and ours also with eager kernels and with compiled ones at every shape
-#                      (what set-up's per-shape choice buys)
+#                      and the GPU) and its ratios; copy bandwidth first, then the runners and baselines at
+#                      every length, then the variants, so that a cut run keeps the headline; the variants
+#                      include the plain split and ours with eager kernels and with compiled ones at every
+#                      shape (what set-up's per-shape choice buys)
 #   profile.txt        torch.profiler tables of one inference of each split runner
 #   kernel_bench.json  the fixed cost of a call at 4, 8 and 16 threads (an RMSNorm straight after another,
 #                      and after 0.2, 2 and 30 ms idle), also in fresh processes under OMP_WAIT_POLICY=PASSIVE
