@@ -228,7 +228,7 @@ def run(args, scheme_name: str) -> dict:
     started = kernels.start_ms()  # nonzero: an earlier engine in this process started the compiler
     compile_ms = engine.warm_kernels(*ids.shape)
     progress("set-up: the attention's forms timed on one layer's shapes (--attention auto)"
-             if tee_only and engine.attention_ms == {} and not engine.attention_pinned else
+             if tee_only and not engine.attention_pinned else
              "warming the device: each GPU op once on zeros of this input's shapes")
     warmup_ms = engine.warm_device(*ids.shape)
     synchronize(gpu_device)
