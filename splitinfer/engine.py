@@ -18,7 +18,7 @@ from transformers import LlamaConfig
 from splitinfer import kernels
 from splitinfer.boundary import Boundary
 from splitinfer.inputs import last_positions
-from splitinfer.metrics import Metrics, synchronize
+from splitinfer.metrics import NOTHING, Metrics, synchronize
 from splitinfer.schemes import Plain
 from splitinfer.tee_ops import (CausalBlocks, RmsNorm, Rotary, apply_rope, attention_bias, fused_attention,
                                 grouped_matmul, row_parts, silu_gate, softmax_in_order)
@@ -248,10 +248,8 @@ class SplitLlama:
         self.kernels = kernels.select(self.compiled, self.choose_kernels)
         if self.kernels != kernels.COMPILED:
             return 0.0
-        if not self.choose_kernels:
-            self._run_kernels(batch, n)
-            return (time.perf_counter() - start) * 1e3
-        with kernels.choosing():  # each kernel also timed eager, at each shape, the faster kept there
+        # each kernel also timed eager, at each shape, the faster kept there
+        with kernels.choosing() if self.choose_kernels else NOTHING:
             self._run_kernels(batch, n)
         return (time.perf_counter() - start) * 1e3
 

@@ -129,7 +129,7 @@ def fixed_costs_under(policy: str, args) -> dict:
         except subprocess.TimeoutExpired:
             return {"error": "timed out after 300 s"}
         if done.returncode != 0:
-            return {"error": (done.stderr.strip().splitlines() or ["exit status %d" % done.returncode])[-1]}
+            return {"error": (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]}
         with open(out) as f:
             return json.load(f)["fixed_costs"]
 

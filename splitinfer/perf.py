@@ -112,9 +112,9 @@ def time_engine(engine: SplitLlama, ids, mask, warmup: int, repeat: int) -> tupl
     out = {"first_ms": first["total_ms"], "median_ms": statistics.median(totals), "min_ms": min(totals),
            "max_ms": max(totals), "instrumented_median_ms": statistics.median(f["total_ms"] for f in timed),
            "kernel_compile_ms": compile_ms, "device_warmup_ms": warmup_ms, "kernels": engine.kernels,
-           "kernels_failed": dict(kernels.failed), "kernel_choices": kernels.chosen() if compile_ms and engine.choose_kernels else {},
-           "attention": engine.attention_form,
-           "attention_ms_per_layer": engine.attention_ms}
+           "kernels_failed": dict(kernels.failed),
+           "kernel_choices": kernels.chosen() if compile_ms and engine.choose_kernels else {},
+           "attention": engine.attention_form, "attention_ms_per_layer": engine.attention_ms}
     out["categories_median_ms"] = {c: statistics.median(f["categories"][c] for f in timed)
                                    for c in timed[0]["categories"]}
     # per op kind too (which hop's copies, which scheme step), so that a GPU run says where time went
@@ -251,7 +251,6 @@ def measure(args, results: dict) -> None:
         progress(f"{n} tokens: {method}")
         default_threads = torch.get_num_threads()
         torch.set_num_threads(threads or default_threads)
-        engine = None
         try:
             engine = SplitLlama(model.config, state, make_scheme(scheme), gpu_device, dtype,
                                 **{"compiled": compiled, **options})
