@@ -320,8 +320,8 @@ class SplitLlama:
     @torch.no_grad()
     def choose_attention(self, batch: int, n: int, repeat: int = 3) -> None:
         """The TEE-only runner's attention form, unless pinned: each of ATTENTION_FORMS timed on one layer's
-        shapes (random q, k and v, an unpadded batch; the best of `repeat` after an untimed call), the
-        fastest kept, the times in `attention_ms`. The TEE-only baseline should be as fast as this CPU
+        shapes (random q, k and v, an unpadded batch; `kernels.timed`'s median of `repeat` after three untimed
+        calls, back to back as in a layer), the fastest kept, the times in `attention_ms`. The TEE-only baseline should be as fast as this CPU
         allows, and which form is depends on the CPU. On the 2-core VM (1B shape, 512 tokens) one block, the
         causal blocks and the fused op took 6.0, 6.5 and 14.3 ms per layer in bfloat16, and 15.2, 12.0 and
         13.6 in float32. On the H100 machine the TEE-only runner took 300.9 ms at 512 tokens in bfloat16 with
@@ -345,16 +345,9 @@ class SplitLlama:
                 return blocks.attend(blocks.softmax(blocks.scores(q, k.transpose(-1, -2)), bias), v)
 
             try:
-                attend()
+                self.attention_ms[form] = kernels.timed(lambda _: attend(), repeat=repeat, wait_s=0.0)
             except RuntimeError as e:  # an op this torch does not have for this dtype on this CPU
                 print(f"warning: the TEE-only attention form {form} failed ({str(e).splitlines()[0]})", file=sys.stderr)
-                continue
-            times = []
-            for _ in range(repeat):
-                start = time.perf_counter()
-                attend()
-                times.append((time.perf_counter() - start) * 1e3)
-            self.attention_ms[form] = min(times)
         self.attention_form = min(self.attention_ms, key=self.attention_ms.get)
 
     def softmax_of(self) -> dict[str, str]:
