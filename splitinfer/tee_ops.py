@@ -6,6 +6,7 @@ split engine can be compared with it at a tight tolerance.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -176,6 +177,7 @@ def grouped_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 ROWS = 64   # no part below this many rows: a short prompt keeps one op per step
 MOST = 16  # at 2048 tokens and more: 17/32 of n² for the causal blocks, within 7% of the triangle
+INDEX_BYTES = 64 * 2 ** 20  # the most a gather index of the packed scores may take (`CausalBlocks.gathers`)
 
 
 def even_starts(n: int, least: int | None = None) -> tuple[int, ...]:
@@ -260,19 +262,40 @@ class CausalBlocks:
     # triangle (and one scatter back before P·V), keeps both the few launches and the triangle's bytes:
     # 72.7 ms against 92.8 with a product per block, and 87.9 with the full scores (threads not spinning).
 
+    # The gather's index has an int64 position per packed score, four times the float16 scores' own bytes:
+    # 38 MB at 32 heads x 512 tokens, but 4.8 GB at batch 8 x 2048 tokens. Beyond INDEX_BYTES, where the
+    # copies are large enough that one launch per block matters less than reading the index, `pack` and
+    # `unpack` copy each block's slice instead, and keep no index.
+
+    @property
+    def gathers(self) -> bool:
+        """Whether `pack` and `unpack` take one gather and one scatter (else a slice copy per block)."""
+        return 8 * math.prod(self.shape) <= INDEX_BYTES
+
     def pack(self, full: torch.Tensor) -> torch.Tensor:
-        """The packed block triangle of full [B, H, n, n] scores: one gather."""
-        return full.reshape(-1).index_select(0, self.positions(full.device))
+        """The packed block triangle of full [B, H, n, n] scores: one gather (or a copy per block)."""
+        if self.gathers:
+            return full.reshape(-1).index_select(0, self.positions(full.device))
+        packed = full.new_empty(self.shape)
+        for (start, end), block in zip(self.spans, self.views(packed)):
+            block.copy_(full[..., start:end, :end])
+        return packed
 
     def unpack(self, packed: torch.Tensor) -> torch.Tensor:
-        """Packed blocks -> [B, H, n, n], zero outside the block triangle: one scatter into zeros."""
+        """Packed blocks -> [B, H, n, n], zero outside the block triangle: one scatter into zeros (or a copy
+        per block)."""
         n = self.starts[-1]
         full = packed.new_zeros(self.batch, self.heads, n, n)
-        full.view(-1).index_copy_(0, self.positions(packed.device), packed)
+        if self.gathers:
+            full.view(-1).index_copy_(0, self.positions(packed.device), packed)
+            return full
+        for (start, end), block in zip(self.spans, self.views(packed)):
+            full[..., start:end, :end].copy_(block)
         return full
 
     def positions(self, device: torch.device) -> torch.Tensor:
-        """Where each packed entry sits in the flat [B, H, n, n] matrix, on `device` (`pack`, `unpack`)."""
+        """Where each packed entry sits in the flat [B, H, n, n] matrix, on `device` (`pack`, `unpack`), where
+        `gathers`."""
         return _packed_positions(self.batch, self.heads, self.starts, device)
 
     def softmax(self, scores: torch.Tensor, bias: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -308,7 +331,7 @@ class CausalBlocks:
 @functools.lru_cache(maxsize=4)
 def _packed_positions(batch: int, heads: int, starts: tuple[int, ...], device: torch.device) -> torch.Tensor:
     """CausalBlocks.positions, kept: every layer and every inference of one shape uses the same (int64:
-    8 bytes per packed score, 38 MB at 32 heads x 512 tokens)."""
+    8 bytes per packed score, at most INDEX_BYTES)."""
     n = starts[-1]
     matrices = torch.arange(batch * heads, device=device).view(-1, 1, 1) * (n * n)
     return torch.cat([(matrices + torch.arange(start, end, device=device).view(1, -1, 1) * n

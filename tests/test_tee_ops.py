@@ -1,12 +1,15 @@
 """The TEE's ops against transformers' own modules, and the helpers the performance work added."""
 from __future__ import annotations
 
+from unittest.mock import patch
+
 import pytest
 import torch
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 
 import splitinfer.schemes as schemes
+import splitinfer.tee_ops as tee_ops
 from splitinfer import perf
 from splitinfer.errors import UserError, one_line_errors
 from splitinfer.tee_ops import (CausalBlocks, RmsNorm, Rotary, apply_rope, attention_bias, grouped_matmul,
@@ -82,6 +85,12 @@ def test_causal_blocks_equal_the_full_attention():
         assert torch.equal(block, full_scores[..., start:end, :end])
     assert torch.equal(blocks.pack(blocks.unpack(probs)), probs)
     torch.testing.assert_close(blocks.unpack(probs), full_probs)  # zero above the block triangle, as causal
+    packed, unpacked = blocks.pack(full_scores), blocks.unpack(probs)
+    assert blocks.gathers
+    with patch.object(tee_ops, "INDEX_BYTES", 0):  # past the index's limit: a slice copy per block, as exact
+        assert not blocks.gathers
+        assert torch.equal(blocks.pack(full_scores), packed) and torch.equal(blocks.unpack(probs), unpacked)
+    assert CausalBlocks.of(1, 32, 512).gathers and not CausalBlocks.of(8, 32, 2048).gathers  # 38 MB; 4.8 GB
     unpadded = torch.ones(batch, n, dtype=torch.long)
     causal_bias = attention_bias(unpadded, torch.float32)
     full_causal = masked_softmax(grouped_matmul(q, k_t), causal_bias)
