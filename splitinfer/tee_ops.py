@@ -263,7 +263,7 @@ class CausalBlocks:
     # 72.7 ms against 92.8 with a product per block, and 87.9 with the full scores (threads not spinning).
 
     # The gather's index has an int64 position per packed score, four times the float16 scores' own bytes:
-    # 38 MB at 32 heads x 512 tokens, but 4.8 GB at batch 8 x 2048 tokens. Beyond INDEX_BYTES, where the
+    # 38 MB at 32 heads x 512 tokens, but 4.6 GB at batch 8 x 2048 tokens. Beyond INDEX_BYTES, where the
     # copies are large enough that one launch per block matters less than reading the index, `pack` and
     # `unpack` copy each block's slice instead, and keep no index.
 
