@@ -65,6 +65,8 @@ def layer_steps(preset: str, n: int, dtype: torch.dtype, compiled: bool, repeat:
     packed = blocks.pack(grouped_matmul(q, k_t))
     otp = Otp(seed=1)  # its pads only, without the offline N·Wᵀ: only protect is timed
     otp.linear_pads = {name: (torch.randn(t.shape).to(dtype), outputs[name]) for name, t in inputs.items()}
+    otp.matmul_pads = {name: tuple(torch.randn(t.shape).to(dtype) for t in pair)
+                       for name, pair in (("s", (q, k_t)), ("p", (packed, v)))}
     return {
         "2 x RMSNorm with the residual add": 2 * timed(lambda _: norm.after(x, branch), repeat=repeat),
         "SiLU·up": timed(lambda _: silu_gate(gate_up), repeat=repeat),
@@ -80,6 +82,8 @@ def layer_steps(preset: str, n: int, dtype: torch.dtype, compiled: bool, repeat:
         "ours: softmax": timed(softmax, scores.clone, repeat),
         "otp: pad 4 linears": sum(timed(lambda _, k=k: otp.protect_linear(inputs[k], k), repeat=repeat)
                                   for k in linears),
+        "otp: pad both matmuls' operands": (timed(lambda _: otp.protect_matmul(q, k_t, "s"), repeat=repeat)
+                                            + timed(lambda _: otp.protect_matmul(packed, v, "p"), repeat=repeat)),
     }
 
 

@@ -286,10 +286,14 @@ class Otp(Plain):
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def warm_kernels(self, linears, matmuls, outputs, dtype, softmax_of=None) -> None:
-        """Pad every linear input shape once, on zeros (no masks needed: the kernel takes the noise)."""
+        """Pad every linear input and matmul operand shape once, on zeros (no masks needed: the kernels take
+        the noise)."""
         for shape in set(linears.values()):
             _pad_rows(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype), self.pad_scale,
                       self.pinned_buffer(shape, dtype))
+        for shape in {shape for pair in matmuls.values() for shape in pair}:
+            _pad_tensor(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype), self.pad_scale,
+                        self.pinned_buffer(shape, dtype))
 
     def protect_linear(self, x, name):
         noise, projected = self.linear_pads[name]
@@ -304,11 +308,9 @@ class Otp(Plain):
 
     def protect_matmul(self, a, b, name):
         noise_a, noise_b = self.matmul_pads[name]
-        # In the operands' dtype: each pad is rounded once, and recovery uses the very values sent
-        pad_a = noise_a * (self.pad_scale * _rms(a))
-        pad_b = noise_b * (self.pad_scale * _rms(b))
-        masked_b = torch.sub(b, pad_b, out=self.pinned_buffer(b.shape, b.dtype))
-        return torch.sub(a, pad_a, out=self.pinned_buffer(a.shape, a.dtype)), masked_b, (a, pad_a, pad_b, masked_b)
+        masked_b, pad_b = _pad_tensor(b, noise_b, self.pad_scale, self.pinned_buffer(b.shape, b.dtype))
+        masked_a, pad_a = _pad_tensor(a, noise_a, self.pad_scale, self.pinned_buffer(a.shape, a.dtype))
+        return masked_a, masked_b, (a, pad_a, pad_b, masked_b)
 
     def recover_matmul(self, c, secret, product=grouped_matmul):
         a, pad_a, pad_b, masked_b = secret
@@ -339,6 +341,17 @@ def _pad_rows(x: torch.Tensor, noise: torch.Tensor, pad_scale: float, out: torch
     PyTorch's casting path (VM, 512 x 8192 float16: 0.27 ms against 2.2-2.5)."""
     sigma = (pad_scale * _row_rms(x)).to(x.dtype)
     return torch.addcmul(x, sigma, noise, value=-1, out=out), sigma
+
+
+@tee_kernel
+def _pad_tensor(x: torch.Tensor, noise: torch.Tensor, pad_scale: float, out: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """otp's protect of a matmul operand: (X − σ·N, into `out` where given; the pad σ·N), σ = pad_scale ·
+    X's RMS, one scale for the whole tensor. The pad is kept in x's dtype, and recovery uses those very
+    values. Compiled, one pass to measure X and one to pad it: 0.81 ms for the 1B shape's packed
+    probabilities at 512 tokens in float16 on the 2-core VM, against 1.74 eager (q: 0.15 against 0.23)."""
+    pad = noise * (pad_scale * _rms(x)).to(x.dtype)
+    return torch.sub(x, pad, out=out), pad
 
 
 WEIGHT_BLOCK_BYTES = 64 * 2 ** 20  # the float32 rows of a weight that otp's offline phase converts at a time
@@ -452,10 +465,10 @@ def _add_low_rank(y: torch.Tensor, a: torch.Tensor, shared: torch.Tensor, alpha:
     return y.baddbmm_(a, shared, alpha=alpha)
 
 
-def _rms(x: torch.Tensor) -> float:
-    """RMS of a whole tensor, in float32 (of a float32 copy, as `_row_rms`: VM, 4.7 M float16 values,
-    0.57 ms against 0.93)."""
-    return torch.linalg.vector_norm(x.float()).item() / math.sqrt(x.numel())
+def _rms(x: torch.Tensor) -> torch.Tensor:
+    """RMS of a whole tensor, a float32 scalar tensor (of a float32 copy, as `_row_rms`: VM, 4.7 M float16
+    values, 0.57 ms against 0.93); a tensor, not a number, so that a compiled kernel takes it whole."""
+    return torch.linalg.vector_norm(x.float()) * x.numel() ** -0.5
 
 
 def _sequences(shape: tuple[int, ...]) -> tuple[int, int]:

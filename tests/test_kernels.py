@@ -111,7 +111,7 @@ def test_kernel_bench_times_each_step_both_ways(tmp_path, capsys):
                               "--out", str(out)]) == 0
     results = json.loads(out.read_text())
     steps = results["lengths"]["4"]
-    assert set(steps["eager"]) == set(steps["compiled"]) and len(steps["eager"]) == 8
+    assert set(steps["eager"]) == set(steps["compiled"]) and len(steps["eager"]) == 9
     assert set(results["fixed_costs"]) == {"1", "2"} and all(len(row) == 11 and min(row.values()) > 0
                                                              for row in results["fixed_costs"].values())
     assert results["fixed_costs_by_wait_policy"] == {}  # none asked for
