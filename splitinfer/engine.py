@@ -324,9 +324,10 @@ class SplitLlama:
         untimed calls, back to back as in a layer), the fastest kept, the times in `attention_ms`. The
         TEE-only baseline should be as fast as this CPU allows, and which form is depends on the CPU. On
         the 2-core VM (1B shape, 512 tokens) one block, the causal blocks and the fused op took 6.0-6.4,
-        5.8-6.3 and 14.4 ms per layer in bfloat16, and 15.5-15.7, 12.0-12.1 and 13.7 in float32. On the H100 machine the TEE-only runner took 300.9 ms at 512 tokens in bfloat16 with
-        the causal blocks (fifth round) and 397.7 with one block (eighth), while transformers' own forward,
-        with the fused op, took 321.8 and 295.5. A form that fails is left out."""
+        5.8-6.3 and 14.4 ms per layer in bfloat16, and 15.5-15.7, 12.0-12.1 and 13.7 in float32. On the
+        H100 machine the TEE-only runner took 300.9 ms at 512 tokens in bfloat16 with the causal blocks
+        (fifth round) and 397.7 with one block (eighth), while transformers' own forward, with the fused
+        op, took 321.8 and 295.5. A form that fails is left out."""
         if self.link.crossing or self.attention_pinned:
             return
         heads, groups, h = self.n_heads, self.n_kv_heads, self.head_dim
