@@ -266,10 +266,10 @@ class SplitLlama:
         by_parts(lambda r, x, into: silu_gate(x, into), row_parts if self.overlap else whole,
                  torch.zeros(batch, n, 2 * inner, dtype=self.dtype),
                  torch.empty(batch, n, inner, dtype=self.dtype) if act is None else act)
-        linears, matmuls = self.mask_shapes(batch, n)
+        linears = self.mask_shapes(batch, n)[0]
         softmax_of = self.softmax_of()
-        self.scheme.warm_kernels(linears, matmuls, {name: self.gpu.weights[name].shape[0] for name in linears},
-                                 self.dtype, softmax_of)
+        self.scheme.warm_kernels(linears, self.matmul_operands(batch, n),
+                                 {name: self.gpu.weights[name].shape[0] for name in linears}, self.dtype, softmax_of)
         if softmax_of:
             groups, long = self.n_kv_heads, torch.long
             softmax_in_order(torch.zeros(batch, self.n_heads, n, n, dtype=self.dtype),
@@ -370,6 +370,16 @@ class SplitLlama:
             matmuls[f"{i}.scores"] = ((batch, heads, n, h), (batch, kv_heads, h, n))
             matmuls[f"{i}.attend"] = (probs, (batch, kv_heads, n, h))
         return linears, matmuls
+
+    def matmul_operands(self, batch: int, n: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Zeros laid out as a masked scheme's inference hands one layer's two matmuls their operands (q and
+        kᵀ as views of RoPE's output, v as a view of the qkv projection's), keyed as the hops name them: a
+        compiled kernel is built for its inputs' strides as well as their shapes (`_run_kernels`)."""
+        h, heads, kv_heads = self.head_dim, self.n_heads, self.n_kv_heads
+        q, k = self.split_q_k(torch.zeros(batch, heads + kv_heads, n, h, dtype=self.dtype))
+        _, v = self.heads(torch.zeros(batch, n, (heads + 2 * kv_heads) * h, dtype=self.dtype))
+        probs = torch.zeros(self.causal_blocks(batch, n).shape, dtype=self.dtype)
+        return {"0.scores": (q, k.transpose(-1, -2)), "0.attend": (probs, v)}
 
     def minimum_crossing_bytes(self, batch: int, n: int) -> tuple[int, int]:
         """(to GPU, to TEE) bytes that this op placement cannot do without in one inference.

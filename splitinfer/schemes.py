@@ -58,10 +58,11 @@ class Plain:
         row i being query rows[i] and column j key keys[j]; None where the product is in order."""
         return None
 
-    def warm_kernels(self, linears: MaskShapes, matmuls: MatmulShapes, outputs: dict[str, int],
-                     dtype: torch.dtype, softmax_of: dict[str, str] | None = None) -> None:
+    def warm_kernels(self, linears: MaskShapes, matmuls: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                     outputs: dict[str, int], dtype: torch.dtype, softmax_of: dict[str, str] | None = None) -> None:
         """Build the compiled kernels that the protect and recover steps run (none here), before the
-        inference; `outputs` gives each linear's output width."""
+        inference: `matmuls` gives zeros laid out as each matmul's operands are (strides too), `outputs`
+        each linear's output width."""
 
     def protect_linear(self, x: torch.Tensor, name: str) -> tuple[torch.Tensor, object]:
         return x, None
@@ -212,15 +213,15 @@ class Matrix(Plain):
         state = self.generator.get_state()
         # one of each shape: the layers share them
         linears = {name: linears[name] for name in {(shape, outputs[name]): name for name, shape in linears.items()}.values()}
-        matmuls = {name: matmuls[name] for name in {shapes: name for name, shapes in matmuls.items()}.values()}
         softmax_of = {name: source for name, source in (softmax_of or {}).items() if {name, source} <= set(matmuls)}
-        self.prepare(linears, matmuls, dtype=dtype, softmax_of=softmax_of)
+        self.prepare(linears, {name: (a.shape, b.shape) for name, (a, b) in matmuls.items()}, dtype=dtype,
+                     softmax_of=softmax_of)
         for name, shape in linears.items():
             masked, secret = self.protect_linear(torch.zeros(shape, dtype=dtype), name)
             self.recover_linear(torch.zeros(*masked.shape[:-1], outputs[name], dtype=dtype), secret)
         for name, (a, b) in matmuls.items():
-            secret = self.protect_matmul(torch.zeros(a, dtype=dtype), torch.zeros(b, dtype=dtype), name)[2]
-            self.recover_matmul(torch.zeros(*a[:-1], b[-1], dtype=dtype), secret)
+            secret = self.protect_matmul(a, b, name)[2]
+            self.recover_matmul(torch.zeros(*a.shape[:-1], b.shape[-1], dtype=dtype), secret)
         self.generator.set_state(state)
         self.linear_masks, self.matmul_masks = {}, {}
 
@@ -291,9 +292,9 @@ class Otp(Plain):
         for shape in set(linears.values()):
             _pad_rows(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype), self.pad_scale,
                       self.pinned_buffer(shape, dtype))
-        for shape in {shape for pair in matmuls.values() for shape in pair}:
-            _pad_tensor(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype), self.pad_scale,
-                        self.pinned_buffer(shape, dtype))
+        for operand in {(t.shape, t.stride()): t for pair in matmuls.values() for t in pair}.values():
+            _pad_tensor(operand, torch.zeros(operand.shape, dtype=dtype), self.pad_scale,
+                        self.pinned_buffer(operand.shape, dtype))
 
     def protect_linear(self, x, name):
         noise, projected = self.linear_pads[name]

@@ -36,10 +36,15 @@ def test_compiled_kernels_match_transformers_and_build_in_set_up(tiny_models, sc
     reference = reference_logits(model.config, model.state_dict, ids, mask)
     logits = {}
     for compiled in (False, True):
+        # compiled at every shape, so that every kernel is built: none may be left for the inference, not
+        # even for operands laid out otherwise than set-up's (a kernel is built for its inputs' strides)
         engine = SplitLlama(model.config, model.state_dict, make_scheme(scheme, seed=3), CPU, torch.float32,
-                            compiled=compiled)
+                            compiled=compiled, choose_kernels=False)
         compile_ms = engine.warm_kernels(*ids.shape)
         assert (compile_ms > 0) == compiled and (engine.kernels == kernels.COMPILED) == compiled
+        linears, matmuls = engine.mask_shapes(*ids.shape)
+        assert {name: (a.shape, b.shape) for name, (a, b) in engine.matmul_operands(*ids.shape).items()} == {
+            name: matmuls[name] for name in ("0.scores", "0.attend")}
         built = graphs_built()
         logits[compiled] = engine.timed_forward(ids, mask)[0]
         assert graphs_built() == built  # the set-up built every kernel the inference runs
