@@ -117,6 +117,17 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(batch, n, heads * head_dim)
 
 
+def attention_operands(batch: int, n: int, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
+                       make: Callable[..., torch.Tensor] = torch.zeros
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, kᵀ and v of one layer (`make`'s values) laid out as a masked scheme's inference has them
+    (`SplitLlama.heads`, `split_q_k`): q and kᵀ views of RoPE's [B, H + Hkv, n, h] output, v a view of the
+    qkv projection's [B, n, (H + 2·Hkv)·h]."""
+    q_and_k = make(batch, heads + kv_heads, n, head_dim, dtype=dtype)
+    qkv = make(batch, n, heads + 2 * kv_heads, head_dim, dtype=dtype).transpose(1, 2)
+    return q_and_k[:, :heads], q_and_k[:, heads:].transpose(-1, -2), qkv[:, heads + kv_heads:]
+
+
 @dataclass
 class TeeLayer:
     attn_norm: RmsNorm
@@ -280,8 +291,8 @@ class SplitLlama:
     def warm_device(self, batch: int, n: int) -> float:
         """Device set-up for inferences of `batch` sequences of n tokens: each GPU op once, on zeros of one
         layer's shapes (the layers share them), so that the GPU loads its kernels and picks its matrix
-        product algorithms, and the causal blocks' gather index is built, before the first inference; and
-        where a masked scheme streams the tied table, one block of it, so that the pinned host memory its
+        product algorithms, and the causal blocks' gather index is built (where `pack` gathers), before the
+        first inference; and where a masked scheme streams the tied table, one block of it, so that the pinned host memory its
         copies land in is allocated. Nothing of it is counted in an inference. Returns the milliseconds it
         took. (On the H100 machine the first inference's GPU work took 72 ms, against 7 warm: eighth round,
         plain split, 128 tokens.) The TEE-only runner's attention form is chosen here too."""
@@ -372,14 +383,12 @@ class SplitLlama:
         return linears, matmuls
 
     def matmul_operands(self, batch: int, n: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Zeros laid out as a masked scheme's inference hands one layer's two matmuls their operands (q and
-        kᵀ as views of RoPE's output, v as a view of the qkv projection's), keyed as the hops name them: a
-        compiled kernel is built for its inputs' strides as well as their shapes (`_run_kernels`)."""
-        h, heads, kv_heads = self.head_dim, self.n_heads, self.n_kv_heads
-        q, k = self.split_q_k(torch.zeros(batch, heads + kv_heads, n, h, dtype=self.dtype))
-        _, v = self.heads(torch.zeros(batch, n, (heads + 2 * kv_heads) * h, dtype=self.dtype))
+        """Zeros laid out as a masked scheme's inference hands one layer's two matmuls their operands
+        (`attention_operands`), keyed as the hops name them: a compiled kernel is built for its inputs'
+        strides as well as their shapes (`_run_kernels`)."""
+        q, k_t, v = attention_operands(batch, n, self.n_heads, self.n_kv_heads, self.head_dim, self.dtype)
         probs = torch.zeros(self.causal_blocks(batch, n).shape, dtype=self.dtype)
-        return {"0.scores": (q, k.transpose(-1, -2)), "0.attend": (probs, v)}
+        return {"0.scores": (q, k_t), "0.attend": (probs, v)}
 
     def minimum_crossing_bytes(self, batch: int, n: int) -> tuple[int, int]:
         """(to GPU, to TEE) bytes that this op placement cannot do without in one inference.

@@ -344,7 +344,7 @@ def _pad_rows(x: torch.Tensor, noise: torch.Tensor, pad_scale: float, out: torch
     return torch.addcmul(x, sigma, noise, value=-1, out=out), sigma
 
 
-@tee_kernel
+@tee_kernel(exact=True)  # the pad subtracted is the one recovery adds back
 def _pad_tensor(x: torch.Tensor, noise: torch.Tensor, pad_scale: float, out: torch.Tensor | None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """otp's protect of a matmul operand: (X − σ·N, into `out` where given; the pad σ·N), σ = pad_scale ·

@@ -244,7 +244,7 @@ class CausalBlocks:
 
     def scores(self, q: torch.Tensor, k_t: torch.Tensor) -> torch.Tensor:
         """q [B, H, n, k] @ kᵀ [B, G, k, n], block by block, packed. Blocks slice q's rows and kᵀ's
-        columns only, never k. On CUDA, one full product and one gather (`pack`) instead."""
+        columns only, never k. On CUDA, one full product, then `pack` (one gather) instead."""
         if self.whole:
             return grouped_matmul(q, k_t)
         if q.is_cuda:
@@ -319,7 +319,7 @@ class CausalBlocks:
 
     def attend(self, probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Packed probabilities @ v [B, G, n, m] -> [B, H, n, m], each row block against the keys it sees;
-        one block is the plain product. On CUDA, one scatter (`unpack`) and the plain product instead."""
+        one block is the plain product. On CUDA, `unpack` (one scatter) and the plain product instead."""
         if self.whole:
             return grouped_matmul(probs, v)
         if probs.is_cuda:

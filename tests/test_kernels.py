@@ -12,7 +12,7 @@ from splitinfer.engine import SplitLlama
 from splitinfer.inputs import build_batch
 from splitinfer.models import load_model
 from splitinfer.reference import compare, reference_logits
-from splitinfer.schemes import make_scheme
+from splitinfer.schemes import _pad_tensor, make_scheme
 from splitinfer.tee_ops import RmsNorm
 
 CPU = torch.device("cpu")
@@ -224,6 +224,16 @@ def test_set_up_keeps_the_faster_form_at_each_shape(monkeypatch):
     with kernels.choosing():
         doubled(torch.ones(3))
     assert kernels.chosen()["doubled [3]"]["runs"] == "compiled"
+    clock = iter([1.0, 2.0, 2.0, 1.0])  # one shape in two layouts: each its own choice
+    square = torch.ones(2, 2)
+    with kernels.choosing():
+        doubled(square)
+        doubled(square.t())
+    assert kernels.chosen()["doubled [2, 2]"]["runs"] == "eager"
+    assert kernels.chosen()["doubled [2, 2] strides [1, 2]"]["runs"] == "compiled"
+    compiled_calls.clear()
+    doubled(square), doubled(square.t())
+    assert compiled_calls == [(2, 2)]  # the transposed one
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(threads + 1)
@@ -250,3 +260,18 @@ def test_engine_set_up_times_every_kernel(tiny_models):
     assert graphs_built() == built
     eager = SplitLlama(model.config, model.state_dict, make_scheme("matrix", seed=3), CPU, torch.float32)
     assert compare(logits, eager.timed_forward(ids, mask)[0])["rel_logit_error"] <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_otp_pads_a_matmul_operand_exactly_compiled_or_not(dtype):
+    """otp's recovery adds back the very pad its protect returned, so the operand sent must be x − pad rounded
+    in x's dtype, compiled as eager: the compiled kernel rounds where eager does (`tee_kernel(exact=True)`)."""
+    torch.manual_seed(5)
+    x = (3 * torch.randn(2, 4, 16, 8)).to(dtype)
+    for operand in (x, x.transpose(-1, -2)):  # contiguous, as the probabilities are; a view, as kᵀ is
+        noise = torch.randn(operand.shape).to(dtype)
+        for compiled in (False, True):
+            kernels.select(compiled, chosen=False)
+            masked, pad = _pad_tensor(operand, noise, 1.0, None)
+            assert masked.dtype == pad.dtype == dtype and torch.equal(masked, operand - pad)
+            assert "_pad_tensor" not in kernels.failed
