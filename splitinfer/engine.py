@@ -117,6 +117,12 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(batch, n, heads * head_dim)
 
 
+def split_heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """[B, N, heads·h] -> [B, heads, N, h], a view (`SplitLlama.heads`)."""
+    batch, n, width = x.shape
+    return x.view(batch, n, width // head_dim, head_dim).transpose(1, 2)
+
+
 def attention_operands(batch: int, n: int, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
                        make: Callable[..., torch.Tensor] = torch.zeros
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -124,7 +130,7 @@ def attention_operands(batch: int, n: int, heads: int, kv_heads: int, head_dim: 
     (`SplitLlama.heads`, `split_q_k`): q and kᵀ views of RoPE's [B, H + Hkv, n, h] output, v a view of the
     qkv projection's [B, n, (H + 2·Hkv)·h]."""
     q_and_k = make(batch, heads + kv_heads, n, head_dim, dtype=dtype)
-    qkv = make(batch, n, heads + 2 * kv_heads, head_dim, dtype=dtype).transpose(1, 2)
+    qkv = split_heads(make(batch, n, (heads + 2 * kv_heads) * head_dim, dtype=dtype), head_dim)
     return q_and_k[:, :heads], q_and_k[:, heads:].transpose(-1, -2), qkv[:, heads + kv_heads:]
 
 
@@ -292,8 +298,8 @@ class SplitLlama:
         """Device set-up for inferences of `batch` sequences of n tokens: each GPU op once, on zeros of one
         layer's shapes (the layers share them), so that the GPU loads its kernels and picks its matrix
         product algorithms, and the causal blocks' gather index is built (where `pack` gathers), before the
-        first inference; and where a masked scheme streams the tied table, one block of it, so that the pinned host memory its
-        copies land in is allocated. Nothing of it is counted in an inference. Returns the milliseconds it
+        first inference; and where a masked scheme streams the tied table, one block of it, so that the
+        pinned host memory its copies land in is allocated. Nothing of it is counted in an inference. Returns the milliseconds it
         took. (On the H100 machine the first inference's GPU work took 72 ms, against 7 warm: eighth round,
         plain split, 128 tokens.) The TEE-only runner's attention form is chosen here too."""
         start = time.perf_counter()
@@ -607,8 +613,7 @@ class SplitLlama:
 
     def heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[B, N, (H + 2·Hkv)·h] (or just its q and k part) -> q and k [B, H + Hkv, N, h], v [B, Hkv, N, h]."""
-        batch, n, width = qkv.shape
-        per_head = qkv.view(batch, n, width // self.head_dim, self.head_dim).transpose(1, 2)
+        per_head = split_heads(qkv, self.head_dim)
         return per_head[:, : self.n_heads + self.n_kv_heads], per_head[:, self.n_heads + self.n_kv_heads:]
 
     def mlp(self, h: torch.Tensor, i: int) -> torch.Tensor:
