@@ -174,12 +174,15 @@ def _probe() -> str | None:
         # one at a time, so the pool has nothing to do in parallel.
         inductor.compile_threads = 1
     # Take the vector instruction sets from the CPU's flags instead of test-building each one: inductor loads
-    # each test build in a fresh Python, which older torch (the GPU machine's 2.11) makes import torch, three
-    # times on an AVX-512 host. The probe below builds with the chosen set; if that fails, the tests return.
+    # each test build in a fresh Python, which older torch (the GPU machine's 2.11) makes import torch. The
+    # probe below builds with the chosen set; if that fails, the tests return as torch has them.
     trusted = inductor.cpp.vec_isa_ok is None
     if trusted:
         inductor.cpp.vec_isa_ok = True
-    failure = _build_probe()
+        with _isa_checks_without_torch():
+            failure = _build_probe()
+    else:
+        failure = _build_probe()
     if failure is not None and trusted:
         inductor.cpp.vec_isa_ok = None
         isa_list = getattr(getattr(torch._inductor, "cpu_vec_isa", None), "valid_vec_isa_list", None)
@@ -188,6 +191,35 @@ def _probe() -> str | None:
         torch._dynamo.reset()
         failure = _build_probe()
     return failure
+
+
+@contextmanager
+def _isa_checks_without_torch() -> Iterator[None]:
+    """Inside, inductor's own instruction-set checks load their test builds in a fresh Python that does not
+    import torch, with torch's libraries on the loader's path instead (what torch 2.13's check does itself,
+    where this changes nothing). `vec_isa_ok` skips only the base check: torch 2.11 still test-builds AVX-512
+    with BF16 and VNNI, and AMX, and imports torch for each load (three on the 2-core VM, 1.3 s each with the
+    CUDA build; the GPU machine's CPU has AMX too)."""
+    try:
+        from torch._inductor.cpu_vec_isa import VecISA
+    except ImportError:  # a torch without the module
+        VecISA = None
+    script = getattr(VecISA, "_avx_py_load", None)
+    if not isinstance(script, str) or "\nimport torch\n" not in script:
+        yield
+        return
+    saved = os.environ.get("LD_LIBRARY_PATH")
+    os.environ["LD_LIBRARY_PATH"] = os.pathsep.join(
+        [os.path.join(os.path.dirname(torch.__file__), "lib"), *([saved] if saved else [])])
+    VecISA._avx_py_load = script.replace("\nimport torch\n", "\n")
+    try:
+        yield
+    finally:
+        VecISA._avx_py_load = script
+        if saved is None:
+            os.environ.pop("LD_LIBRARY_PATH", None)
+        else:
+            os.environ["LD_LIBRARY_PATH"] = saved
 
 
 def _build_probe() -> str | None:

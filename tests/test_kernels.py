@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -92,6 +93,33 @@ def test_a_failed_probe_brings_back_the_instruction_set_tests(monkeypatch):
     monkeypatch.setitem(kernels._state, "mode", kernels.EAGER)
     assert kernels.select(True) == kernels.COMPILED
     assert calls == [True, None] and inductor.cpp.vec_isa_ok is None
+
+
+def test_instruction_set_checks_load_their_builds_without_importing_torch(monkeypatch):
+    """torch 2.11 loads each instruction-set test build in a fresh Python that imports torch (1.3 s each); in
+    the probe that Python imports nothing, the build still loads (so the check still passes), and the script
+    is torch's own again after the probe, and in the retry of a failed probe."""
+    import torch._inductor.config as inductor
+    from torch._inductor import cpu_vec_isa
+    torch_2_11 = '\nimport torch\nfrom ctypes import cdll\ncdll.LoadLibrary("__lib_path__")\n'
+    monkeypatch.setattr(cpu_vec_isa.VecISA, "_avx_py_load", torch_2_11)
+    monkeypatch.setenv("LD_LIBRARY_PATH", "/elsewhere")
+    seen = []
+
+    def probe() -> str | None:
+        seen.append(cpu_vec_isa.VecISA._avx_py_load)
+        if len(seen) == 1:
+            assert cpu_vec_isa.VecAVX2().check_build(cpu_vec_isa.VecISA._avx_code)  # a real build, loaded
+            return "fails once"
+        return None
+
+    monkeypatch.setattr(kernels, "_build_probe", probe)
+    monkeypatch.setattr(inductor.cpp, "vec_isa_ok", None)
+    monkeypatch.setitem(kernels._state, "mode", kernels.EAGER)
+    assert kernels.select(True) == kernels.COMPILED
+    assert "import torch" not in seen[0] and "cdll.LoadLibrary" in seen[0]
+    assert seen[1] == torch_2_11 == cpu_vec_isa.VecISA._avx_py_load
+    assert os.environ["LD_LIBRARY_PATH"] == "/elsewhere"
 
 
 def test_without_a_compiler_the_kernels_run_eager(monkeypatch, capsys):
