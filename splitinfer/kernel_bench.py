@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from typing import Callable
 
 import torch
 
@@ -92,15 +93,20 @@ def layer_steps(preset: str, n: int, dtype: torch.dtype, compiled: bool, repeat:
 IDLE_WAITS = (("", WAIT_S), (", no idle wait", 0.0), (", after 2 ms idle", 2e-3), (", after 30 ms idle", 3e-2))
 
 
-def fixed_costs(d: int, dtype: torch.dtype, threads: list[int], repeat: int) -> dict[int, dict[str, float]]:
+def fixed_costs(d: int, dtype: torch.dtype, threads: list[int], repeat: int, hop: torch.device | None = None
+                ) -> dict[int, dict[str, float]]:
     """ms of a call that does next to nothing, eager and compiled, and of one RMSNorm over 128 tokens, at each
     torch thread count: what a TEE op costs beyond its arithmetic on this CPU, and whether fewer threads
     cut it. The RMSNorm is also timed straight after the call before, and after 2 and 30 ms idle: OpenMP's
     threads spin a while after a parallel region, then sleep, and waking them is a cost of its own (on the
-    H100 machine a TEE op cost 100-170 µs at 128 tokens, against about 40 on the 2-core VM)."""
+    H100 machine a TEE op cost 100-170 µs at 128 tokens, against about 40 on the 2-core VM). With `hop`, also
+    straight after a round trip to that device, as the engine's TEE ops come (`round_trip`)."""
     tiny, x, branch = torch.randn(8).to(dtype), torch.randn(1, 128, d).to(dtype), torch.randn(1, 128, d).to(dtype)
     norm = RmsNorm.of(torch.rand(d).to(dtype) + 0.5, 1e-5)
     scaled, eps_d, out = norm.scaled[:8], norm.eps_d, torch.empty(8, dtype=dtype)
+    waits = [(label, wait_s, None) for label, wait_s in IDLE_WAITS]
+    if hop is not None:
+        waits.append((f", straight after a round trip to {hop}", 0.0, round_trip(x, hop)))
     default, costs = torch.get_num_threads(), {}
     try:
         for count in threads:
@@ -110,14 +116,30 @@ def fixed_costs(d: int, dtype: torch.dtype, threads: list[int], repeat: int) -> 
                 kernels.select(mode == "compiled")  # a changed count rebuilds the compiled kernels
                 row[f"a kernel on 8 values, {mode}"] = timed(lambda _: rms_norm(tiny, scaled, eps_d, out),
                                                               repeat=repeat)
-                for label, wait_s in IDLE_WAITS:
+                for label, wait_s, before in waits:
                     row[f"RMSNorm with the residual add, 128 tokens, {mode}{label}"] = timed(
-                        lambda _: norm.after(x, branch), repeat=repeat, wait_s=wait_s)
+                        lambda _: norm.after(x, branch), before or (lambda: None), repeat=repeat, wait_s=wait_s)
             row["an eager add of 8 values"] = timed(lambda _: torch.add(tiny, tiny, out=out), repeat=repeat)
     finally:
         torch.set_num_threads(default)
         kernels.select(False)
     return costs
+
+
+def round_trip(x: torch.Tensor, device: torch.device) -> Callable[[], None]:
+    """A hop as the engine's: x from pinned memory to `device`, an op there, back, and a wait for it (where the
+    TEE sits while the GPU works); on the CPU, copies."""
+    pinned = device.type == "cuda"
+    host = x.pin_memory() if pinned else x.clone()
+    back, on_device = torch.empty_like(host, pin_memory=pinned), torch.empty_like(x, device=device)
+
+    def hop() -> None:
+        on_device.copy_(host, non_blocking=True).mul_(2)
+        back.copy_(on_device, non_blocking=True)
+        if pinned:
+            torch.cuda.synchronize(device)
+
+    return hop
 
 
 def fixed_costs_under(policy: str, args) -> dict:
@@ -129,6 +151,8 @@ def fixed_costs_under(policy: str, args) -> dict:
                    "--dtype", args.dtype, "--repeat", str(args.repeat), "--out", out]
         if args.threads:
             command += ["--threads", args.threads]
+        if args.round_trip_device:
+            command += ["--round-trip-device", args.round_trip_device]
         try:
             done = subprocess.run(command, env={**os.environ, "OMP_WAIT_POLICY": policy}, capture_output=True,
                                   text=True, timeout=300)
@@ -143,7 +167,7 @@ def fixed_costs_under(policy: str, args) -> dict:
 def print_fixed_costs(costs: dict, title: str = "") -> None:
     for count, row in costs.items():
         for step, ms in row.items():
-            print(f"{title}{count:>3} threads  {step:<66} {ms * 1e3:8.1f} µs")
+            print(f"{title}{count:>3} threads  {step:<84} {ms * 1e3:8.1f} µs")
 
 
 @one_line_errors
@@ -159,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--wait-policies", default="", metavar="POLICY,POLICY",
                    help="also time the fixed costs in a fresh process under each OMP_WAIT_POLICY named (PASSIVE, "
                         "ACTIVE), after them (fixed_costs_by_wait_policy)")
+    p.add_argument("--round-trip-device", default="cuda:0" if torch.cuda.is_available() else "",
+                   help="also time the fixed costs straight after a round trip to this device, as the engine's TEE "
+                        "ops come after a hop ('cpu': copies only; empty: none)")
     p.add_argument("--out", default="kernel_bench.json", help="the JSON goes here")
     args = p.parse_args(argv)
     if args.preset not in PRESETS:
@@ -177,7 +204,14 @@ def main(argv: list[str] | None = None) -> int:
                      "environment": environment_block(torch.device("cpu"), False, torch.get_num_threads()),
                      "fixed_costs": {}, "fixed_costs_by_wait_policy": {}, "lengths": {}}
     progress("fixed costs per call")  # first: the cheapest stage, and the one a GPU run's budget cut twice
-    results["fixed_costs"] = fixed_costs(PRESETS[args.preset].hidden_size, DTYPES[args.dtype], threads, args.repeat)
+    try:
+        hop = torch.device(args.round_trip_device) if args.round_trip_device else None
+    except RuntimeError:
+        raise UserError(f"--round-trip-device: not a device: '{args.round_trip_device}'") from None
+    if hop is not None and hop.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--round-trip-device {hop}: CUDA is not available")
+    results["fixed_costs"] = fixed_costs(PRESETS[args.preset].hidden_size, DTYPES[args.dtype], threads, args.repeat,
+                                         hop)
     print_fixed_costs(results["fixed_costs"])
     write_json(args.out, results)
     for policy in policies:  # before the per-layer steps, which earlier GPU runs already have

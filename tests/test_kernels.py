@@ -141,12 +141,14 @@ def test_kernel_bench_times_each_step_both_ways(tmp_path, capsys):
     from splitinfer import kernel_bench
     out = tmp_path / "k.json"
     assert kernel_bench.main(["--preset", "smollm2-135m", "--lengths", "4", "--repeat", "2", "--threads", "1,2",
-                              "--out", str(out)]) == 0
+                              "--round-trip-device", "cpu", "--out", str(out)]) == 0
     results = json.loads(out.read_text())
     steps = results["lengths"]["4"]
     assert set(steps["eager"]) == set(steps["compiled"]) and len(steps["eager"]) == 9
-    assert set(results["fixed_costs"]) == {"1", "2"} and all(len(row) == 11 and min(row.values()) > 0
+    assert set(results["fixed_costs"]) == {"1", "2"} and all(len(row) == 13 and min(row.values()) > 0
                                                              for row in results["fixed_costs"].values())
+    assert "RMSNorm with the residual add, 128 tokens, compiled, straight after a round trip to cpu" in \
+        results["fixed_costs"]["1"]
     assert results["fixed_costs_by_wait_policy"] == {}  # none asked for
     assert all(ms > 0 for mode in ("eager", "compiled") for ms in steps[mode].values())
     assert steps["kernels"] == kernels.COMPILED and "ours: recover 4 linears" in capsys.readouterr().out
@@ -155,6 +157,8 @@ def test_kernel_bench_times_each_step_both_ways(tmp_path, capsys):
     assert "unknown preset 'nope'" in capsys.readouterr().err
     assert kernel_bench.main(["--wait-policies", "SPIN", "--out", str(out)]) == 2
     assert "--wait-policies takes PASSIVE and ACTIVE" in capsys.readouterr().err
+    assert kernel_bench.main(["--round-trip-device", "gpu7", "--out", str(out)]) == 2
+    assert "not a device: 'gpu7'" in capsys.readouterr().err
 
 
 def test_kernel_bench_fixed_costs_under_a_wait_policy(tmp_path, monkeypatch):
@@ -163,10 +167,11 @@ def test_kernel_bench_fixed_costs_under_a_wait_policy(tmp_path, monkeypatch):
     from splitinfer import kernel_bench
     out = tmp_path / "k.json"
     assert kernel_bench.main(["--preset", "smollm2-135m", "--lengths", "", "--repeat", "1", "--threads", "1",
-                              "--wait-policies", "passive", "--out", str(out)]) == 0
+                              "--wait-policies", "passive", "--round-trip-device", "cpu", "--out", str(out)]) == 0
     results = json.loads(out.read_text())
     assert set(results["fixed_costs_by_wait_policy"]) == {"PASSIVE"} and results["lengths"] == {}
-    assert min(results["fixed_costs_by_wait_policy"]["PASSIVE"]["1"].values()) > 0
+    row = results["fixed_costs_by_wait_policy"]["PASSIVE"]["1"]
+    assert min(row.values()) > 0 and sum("round trip to cpu" in step for step in row) == 2  # the flag goes along
     monkeypatch.setattr(kernel_bench.sys, "executable", "false")
     assert kernel_bench.main(["--lengths", "", "--repeat", "1", "--threads", "1", "--wait-policies", "ACTIVE",
                               "--out", str(out)]) == 0

@@ -13,7 +13,8 @@
 #                      shape (what set-up's per-shape choice buys)
 #   profile.txt        torch.profiler tables of one inference of each split runner
 #   kernel_bench.json  the fixed cost of a call at 4, 8 and 16 threads (an RMSNorm straight after another,
-#                      and after 0.2, 2 and 30 ms idle), also in fresh processes under OMP_WAIT_POLICY=PASSIVE
+#                      after 0.2, 2 and 30 ms idle, and straight after a round trip to the GPU, as the engine's
+#                      TEE ops come), also in fresh processes under OMP_WAIT_POLICY=PASSIVE
 #                      and ACTIVE (waking OpenMP's threads), then the TEE's steps of one layer on
 #                      this machine's CPU, eager against compiled kernels (splitinfer.kernel_bench; written
 #                      after each stage, marked incomplete if cut)
@@ -33,10 +34,11 @@
 #                 measured slower on the H100 machine, faster on the H200; about 70 s)
 # Step times on one H100 (2026-11-26, tenth round, tenth-round host slower than the eighth's): start 9 s; the
 # comparison over 330 s with THREAD_SWEEP=4,8,12 (cut at 512 tokens: leave the sweep out unless asked); a
-# split runner process 66-75 s, of which 45-54 s was compiling the TEE's kernels. Since then the compiler no
-# longer test-builds each vector instruction set in a fresh Python importing torch (kernels._probe); its
-# first start is reported apart (`compiler_start_ms`). Where set-up is still that slow, the budget cuts the
-# last steps: the precision check, then the 128-token runner processes.
+# split runner process 66-75 s, of which 45-54 s was compiling the TEE's kernels. Since then no instruction-set
+# check of the compiler loads its test build in a fresh Python importing torch (kernels._probe: the base checks
+# since the tenth round, AVX-512 BF16/VNNI and AMX since the thirteenth; on the VM under this machine's torch
+# 2.11, 6.6-7.1 s -> 1.6-1.7 s a process); its first start is reported apart (`compiler_start_ms`). Where set-up
+# is still that slow, the budget cuts the last steps: the precision check, then the 128-token runner processes.
 # Usage: bash tee_gpu/benchmarks/gpu_benchmark.sh OUT_DIR [PRESET]   (PRESET defaults to llama-3.2-1b)
 # LENGTHS=128,512 and PRECISION_LENGTH=128 may be overridden, and MODEL (default preset:PRESET) and
 # PRECISION_MODEL (default preset:smollm2-135m) and KERNEL_PRESET (default PRESET) too: tiny values make a
@@ -121,7 +123,7 @@ if [ -n "$spin" ]; then
   cp "$work/spin/perf.json" "$out/perf_spin.json" 2>/dev/null || true
 fi
 
-step "the fixed cost of a call, by OpenMP wait policy, and the TEE's steps of one layer, eager and compiled (CPU only)"
+step "the fixed cost of a call, by OpenMP wait policy and straight after a GPU round trip, and the TEE's steps of one layer, eager and compiled"
 within 40 150 python -m splitinfer.kernel_bench --preset "${KERNEL_PRESET:-$preset}" --lengths "$lengths" \
   --threads "$kernel_threads" --wait-policies "$kernel_wait_policies" --out "$work/kernel_bench.json" || true
 cp "$work/kernel_bench.json" "$out/kernel_bench.json" 2>/dev/null || true
