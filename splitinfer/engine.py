@@ -283,8 +283,17 @@ class SplitLlama:
         by_parts(lambda r, x, into: silu_gate(x, into), row_parts if self.overlap else whole,
                  torch.zeros(batch, n, 2 * inner, dtype=self.dtype),
                  torch.empty(batch, n, inner, dtype=self.dtype) if act is None else act)
+        # RoPE's input laid out as the inference has it: where the TEE receives q and k, or recovers all of qkv
+        qkv_width = self.gpu.weights["0.qkv"].shape[0]
+        q_and_k = (self.heads(torch.zeros(batch, n, qkv_width, dtype=self.dtype))[0] if self.scheme.masked else
+                   self.q_and_k_to_tee(torch.zeros(batch, n, qkv_width, dtype=self.dtype, device=self.gpu.device)))
+        self.rotate(q_and_k, self.rotary.tables(n, self.dtype))
         linears = self.mask_shapes(batch, n)[0]
         softmax_of = self.softmax_of()
+        if not softmax_of:
+            blocks = self.causal_blocks(batch, n)
+            blocks.softmax(torch.zeros(blocks.shape, dtype=self.dtype), torch.zeros(batch, 1, n, n, dtype=self.dtype),
+                           self.gpu_bound(blocks.shape))
         self.scheme.warm_kernels(linears, self.matmul_operands(batch, n),
                                  {name: self.gpu.weights[name].shape[0] for name in linears}, self.dtype, softmax_of)
         if softmax_of:
@@ -487,21 +496,21 @@ class SplitLlama:
         with self.metrics.time("cpu_compute", op, f"cpu_{op}" if count else None):
             return fn(*args)
 
-    def through_tee(self, op: str, kind: str, layer: int, x: torch.Tensor, out_shape: tuple[int, ...], parts: Parts,
-                    step: Step) -> torch.Tensor:
-        """GPU -> TEE -> GPU with no scheme step between (the plain split): the TEE op `op` is `step(r, part,
-        into)` over the parts of the GPU's `x` (as `parts` cuts it), writing into the same parts of a tensor
-        of `out_shape`, which goes back to the GPU.
+    def through_tee(self, op: str, kind: str, layer: int, x: torch.Tensor, out_shape: tuple[int, ...],
+                    run: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], parts: Parts, step: Step
+                    ) -> torch.Tensor:
+        """GPU -> TEE -> GPU with no scheme step between (the plain split): the TEE op `op` is `run(x, into)`
+        on the GPU's `x`, writing into a tensor of `out_shape`, which goes back to the GPU.
 
-        With `overlap`, part by part: every part's copy to the TEE is queued at once, the TEE takes each as
-        it arrives, and sends each result back on a stream of its own, so copies both ways run while the
-        TEE works (on one stream the copies back would wait behind every copy in). Without, one copy
-        each way, and the TEE op over all parts in between."""
+        With `overlap`, part by part, as `step(r, part, into)` over the parts `parts` cuts x and the result
+        into: every part's copy to the TEE is queued at once, the TEE takes each as it arrives, and sends each
+        result back on a stream of its own, so copies both ways run while the TEE works (on one stream the
+        copies back would wait behind every copy in). Without, one copy each way, and `run` in between."""
         out = self.gpu_bound(out_shape)
         out = torch.empty(out_shape, dtype=x.dtype) if out is None else out
         if not self.overlap:
             host = self.link.to_tee(x, kind)
-            return self.link.to_gpu(self.tee(op, by_parts, step, parts, host, out), kind, layer)
+            return self.link.to_gpu(self.tee(op, run, host, out), kind, layer)
         with self.metrics.overlapped(kind, self.link.copies_back):
             result = self.link.gpu_empty(out_shape, x.dtype)  # before the copies in, so as not to wait for them
             host, arrivals = self.link.to_tee_in_parts(x, parts, kind)
@@ -582,9 +591,7 @@ class SplitLlama:
         """Unprotected attention: v and P·V need no TEE step, so they never leave the GPU; of the scores
         and probabilities, only the causal lower block triangle is computed and crosses."""
         qkv = self.gpu.linear(self.link.to_gpu(h, "linear_attn", i), f"{i}.qkv", "linear_attn")
-        width = (self.n_heads + self.n_kv_heads) * self.head_dim
-        q_and_k, _ = self.heads(self.link.to_tee(qkv[..., :width], "linear_attn"))
-        _, v = self.heads(qkv)
+        q_and_k, (_, v) = self.q_and_k_to_tee(qkv), self.heads(qkv)
         # q and k cross together, k as laid out: it is transposed on the GPU, where that is a view (a
         # transposed view would be copied into pageable memory on the host first, and cross at that rate)
         q, k = self.split_q_k(self.link.to_gpu(self.rotate(q_and_k, rope), "matmul", i))
@@ -592,10 +599,16 @@ class SplitLlama:
             out = self.tee("attention", fused_attention, q, k, v, bias if blocks.padded else None)
         else:
             scores = self.gpu.matmul(q, k.transpose(-1, -2), blocks.scores)
-            probs = self.through_tee("softmax", "matmul", i, scores, scores.shape, blocks.views,
+            probs = self.through_tee("softmax", "matmul", i, scores, scores.shape,
+                                     lambda x, into: blocks.softmax(x, bias, into), blocks.views,
                                      lambda r, block, into: blocks.softmax_block(r, block, bias, into))
             out = self.gpu.matmul(probs, v, blocks.attend)
         return self.link.to_tee(self.gpu.linear(merge_heads(out), f"{i}.o", "linear_attn"), "linear_attn")
+
+    def q_and_k_to_tee(self, qkv: torch.Tensor) -> torch.Tensor:
+        """GPU -> TEE: the q and k part of the qkv projection's output, as [B, H + Hkv, N, h] (v stays)."""
+        width = (self.n_heads + self.n_kv_heads) * self.head_dim
+        return self.heads(self.link.to_tee(qkv[..., :width], "linear_attn"))[0]
 
     def rotate(self, q_and_k: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """RoPE on q and k [B, H + Hkv, N, h] in one op (q comes already scaled by 1/sqrt(head_dim))."""
@@ -628,7 +641,7 @@ class SplitLlama:
         in row parts where copies overlap the TEE's work."""
         gate_up = self.gpu.linear(self.link.to_gpu(h, "linear_mlp", i), f"{i}.gate_up", "linear_mlp")
         act = self.through_tee("silu", "linear_mlp", i, gate_up, (*gate_up.shape[:-1], gate_up.shape[-1] // 2),
-                               row_parts if self.overlap else whole, lambda r, x, into: silu_gate(x, into))
+                               silu_gate, row_parts, lambda r, x, into: silu_gate(x, into))
         return self.link.to_tee(self.gpu.linear(act, f"{i}.down", "linear_mlp"), "linear_mlp")
 
     # ---- for the reference ----

@@ -21,15 +21,15 @@ import torch
 
 from splitinfer import kernels
 from splitinfer.cli import DTYPES, OneLineParser, progress
-from splitinfer.engine import attention_operands, keep_freed_memory
+from splitinfer.engine import attention_operands, keep_freed_memory, split_heads
 from splitinfer.errors import UserError, one_line_errors
 from splitinfer.kernels import WAIT_S, timed
 from splitinfer.models import PRESETS
 from splitinfer.perf import parse_counts
 from splitinfer.results import environment_block, write_json
 from splitinfer.schemes import Matrix, Otp
-from splitinfer.tee_ops import (CausalBlocks, RmsNorm, attention_bias, grouped_matmul, masked_softmax, rms_norm,
-                                silu_gate, softmax_in_order)
+from splitinfer.tee_ops import (CausalBlocks, RmsNorm, apply_rope, attention_bias, grouped_matmul, masked_softmax,
+                                rms_norm, silu_gate, softmax_in_order)
 
 
 def layer_steps(preset: str, n: int, dtype: torch.dtype, compiled: bool, repeat: int) -> dict[str, float]:
@@ -47,6 +47,9 @@ def layer_steps(preset: str, n: int, dtype: torch.dtype, compiled: bool, repeat:
     q, k_t, v = attention_operands(1, n, heads, groups, h, dtype, make=torch.randn)
     mask = torch.ones(1, n, dtype=torch.long)
     bias = attention_bias(mask, dtype)
+    # as the plain split's TEE receives q and k (contiguous on the host), with random positions' tables
+    q_and_k = split_heads(torch.randn(1, n, (heads + groups) * h).to(dtype), h)
+    cos, sin, rotated = torch.rand(n, h).to(dtype), torch.rand(n, h).to(dtype), torch.empty(q_and_k.shape, dtype=dtype)
     ours = Matrix(seed=1)
     ours.prepare({name: (1, n, width_in) for name, (width_in, _) in linears.items()},
                  {"s": (q.shape, k_t.shape), "p": ((1, heads, n, n), v.shape)}, dtype=dtype,
@@ -72,6 +75,7 @@ def layer_steps(preset: str, n: int, dtype: torch.dtype, compiled: bool, repeat:
                        for name, pair in (("s", (q, k_t)), ("p", (packed, v)))}
     return {
         "2 x RMSNorm with the residual add": 2 * timed(lambda _: norm.after(x, branch), repeat=repeat),
+        "RoPE on q and k": timed(lambda _: apply_rope(q_and_k, cos, sin, rotated), repeat=repeat),
         "SiLU·up": timed(lambda _: silu_gate(gate_up), repeat=repeat),
         "plain, otp: softmax of the causal blocks": timed(lambda s: blocks.softmax(s, bias), packed.clone, repeat),
         "ours: protect 4 linears": sum(timed(lambda _, k=k: ours.protect_linear(inputs[k], k), repeat=repeat)

@@ -37,38 +37,41 @@ _eager_at: set[Layout] = set()
 WAIT_S = 2e-4  # the busy-wait before each timed call: the TEE's threads idle, as while it waits on the GPU
 
 
-def tee_kernel(fn: Callable | None = None, *, exact: bool = False) -> Callable:
+def tee_kernel(fn: Callable | None = None, *, exact: bool = False, eager: Callable | None = None) -> Callable:
     """`fn` as a TEE kernel: compiled on first use once compiled kernels are on, else called as it is; eager
     at a shape where set-up measured eager faster (`choosing`). A kernel that fails to compile (an op this
     torch's compiler does not take, say) runs eager from then on, with one warning, and is listed in
-    `failed`; an error that eager raises too still surfaces. The first argument is a tensor.
+    `failed`; an error that eager raises too still surfaces. The first argument is a tensor. `eager`, where
+    given, is the eager form instead of `fn`: the same result in the ops eager PyTorch runs fastest, where the
+    form that compiles best (one expression, a fresh result) makes eager extra passes.
 
     Compiled, a half-precision op's result stays in float32 for the next op unless `exact`: then it is
     rounded where eager rounds it (inductor's `emulate_precision_casts`), for a kernel whose callers rely on
     the very values it returns. Not for every kernel: SiLU·up took 0.87 against 0.70 ms (VM, 1B shape, 512
     tokens, float16)."""
     if fn is None:
-        return functools.partial(tee_kernel, exact=exact)
+        return functools.partial(tee_kernel, exact=exact, eager=eager)
     compiled: Callable | None = None
+    eager_form = eager or fn
 
     @functools.wraps(fn)
     def call(*args):
         nonlocal compiled
         if not _state["on"] or fn.__name__ in failed:
-            return fn(*args)
+            return eager_form(*args)
         if _state["chosen"] and not _state["choosing"] and _layout(fn, args[0]) in _eager_at:
-            return fn(*args)
+            return eager_form(*args)
         try:
             if compiled is None:  # an option this torch does not know fails here
                 compiled = torch.compile(fn, dynamic=False,
                                          options={"emulate_precision_casts": True} if exact else None)
-            return _choose(fn, compiled, args) if _state["choosing"] else compiled(*args)
+            return _choose(fn, eager_form, compiled, args) if _state["choosing"] else compiled(*args)
         except Exception as e:  # compiling happens before any write, so the eager call starts afresh
             failed[fn.__name__] = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
             print(f"warning: the TEE kernel {fn.__name__} runs eager: {failed[fn.__name__]}", file=sys.stderr)
-            return fn(*args)
+            return eager_form(*args)
 
-    call.eager = fn
+    call.eager = eager_form
     return call
 
 
@@ -84,15 +87,16 @@ def choosing() -> Iterator[None]:
         _state["choosing"] = False
 
 
-def _choose(fn: Callable, compiled: Callable, args: tuple):
-    """Build `compiled`, time it and `fn` on `args` (`timed`), keep the faster for this shape; its result."""
+def _choose(fn: Callable, eager: Callable, compiled: Callable, args: tuple):
+    """Build `compiled` (kernel `fn`), time it and `eager` on `args` (`timed`), keep the faster for this shape;
+    its result."""
     compiled(*args)
     key = _layout(fn, args[0])
-    choices[key] = {"eager_ms": timed(lambda _: fn(*args), repeat=7),
+    choices[key] = {"eager_ms": timed(lambda _: eager(*args), repeat=7),
                     "compiled_ms": timed(lambda _: compiled(*args), repeat=7)}
     if choices[key]["eager_ms"] < choices[key]["compiled_ms"]:
         _eager_at.add(key)
-        return fn(*args)
+        return eager(*args)
     _eager_at.discard(key)
     return compiled(*args)
 

@@ -310,8 +310,10 @@ def test_protected_operands_are_written_where_the_gpu_reads_them(tiny_models, sc
     logits, buffers, sent = {}, set(), []
     try:
         for buffered in (False, True):
+            # compiled at every shape: set-up's timed choice between a kernel's forms could differ between the
+            # two engines, and the forms round differently
             engine = SplitLlama(model.config, model.state_dict, make_scheme(scheme, seed=5), CPU, torch.float32,
-                                compiled=compiled)
+                                compiled=compiled, choose_kernels=False)
             if buffered:
                 def poisoned(shape, dtype):
                     out = torch.full(shape, float("nan"), dtype=dtype)

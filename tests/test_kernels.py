@@ -9,12 +9,12 @@ import torch
 import torch._dynamo.utils
 
 from splitinfer import kernels
-from splitinfer.engine import SplitLlama
+from splitinfer.engine import SplitLlama, attention_operands
 from splitinfer.inputs import build_batch
 from splitinfer.models import load_model
 from splitinfer.reference import compare, reference_logits
 from splitinfer.schemes import _pad_tensor, make_scheme
-from splitinfer.tee_ops import RmsNorm
+from splitinfer.tee_ops import CausalBlocks, RmsNorm, apply_rope, attention_bias
 
 CPU = torch.device("cpu")
 
@@ -144,7 +144,7 @@ def test_kernel_bench_times_each_step_both_ways(tmp_path, capsys):
                               "--round-trip-device", "cpu", "--out", str(out)]) == 0
     results = json.loads(out.read_text())
     steps = results["lengths"]["4"]
-    assert set(steps["eager"]) == set(steps["compiled"]) and len(steps["eager"]) == 9
+    assert set(steps["eager"]) == set(steps["compiled"]) and len(steps["eager"]) == 10
     assert set(results["fixed_costs"]) == {"1", "2"} and all(len(row) == 13 and min(row.values()) > 0
                                                              for row in results["fixed_costs"].values())
     assert "RMSNorm with the residual add, 128 tokens, compiled, straight after a round trip to cpu" in \
@@ -276,6 +276,55 @@ def test_set_up_keeps_the_faster_form_at_each_shape(monkeypatch):
         torch.set_num_threads(threads)
 
 
+def test_a_kernel_may_have_an_eager_form_of_its_own(monkeypatch):
+    """`tee_kernel(eager=...)`: that form runs with compiled kernels off and where set-up timed it faster, and
+    set-up times it against the kernel's own body compiled."""
+    ran = []
+
+    def added(x):
+        ran.append(tuple(x.shape))
+        return x + x
+
+    @kernels.tee_kernel(eager=added)
+    def doubled(x):
+        return x * 2
+
+    monkeypatch.setattr(kernels, "choices", {})
+    monkeypatch.setattr(kernels, "_eager_at", set())
+    assert doubled.eager is added
+    kernels.select(False)
+    assert torch.equal(doubled(torch.ones(3)), torch.full((3,), 2.0)) and ran == [(3,)]
+    clock = iter([1.0, 2.0, 2.0, 1.0])  # eager faster at 3 values, compiled at 5
+    monkeypatch.setattr(kernels, "timed", lambda step, fresh=None, repeat=30: (step(None), next(clock))[1])
+    kernels.select(True)
+    with kernels.choosing():
+        doubled(torch.ones(3)), doubled(torch.ones(5))
+    ran.clear()
+    assert torch.equal(doubled(torch.ones(3)), torch.full((3,), 2.0))
+    assert torch.equal(doubled(torch.ones(5)), torch.full((5,), 2.0))
+    assert ran == [(3,)]  # the compiled body at 5 values calls nothing of `added`
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_kernels_written_apart_from_their_eager_form_give_its_answer(padded):
+    """RoPE and the causal blocks' softmax compile a form of their own (one expression, fresh blocks); in float16
+    it gives the eager ops' answer but for rounding, over several blocks, padded or not."""
+    batch, heads, n = 2, 4, 160
+    q, k_t, _ = attention_operands(batch, n, heads, 2, 16, torch.float16, make=torch.randn)
+    mask = torch.ones(batch, n, dtype=torch.long)
+    mask[1, 100:] = 0 if padded else 1
+    bias, blocks = attention_bias(mask, torch.float16), CausalBlocks.of(batch, heads, n, padded=padded)
+    scores = blocks.scores(q, k_t)
+    cos, sin = torch.rand(n, 16).half(), torch.rand(n, 16).half()
+    assert len(blocks.spans) > 1
+    results = {}
+    for compiled in (False, True):
+        kernels.select(compiled, chosen=False)
+        results[compiled] = blocks.softmax(scores.clone(), bias), apply_rope(q, cos, sin)
+    for eager, compiled in zip(results[False], results[True]):
+        torch.testing.assert_close(compiled.float(), eager.float(), atol=2e-3, rtol=2e-3)
+
+
 def test_engine_set_up_times_every_kernel(tiny_models):
     """warm_kernels times each kernel of the inference at its shapes (the JSON lists them), and the inference
     after it builds nothing new and gives the eager answer."""
@@ -286,7 +335,7 @@ def test_engine_set_up_times_every_kernel(tiny_models):
     engine.warm_kernels(*ids.shape)
     names = {key.split(" ")[0] for key in kernels.chosen()}
     assert {"rms_norm", "residual_rms_norm", "silu_product", "_mix_rows", "_unmix_rows", "_scale_rows_cols",
-            "_unscale_rows_cols", "_hide_later_keys"} <= names
+            "_unscale_rows_cols", "_hide_later_keys", "_rope"} <= names
     assert all(c["eager_ms"] > 0 and c["compiled_ms"] > 0 for c in kernels.chosen().values())
     built = graphs_built()
     logits = engine.timed_forward(ids, mask)[0]
