@@ -18,7 +18,7 @@ import os
 import statistics
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Callable, Iterator
 
 import torch
@@ -183,9 +183,7 @@ def _probe() -> str | None:
     trusted = inductor.cpp.vec_isa_ok is None
     if trusted:
         inductor.cpp.vec_isa_ok = True
-        with _isa_checks_without_torch():
-            failure = _build_probe()
-    else:
+    with _isa_checks_without_torch() if trusted else nullcontext():
         failure = _build_probe()
     if failure is not None and trusted:
         inductor.cpp.vec_isa_ok = None
