@@ -73,6 +73,11 @@ PRESETS: dict[str, Preset] = {
                            tie_word_embeddings=True),
     "llama-2-7b": Preset(4096, 11008, 32, 32, 32, 32000, 4096, {"rope_type": "default", "rope_theta": 10000.0}),
     "llama-3.1-8b": Preset(4096, 14336, 32, 32, 8, 128256, 131072, _llama3_rope(500000.0, 8.0)),
+    # not a published model: LLaMA-3.2-1B's 16 layers, 4 query heads per kv head and tied table at tiny widths,
+    # so that an inference makes the 1B shape's calls and crossings with next to no arithmetic or bytes in
+    # them: its time is what those calls cost on their own (`gpu_benchmark.sh`'s overhead floor)
+    "llama-3.2-1b-narrow": Preset(64, 256, 16, 4, 1, 512, 131072, _llama3_rope(500000.0, 32.0),
+                                  tie_word_embeddings=True),
 }
 
 

@@ -160,16 +160,19 @@ def test_gpu_benchmark_dry_run(tiny_models, tmp_path):
     done = subprocess.run(["bash", script, str(out)], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:]
     assert sorted(os.listdir(out)) == ["kernel_bench.json", "log.txt", "perf.json", "perf_baseline.json",
-                                       "perf_spin.json", "precision.json", "profile.txt", "runners.json"]
+                                       "perf_floor.json", "perf_spin.json", "precision.json", "profile.txt",
+                                       "runners.json"]
     log = (out / "log.txt").read_text()
-    assert log.count("== [") == 7 and "warning: --overlap failed" not in log and "Traceback" not in log
+    assert log.count("== [") == 8 and "warning: --overlap failed" not in log and "Traceback" not in log
     assert "skipped" not in log and "warning: exit status" not in log
     assert "optimized_threads2" in json.loads((out / "perf.json").read_text())["lengths"]["8"]  # THREAD_SWEEP's
-    for name, policy in (("perf.json", None), ("perf_baseline.json", None), ("perf_spin.json", "ACTIVE")):
+    for name, policy in (("perf.json", None), ("perf_baseline.json", None), ("perf_spin.json", "ACTIVE"),
+                         ("perf_floor.json", None)):
         perf = json.loads((out / name).read_text())
         assert "incomplete" not in perf and set(perf["lengths"]) == {"8", "16"} and perf["compiler_start_ms"] >= 0
         assert perf["environment"]["omp_wait_policy"] == policy
         assert all("error" not in row for rows in perf["lengths"].values() for row in rows.values())
+    assert json.loads((out / "perf_floor.json").read_text())["setup"]["model"] == "preset:llama-3.2-1b-narrow"
     ran = json.loads((out / "perf_baseline.json").read_text())["environment"]["argv"][0]
     assert ran.startswith(str(baseline))  # the baseline's own code, not this tree's
     runners = json.loads((out / "runners.json").read_text())
@@ -193,7 +196,7 @@ def test_gpu_benchmark_keeps_to_its_budget(tiny_models, tmp_path):
     env = {**os.environ, "MODEL": tiny_models["gqa-tied"], "LENGTHS": "8,16", "DEADLINE": "0"}
     done = subprocess.run(["bash", script, str(tmp_path / "none")], env=env, capture_output=True, text=True,
                           timeout=300)
-    assert done.returncode == 0 and done.stdout.count("skipped (") == 12, done.stdout[-3000:]
+    assert done.returncode == 0 and done.stdout.count("skipped (") == 13, done.stdout[-3000:]
     assert sorted(os.listdir(tmp_path / "none")) == ["log.txt", "precision.json", "runners.json"]
     out, log = tmp_path / "perf", tmp_path / "perf.log"
     with open(log, "w") as err:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from splitinfer import perf
 from splitinfer.engine import SplitLlama
@@ -131,3 +132,17 @@ def test_copy_bandwidth_at_the_boundarys_sizes(monkeypatch, capsys):
         ("to_gpu_pinned_gb_per_s", "to_gpu_pinned_just_written_gb_per_s", "to_cpu_pinned_gb_per_s")}
     perf.print_table({"copy_bandwidth": bandwidth, "lengths": {}})
     assert "1 MiB pinned, GB/s: to_gpu_pinned 0.5, to_gpu_pinned_just_written 0.5" in capsys.readouterr().out
+
+
+def test_the_profile_is_of_the_online_phase(tiny_models):
+    """perf's profile of a masked scheme leaves its offline phase (the masks' random draws) out, and times no
+    region of its own (no clock reads around the TEE's ops)."""
+    from splitinfer.models import load_model
+    from splitinfer.schemes import make_scheme
+    model = load_model(tiny_models["gqa-tied"], torch.float32, torch.device("cpu"))
+    engine = SplitLlama(model.config, model.state_dict, make_scheme("matrix", seed=0), torch.device("cpu"),
+                        torch.float32)
+    ids = torch.randint(0, model.config.vocab_size, (1, 8))
+    table = perf.profile_engine(engine, ids, torch.ones_like(ids), "ours")
+    assert table.startswith("== ours\n") and "aten::gather" in table and "aten::uniform_" not in table
+    assert "aten::randint" not in table and engine.metrics.instrumented

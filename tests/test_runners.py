@@ -186,7 +186,7 @@ def test_script_bad_input_has_no_traceback(tmp_path):
     assert done.returncode == 2
     assert "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1] == "error: unknown preset 'nope'; choose one of: " \
-        "smollm2-135m, llama-3.2-1b, llama-3.2-3b, llama-2-7b, llama-3.1-8b"
+        "smollm2-135m, llama-3.2-1b, llama-3.2-3b, llama-2-7b, llama-3.1-8b, llama-3.2-1b-narrow"
 
 
 def test_help_lists_every_flag():

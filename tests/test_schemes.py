@@ -56,7 +56,10 @@ def test_otp_pad_product_in_row_blocks(dtype):
     weight = torch.randn(37, 16).to(dtype)
     product = schemes._float32_product(noise, weight, dtype, block_bytes=4 * 16 * 8)
     assert product.dtype == dtype and product.shape == (3, 5, 37)
-    torch.testing.assert_close(product, (noise.float() @ weight.float().T).to(dtype), rtol=1e-6, atol=1e-6)
+    # a block's product may sum in another order than the whole one: within one rounding of the model's dtype
+    # (a float16 ulp flipped 2 of 555 entries in one full-suite run)
+    rtol = max(torch.finfo(dtype).eps, 1e-6)
+    torch.testing.assert_close(product, (noise.float() @ weight.float().T).to(dtype), rtol=rtol, atol=1e-5)
 
 
 def test_otp_drops_the_last_pads_before_drawing_new_ones(monkeypatch):

@@ -18,6 +18,11 @@
 #                      and ACTIVE (waking OpenMP's threads), then the TEE's steps of one layer on
 #                      this machine's CPU, eager against compiled kernels (splitinfer.kernel_bench; written
 #                      after each stage, marked incomplete if cut)
+#   perf_floor.json    the comparison again on llama-3.2-1b-narrow: the 1B shape's 16 layers, heads per group
+#                      and tied table at widths of 64, so each runner makes the same calls and crossings with
+#                      next to no arithmetic or bytes in them: what those calls cost on their own, the floor
+#                      under each runner's time that no faster kernel or copy lowers (eager kernels: a compiled
+#                      kernel's call costs more at such sizes; FLOOR_KERNELS=compiled to time them; ~20 s on the VM)
 #   runners.json       every runner's own JSON, each in a fresh process, the longest length first (the memory
 #                      target is stated at 512 tokens): first inference, set-up, memory, logit error
 #   precision.json     float16 logit error of each scheme against the float32 reference, 3 mask seeds
@@ -41,7 +46,7 @@
 # is still that slow, the budget cuts the last steps: the precision check, then the 128-token runner processes.
 # Usage: bash tee_gpu/benchmarks/gpu_benchmark.sh OUT_DIR [PRESET]   (PRESET defaults to llama-3.2-1b)
 # LENGTHS=128,512 and PRECISION_LENGTH=128 may be overridden, and MODEL (default preset:PRESET) and
-# PRECISION_MODEL (default preset:smollm2-135m) and KERNEL_PRESET (default PRESET) too: tiny values make a
+# PRECISION_MODEL (default preset:smollm2-135m), FLOOR_MODEL and KERNEL_PRESET (default PRESET) too: tiny values make a
 # dry run on a CPU (tests/test_bench.py). THREAD_SWEEP=8,12 adds the runners at those thread counts to the
 # comparison (tenth round, 128 tokens, against 16 threads: plain 0.87-1.34x, ours 1.19-2.0x, otp
 # 1.06-1.53x, so none by default); KERNEL_THREADS
@@ -53,6 +58,7 @@ out=${1:?usage: gpu_benchmark.sh OUT_DIR [PRESET]}
 preset=${2:-llama-3.2-1b}
 model=${MODEL:-preset:$preset}
 precision_model=${PRECISION_MODEL:-preset:smollm2-135m}
+floor_model=${FLOOR_MODEL:-preset:llama-3.2-1b-narrow}
 lengths=${LENGTHS:-128,512}
 precision_length=${PRECISION_LENGTH:-128}
 thread_sweep=${THREAD_SWEEP:-}
@@ -127,6 +133,12 @@ step "the fixed cost of a call, by OpenMP wait policy and straight after a GPU r
 within 40 150 python -m splitinfer.kernel_bench --preset "${KERNEL_PRESET:-$preset}" --lengths "$lengths" \
   --threads "$kernel_threads" --wait-policies "$kernel_wait_policies" --out "$work/kernel_bench.json" || true
 cp "$work/kernel_bench.json" "$out/kernel_bench.json" 2>/dev/null || true
+
+step "the overhead floor: the same comparison on $floor_model, whose calls are the 1B shape's with next to no arithmetic"
+within 30 90 python -m splitinfer.perf --model "$floor_model" --lengths "$lengths" --dtype float16 --tee-dtype bfloat16 \
+  --warmup 2 --repeat 5 --no-ablations --no-kernel-variants --no-overlap --kernels="${FLOOR_KERNELS:-eager}" \
+  --out-dir "$work/floor" || true
+cp "$work/floor/perf.json" "$out/perf_floor.json" 2>/dev/null || true
 
 merge() {  # every JSON of one group into OUT_DIR/GROUP.json, written as soon as the group is done
   python - "$work/$1" "$out/$1.json" <<'PY'
