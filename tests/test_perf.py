@@ -8,6 +8,8 @@ import torch
 
 from splitinfer import perf
 from splitinfer.engine import SplitLlama
+from splitinfer.models import load_model
+from splitinfer.schemes import make_scheme
 
 
 def perf_argv(tiny_models, tmp_path, lengths: str = "8,16") -> list[str]:
@@ -137,8 +139,6 @@ def test_copy_bandwidth_at_the_boundarys_sizes(monkeypatch, capsys):
 def test_the_profile_is_of_the_online_phase(tiny_models):
     """perf's profile of a masked scheme leaves its offline phase (the masks' random draws) out, and times no
     region of its own (no clock reads around the TEE's ops)."""
-    from splitinfer.models import load_model
-    from splitinfer.schemes import make_scheme
     model = load_model(tiny_models["gqa-tied"], torch.float32, torch.device("cpu"))
     engine = SplitLlama(model.config, model.state_dict, make_scheme("matrix", seed=0), torch.device("cpu"),
                         torch.float32)
