@@ -122,6 +122,9 @@ def time_engine(engine: SplitLlama, ids, mask, warmup: int, repeat: int) -> tupl
                                       for op in ops} for c, ops in timed[-1]["breakdown"].items()}
     out["bytes_to_gpu"], out["bytes_to_cpu"] = (timed[0]["data_transfer"]["to_gpu_bytes"],
                                                 timed[0]["data_transfer"]["to_cpu_bytes"])
+    # what an inference's fixed costs scale with: its TEE ops and scheme steps, GPU calls and crossings
+    out["calls"] = {**timed[0]["counts"], "to_gpu": timed[0]["data_transfer"]["to_gpu_calls"],
+                    "to_tee": timed[0]["data_transfer"]["to_cpu_calls"]}
     return out, logits
 
 
@@ -204,11 +207,13 @@ def copy_bandwidth(device: torch.device, mib: int = 64, repeat: int = 5, sizes: 
             "to_cpu_pageable_gb_per_s": rate(pageable, on_gpu, False), "by_size": by_size}
 
 
-def profile_engine(engine: SplitLlama, ids, mask, title: str) -> str:
+def profile_engine(engine: SplitLlama, ids, mask, title: str) -> tuple[str, int]:
     """One inference's online phase under torch.profiler, timing no region of its own: the operators that took
-    the most host time, as a table. A masked scheme's offline phase is left out: the inference before, run
-    outside the profile, drew the masks this one uses again (its argsorts topped ours' table in the eighth
-    round). 40 rows, so that the driver's calls (copies, synchronisations, pinned allocations) show too."""
+    the most host time, as a table, and how many ops the host called: ATen operators (views included) and
+    compiled TEE kernels, not counting those inside another. A masked scheme's offline phase is left out: the inference before,
+    run outside the profile, drew the masks this one uses again (its argsorts topped ours' table in the
+    eighth round). 40 rows, so that the driver's calls (copies, synchronisations, pinned allocations) show
+    too."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if engine.metrics.device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -220,7 +225,9 @@ def profile_engine(engine: SplitLlama, ids, mask, title: str) -> str:
             synchronize(engine.metrics.device)
     finally:
         engine.metrics.instrumented = True
-    return f"== {title}\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40)
+    called = sum(1 for event in prof.events() if event.cpu_parent is None
+                 and event.name.startswith(("aten::", "Torch-Compiled Region")))
+    return f"== {title}\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40), called
 
 
 def measure(args, results: dict) -> None:
@@ -265,7 +272,8 @@ def measure(args, results: dict) -> None:
                                 **{"compiled": compiled, **options})
             row[method], logits = time_engine(engine, ids, mask, args.warmup, args.repeat)
             if args.profile and not threads and not options:
-                profiles.append(profile_engine(engine, ids, mask, f"{n} tokens: {method}"))
+                table, row[method]["host_ops_per_inference"] = profile_engine(engine, ids, mask, f"{n} tokens: {method}")
+                profiles.append(table)
         except RuntimeError as e:  # CUDA errors, out of memory among them
             if method in RUNNERS:  # the runners as they ship must work; a variant may fail and be recorded
                 raise

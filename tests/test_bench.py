@@ -161,7 +161,7 @@ def test_gpu_benchmark_dry_run(tiny_models, tmp_path):
     assert done.returncode == 0, done.stdout[-3000:]
     assert sorted(os.listdir(out)) == ["kernel_bench.json", "log.txt", "perf.json", "perf_baseline.json",
                                        "perf_floor.json", "perf_spin.json", "precision.json", "profile.txt",
-                                       "runners.json"]
+                                       "profile_floor.txt", "runners.json"]
     log = (out / "log.txt").read_text()
     assert log.count("== [") == 8 and "warning: --overlap failed" not in log and "Traceback" not in log
     assert "skipped" not in log and "warning: exit status" not in log
@@ -172,7 +172,9 @@ def test_gpu_benchmark_dry_run(tiny_models, tmp_path):
         assert "incomplete" not in perf and set(perf["lengths"]) == {"8", "16"} and perf["compiler_start_ms"] >= 0
         assert perf["environment"]["omp_wait_policy"] == policy
         assert all("error" not in row for rows in perf["lengths"].values() for row in rows.values())
-    assert json.loads((out / "perf_floor.json").read_text())["setup"]["model"] == "preset:llama-3.2-1b-narrow"
+    floor = json.loads((out / "perf_floor.json").read_text())
+    assert floor["setup"]["model"] == "preset:llama-3.2-1b-narrow"
+    assert all(floor["lengths"][n][m]["host_ops_per_inference"] > 0 for n in ("8", "16") for m in ("optimized", "ours"))
     ran = json.loads((out / "perf_baseline.json").read_text())["environment"]["argv"][0]
     assert ran.startswith(str(baseline))  # the baseline's own code, not this tree's
     runners = json.loads((out / "runners.json").read_text())

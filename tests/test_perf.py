@@ -45,6 +45,9 @@ def test_ratios_and_logits_against_the_plain_split(tiny_models, tmp_path, capsys
         assert row["optimized"]["categories_median_ms"]["overlap"] == 0
         assert all(row[m]["instrumented_median_ms"] > 0 and row[m]["device_warmup_ms"] > 0
                    for m in ("optimized", "ours", "otp"))
+        calls = {m: row[m]["calls"] for m in ("optimized", "ours", "otp")}  # what the fixed costs scale with
+        assert calls["ours"]["encryption"] == calls["ours"]["decryption"] > 0 and "encryption" not in calls["optimized"]
+        assert calls["otp"]["to_gpu"] > calls["optimized"]["to_gpu"] > 0 and calls["ours"]["gpu_linear"] > 0
         steps = row["otp"]["breakdown_median_ms"]["crypto"]
         assert steps["recovery_matmul"] > 0 and "softmax" in row["optimized"]["breakdown_median_ms"]["cpu_compute"]
         # compiled kernels, built in set-up, and the same engines with eager ones beside them
@@ -143,6 +146,8 @@ def test_the_profile_is_of_the_online_phase(tiny_models):
     engine = SplitLlama(model.config, model.state_dict, make_scheme("matrix", seed=0), torch.device("cpu"),
                         torch.float32)
     ids = torch.randint(0, model.config.vocab_size, (1, 8))
-    table = perf.profile_engine(engine, ids, torch.ones_like(ids), "ours")
+    table, called = perf.profile_engine(engine, ids, torch.ones_like(ids), "ours")
     assert table.startswith("== ours\n") and "aten::gather" in table and "aten::uniform_" not in table
     assert "aten::randint" not in table and engine.metrics.instrumented
+    plain = SplitLlama(model.config, model.state_dict, make_scheme("plain"), torch.device("cpu"), torch.float32)
+    assert 0 < perf.profile_engine(plain, ids, torch.ones_like(ids), "plain")[1] < called  # ours' masks

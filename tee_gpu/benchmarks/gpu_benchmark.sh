@@ -12,17 +12,19 @@
 #                      include the plain split and ours with eager kernels and with compiled ones at every
 #                      shape (what set-up's per-shape choice buys)
 #   profile.txt        torch.profiler tables of one inference of each split runner
+#   perf_floor.json    the comparison again on llama-3.2-1b-narrow: the 1B shape's 16 layers, heads per group
+#                      and tied table at widths of 64, so each runner makes the same calls and crossings with
+#                      next to no arithmetic or bytes in them: what those calls cost on their own, the floor
+#                      under each runner's time that no faster kernel or copy lowers (eager kernels: a compiled
+#                      kernel's call costs more at such sizes; FLOOR_KERNELS=compiled to time them; ~25 s on
+#                      the VM); profile_floor.txt its profiles. Right after perf: cheap, and what it says decides
+#                      which optimisations could reach a target
 #   kernel_bench.json  the fixed cost of a call at 4, 8 and 16 threads (an RMSNorm straight after another,
 #                      after 0.2, 2 and 30 ms idle, and straight after a round trip to the GPU, as the engine's
 #                      TEE ops come), also in fresh processes under OMP_WAIT_POLICY=PASSIVE
 #                      and ACTIVE (waking OpenMP's threads), then the TEE's steps of one layer on
 #                      this machine's CPU, eager against compiled kernels (splitinfer.kernel_bench; written
 #                      after each stage, marked incomplete if cut)
-#   perf_floor.json    the comparison again on llama-3.2-1b-narrow: the 1B shape's 16 layers, heads per group
-#                      and tied table at widths of 64, so each runner makes the same calls and crossings with
-#                      next to no arithmetic or bytes in them: what those calls cost on their own, the floor
-#                      under each runner's time that no faster kernel or copy lowers (eager kernels: a compiled
-#                      kernel's call costs more at such sizes; FLOOR_KERNELS=compiled to time them; ~20 s on the VM)
 #   runners.json       every runner's own JSON, each in a fresh process, the longest length first (the memory
 #                      target is stated at 512 tokens): first inference, set-up, memory, logit error
 #   precision.json     float16 logit error of each scheme against the float32 reference, 3 mask seeds
@@ -111,6 +113,13 @@ within 60 330 python -m splitinfer.perf --model "$model" --lengths "$lengths" --
 cp "$work/perf/perf.json" "$out/perf.json" 2>/dev/null || true
 cp "$work/perf/profile.txt" "$out/profile.txt" 2>/dev/null || true
 
+step "the overhead floor: the same comparison on $floor_model, whose calls are the 1B shape's with next to no arithmetic"
+within 30 90 python -m splitinfer.perf --model "$floor_model" --lengths "$lengths" --dtype float16 --tee-dtype bfloat16 \
+  --warmup 2 --repeat 5 --no-ablations --no-kernel-variants --no-overlap --kernels="${FLOOR_KERNELS:-eager}" \
+  --profile --out-dir "$work/floor" || true
+cp "$work/floor/perf.json" "$out/perf_floor.json" 2>/dev/null || true
+cp "$work/floor/profile.txt" "$out/profile_floor.txt" 2>/dev/null || true
+
 if [ -n "$baseline" ]; then
   if [ -d "$model" ]; then model_there=$(cd "$model" && pwd); else model_there=$model; fi
   step "the split runners of the baseline in $baseline, timed the same way"
@@ -133,12 +142,6 @@ step "the fixed cost of a call, by OpenMP wait policy and straight after a GPU r
 within 40 150 python -m splitinfer.kernel_bench --preset "${KERNEL_PRESET:-$preset}" --lengths "$lengths" \
   --threads "$kernel_threads" --wait-policies "$kernel_wait_policies" --out "$work/kernel_bench.json" || true
 cp "$work/kernel_bench.json" "$out/kernel_bench.json" 2>/dev/null || true
-
-step "the overhead floor: the same comparison on $floor_model, whose calls are the 1B shape's with next to no arithmetic"
-within 30 90 python -m splitinfer.perf --model "$floor_model" --lengths "$lengths" --dtype float16 --tee-dtype bfloat16 \
-  --warmup 2 --repeat 5 --no-ablations --no-kernel-variants --no-overlap --kernels="${FLOOR_KERNELS:-eager}" \
-  --out-dir "$work/floor" || true
-cp "$work/floor/perf.json" "$out/perf_floor.json" 2>/dev/null || true
 
 merge() {  # every JSON of one group into OUT_DIR/GROUP.json, written as soon as the group is done
   python - "$work/$1" "$out/$1.json" <<'PY'
