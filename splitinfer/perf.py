@@ -1,6 +1,7 @@
 """Performance comparison in one process: the split runners, the TEE-only baseline, and transformers'
 own forward on the CPU (and on the GPU when there is one), on the same weights and ids. Prints the
-ratios the performance targets are stated in and writes them as JSON.
+ratios the performance targets are stated in and writes them as JSON (perf.json), and the figures flat, a
+row per length and method, as CSV (perf.csv).
 
     python -m splitinfer.perf --model preset:llama-3.2-1b --lengths 128,512 --out-dir perf_results
 
@@ -35,8 +36,9 @@ from splitinfer.inputs import build_batch, read_prompts
 from splitinfer.metrics import synchronize
 from splitinfer.models import load_model
 from splitinfer.reference import build_transformers_model, compare
+from splitinfer.report import csv_text
 from splitinfer.results import environment_block, memory_block, write_atomically, write_json
-from splitinfer.schemes import RUNNERS, make_scheme
+from splitinfer.schemes import RUNNERS, SCHEMES, make_scheme
 
 DEFAULT_PROMPTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tee_only_llama",
                                "prompts.txt")
@@ -71,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-overlap", action="store_true",
                    help="on CUDA, skip the plain split with copies overlapping the TEE's work (optimized_overlap)")
     p.add_argument("--profile", action="store_true",
-                   help="also profile one more inference of each split runner (torch.profiler) into profile.txt")
+                   help="also profile one more inference of each split runner (torch.profiler; its online phase, no "
+                        "region timed) into profile.txt, and count the ops its host called (host_ops_per_inference)")
     return p
 
 
@@ -366,6 +369,34 @@ def ratios(row: dict) -> dict:
     return out
 
 
+CSV_COLUMNS = ("tokens", "method", "median_ms", "min_ms", "max_ms", "first_ms", "instrumented_median_ms",
+               *(f"{c}_ms" for c in ("transfer_to_gpu", "transfer_to_cpu", "gpu_compute", "cpu_compute", "crypto",
+                                     "overlap", "other", "offline")),
+               "bytes_to_gpu", "bytes_to_cpu", "tee_calls", "gpu_calls", "crossings", "host_ops_per_inference",
+               "rel_diff_from_optimized", "kernels", "error")
+SCHEME_STEPS = {step for scheme in SCHEMES.values() for step in scheme.steps}
+
+
+def csv_rows(results: dict) -> list[dict]:
+    """perf.json flattened for plotting: one row per length and method timed (baselines included), the same
+    columns in every row, empty where a method has no such figure. `tee_calls` counts the TEE's ops and the
+    scheme's protect and recover steps, `gpu_calls` the GPU's, `crossings` the copies both ways."""
+    rows = []
+    for n, row in results.get("lengths", {}).items():
+        for method, figures in row.items():
+            if method == "ratios":
+                continue
+            calls = figures.get("calls")
+            flat = {**figures, **{f"{c}_ms": ms for c, ms in figures.get("categories_median_ms", {}).items()},
+                    "tokens": n, "method": method}
+            if calls is not None:
+                flat.update(tee_calls=sum(v for k, v in calls.items() if k.startswith("cpu_") or k in SCHEME_STEPS),
+                            gpu_calls=sum(v for k, v in calls.items() if k.startswith("gpu_")),
+                            crossings=calls["to_gpu"] + calls["to_tee"])
+            rows.append({column: flat.get(column) for column in CSV_COLUMNS})
+    return rows
+
+
 def print_table(results: dict) -> None:
     if "copy_bandwidth" in results:
         bandwidth = results["copy_bandwidth"]
@@ -413,6 +444,10 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, previous)
     results["compiler_start_ms"] = kernels.start_ms()  # once per process: inside the first compiled engine's kernel_compile_ms
     write_json(path, results)
+    rows = csv_rows(results)
+    if rows:  # the same figures, flat
+        text = csv_text(rows).encode()
+        write_atomically(os.path.join(args.out_dir, "perf.csv"), lambda f: f.write(text))
     if stopped is not None:
         progress(f"wrote the figures taken before it stopped to {path}")
         if isinstance(stopped, Stopped):

@@ -159,9 +159,9 @@ def test_gpu_benchmark_dry_run(tiny_models, tmp_path):
     out = tmp_path / "out"
     done = subprocess.run(["bash", script, str(out)], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:]
-    assert sorted(os.listdir(out)) == ["kernel_bench.json", "log.txt", "perf.json", "perf_baseline.json",
-                                       "perf_floor.json", "perf_spin.json", "precision.json", "profile.txt",
-                                       "profile_floor.txt", "runners.json"]
+    assert sorted(os.listdir(out)) == ["kernel_bench.json", "log.txt", "perf.csv", "perf.json", "perf_baseline.json",
+                                       "perf_floor.csv", "perf_floor.json", "perf_spin.json", "precision.json",
+                                       "profile.txt", "profile_floor.txt", "runners.json"]
     log = (out / "log.txt").read_text()
     assert log.count("== [") == 8 and "warning: --overlap failed" not in log and "Traceback" not in log
     assert "skipped" not in log and "warning: exit status" not in log

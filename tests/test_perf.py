@@ -1,6 +1,7 @@
 """The in-process performance comparison end to end, on a tiny checkpoint."""
 from __future__ import annotations
 
+import csv
 import json
 
 import pytest
@@ -59,6 +60,13 @@ def test_ratios_and_logits_against_the_plain_split(tiny_models, tmp_path, capsys
         assert row["ratios"]["ours_all_compiled_over_chosen"] > 0
         assert row["ours_eager_kernels"]["rel_diff_from_optimized"] < 1e-3
     assert "ours_over_plain" in capsys.readouterr().out
+    # perf.csv: the same figures, one flat row per length and method, for plotting
+    rows = list(csv.DictReader(open(tmp_path / "perf.csv")))
+    assert {(r["tokens"], r["method"]) for r in rows} == {(n, m) for n, row in lengths.items() for m in row
+                                                           if m != "ratios"}
+    ours = next(r for r in rows if (r["tokens"], r["method"]) == ("8", "ours"))
+    assert float(ours["median_ms"]) == pytest.approx(lengths["8"]["ours"]["median_ms"])
+    assert float(ours["crypto_ms"]) > 0 and int(ours["tee_calls"]) > int(ours["gpu_calls"]) > 0 and ours["error"] == ""
 
 
 def test_a_failing_variant_is_recorded_and_the_rest_still_run(tiny_models, tmp_path, monkeypatch, capsys):
@@ -70,6 +78,8 @@ def test_a_failing_variant_is_recorded_and_the_rest_still_run(tiny_models, tmp_p
         "overlap", "CUDA error: an illegal memory access was encountered\nmore detail"))
     row = run_perf(tiny_models, tmp_path, "--split-only")["8"]
     assert row["optimized_overlap"] == {"error": "CUDA error: an illegal memory access was encountered"}
+    failed = [r for r in csv.DictReader(open(tmp_path / "perf.csv")) if r["method"] == "optimized_overlap"]
+    assert [(r["error"], r["median_ms"]) for r in failed] == [(row["optimized_overlap"]["error"], "")] * 2  # 8, 16
     assert row["optimized_threads1"]["rel_diff_from_optimized"] < 1e-5  # the same function, other threads
     out, err = capsys.readouterr()
     assert "optimized_overlap    failed: CUDA error" in out and "warning: optimized_overlap failed" in err

@@ -11,13 +11,14 @@
 #                      every length, then the variants, so that a cut run keeps the headline; the variants
 #                      include the plain split and ours with eager kernels and with compiled ones at every
 #                      shape (what set-up's per-shape choice buys)
+#   perf.csv           the same figures flat, one row per length and method, for plotting
 #   profile.txt        torch.profiler tables of one inference of each split runner
 #   perf_floor.json    the comparison again on llama-3.2-1b-narrow: the 1B shape's 16 layers, heads per group
 #                      and tied table at widths of 64, so each runner makes the same calls and crossings with
 #                      next to no arithmetic or bytes in them: what those calls cost on their own, the floor
 #                      under each runner's time that no faster kernel or copy lowers (eager kernels: a compiled
 #                      kernel's call costs more at such sizes; FLOOR_KERNELS=compiled to time them; ~25 s on
-#                      the VM); profile_floor.txt its profiles. Right after perf: cheap, and what it says decides
+#                      the VM); perf_floor.csv and profile_floor.txt with it. Right after perf: cheap, and what it says decides
 #                      which optimisations could reach a target
 #   kernel_bench.json  the fixed cost of a call at 4, 8 and 16 threads (an RMSNorm straight after another,
 #                      after 0.2, 2 and 30 ms idle, and straight after a round trip to the GPU, as the engine's
@@ -111,6 +112,7 @@ within 60 330 python -m splitinfer.perf --model "$model" --lengths "$lengths" --
   --warmup 2 --repeat 5 ${thread_sweep:+--thread-sweep "$thread_sweep"} $no_overlap $no_ablations --profile $kernels \
   --out-dir "$work/perf" || true
 cp "$work/perf/perf.json" "$out/perf.json" 2>/dev/null || true
+cp "$work/perf/perf.csv" "$out/perf.csv" 2>/dev/null || true
 cp "$work/perf/profile.txt" "$out/profile.txt" 2>/dev/null || true
 
 step "the overhead floor: the same comparison on $floor_model, whose calls are the 1B shape's with next to no arithmetic"
@@ -118,6 +120,7 @@ within 30 90 python -m splitinfer.perf --model "$floor_model" --lengths "$length
   --warmup 2 --repeat 5 --no-ablations --no-kernel-variants --no-overlap --kernels="${FLOOR_KERNELS:-eager}" \
   --profile --out-dir "$work/floor" || true
 cp "$work/floor/perf.json" "$out/perf_floor.json" 2>/dev/null || true
+cp "$work/floor/perf.csv" "$out/perf_floor.csv" 2>/dev/null || true
 cp "$work/floor/profile.txt" "$out/profile_floor.txt" 2>/dev/null || true
 
 if [ -n "$baseline" ]; then
