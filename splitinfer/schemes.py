@@ -134,7 +134,7 @@ class Matrix(Plain):
         for name, source in (softmax_of or {}).items():
             self._chain(self.matmul_masks[source], self.matmul_masks[name])
         tensors = [t for m in (*self.linear_masks.values(), *self.matmul_masks.values()) for t in m.values()]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return _storage_bytes(tensors)
 
     def _mixing_mask(self, shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
         """D, A, B (and the k×k core of the Woodbury inverse) for every sequence of a [..., n, d] input,
@@ -174,10 +174,14 @@ class Matrix(Plain):
                 "d3": self._signed_uniform((batch, groups, m), *self.D_RANGE).to(dtype)}
         mask["p1_inverse"], mask["p3_inverse"] = mask["p1"].argsort(-1), mask["p3"].argsort(-1)
         # offline, so that the online steps take fewer ops: each row permutation as the flat index it gathers
-        # with, and B's two diagonals as one k×m scale (B is kᵀ or v, never n×n), from the very
-        # rounded values A's and the recovery's diagonals use
+        # with, each column permutation as the index it gathers with over its operand (a view), and B's two
+        # diagonals as one k×m scale (B is kᵀ or v, never n×n), from the very rounded values A's and the
+        # recovery's diagonals use
         for name in ("p1", "p2", "p1_inverse"):
             mask[f"rows_{name}"] = _row_index(mask[name])
+        mask["cols_a"] = _col_index(mask["p2"], (*per_head, n, k))
+        mask["cols_b"] = _col_index(mask["p3"], b)
+        mask["cols_c"] = _col_index(mask["p3_inverse"], (*per_head, n, m))
         mask["b_scale"] = (mask["d3"].float()[:, :, None, :] / mask["d2"].float()[..., None]).to(dtype)
         return mask
 
@@ -189,8 +193,9 @@ class Matrix(Plain):
         composite indices. Two gathers over the n² entries fewer per layer; the GPU still sees A under
         second's own fresh P₁', P₂', and B (v) is masked as before."""
         second["a_rows"] = _row_index(torch.gather(first["p1_inverse"], -1, second["p1"]))
-        second["a_cols"] = torch.gather(first["p3_inverse"], -1, second["p2"])
-        del first["rows_p1_inverse"], second["rows_p1"]  # the gathers they were for are gone
+        second["cols_a"] = _col_index(torch.gather(first["p3_inverse"], -1, second["p2"]), second["cols_a"].shape)
+        # the gathers they were for are gone
+        del first["rows_p1_inverse"], first["cols_c"], second["rows_p1"]
 
     def protect_linear(self, x, name):
         mask = self.linear_masks[name]
@@ -236,11 +241,10 @@ class Matrix(Plain):
         m = self.matmul_masks[name]
         batch, heads, n, k = a.shape
         groups = b.shape[1]
-        rows, cols = (m["a_rows"], m["a_cols"]) if "a_rows" in m else (m["rows_p1"], m["p2"])  # see `_chain`
-        a5 = _permute_cols(_permute_rows(a.reshape(batch, groups, heads // groups, n, k), rows), cols,
-                           self.pinned_buffer((batch, groups, heads // groups, n, k), a.dtype))
+        a5 = _permute(a.reshape(batch, groups, heads // groups, n, k), m.get("a_rows", m.get("rows_p1")),  # `_chain`
+                      m["cols_a"], self.pinned_buffer((batch, groups, heads // groups, n, k), a.dtype))
         _scale_rows_cols(a5, m["d1"], m["d2"])                                              # D₁P₁ A P₂D₂
-        b4 = _permute_cols(_permute_rows(b, m["rows_p2"]), m["p3"], self.pinned_buffer(b.shape, b.dtype))  # P₂⁻¹ B P₃
+        b4 = _permute(b, m["rows_p2"], m["cols_b"], self.pinned_buffer(b.shape, b.dtype))   # P₂⁻¹ B P₃
         b4.mul_(m["b_scale"])                                                               # D₂⁻¹ · · D₃
         return a5.view(a.shape), b4, (m, groups, name in self.kept_order)
 
@@ -251,7 +255,7 @@ class Matrix(Plain):
         c5 = _unscale_rows_cols(c.view(batch, groups, heads // groups, n, cols), m["d1"], m["d3"])
         if keep_order:  # left in the masks' order: `scores_order`
             return c5.view(c.shape)
-        return _permute_cols(_permute_rows(c5, m["rows_p1_inverse"]), m["p3_inverse"]).view(c.shape)
+        return _permute(c5, m["rows_p1_inverse"], m["cols_c"]).view(c.shape)
 
 
 class Otp(Plain):
@@ -423,30 +427,37 @@ def _unscale_rows_cols(x5: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor)
 
 
 def _row_index(perm: torch.Tensor) -> torch.Tensor:
-    """The flat index `_permute_rows` gathers with for `perm` (one permutation per matrix, over its rows):
+    """The flat index `_permute` selects rows with for `perm` (one permutation per matrix, over its rows):
     each matrix's permuted rows, offset to where that matrix's rows start among all of them."""
     rows = perm.shape[-1]
     offsets = torch.arange(0, perm.numel(), rows).view(*perm.shape[:-1], 1)
     return (perm + offsets).reshape(-1)
 
 
-def _permute_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """out[..., i, :] = x[..., perm[..., i], :] for index = `_row_index(perm)`: one index_select over the
-    flattened rows, a row copy, far cheaper than a broadcast gather."""
-    return x.reshape(-1, x.shape[-1]).index_select(0, index).view(x.shape)
+def _col_index(perm: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """The index `_permute` gathers columns with for `perm` [B, G, m] (one permutation per batch and group,
+    shared by all its rows and heads) over an operand of `shape` [B, G, ..., m]: a view of perm, no copy."""
+    return perm.view(*perm.shape[:2], *[1] * (len(shape) - 3), perm.shape[-1]).expand(shape)
 
 
-def _permute_cols(x: torch.Tensor, perm: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """out[b, g, ..., j] = x[b, g, ..., perm[b, g, j]]: one permutation per (batch, group), shared by all its
-    rows and heads; into `out` where given (x's shape, contiguous).
+def _permute(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """out[b, g, ..., i, j] = x[b, g, ..., perm_r(i), perm_c(j)] for rows = `_row_index(perm_r)` and cols =
+    `_col_index(perm_c, x.shape)`; into `out` where given (x's shape, contiguous).
 
-    One broadcast gather over the raw bits (an integer view of the same width): a permutation only moves
-    values, and PyTorch's integer gather runs several times faster than its half-precision one. Measured
-    on the 2-core VM, float16, 8 groups of 4 heads x 512²: 1.7 ms, against 10 ms for a float16 gather and
-    7 ms for indexing per (batch, group)."""
+    A permutation only moves values, so both steps move the raw bits (an integer view of the same width):
+    one index_select over the flattened rows (a row copy, far cheaper than a broadcast gather), then one
+    broadcast gather along them, which PyTorch runs several times faster on integers than on half
+    precision. Measured on the 2-core VM, float16, 8 groups of 4 heads x 512²: the gather 1.7 ms, against
+    10 ms for a float16 gather and 7 ms for indexing per (batch, group). Both steps on one integer view, with
+    the indices made offline, took 6.5 against 10.0 ms, and 7 host calls where the steps apart made 11."""
     bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()]
-    index = perm.view(*perm.shape[:2], *[1] * (x.dim() - 3), perm.shape[-1]).expand(x.shape)
-    return torch.gather(x.view(bits), -1, index, out=None if out is None else out.view(bits)).view(x.dtype)
+    picked = x.view(bits).reshape(-1, x.shape[-1]).index_select(0, rows).view(x.shape)
+    return torch.gather(picked, -1, cols, out=None if out is None else out.view(bits)).view(x.dtype)
+
+
+def _storage_bytes(tensors: list[torch.Tensor]) -> int:
+    """The bytes of memory the tensors hold, each storage once (views share one: `_col_index`)."""
+    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
 
 
 def _row_rms(x: torch.Tensor) -> torch.Tensor:

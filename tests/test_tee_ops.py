@@ -106,14 +106,20 @@ def test_causal_blocks_equal_the_full_attention():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(2, 3, 2, 5, 7), (2, 3, 4, 6)])
-def test_column_permutation_moves_values_exactly(shape, dtype):
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_permutation_moves_values_exactly(shape, dtype, layout):
+    """ours' row and column permutations of an operand (as kᵀ comes, a transposed view too), into a buffer."""
     x = torch.randn(*shape).to(dtype)
-    perm = torch.rand(shape[0], shape[1], shape[-1]).argsort(-1)
-    out = schemes._permute_cols(x, perm)
+    x = x if layout == "contiguous" else x.transpose(-1, -2).contiguous().transpose(-1, -2)
+    row_perm = torch.rand(*shape[:-1]).argsort(-1)
+    col_perm = torch.rand(shape[0], shape[1], shape[-1]).argsort(-1)
+    out = torch.empty(shape, dtype=dtype)
+    assert schemes._permute(x, schemes._row_index(row_perm), schemes._col_index(col_perm, shape), out) is not None
     assert out.dtype == dtype
     for b in range(shape[0]):
         for g in range(shape[1]):
-            assert torch.equal(out[b, g], x[b, g][..., perm[b, g]])
+            rows = x[b, g].gather(-2, row_perm[b, g][..., None].expand(*shape[2:]))  # row i is row perm_r(i)
+            assert torch.equal(out[b, g], rows[..., col_perm[b, g]])
 
 
 def test_perf_counts_and_variants():
