@@ -213,10 +213,10 @@ def copy_bandwidth(device: torch.device, mib: int = 64, repeat: int = 5, sizes: 
 def profile_engine(engine: SplitLlama, ids, mask, title: str) -> tuple[str, int]:
     """One inference's online phase under torch.profiler, timing no region of its own: the operators that took
     the most host time, as a table, and how many ops the host called: ATen operators (views included) and
-    compiled TEE kernels, not counting those inside another. A masked scheme's offline phase is left out: the inference before,
-    run outside the profile, drew the masks this one uses again (its argsorts topped ours' table in the
-    eighth round). 40 rows, so that the driver's calls (copies, synchronisations, pinned allocations) show
-    too."""
+    compiled TEE kernels, not counting those inside another. A masked scheme's offline phase is left out: the
+    inference before, run outside the profile, drew the masks this one uses again (its argsorts topped ours'
+    table in the eighth round). 40 rows, so that the driver's calls (copies, synchronisations, pinned
+    allocations) show too."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if engine.metrics.device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -275,7 +275,8 @@ def measure(args, results: dict) -> None:
                                 **{"compiled": compiled, **options})
             row[method], logits = time_engine(engine, ids, mask, args.warmup, args.repeat)
             if args.profile and not threads and not options:
-                table, row[method]["host_ops_per_inference"] = profile_engine(engine, ids, mask, f"{n} tokens: {method}")
+                table, called = profile_engine(engine, ids, mask, f"{n} tokens: {method}")
+                row[method]["host_ops_per_inference"] = called
                 profiles.append(table)
         except RuntimeError as e:  # CUDA errors, out of memory among them
             if method in RUNNERS:  # the runners as they ship must work; a variant may fail and be recorded
