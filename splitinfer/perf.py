@@ -33,7 +33,7 @@ from splitinfer.cli import (DTYPES, OneLineParser, add_kernels_flag, compiled_ke
 from splitinfer.engine import SplitLlama
 from splitinfer.errors import UserError, one_line_errors
 from splitinfer.inputs import build_batch, read_prompts
-from splitinfer.metrics import synchronize
+from splitinfer.metrics import ONLINE, synchronize
 from splitinfer.models import load_model
 from splitinfer.reference import build_transformers_model, compare
 from splitinfer.report import csv_text
@@ -371,8 +371,7 @@ def ratios(row: dict) -> dict:
 
 
 CSV_COLUMNS = ("tokens", "method", "median_ms", "min_ms", "max_ms", "first_ms", "instrumented_median_ms",
-               *(f"{c}_ms" for c in ("transfer_to_gpu", "transfer_to_cpu", "gpu_compute", "cpu_compute", "crypto",
-                                     "overlap", "other", "offline")),
+               *(f"{c}_ms" for c in (*ONLINE, "overlap", "other", "offline")),  # Metrics.category_ms's
                "bytes_to_gpu", "bytes_to_cpu", "tee_calls", "gpu_calls", "crossings", "host_ops_per_inference",
                "rel_diff_from_optimized", "kernels", "error")
 SCHEME_STEPS = {step for scheme in SCHEMES.values() for step in scheme.steps}
