@@ -102,6 +102,11 @@ def build_parser(config, scheme: str, prog: str) -> argparse.ArgumentParser:
                        default=getattr(config, "RESIDENT_EMBEDDING", False),
                        help="with a tied LM head, keep a copy of the embedding table in the TEE instead of reading "
                             "the GPU's whole at every inference: one table copy faster, a table's size more memory")
+        p.add_argument("--fuse-hops", action="store_true", default=getattr(config, "FUSE_HOPS", False),
+                       help="make the TEE's work between two linears one call: recovering the answer, the residual "
+                            "add and RMSNorm (or SiLU·up), and protecting the next input, compiled as one kernel "
+                            "(three such hops a layer). The JSON then times those RMSNorms and SiLUs as crypto "
+                            "(timing.fused_hops_ms)")
     if scheme == "matrix":
         p.add_argument("--mask-rank", type=int, default=config.MASK_RANK,
                        help="rank k of the token-mixing part of M = D + ABᵀ (1: the original D + αβᵀ); "
@@ -219,6 +224,7 @@ def run(args, scheme_name: str) -> dict:
     engine = SplitLlama(model.config, model.state_dict, scheme, gpu_device, dtype, tee_only=tee_only,
                         overlap=getattr(args, "overlap", False),
                         resident_embedding=getattr(args, "resident_embedding", False),
+                        fuse_hops=getattr(args, "fuse_hops", False),
                         compiled=compiled_kernels(args.kernels, gpu_device),
                         attention=None if getattr(args, "attention", "auto") == "auto" else args.attention)
     if gpu_device.type == "cuda":  # context and cuBLAS handle belong to set-up, not to the first inference
@@ -272,6 +278,7 @@ def run(args, scheme_name: str) -> dict:
         "benchmark_info": {**info, "prefill_length": args.prefill_length, "batch_size": args.batch_size,
                            "real_tokens": real_tokens, "ragged": args.ragged, "dtype": dtype_name,
                            "scheme": scheme_name, "encryption_scheme": scheme.encryption_scheme,
+                           "fused_hops": engine.fuse_hops,
                            "throughput_tokens_per_sec": real_tokens / (figures["total_ms"] / 1e3),
                            "logits_shape": list(logits.shape), "lm_head_positions": "last real token",
                            "gpu_device": str(gpu_device), "gpu_fallback_to_cpu": fallback,

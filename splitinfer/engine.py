@@ -20,8 +20,8 @@ from splitinfer.boundary import Boundary
 from splitinfer.inputs import last_positions
 from splitinfer.metrics import NOTHING, Metrics, synchronize
 from splitinfer.schemes import Plain
-from splitinfer.tee_ops import (CausalBlocks, RmsNorm, Rotary, apply_rope, attention_bias, fused_attention,
-                                grouped_matmul, row_parts, silu_gate, softmax_in_order)
+from splitinfer.tee_ops import (CausalBlocks, RmsNorm, Rotary, apply_rope, attention_bias, fused_attention, gated,
+                                grouped_matmul, row_parts, silu_gate, softmax_in_order, sum_and_norm)
 
 
 Product = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -140,6 +140,28 @@ class TeeLayer:
     mlp_norm: RmsNorm
 
 
+@dataclass
+class Answer:
+    """A linear's answer as the GPU gave it, still masked: recovered where it is used (`SplitLlama.received`),
+    or in the fused hop after it (`SplitLlama.fused_hop`)."""
+    z: torch.Tensor
+    secret: object
+    weight: str
+    kind: str
+
+
+@dataclass
+class Protected:
+    """A linear's input that a fused hop has already protected: it crosses as it is."""
+    masked: torch.Tensor
+    secret: object
+
+
+def linear_kind(weight: str) -> str:
+    """The op kind the JSON files a layer's linear under."""
+    return "linear_attn" if weight.endswith((".qkv", ".o")) else "linear_mlp"
+
+
 class SplitLlama:
     """A LLaMA prefill split between the TEE and the GPU under a protection scheme."""
 
@@ -147,7 +169,7 @@ class SplitLlama:
                  gpu_device: torch.device, dtype: torch.dtype, tee_only: bool = False, pinned: bool | None = None,
                  triangle: bool = True, block_rows: int | None = None, overlap: bool = False,
                  resident_embedding: bool = False, compiled: bool = False, choose_kernels: bool = True,
-                 attention: str | None = None):
+                 attention: str | None = None, fuse_hops: bool = False):
         """`pinned` and `triangle` (the scores' causal block triangle) exist to be switched off for ablations;
         `block_rows` sets the triangle's least rows per block (tee_ops.ROWS unless given), to compare sizes.
         `overlap` makes the plain split's two largest hops (scores -> softmax -> probabilities, gate/up ->
@@ -157,6 +179,10 @@ class SplitLlama:
         table in the TEE instead of reading the GPU's at every inference (`streamed_embedding`).
         `compiled` runs the TEE's fused kernels compiled (`kernels`; `warm_kernels` builds them in set-up),
         each eager at the shapes where set-up measured that faster, unless not `choose_kernels`.
+        `fuse_hops` makes a masked scheme's TEE work between two linears one call (`fused_hop`): recovering
+        the answer, the residual add and RMSNorm or SiLU·up, and protecting the next linear's input, compiled
+        as one kernel. Three hops a layer, each one call where it made three; the call is timed as crypto, so
+        that category then holds those RMSNorms and SiLUs too.
         `attention` pins the TEE-only runner's form of attention (one of ATTENTION_FORMS); unset, set-up times
         each on this CPU and keeps the fastest (`choose_attention`). Split engines have none: their scores cross."""
         if attention not in (None, *ATTENTION_FORMS):
@@ -174,6 +200,7 @@ class SplitLlama:
         scheme.pinned_buffer = self.link.pinned_buffer  # protected operands are written where the GPU reads them
         self.gpu = Gpu(gpu_device, self.metrics, in_tee=tee_only)
         self.overlap = overlap and not tee_only and not scheme.masked
+        self.fuse_hops = fuse_hops and scheme.masked
         self.attention_pinned = attention is not None
         self.attention_form = (attention or ONE_BLOCK) if tee_only else None  # ONE_BLOCK until `choose_attention`
         self.attention_ms: dict[str, float] = {}  # what each form took in `choose_attention`, ms per layer
@@ -295,12 +322,23 @@ class SplitLlama:
             blocks.softmax(torch.zeros(blocks.shape, dtype=self.dtype), torch.zeros(batch, 1, n, n, dtype=self.dtype),
                            self.gpu_bound(blocks.shape))
         self.scheme.warm_kernels(linears, self.matmul_operands(batch, n),
-                                 {name: self.gpu.weights[name].shape[0] for name in linears}, self.dtype, softmax_of)
+                                 {name: self.gpu.weights[name].shape[0] for name in linears}, self.dtype, softmax_of,
+                                 self.hops_on_zeros(batch, n) if self.fuse_hops else ())
         if softmax_of:
             groups, long = self.n_kv_heads, torch.long
             softmax_in_order(torch.zeros(batch, self.n_heads, n, n, dtype=self.dtype),
                              torch.zeros(batch, groups, self.n_heads // groups, n, dtype=long),
                              torch.zeros(batch, groups, n, dtype=long), torch.ones(batch, n, dtype=long))
+
+    def hops_on_zeros(self, batch: int, n: int) -> tuple:
+        """The three fused hops of a layer, as `Plain.warm_kernels` takes them: (the linear before, its bias, the
+        op, its arguments on zeros, the linear after)."""
+        x, layer = torch.zeros(batch, n, self.config.hidden_size, dtype=self.dtype), self.layers[0]
+        return (("0.o", self.tee_biases.get("0.o"), sum_and_norm, (x, layer.mlp_norm.scaled, layer.mlp_norm.eps_d),
+                 "0.gate_up"),
+                ("0.gate_up", self.tee_biases.get("0.gate_up"), gated, (), "0.down"),
+                ("0.down", self.tee_biases.get("0.down"), sum_and_norm, (x, layer.attn_norm.scaled, layer.attn_norm.eps_d),
+                 "0.qkv"))
 
     @torch.no_grad()
     def warm_device(self, batch: int, n: int) -> float:
@@ -434,13 +472,37 @@ class SplitLlama:
 
     # ---- the hops: every crossing of the TEE/GPU boundary goes through one of these ----
 
-    def linear(self, x: torch.Tensor, weight: str, kind: str, layer: int | None = None) -> torch.Tensor:
-        """TEE -> GPU -> TEE: y = x Wᵀ (+ b) computed on the GPU on a protected x."""
-        masked, secret = self.crypto(0, kind, self.scheme.protect_linear, x, weight)
+    def linear(self, x: torch.Tensor | Protected, weight: str, kind: str, layer: int | None = None,
+               defer: bool = False) -> torch.Tensor | Answer:
+        """TEE -> GPU -> TEE: y = x Wᵀ (+ b) computed on the GPU on a protected x (protected already where a
+        fused hop made it). With `defer` and fused hops, the answer stays masked, for the hop after it."""
+        masked, secret = ((x.masked, x.secret) if isinstance(x, Protected) else
+                          self.crypto(0, kind, self.scheme.protect_linear, x, weight))
         z = self.link.to_tee(self.gpu.linear(self.link.to_gpu(masked, kind, layer), weight, kind), kind)
-        y = self.crypto(1, kind, self.scheme.recover_linear, z, secret)
-        bias = self.tee_biases.get(weight)
-        return y if bias is None else self.tee("bias", torch.add, y, bias)
+        answer = Answer(z, secret, weight, kind)
+        return answer if defer and self.fuse_hops else self.received(answer)
+
+    def received(self, y: torch.Tensor | Answer) -> torch.Tensor:
+        """A linear's answer recovered, with its bias added in the TEE where it has one; a tensor as it is."""
+        if not isinstance(y, Answer):
+            return y
+        recovered = self.crypto(1, y.kind, self.scheme.recover_linear, y.z, y.secret)
+        bias = self.tee_biases.get(y.weight)
+        return recovered if bias is None else self.tee("bias", torch.add, recovered, bias)
+
+    def fused_hop(self, op: str, fn: Callable, answer: Answer, args: tuple, weight: str
+                  ) -> tuple[torch.Tensor | None, Protected]:
+        """TEE, in one call (`Plain.hop`): the answer's recovery (and bias), the TEE op `op` (`fn`:
+        `tee_ops.sum_and_norm`, `tee_ops.gated`) on it, and the protect step of linear `weight` on the op's
+        result. Returns (what the op keeps: the residual sum, or None; the protected input). Timed as crypto
+        under both steps' names and the op's, and counted as each of them."""
+        bias = self.tee_biases.get(answer.weight)
+        recover, protect = self.scheme.steps[1], self.scheme.steps[0]
+        label = f"{recover}_{answer.kind}+{op}+{protect}_{linear_kind(weight)}"
+        with self.metrics.time("crypto", label):
+            kept, masked, secret = self.scheme.hop(answer.z, answer.secret, bias, fn, args, weight)
+        self.metrics.count(recover, f"cpu_{op}", protect, *(["cpu_bias"] if bias is not None else []))
+        return kept, Protected(masked, secret)
 
     def matmul(self, a: torch.Tensor, b: torch.Tensor, name: str, layer: int, product: Product) -> torch.Tensor:
         """TEE -> GPU -> TEE: a @ b with both operands private, broadcast over GQA groups on the GPU, in the
@@ -564,16 +626,32 @@ class SplitLlama:
         branch = None  # each norm first adds the residual branch before it: one TEE op for both
         for i, layer in enumerate(self.layers):
             with self.metrics.in_layer(i):
-                x, h = self.tee("rmsnorm", layer.attn_norm.after, x, branch, self.gpu_bound(x.shape))
-                x, h = self.tee("rmsnorm", layer.mlp_norm.after, x,
-                                self.attention(h, i, rope, bias, blocks, attention_mask), self.gpu_bound(x.shape))
+                x, h = self.norm(layer.attn_norm, x, branch, f"{i}.qkv")
+                x, h = self.norm(layer.mlp_norm, x, self.attention(h, i, rope, bias, blocks, attention_mask),
+                                 f"{i}.gate_up")
                 branch = self.mlp(h, i)
         last = torch.arange(batch), last_positions(attention_mask)  # only these rows reach the LM head
-        _, h = self.tee("rmsnorm", self.final_norm.after, x[last], branch[last])
+        _, h = self.tee("rmsnorm", self.final_norm.after, x[last], self.received(branch)[last])
         return self.linear(h, "lm_head", "lm_head").float()
 
-    def attention(self, h: torch.Tensor, i: int, rope: tuple, bias: torch.Tensor, blocks: CausalBlocks,
-                  attention_mask: torch.Tensor) -> torch.Tensor:
+    def norm(self, norm: RmsNorm, x: torch.Tensor, branch: torch.Tensor | Answer | None, weight: str
+             ) -> tuple[torch.Tensor, torch.Tensor | Protected]:
+        """(x + branch, its RMSNorm): the residual add of the block before (none before the first) and the norm
+        that makes linear `weight`'s input, as one TEE op; where the branch is an answer still masked, the fused
+        hop that also recovers it and protects the norm (`fused_hop`)."""
+        if isinstance(branch, Answer):
+            return self.fused_hop("rmsnorm", sum_and_norm, branch, (x, norm.scaled, norm.eps_d), weight)
+        return self.tee("rmsnorm", norm.after, x, branch, self.gpu_bound(x.shape))
+
+    def silu(self, gate_up: torch.Tensor | Answer, weight: str) -> torch.Tensor | Protected:
+        """SiLU(gate)·up, linear `weight`'s input; fused with the recovery before and the protect after where
+        gate_up is an answer still masked (`fused_hop`)."""
+        if isinstance(gate_up, Answer):
+            return self.fused_hop("silu", gated, gate_up, (), weight)[1]
+        return self.tee("silu", silu_gate, gate_up)
+
+    def attention(self, h: torch.Tensor | Protected, i: int, rope: tuple, bias: torch.Tensor, blocks: CausalBlocks,
+                  attention_mask: torch.Tensor) -> torch.Tensor | Answer:
         if not self.scheme.masked:
             return self.plain_attention(h, i, rope, bias, blocks)
         qkv = self.linear(h, f"{i}.qkv", "linear_attn", i)
@@ -584,7 +662,7 @@ class SplitLlama:
         probs = (self.tee("softmax", blocks.softmax, scores, bias) if order is None else
                  self.tee("softmax", softmax_in_order, scores, *order, attention_mask))
         out = self.matmul(probs, v, f"{i}.attend", i, blocks.attend)
-        return self.linear(merge_heads(out), f"{i}.o", "linear_attn", i)
+        return self.linear(merge_heads(out), f"{i}.o", "linear_attn", i, defer=True)
 
     def plain_attention(self, h: torch.Tensor, i: int, rope: tuple, bias: torch.Tensor,
                         blocks: CausalBlocks) -> torch.Tensor:
@@ -632,9 +710,8 @@ class SplitLlama:
     def mlp(self, h: torch.Tensor, i: int) -> torch.Tensor:
         if not self.scheme.masked:
             return self.plain_mlp(h, i)
-        gate_up = self.linear(h, f"{i}.gate_up", "linear_mlp", i)
-        act = self.tee("silu", silu_gate, gate_up)
-        return self.linear(act, f"{i}.down", "linear_mlp", i)
+        gate_up = self.linear(h, f"{i}.gate_up", "linear_mlp", i, defer=True)
+        return self.linear(self.silu(gate_up, f"{i}.down"), f"{i}.down", "linear_mlp", i, defer=True)
 
     def plain_mlp(self, h: torch.Tensor, i: int) -> torch.Tensor:
         """Unprotected MLP: gate/up's output goes to the TEE for SiLU, and down's input comes straight back,

@@ -59,7 +59,7 @@ def tee_kernel(fn: Callable | None = None, *, exact: bool = False, eager: Callab
         nonlocal compiled
         if not _state["on"] or fn.__name__ in failed:
             return eager_form(*args)
-        if _state["chosen"] and not _state["choosing"] and _layout(fn, args[0]) in _eager_at:
+        if _state["chosen"] and not _state["choosing"] and _layout(fn, args) in _eager_at:
             return eager_form(*args)
         try:
             if compiled is None:  # an option this torch does not know fails here
@@ -73,6 +73,30 @@ def tee_kernel(fn: Callable | None = None, *, exact: bool = False, eager: Callab
 
     call.eager = eager_form
     return call
+
+
+@functools.cache
+def fused(body: Callable, op: Callable) -> Callable:
+    """`body(form, op, *args)` as one TEE kernel, named after both: a chain of kernels and `op` between them, each
+    called as `form(kernel)(...)` (`op(form, ...)` calls its own that way). Compiled, every kernel in the chain is
+    its eager body, so that the compiler fuses the whole chain into one call; eager (and where set-up measured
+    the chain faster), each kernel runs in the form chosen for it, as it does outside the chain."""
+    def chain(*args):
+        return body(_body, op, *args)
+
+    def each(*args):
+        return body(_as_chosen, op, *args)
+
+    chain.__name__ = each.__name__ = f"{body.__name__.strip('_')}_{op.__name__.strip('_')}"
+    return tee_kernel(chain, eager=each)
+
+
+def _body(kernel: Callable) -> Callable:
+    return kernel.eager
+
+
+def _as_chosen(kernel: Callable) -> Callable:
+    return kernel
 
 
 @contextmanager
@@ -91,18 +115,22 @@ def _choose(fn: Callable, eager: Callable, compiled: Callable, args: tuple):
     """Build `compiled` (kernel `fn`), time it and `eager` on `args` (`timed`), keep the faster for this shape;
     its result."""
     compiled(*args)
-    key = _layout(fn, args[0])
-    choices[key] = {"eager_ms": timed(lambda _: eager(*args), repeat=7),
-                    "compiled_ms": timed(lambda _: compiled(*args), repeat=7)}
-    if choices[key]["eager_ms"] < choices[key]["compiled_ms"]:
-        _eager_at.add(key)
-        return eager(*args)
-    _eager_at.discard(key)
-    return compiled(*args)
+    key = _layout(fn, args)
+    _state["choosing"] = False  # an eager form made of other kernels runs each in the form chosen for it
+    try:
+        choices[key] = {"eager_ms": timed(lambda _: eager(*args), repeat=7),
+                        "compiled_ms": timed(lambda _: compiled(*args), repeat=7)}
+        if choices[key]["eager_ms"] < choices[key]["compiled_ms"]:
+            _eager_at.add(key)
+            return eager(*args)
+        _eager_at.discard(key)
+        return compiled(*args)
+    finally:
+        _state["choosing"] = True
 
 
-def _layout(fn: Callable, t: torch.Tensor) -> Layout:
-    return fn.__name__, tuple(t.shape), t.stride()
+def _layout(fn: Callable, args: tuple) -> Layout:
+    return fn.__name__, tuple(args[0].shape), args[0].stride()
 
 
 def chosen() -> dict[str, dict[str, float | str]]:

@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-kernel-variants", action="store_true",
                    help="with compiled kernels, skip the plain split and ours with eager kernels (*_eager_kernels) "
                         "and with compiled kernels at every shape (*_all_compiled: no per-shape choice in set-up)")
+    p.add_argument("--no-fused-hops", action="store_true",
+                   help="with compiled kernels, skip ours and otp with fused hops (*_fused_hops: the TEE's work between "
+                        "two linears as one call)")
     p.add_argument("--no-overlap", action="store_true",
                    help="on CUDA, skip the plain split with copies overlapping the TEE's work (optimized_overlap)")
     p.add_argument("--profile", action="store_true",
@@ -131,8 +134,8 @@ def time_engine(engine: SplitLlama, ids, mask, warmup: int, repeat: int) -> tupl
     return out, logits
 
 
-def variants(overlap: bool, ablations: bool, thread_sweep: str | None, kernel_variants: bool = False
-             ) -> list[tuple[str, str, dict, int | None]]:
+def variants(overlap: bool, ablations: bool, thread_sweep: str | None, kernel_variants: bool = False,
+             fused_hops: bool = False) -> list[tuple[str, str, dict, int | None]]:
     """(label, scheme, engine options, threads) of every split engine to time: the three runners as they
     ship; the plain split with copies overlapping the TEE's work (`overlap`: on CUDA; off by default, as
     it measured slower on the H100 machine); ablations on the same machine (`ablations`: on CUDA): the
@@ -141,8 +144,11 @@ def variants(overlap: bool, ablations: bool, thread_sweep: str | None, kernel_va
     128 rows (half as many TEE ops, a little more of n²), and ours with its own copy of a tied embedding
     table (what reading the GPU's costs); the plain split and ours with eager TEE kernels, and with compiled
     ones at every shape (`kernel_variants`: what compiling buys, and what set-up's per-shape choice of
-    eager or compiled buys); and each runner at each thread count of the sweep."""
+    eager or compiled buys); ours and otp with fused hops (`fused_hops`: with compiled kernels, where a hop
+    can become one call); and each runner at each thread count of the sweep."""
     out = [(method, scheme, {}, None) for method, scheme in RUNNERS.items()]
+    if fused_hops:
+        out += [(f"{method}_fused_hops", RUNNERS[method], {"fuse_hops": True}, None) for method in ("ours", "otp")]
     if overlap:
         out.append(("optimized_overlap", "plain", {"overlap": True}, None))
     if ablations:
@@ -242,8 +248,8 @@ def measure(args, results: dict) -> None:
     dtype, tee_dtype = DTYPES[dtype_name], DTYPES[tee_name]
     lengths = parse_counts(args.lengths, "--lengths")
     compiled = compiled_kernels(args.kernels, gpu_device)
-    split_variants = variants(cuda and not args.no_overlap, cuda and not args.no_ablations,
-                              args.thread_sweep, compiled and not args.no_kernel_variants)  # a bad sweep fails first
+    split_variants = variants(cuda and not args.no_overlap, cuda and not args.no_ablations,  # a bad sweep fails first
+                              args.thread_sweep, compiled and not args.no_kernel_variants, compiled and not args.no_fused_hops)
     prompts = read_prompts(DEFAULT_PROMPTS)
     progress(f"loading {args.model} ({dtype_name}; TEE-only {tee_name})")
     model = load_model(args.model, dtype, gpu_device)
@@ -274,7 +280,7 @@ def measure(args, results: dict) -> None:
             engine = SplitLlama(model.config, state, make_scheme(scheme), gpu_device, dtype,
                                 **{"compiled": compiled, **options})
             row[method], logits = time_engine(engine, ids, mask, args.warmup, args.repeat)
-            if args.profile and not threads and not options:
+            if args.profile and not threads and set(options) <= {"fuse_hops"}:
                 table, called = profile_engine(engine, ids, mask, f"{n} tokens: {method}")
                 row[method]["host_ops_per_inference"] = called
                 profiles.append(table)
@@ -365,6 +371,9 @@ def ratios(row: dict) -> dict:
             out[f"{method}_eager_over_compiled_kernels"] = row[f"{method}_eager_kernels"]["median_ms"] / row[method]["median_ms"]
         if f"{method}_all_compiled" in row:
             out[f"{method}_all_compiled_over_chosen"] = row[f"{method}_all_compiled"]["median_ms"] / row[method]["median_ms"]
+    for method, ratio in (("ours", "ours_fused_hops_over_plain"), ("otp", "otp_fused_hops_online_over_plain")):
+        if f"{method}_fused_hops" in row:
+            out[ratio] = row[f"{method}_fused_hops"]["median_ms"] / plain
     if "ours_resident_embedding" in row:
         out["ours_streamed_over_resident_embedding"] = row["ours"]["median_ms"] / row["ours_resident_embedding"]["median_ms"]
     return out

@@ -26,10 +26,14 @@ def timing_block(figures: dict, setup_ms: float, crypto_steps: tuple[str, ...] =
     `kernel_compile_ms` is the part of set-up that built the TEE's compiled kernels, `compiler_start_ms` the
     part of that which started the compiler (`kernels.start_ms`), `device_warmup_ms` the part of set-up that
     ran each GPU op once (`SplitLlama.warm_device`; for the TEE-only runner, the timing of its attention's
-    forms too)."""
+    forms too). A fused hop's time (`SplitLlama.fused_hop`: its label joins its steps and op with '+') counts
+    in `fused_hops_ms`, not in either step's total: the one call does both, and the TEE op between."""
     c = figures["categories"]
     crypto = figures["breakdown"].get("crypto", {})
-    per_step = {f"{step}_ms": sum(ms for op, ms in crypto.items() if op.startswith(step)) for step in crypto_steps}
+    per_step = {f"{step}_ms": sum(ms for op, ms in crypto.items() if op.startswith(step) and "+" not in op)
+                for step in crypto_steps}
+    if crypto_steps:
+        per_step["fused_hops_ms"] = sum(ms for op, ms in crypto.items() if "+" in op)
     per_kind = {f"{op}_ms": ms for op, ms in sorted(crypto.items())}
     return {**per_step, **per_kind, "transfer_to_gpu_ms": c["transfer_to_gpu"], "transfer_to_cpu_ms": c["transfer_to_cpu"],
             "total_transfer_ms": c["transfer_to_gpu"] + c["transfer_to_cpu"],

@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from splitinfer.kernels import tee_kernel
+from splitinfer.kernels import fused, tee_kernel
 from splitinfer.tee_ops import grouped_matmul
 
 MaskShapes = dict[str, tuple[int, ...]]
@@ -59,10 +59,18 @@ class Plain:
         return None
 
     def warm_kernels(self, linears: MaskShapes, matmuls: dict[str, tuple[torch.Tensor, torch.Tensor]],
-                     outputs: dict[str, int], dtype: torch.dtype, softmax_of: dict[str, str] | None = None) -> None:
+                     outputs: dict[str, int], dtype: torch.dtype, softmax_of: dict[str, str] | None = None,
+                     hops: tuple = ()) -> None:
         """Build the compiled kernels that the protect and recover steps run (none here), before the
         inference: `matmuls` gives zeros laid out as each matmul's operands are (strides too), `outputs`
-        each linear's output width."""
+        each linear's output width, `hops` the fused hops (`hop`'s arguments on zeros: the linear before,
+        its bias, the op and its arguments, the linear after)."""
+
+    def _warm_hops(self, linears: MaskShapes, outputs: dict[str, int], dtype: torch.dtype, hops: tuple) -> None:
+        """Each fused hop once, on zeros, its masks drawn (`warm_kernels`)."""
+        for source, bias, op, op_args, target in hops:
+            masked, secret = self.protect_linear(torch.zeros(linears[source], dtype=dtype), source)
+            self.hop(torch.zeros(*masked.shape[:-1], outputs[source], dtype=dtype), secret, bias, op, op_args, target)
 
     def protect_linear(self, x: torch.Tensor, name: str) -> tuple[torch.Tensor, object]:
         return x, None
@@ -76,6 +84,14 @@ class Plain:
     def recover_matmul(self, c: torch.Tensor, secret: object, product: Callable = grouped_matmul) -> torch.Tensor:
         """`product` is the form the GPU computed a @ b in (the full product, or a causal block step)."""
         return c
+
+    def hop(self, z: torch.Tensor, secret: object, bias: torch.Tensor | None, op: Callable, op_args: tuple,
+            name: str) -> tuple[torch.Tensor | None, torch.Tensor, object]:
+        """The TEE's whole work between two linears, as one call (`SplitLlama(fuse_hops=True)`): recover_linear
+        of the answer z [B, n, out], plus `bias` where there is one, then `op(form, y, *op_args)` -> (kept, h)
+        (`tee_ops.sum_and_norm`, `tee_ops.gated`), then protect_linear(h, name); one kernel where compiled
+        (`kernels.fused`). Returns (kept, h protected, its secret). With no steps there is nothing to fuse."""
+        raise NotImplementedError(f"the {self.name} scheme has no protect or recover step to fuse")
 
     # ---- mask distributions, shared by the masked schemes ----
 
@@ -128,6 +144,7 @@ class Matrix(Plain):
 
     def prepare(self, linears, matmuls, weights=None, dtype=torch.float32, softmax_of=None) -> int:
         self.linear_masks, self.matmul_masks = {}, {}  # the last inference's masks go before these are drawn
+        self.linear_shapes = dict(linears)
         self.linear_masks = {name: self._mixing_mask(shape) for name, shape in linears.items()}
         self.matmul_masks = {name: self._matmul_mask(a, b, dtype) for name, (a, b) in matmuls.items()}
         self.kept_order = set(softmax_of.values()) if softmax_of else set()
@@ -198,26 +215,45 @@ class Matrix(Plain):
         del first["rows_p1_inverse"], first["cols_c"], second["rows_p1"]
 
     def protect_linear(self, x, name):
-        mask = self.linear_masks[name]
         sequences, n = _sequences(x.shape)
-        mixed, scale = _mix_rows(x.reshape(sequences, n, x.shape[-1]), mask["d"], mask["a"], mask["b_t_over_d"],
-                                 mask.get("dummy"), self.pinned_buffer((*mask["d"].shape, x.shape[-1]), x.dtype))
-        shape = x.shape if "dummy" not in mask else (-1, x.shape[-1])
-        return mixed.reshape(shape), (mask, x.shape, scale, n)
+        mixed, scale = _mix_rows(x.reshape(sequences, n, x.shape[-1]), *self._mix_args(name, x.shape[-1], x.dtype))
+        return self._mixed(mixed, scale, name, x.shape, n)
+
+    def _mix_args(self, name: str, width: int, dtype: torch.dtype) -> tuple:
+        """`_mix_rows`' arguments after the rows (`width` wide): linear `name`'s mask, and where its result goes."""
+        mask = self.linear_masks[name]
+        return (mask["d"], mask["a"], mask["b_t_over_d"], mask.get("dummy"),
+                self.pinned_buffer((*mask["d"].shape, width), dtype))
+
+    def _mixed(self, mixed: torch.Tensor, scale: torch.Tensor, name: str, shape: torch.Size, n: int):
+        """protect_linear's answer from `_mix_rows`' for an input of `shape` (n rows a sequence)."""
+        mask = self.linear_masks[name]
+        return mixed.reshape(shape if "dummy" not in mask else (-1, shape[-1])), (mask, shape, scale, n)
 
     def recover_linear(self, z, secret):
         """May overwrite `z` (the GPU's answer, which nothing else holds)."""
         mask, in_shape, scale, n = secret  # scale: D diag(1/r), a column
-        y = _unmix_rows(z.reshape(scale.shape[0], scale.shape[1], z.shape[-1]), mask["woodbury_rows"], mask["a"], scale)
+        y = _unmix_rows(_rows_of(z, scale), mask["woodbury_rows"], mask["a"], scale)
         return y[:, :n].reshape(*in_shape[:-1], z.shape[-1])
 
-    def warm_kernels(self, linears, matmuls, outputs, dtype, softmax_of=None) -> None:
-        """Protect and recover every linear and matmul once, on zeros of its shapes, so that compiled kernels
-        are built before the inference; with masks from a copy of the generator, so that the inference's own
-        masks are the ones it would have drawn without this."""
+    def hop(self, z, secret, bias, op, op_args, name):
+        """May overwrite `z`."""
+        mask, in_shape, scale, n = secret
+        if len(in_shape) != 3:  # the LM head's rows: no op comes after it
+            raise ValueError(f"a fused hop takes [batch, n, width] answers, not {list(in_shape)}")
+        width = self.linear_shapes[name][-1]
+        kept, mixed, next_scale = fused(_unmix_op_mix, op)(_rows_of(z, scale), mask["woodbury_rows"], mask["a"], scale,
+                                                           n, bias, op_args, *self._mix_args(name, width, z.dtype))
+        return (kept, *self._mixed(mixed, next_scale, name, (*in_shape[:-1], width), n))
+
+    def warm_kernels(self, linears, matmuls, outputs, dtype, softmax_of=None, hops=()) -> None:
+        """Protect and recover every linear and matmul once, and run each fused hop, on zeros of its shapes, so
+        that compiled kernels are built before the inference; with masks from a copy of the generator, so that
+        the inference's own masks are the ones it would have drawn without this."""
         state = self.generator.get_state()
-        # one of each shape: the layers share them
-        linears = {name: linears[name] for name in {(shape, outputs[name]): name for name, shape in linears.items()}.values()}
+        # one of each shape: the layers share them; and those the hops name
+        linears = {name: linears[name] for name in [*{(shape, outputs[name]): name for name, shape in linears.items()}.values(),
+                                                    *(name for hop in hops for name in (hop[0], hop[-1]))]}
         softmax_of = {name: source for name, source in (softmax_of or {}).items() if {name, source} <= set(matmuls)}
         self.prepare(linears, {name: (a.shape, b.shape) for name, (a, b) in matmuls.items()}, dtype=dtype,
                      softmax_of=softmax_of)
@@ -227,6 +263,7 @@ class Matrix(Plain):
         for name, (a, b) in matmuls.items():
             secret = self.protect_matmul(a, b, name)[2]
             self.recover_matmul(torch.zeros(*a.shape[:-1], b.shape[-1], dtype=dtype), secret)
+        self._warm_hops(linears, outputs, dtype, hops)
         self.generator.set_state(state)
         self.linear_masks, self.matmul_masks = {}, {}
 
@@ -290,15 +327,20 @@ class Otp(Plain):
         tensors = [t for pads in (*self.linear_pads.values(), *self.matmul_pads.values()) for t in pads]
         return sum(t.numel() * t.element_size() for t in tensors)
 
-    def warm_kernels(self, linears, matmuls, outputs, dtype, softmax_of=None) -> None:
-        """Pad every linear input and matmul operand shape once, on zeros (no masks needed: the kernels take
-        the noise)."""
+    def warm_kernels(self, linears, matmuls, outputs, dtype, softmax_of=None, hops=()) -> None:
+        """Pad every linear input and matmul operand shape once, and run each fused hop, on zeros (zeros for
+        pads too: the kernels take the noise)."""
         for shape in set(linears.values()):
             _pad_rows(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype), self.pad_scale,
                       self.pinned_buffer(shape, dtype))
         for operand in {(t.shape, t.stride()): t for pair in matmuls.values() for t in pair}.values():
             _pad_tensor(operand, torch.zeros(operand.shape, dtype=dtype), self.pad_scale,
                         self.pinned_buffer(operand.shape, dtype))
+        self.linear_pads = {name: (torch.zeros(linears[name], dtype=dtype),
+                                   torch.zeros(*linears[name][:-1], outputs[name], dtype=dtype))
+                            for hop in hops for name in (hop[0], hop[-1])}
+        self._warm_hops(linears, outputs, dtype, hops)
+        self.linear_pads = {}
 
     def protect_linear(self, x, name):
         noise, projected = self.linear_pads[name]
@@ -310,6 +352,13 @@ class Otp(Plain):
         # one addcmul in the model's dtype, computed in float32 and rounded once (VM, 512 x 16384 float16:
         # 0.55 ms, against 2.6 with a float32 N·Wᵀ and 3.8-4.1 mixing dtypes)
         return torch.addcmul(z, sigma, projected)
+
+    def hop(self, z, secret, bias, op, op_args, name):
+        projected, sigma = secret
+        noise, next_projected = self.linear_pads[name]
+        kept, masked, next_sigma = fused(_add_op_pad, op)(z, sigma, projected, bias, op_args, noise, self.pad_scale,
+                                                          self.pinned_buffer(noise.shape, z.dtype))
+        return kept, masked, (next_projected, next_sigma)
 
     def protect_matmul(self, a, b, name):
         noise_a, noise_b = self.matmul_pads[name]
@@ -333,6 +382,16 @@ class Otp(Plain):
             cross = product(a.float(), pad_b.float()).add_(product(pad_a.float(), masked_b.float()))
         # added in float32, rounded once (VM, 4.7 M scores: 0.78 ms against 1.22 for a float16 `out=`)
         return cross.add_(c).to(c.dtype)
+
+
+def _add_op_pad(form: Callable, op: Callable, z: torch.Tensor, sigma: torch.Tensor, projected: torch.Tensor,
+                bias: torch.Tensor | None, op_args: tuple, noise: torch.Tensor, pad_scale: float,
+                out: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """otp's hop (`Plain.hop`): recover z, add the bias, op, pad its result."""
+    y = torch.addcmul(z, sigma, projected)
+    kept, h = op(form, y if bias is None else torch.add(y, bias), *op_args)
+    masked, next_sigma = form(_pad_rows)(h, noise, pad_scale, out)
+    return kept, masked, next_sigma
 
 
 @tee_kernel
@@ -400,6 +459,22 @@ def _mix_rows(x3: torch.Tensor, d: torch.Tensor, a: torch.Tensor, b_t_over_d: to
     mixed = _add_low_rank(rows, a, shared)                             # (D + ABᵀ) diag(1/r) X
     # in float32 `.to` is no copy at all, where `copy_` into a buffer would be one pass more
     return (mixed.to(x3.dtype) if out is None else out.copy_(mixed)), scale
+
+
+def _unmix_op_mix(form: Callable, op: Callable, z3: torch.Tensor, woodbury_rows: torch.Tensor, a: torch.Tensor,
+                  scale: torch.Tensor, n: int, bias: torch.Tensor | None, op_args: tuple, d: torch.Tensor,
+                  a_next: torch.Tensor, b_t_over_d: torch.Tensor, dummy: torch.Tensor | None, out: torch.Tensor | None
+                  ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """ours' hop (`Plain.hop`): unmix z3's rows (the first n of each sequence), add the bias, op, mix its result."""
+    y = form(_unmix_rows)(z3, woodbury_rows, a, scale)[:, :n]
+    kept, h = op(form, y if bias is None else torch.add(y, bias), *op_args)
+    mixed, next_scale = form(_mix_rows)(h, d, a_next, b_t_over_d, dummy, out)
+    return kept, mixed, next_scale
+
+
+def _rows_of(z: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The GPU's answer z as [sequences, rows, out], the rows `_mix_rows` mixed (`scale` has one per row)."""
+    return z.reshape(scale.shape[0], scale.shape[1], z.shape[-1])
 
 
 @tee_kernel

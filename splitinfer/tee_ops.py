@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -67,6 +68,13 @@ def residual_rms_norm(x: torch.Tensor, branch: torch.Tensor, scaled: torch.Tenso
     """(x + branch in x's dtype, its `rms_norm` into `out`)."""
     total = torch.add(x, branch)
     return total, rms_norm.eager(total, scaled, eps_d, out)
+
+
+def sum_and_norm(form: Callable, branch: torch.Tensor, x: torch.Tensor, scaled: torch.Tensor, eps_d: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`RmsNorm.after(x, branch)` as a fused hop's op (`kernels.fused`): (x + branch, its norm), each kernel
+    called as `form` gives it."""
+    return form(residual_rms_norm)(x, branch, scaled, eps_d, torch.empty_like(x))
 
 
 class Rotary:
@@ -166,6 +174,11 @@ def silu_gate(gate_up: torch.Tensor, out: torch.Tensor | None = None) -> torch.T
     """SiLU(gate) * up, where gate_up holds [gate | up] along the last dimension."""
     return silu_product(gate_up, torch.empty((*gate_up.shape[:-1], gate_up.shape[-1] // 2), dtype=gate_up.dtype)
                         if out is None else out)
+
+
+def gated(form: Callable, gate_up: torch.Tensor) -> tuple[None, torch.Tensor]:
+    """`silu_gate` as a fused hop's op (`kernels.fused`): (nothing kept, SiLU(gate)·up)."""
+    return None, form(silu_product)(gate_up, gate_up.new_empty((*gate_up.shape[:-1], gate_up.shape[-1] // 2)))
 
 
 @tee_kernel

@@ -346,3 +346,42 @@ def test_device_warmup_changes_nothing_an_inference_measures(tiny_models, scheme
     assert torch.equal(cold, warmed) and cold_figures["counts"] == warm_figures["counts"]
     moved = [{k: v for k, v in f["data_transfer"].items() if k.endswith(("bytes", "calls"))} for f in (cold_figures, warm_figures)]
     assert moved[0] == moved[1]
+
+
+@pytest.mark.parametrize("scheme", ["matrix", "otp"])
+@pytest.mark.parametrize("variant, n, batch", [("biases", 12, 3), ("gqa-tied", 1, 2)], ids=["biases-padded", "one-token"])
+def test_fused_hops_do_the_separate_steps_work(tiny_models, scheme, variant, n, batch):
+    """With `fuse_hops`, each hop between two linears (recovery and bias, residual add and RMSNorm or SiLU·up,
+    the next protect) is one TEE call: eager, the very ops the separate steps run, so the same logits bit for
+    bit; the same bytes cross in the same calls, every step is still counted, and the hops' time is crypto,
+    under labels that name both steps and the op. One token: ours mixes a dummy row in (`Matrix`)."""
+    model = load_model(tiny_models[variant], torch.float32, CPU)
+    ids, mask = build_batch(model.tokenizer, PROMPTS, n, batch, ragged=n > 1)
+    runs = {}
+    for fuse in (False, True):
+        engine = SplitLlama(model.config, model.state_dict, make_scheme(scheme, seed=4), CPU, torch.float32,
+                            fuse_hops=fuse)
+        runs[fuse] = engine.timed_forward(ids, mask)
+    (logits, figures), (separate, whole) = runs[True], runs[False]
+    assert torch.equal(logits, separate)
+    err = compare(logits, reference_logits(model.config, model.state_dict, ids, mask))
+    assert err["rel_logit_error"] <= 1e-3 and err["top1_agreement"] == 1.0, err
+    assert figures["counts"] == whole["counts"] and figures["data_transfer"] == whole["data_transfer"]
+    layers = model.config.num_hidden_layers
+    hops = {op: ms for op, ms in figures["breakdown"]["crypto"].items() if "+" in op}
+    recover, protect = make_scheme(scheme).steps[1], make_scheme(scheme).steps[0]
+    assert set(hops) == {f"{recover}_linear_attn+rmsnorm+{protect}_linear_mlp",
+                         f"{recover}_linear_mlp+silu+{protect}_linear_mlp",
+                         f"{recover}_linear_mlp+rmsnorm+{protect}_linear_attn"}
+    assert "rmsnorm" in figures["breakdown"]["cpu_compute"] and "silu" not in figures["breakdown"]["cpu_compute"]
+    assert layers > 1  # so that a down projection's answer meets the next layer's norm
+
+
+def test_fused_hops_leave_the_plain_split_as_it_is(tiny_models):
+    """The plain split has no steps to fuse: `fuse_hops` changes nothing there."""
+    model = load_model(tiny_models["gqa-tied"], torch.float32, CPU)
+    engine = SplitLlama(model.config, model.state_dict, Plain(), CPU, torch.float32, fuse_hops=True)
+    ids, mask = build_batch(model.tokenizer, PROMPTS, 8, 1)
+    assert not engine.fuse_hops and not engine.timed_forward(ids, mask)[1]["breakdown"].get("crypto")
+    with pytest.raises(NotImplementedError, match="plain scheme has no protect or recover step"):
+        Plain().hop(torch.zeros(1, 2, 4), None, None, tee_ops.gated, (), "0.down")

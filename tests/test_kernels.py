@@ -357,3 +357,42 @@ def test_otp_pads_a_matmul_operand_exactly_compiled_or_not(dtype):
             masked, pad = _pad_tensor(operand, noise, 1.0, None)
             assert masked.dtype == pad.dtype == dtype and torch.equal(masked, operand - pad)
             assert "_pad_tensor" not in kernels.failed
+
+
+@pytest.mark.parametrize("scheme", ["matrix", "otp"])
+def test_fused_hops_compile_to_one_call_each(tiny_models, scheme, monkeypatch):
+    """Compiled, each fused hop is one kernel (`kernels.fused`), built and timed in set-up against its chain of
+    kernels, whose own forms were chosen first (no choice runs inside another's timing); the inference builds
+    nothing, gives the separate steps' answer, and calls fewer ops on the host."""
+    from splitinfer import perf
+    model = load_model(tiny_models["biases"], torch.float32, CPU)
+    ids, mask = build_batch(model.tokenizer, ["Three hops a layer, one call each."], 10, 2, ragged=True)
+    depth, deepest = [0], [0]
+    choose = kernels._choose
+
+    def counted(*args):
+        depth[0] += 1
+        deepest[0] = max(deepest[0], depth[0])
+        try:
+            return choose(*args)
+        finally:
+            depth[0] -= 1
+
+    monkeypatch.setattr(kernels, "_choose", counted)
+    runs, host_ops = {}, {}
+    for fuse in (False, True):
+        engine = SplitLlama(model.config, model.state_dict, make_scheme(scheme, seed=2), CPU, torch.float32,
+                            compiled=True, fuse_hops=fuse)
+        engine.warm_kernels(*ids.shape)
+        built = graphs_built()
+        runs[fuse] = engine.timed_forward(ids, mask)[0]
+        assert graphs_built() == built
+        engine.choose_kernels = False  # compiled at every shape, for the count
+        engine.warm_kernels(*ids.shape)
+        host_ops[fuse] = perf.profile_engine(engine, ids, mask, scheme)[1]
+    body = "unmix_op_mix" if scheme == "matrix" else "add_op_pad"
+    assert {f"{body}_sum_and_norm", f"{body}_gated"} <= {key.split(" ")[0] for key in kernels.chosen()}
+    assert deepest[0] == 1
+    torch.testing.assert_close(runs[True], runs[False], atol=1e-5, rtol=1e-5)
+    # per layer, two calls fewer in each of the three hops, and the bias adds folded in
+    assert host_ops[True] < host_ops[False] - 6 * model.config.num_hidden_layers

@@ -59,6 +59,12 @@ def test_ratios_and_logits_against_the_plain_split(tiny_models, tmp_path, capsys
         assert row["optimized_all_compiled"]["kernel_choices"] == {} and row["optimized"]["kernel_choices"]
         assert row["ratios"]["ours_all_compiled_over_chosen"] > 0
         assert row["ours_eager_kernels"]["rel_diff_from_optimized"] < 1e-3
+        # ours and otp with each hop between two linears one TEE call: the same function, steps and crossings
+        for method in ("ours", "otp"):
+            fused = row[f"{method}_fused_hops"]
+            assert fused["rel_diff_from_optimized"] < 1e-3 and fused["calls"] == row[method]["calls"]
+            assert any("+rmsnorm+" in step for step in fused["breakdown_median_ms"]["crypto"])
+        assert row["ratios"]["ours_fused_hops_over_plain"] > 0 and row["ratios"]["otp_fused_hops_online_over_plain"] > 0
     assert "ours_over_plain" in capsys.readouterr().out
     # perf.csv: the same figures, one flat row per length and method, for plotting
     rows = list(csv.DictReader(open(tmp_path / "perf.csv")))
@@ -71,7 +77,7 @@ def test_ratios_and_logits_against_the_plain_split(tiny_models, tmp_path, capsys
 
 def test_a_failing_variant_is_recorded_and_the_rest_still_run(tiny_models, tmp_path, monkeypatch, capsys):
     """One ablation failing on a lent GPU must not cost the whole comparison."""
-    monkeypatch.setattr(perf, "variants", lambda overlap, ablations, sweep, kernel_variants=False: [
+    monkeypatch.setattr(perf, "variants", lambda overlap, ablations, sweep, kernel_variants=False, fused_hops=False: [
         ("optimized", "plain", {}, None), ("ours", "matrix", {}, None), ("otp", "otp", {}, None),
         ("optimized_overlap", "plain", {"overlap": True}, None), ("optimized_threads1", "plain", {}, 1)])
     monkeypatch.setattr(perf, "SplitLlama", failing_engine(
@@ -88,7 +94,7 @@ def test_a_failing_variant_is_recorded_and_the_rest_still_run(tiny_models, tmp_p
 def test_the_headline_comes_first_at_every_length(tiny_models, tmp_path, monkeypatch):
     """The runners as they ship and the baselines run at every length before any variant, so a run stopped
     by its budget among the variants still has the ratios the targets are stated in, at every length."""
-    monkeypatch.setattr(perf, "variants", lambda overlap, ablations, sweep, kernel_variants=False: [
+    monkeypatch.setattr(perf, "variants", lambda overlap, ablations, sweep, kernel_variants=False, fused_hops=False: [
         ("optimized", "plain", {}, None), ("ours", "matrix", {}, None), ("otp", "otp", {}, None),
         ("optimized_full_scores", "plain", {"triangle": False}, None)])
 
