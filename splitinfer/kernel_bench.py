@@ -28,8 +28,8 @@ from splitinfer.models import PRESETS
 from splitinfer.perf import parse_counts
 from splitinfer.results import environment_block, write_json
 from splitinfer.schemes import Matrix, Otp
-from splitinfer.tee_ops import (CausalBlocks, RmsNorm, apply_rope, attention_bias, grouped_matmul, masked_softmax,
-                                rms_norm, silu_gate, softmax_in_order)
+from splitinfer.tee_ops import (CausalBlocks, RmsNorm, apply_rope, attention_bias, gated, grouped_matmul,
+                                masked_softmax, rms_norm, silu_gate, softmax_in_order, sum_and_norm)
 
 
 def layer_steps(preset: str, n: int, dtype: torch.dtype, compiled: bool, repeat: int) -> dict[str, float]:
@@ -73,6 +73,22 @@ def layer_steps(preset: str, n: int, dtype: torch.dtype, compiled: bool, repeat:
     otp.linear_pads = {name: (torch.randn(t.shape).to(dtype), outputs[name]) for name, t in inputs.items()}
     otp.matmul_pads = {name: tuple(torch.randn(t.shape).to(dtype) for t in pair)
                        for name, pair in (("s", (q, k_t)), ("p", (packed, v)))}
+    otp_secrets = {name: otp.protect_linear(inputs[name], name)[1] for name in linears}
+    # the three hops between two linears (`SplitLlama.fused_hop`): the answer recovered, the TEE op, the next
+    # input protected, as three calls (the separate steps) or as one (the fused hop)
+    hops = (("o", sum_and_norm, (x, norm.scaled, norm.eps_d), "gate_up"), ("gate_up", gated, (), "down"),
+            ("down", sum_and_norm, (x, norm.scaled, norm.eps_d), "qkv"))
+
+    def three_hops(scheme, hop_secrets, fused: bool) -> float:
+        def separate(z, source, op, args, target):
+            return scheme.protect_linear(op(kernels.as_chosen, scheme.recover_linear(z, hop_secrets[source]), *args)[1], target)
+
+        def one_call(z, source, op, args, target):
+            return scheme.hop(z, hop_secrets[source], None, op, args, target)
+
+        return sum(timed(lambda z, hop=hop: (one_call if fused else separate)(z, *hop), outputs[hop[0]].clone, repeat)
+                   for hop in hops)
+
     return {
         "2 x RMSNorm with the residual add": 2 * timed(lambda _: norm.after(x, branch), repeat=repeat),
         "RoPE on q and k": timed(lambda _: apply_rope(q_and_k, cos, sin, rotated), repeat=repeat),
@@ -91,6 +107,10 @@ def layer_steps(preset: str, n: int, dtype: torch.dtype, compiled: bool, repeat:
                                   for k in linears),
         "otp: pad both matmuls' operands": (timed(lambda _: otp.protect_matmul(q, k_t, "s"), repeat=repeat)
                                             + timed(lambda _: otp.protect_matmul(packed, v, "p"), repeat=repeat)),
+        "ours: 3 hops, separate steps": three_hops(ours, secrets, fused=False),
+        "ours: 3 hops, fused": three_hops(ours, secrets, fused=True),
+        "otp: 3 hops, separate steps": three_hops(otp, otp_secrets, fused=False),
+        "otp: 3 hops, fused": three_hops(otp, otp_secrets, fused=True),
     }
 
 

@@ -85,7 +85,7 @@ def fused(body: Callable, op: Callable) -> Callable:
         return body(_body, op, *args)
 
     def each(*args):
-        return body(_as_chosen, op, *args)
+        return body(as_chosen, op, *args)
 
     chain.__name__ = each.__name__ = f"{body.__name__.strip('_')}_{op.__name__.strip('_')}"
     return tee_kernel(chain, eager=each)
@@ -95,7 +95,8 @@ def _body(kernel: Callable) -> Callable:
     return kernel.eager
 
 
-def _as_chosen(kernel: Callable) -> Callable:
+def as_chosen(kernel: Callable) -> Callable:
+    """A kernel as it is, running in the form chosen for it: a chain's eager form calls its kernels so."""
     return kernel
 
 

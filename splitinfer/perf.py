@@ -216,10 +216,11 @@ def copy_bandwidth(device: torch.device, mib: int = 64, repeat: int = 5, sizes: 
             "to_cpu_pageable_gb_per_s": rate(pageable, on_gpu, False), "by_size": by_size}
 
 
-def profile_engine(engine: SplitLlama, ids, mask, title: str) -> tuple[str, int]:
+def profile_engine(engine: SplitLlama, ids, mask, title: str) -> tuple[str, int, int]:
     """One inference's online phase under torch.profiler, timing no region of its own: the operators that took
-    the most host time, as a table, and how many ops the host called: ATen operators (views included) and
-    compiled TEE kernels, not counting those inside another. A masked scheme's offline phase is left out: the
+    the most host time, as a table, how many ops the host called (ATen operators, views included, and compiled
+    TEE kernels, not counting those inside another), and how many of those were compiled kernels: a compiled
+    call costs the host more than an eager op (its frame's guards and wrappers). A masked scheme's offline phase is left out: the
     inference before, run outside the profile, drew the masks this one uses again (its argsorts topped ours'
     table in the eighth round). 40 rows, so that the driver's calls (copies, synchronisations, pinned
     allocations) show too."""
@@ -234,9 +235,11 @@ def profile_engine(engine: SplitLlama, ids, mask, title: str) -> tuple[str, int]
             synchronize(engine.metrics.device)
     finally:
         engine.metrics.instrumented = True
-    called = sum(1 for event in prof.events() if event.cpu_parent is None
-                 and event.name.startswith(("aten::", "Torch-Compiled Region")))
-    return f"== {title}\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40), called
+    called = [event.name for event in prof.events() if event.cpu_parent is None
+              and event.name.startswith(("aten::", "Torch-Compiled Region"))]
+    compiled = sum(1 for name in called if not name.startswith("aten::"))
+    return (f"== {title}\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40), len(called),
+            compiled)
 
 
 def measure(args, results: dict) -> None:
@@ -281,8 +284,8 @@ def measure(args, results: dict) -> None:
                                 **{"compiled": compiled, **options})
             row[method], logits = time_engine(engine, ids, mask, args.warmup, args.repeat)
             if args.profile and not threads and set(options) <= {"fuse_hops"}:
-                table, called = profile_engine(engine, ids, mask, f"{n} tokens: {method}")
-                row[method]["host_ops_per_inference"] = called
+                table, called, compiled_calls = profile_engine(engine, ids, mask, f"{n} tokens: {method}")
+                row[method].update(host_ops_per_inference=called, compiled_calls_per_inference=compiled_calls)
                 profiles.append(table)
         except RuntimeError as e:  # CUDA errors, out of memory among them
             if method in RUNNERS:  # the runners as they ship must work; a variant may fail and be recorded
@@ -382,6 +385,7 @@ def ratios(row: dict) -> dict:
 CSV_COLUMNS = ("tokens", "method", "median_ms", "min_ms", "max_ms", "first_ms", "instrumented_median_ms",
                *(f"{c}_ms" for c in (*ONLINE, "overlap", "other", "offline")),  # Metrics.category_ms's
                "bytes_to_gpu", "bytes_to_cpu", "tee_calls", "gpu_calls", "crossings", "host_ops_per_inference",
+               "compiled_calls_per_inference",
                "rel_diff_from_optimized", "kernels", "error")
 SCHEME_STEPS = {step for scheme in SCHEMES.values() for step in scheme.steps}
 

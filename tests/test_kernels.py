@@ -144,7 +144,8 @@ def test_kernel_bench_times_each_step_both_ways(tmp_path, capsys):
                               "--round-trip-device", "cpu", "--out", str(out)]) == 0
     results = json.loads(out.read_text())
     steps = results["lengths"]["4"]
-    assert set(steps["eager"]) == set(steps["compiled"]) and len(steps["eager"]) == 10
+    assert set(steps["eager"]) == set(steps["compiled"]) and len(steps["eager"]) == 14
+    assert "ours: 3 hops, fused" in steps["compiled"] and "otp: 3 hops, separate steps" in steps["compiled"]
     assert set(results["fixed_costs"]) == {"1", "2"} and all(len(row) == 13 and min(row.values()) > 0
                                                              for row in results["fixed_costs"].values())
     assert "RMSNorm with the residual add, 128 tokens, compiled, straight after a round trip to cpu" in \
@@ -379,7 +380,7 @@ def test_fused_hops_compile_to_one_call_each(tiny_models, scheme, monkeypatch):
             depth[0] -= 1
 
     monkeypatch.setattr(kernels, "_choose", counted)
-    runs, host_ops = {}, {}
+    runs, host_ops, compiled_calls = {}, {}, {}
     for fuse in (False, True):
         engine = SplitLlama(model.config, model.state_dict, make_scheme(scheme, seed=2), CPU, torch.float32,
                             compiled=True, fuse_hops=fuse)
@@ -389,10 +390,11 @@ def test_fused_hops_compile_to_one_call_each(tiny_models, scheme, monkeypatch):
         assert graphs_built() == built
         engine.choose_kernels = False  # compiled at every shape, for the count
         engine.warm_kernels(*ids.shape)
-        host_ops[fuse] = perf.profile_engine(engine, ids, mask, scheme)[1]
+        host_ops[fuse], compiled_calls[fuse] = perf.profile_engine(engine, ids, mask, scheme)[1:]
     body = "unmix_op_mix" if scheme == "matrix" else "add_op_pad"
     assert {f"{body}_sum_and_norm", f"{body}_gated"} <= {key.split(" ")[0] for key in kernels.chosen()}
     assert deepest[0] == 1
     torch.testing.assert_close(runs[True], runs[False], atol=1e-5, rtol=1e-5)
     # per layer, two calls fewer in each of the three hops, and the bias adds folded in
     assert host_ops[True] < host_ops[False] - 6 * model.config.num_hidden_layers
+    assert compiled_calls[True] < compiled_calls[False]
