@@ -81,9 +81,9 @@ def test_json_result(tiny_models, tmp_path, scheme):
 @pytest.mark.parametrize("kernels", ["compiled", "eager"])
 def test_kernels_flag(tiny_models, tmp_path, kernels):
     """Compiled kernels are built in set-up (timing.kernel_compile_ms) and the JSON says which ran; without
-    CUDA the default is eager."""
+    CUDA the default is eager. With compiled ones, fused hops too: their time is crypto, apart from either step's."""
     out = tmp_path / "r.json"
-    flag = ["--kernels", kernels] if kernels == "compiled" else []
+    flag = ["--kernels", kernels, "--fuse-hops"] if kernels == "compiled" else []
     assert run("matrix", "--model", tiny_models["gqa-tied"], "--prefill-length", "6", "--output", str(out), *flag) == 0
     r = json.loads(out.read_text())
     assert r["environment"]["tee_kernels"].startswith(kernels)
@@ -92,6 +92,9 @@ def test_kernels_flag(tiny_models, tmp_path, kernels):
     assert r["timing"]["setup_ms"] >= r["timing"]["kernel_compile_ms"] + r["timing"]["device_warmup_ms"]
     assert 0 <= r["timing"]["compiler_start_ms"] <= r["timing"]["kernel_compile_ms"]
     assert r["correctness"]["rel_logit_error"] <= 1e-3
+    t, fused = r["timing"], kernels == "compiled"
+    assert r["benchmark_info"]["fused_hops"] is fused and (t["fused_hops_ms"] > 0) is fused
+    assert abs(t["encryption_ms"] + t["decryption_ms"] + t["fused_hops_ms"] - t["total_crypto_ms"]) < 1e-6
 
 
 def test_preset_and_half_precision(tmp_path):
