@@ -333,12 +333,11 @@ class SplitLlama:
     def hops_on_zeros(self, batch: int, n: int) -> tuple:
         """The three fused hops of a layer, as `Plain.warm_kernels` takes them: (the linear before, its bias, the
         op, its arguments on zeros, the linear after)."""
-        x, layer = torch.zeros(batch, n, self.config.hidden_size, dtype=self.dtype), self.layers[0]
-        return (("0.o", self.tee_biases.get("0.o"), sum_and_norm, (x, layer.mlp_norm.scaled, layer.mlp_norm.eps_d),
-                 "0.gate_up"),
-                ("0.gate_up", self.tee_biases.get("0.gate_up"), gated, (), "0.down"),
-                ("0.down", self.tee_biases.get("0.down"), sum_and_norm, (x, layer.attn_norm.scaled, layer.attn_norm.eps_d),
-                 "0.qkv"))
+        x, bias = torch.zeros(batch, n, self.config.hidden_size, dtype=self.dtype), self.tee_biases
+        attn_norm, mlp_norm = self.layers[0].attn_norm, self.layers[0].mlp_norm
+        return (("0.o", bias.get("0.o"), sum_and_norm, (x, mlp_norm.scaled, mlp_norm.eps_d), "0.gate_up"),
+                ("0.gate_up", bias.get("0.gate_up"), gated, (), "0.down"),
+                ("0.down", bias.get("0.down"), sum_and_norm, (x, attn_norm.scaled, attn_norm.eps_d), "0.qkv"))
 
     @torch.no_grad()
     def warm_device(self, batch: int, n: int) -> float:

@@ -81,7 +81,8 @@ def layer_steps(preset: str, n: int, dtype: torch.dtype, compiled: bool, repeat:
 
     def three_hops(scheme, hop_secrets, fused: bool) -> float:
         def separate(z, source, op, args, target):
-            return scheme.protect_linear(op(kernels.as_chosen, scheme.recover_linear(z, hop_secrets[source]), *args)[1], target)
+            recovered = scheme.recover_linear(z, hop_secrets[source])
+            return scheme.protect_linear(op(kernels.as_chosen, recovered, *args)[1], target)
 
         def one_call(z, source, op, args, target):
             return scheme.hop(z, hop_secrets[source], None, op, args, target)

@@ -59,7 +59,7 @@ def tee_kernel(fn: Callable | None = None, *, exact: bool = False, eager: Callab
         nonlocal compiled
         if not _state["on"] or fn.__name__ in failed:
             return eager_form(*args)
-        if _state["chosen"] and not _state["choosing"] and _layout(fn, args) in _eager_at:
+        if _state["chosen"] and not _state["choosing"] and _layout(fn, args[0]) in _eager_at:
             return eager_form(*args)
         try:
             if compiled is None:  # an option this torch does not know fails here
@@ -116,7 +116,7 @@ def _choose(fn: Callable, eager: Callable, compiled: Callable, args: tuple):
     """Build `compiled` (kernel `fn`), time it and `eager` on `args` (`timed`), keep the faster for this shape;
     its result."""
     compiled(*args)
-    key = _layout(fn, args)
+    key = _layout(fn, args[0])
     _state["choosing"] = False  # an eager form made of other kernels runs each in the form chosen for it
     try:
         choices[key] = {"eager_ms": timed(lambda _: eager(*args), repeat=7),
@@ -130,8 +130,8 @@ def _choose(fn: Callable, eager: Callable, compiled: Callable, args: tuple):
         _state["choosing"] = True
 
 
-def _layout(fn: Callable, args: tuple) -> Layout:
-    return fn.__name__, tuple(args[0].shape), args[0].stride()
+def _layout(fn: Callable, t: torch.Tensor) -> Layout:
+    return fn.__name__, tuple(t.shape), t.stride()
 
 
 def chosen() -> dict[str, dict[str, float | str]]:

@@ -71,8 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with compiled kernels, skip the plain split and ours with eager kernels (*_eager_kernels) "
                         "and with compiled kernels at every shape (*_all_compiled: no per-shape choice in set-up)")
     p.add_argument("--no-fused-hops", action="store_true",
-                   help="with compiled kernels, skip ours and otp with fused hops (*_fused_hops: the TEE's work between "
-                        "two linears as one call)")
+                   help="with compiled kernels, skip ours and otp with fused hops (*_fused_hops: the TEE's work "
+                        "between two linears as one call)")
     p.add_argument("--no-overlap", action="store_true",
                    help="on CUDA, skip the plain split with copies overlapping the TEE's work (optimized_overlap)")
     p.add_argument("--profile", action="store_true",
@@ -220,10 +220,10 @@ def profile_engine(engine: SplitLlama, ids, mask, title: str) -> tuple[str, int,
     """One inference's online phase under torch.profiler, timing no region of its own: the operators that took
     the most host time, as a table, how many ops the host called (ATen operators, views included, and compiled
     TEE kernels, not counting those inside another), and how many of those were compiled kernels: a compiled
-    call costs the host more than an eager op (its frame's guards and wrappers). A masked scheme's offline phase is left out: the
-    inference before, run outside the profile, drew the masks this one uses again (its argsorts topped ours'
-    table in the eighth round). 40 rows, so that the driver's calls (copies, synchronisations, pinned
-    allocations) show too."""
+    call costs the host more than an eager op (its frame's guards and wrappers). A masked scheme's offline
+    phase is left out: the inference before, run outside the profile, drew the masks this one uses again (its
+    argsorts topped ours' table in the eighth round). 40 rows, so that the driver's calls (copies,
+    synchronisations, pinned allocations) show too."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if engine.metrics.device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -252,7 +252,8 @@ def measure(args, results: dict) -> None:
     lengths = parse_counts(args.lengths, "--lengths")
     compiled = compiled_kernels(args.kernels, gpu_device)
     split_variants = variants(cuda and not args.no_overlap, cuda and not args.no_ablations,  # a bad sweep fails first
-                              args.thread_sweep, compiled and not args.no_kernel_variants, compiled and not args.no_fused_hops)
+                              args.thread_sweep, compiled and not args.no_kernel_variants,
+                              compiled and not args.no_fused_hops)
     prompts = read_prompts(DEFAULT_PROMPTS)
     progress(f"loading {args.model} ({dtype_name}; TEE-only {tee_name})")
     model = load_model(args.model, dtype, gpu_device)

@@ -252,8 +252,8 @@ class Matrix(Plain):
         the inference's own masks are the ones it would have drawn without this."""
         state = self.generator.get_state()
         # one of each shape: the layers share them; and those the hops name
-        linears = {name: linears[name] for name in [*{(shape, outputs[name]): name for name, shape in linears.items()}.values(),
-                                                    *(name for hop in hops for name in (hop[0], hop[-1]))]}
+        one_each = {(shape, outputs[name]): name for name, shape in linears.items()}.values()
+        linears = {name: linears[name] for name in [*one_each, *(name for hop in hops for name in (hop[0], hop[-1]))]}
         softmax_of = {name: source for name, source in (softmax_of or {}).items() if {name, source} <= set(matmuls)}
         self.prepare(linears, {name: (a.shape, b.shape) for name, (a, b) in matmuls.items()}, dtype=dtype,
                      softmax_of=softmax_of)

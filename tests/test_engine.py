@@ -349,7 +349,8 @@ def test_device_warmup_changes_nothing_an_inference_measures(tiny_models, scheme
 
 
 @pytest.mark.parametrize("scheme", ["matrix", "otp"])
-@pytest.mark.parametrize("variant, n, batch", [("biases", 12, 3), ("gqa-tied", 1, 2)], ids=["biases-padded", "one-token"])
+@pytest.mark.parametrize("variant, n, batch", [("biases", 12, 3), ("gqa-tied", 1, 2)],
+                         ids=["biases-padded", "one-token"])
 def test_fused_hops_do_the_separate_steps_work(tiny_models, scheme, variant, n, batch):
     """With `fuse_hops`, each hop between two linears (recovery and bias, residual add and RMSNorm or SiLU·up,
     the next protect) is one TEE call: eager, the very ops the separate steps run, so the same logits bit for

@@ -9,8 +9,9 @@
 #   perf.json          the in-process comparison (split runners, TEE-only in bfloat16, transformers on the CPU
 #                      and the GPU) and its ratios; copy bandwidth first, then the runners and baselines at
 #                      every length, then the variants, so that a cut run keeps the headline; the variants
-#                      include the plain split and ours with eager kernels and with compiled ones at every
-#                      shape (what set-up's per-shape choice buys)
+#                      include ours and otp with fused hops (each hop between two linears one TEE call:
+#                      ours_fused_hops, otp_fused_hops), and the plain split and ours with eager kernels and
+#                      with compiled ones at every shape (what set-up's per-shape choice buys)
 #   perf.csv           the same figures flat, one row per length and method, for plotting
 #   profile.txt        torch.profiler tables of one inference of each split runner
 #   perf_floor.json    the comparison again on llama-3.2-1b-narrow: the 1B shape's 16 layers, heads per group
@@ -24,7 +25,8 @@
 #                      after 0.2, 2 and 30 ms idle, and straight after a round trip to the GPU, as the engine's
 #                      TEE ops come), also in fresh processes under OMP_WAIT_POLICY=PASSIVE
 #                      and ACTIVE (waking OpenMP's threads), then the TEE's steps of one layer on
-#                      this machine's CPU, eager against compiled kernels (splitinfer.kernel_bench; written
+#                      this machine's CPU, eager against compiled kernels, the three hops between linears
+#                      separate and fused among them (splitinfer.kernel_bench; written
 #                      after each stage, marked incomplete if cut)
 #   runners.json       every runner's own JSON, each in a fresh process, the longest length first (the memory
 #                      target is stated at 512 tokens): first inference, set-up, memory, logit error
