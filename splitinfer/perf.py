@@ -303,19 +303,20 @@ def measure(args, results: dict) -> None:
         row[method]["rel_diff_from_optimized"] = compare(logits, plain_logits[n])["rel_logit_error"]
 
     # The runners as they ship and the baselines at every length first, then the variants: a run cut by its
-    # budget keeps the headline ratios at every length (the tenth round lost the 512-token baselines)
+    # budget keeps the headline ratios at every length (the tenth round lost the 512-token baselines). Then each
+    # variant at every length in turn, in `variants`' order, the most wanted first: a cut run has those at
+    # every length
     shipped = [v for v in split_variants if v[0] in RUNNERS]
     for n in lengths:
         for variant in shipped:
             time_variant(n, *variant)
         if not args.split_only:
             time_baselines(args, results["lengths"][n], model, state, batches[n], gpu_device, dtype, tee_dtype)
-    for n in lengths:
-        for variant in split_variants:
-            if variant not in shipped:
-                time_variant(n, *variant)
-        if not args.split_only:
-            results["lengths"][n]["ratios"] = ratios(results["lengths"][n])
+    for variant in split_variants:
+        for n in lengths if variant not in shipped else ():
+            time_variant(n, *variant)
+            if not args.split_only:
+                results["lengths"][n]["ratios"] = ratios(results["lengths"][n])
     if profiles:
         text = "\n\n".join(profiles).encode()
         write_atomically(os.path.join(args.out_dir, "profile.txt"), lambda f: f.write(text))

@@ -89,6 +89,10 @@ def test_a_failing_variant_is_recorded_and_the_rest_still_run(tiny_models, tmp_p
     assert row["optimized_threads1"]["rel_diff_from_optimized"] < 1e-5  # the same function, other threads
     out, err = capsys.readouterr()
     assert "optimized_overlap    failed: CUDA error" in out and "warning: optimized_overlap failed" in err
+    # each variant at every length in turn, after the runners as they ship at every length
+    order = [line for line in err.splitlines() if line.startswith(("8 tokens:", "16 tokens:"))]
+    assert order[-4:] == ["8 tokens: optimized_overlap", "16 tokens: optimized_overlap",
+                          "8 tokens: optimized_threads1", "16 tokens: optimized_threads1"]
 
 
 def test_the_headline_comes_first_at_every_length(tiny_models, tmp_path, monkeypatch):
