@@ -162,6 +162,16 @@ def linear_kind(weight: str) -> str:
     return "linear_attn" if weight.endswith((".qkv", ".o")) else "linear_mlp"
 
 
+def layer_hops(x: torch.Tensor, attn_norm: RmsNorm, mlp_norm: RmsNorm, layer: str = "0."
+               ) -> tuple[tuple[str, Callable, tuple, str], ...]:
+    """The three hops of a layer that a fused hop makes one call (`SplitLlama.fused_hop`), as (the linear
+    before, the op, its arguments after the answer, the linear after), with x the residual stream: o's answer
+    to the MLP norm to gate/up, gate/up's to SiLU·up to down, and down's to the next layer's norm to q/k/v."""
+    return ((f"{layer}o", sum_and_norm, (x, mlp_norm.scaled, mlp_norm.eps_d), f"{layer}gate_up"),
+            (f"{layer}gate_up", gated, (), f"{layer}down"),
+            (f"{layer}down", sum_and_norm, (x, attn_norm.scaled, attn_norm.eps_d), f"{layer}qkv"))
+
+
 class SplitLlama:
     """A LLaMA prefill split between the TEE and the GPU under a protection scheme."""
 
@@ -333,11 +343,9 @@ class SplitLlama:
     def hops_on_zeros(self, batch: int, n: int) -> tuple:
         """The three fused hops of a layer, as `Plain.warm_kernels` takes them: (the linear before, its bias, the
         op, its arguments on zeros, the linear after)."""
-        x, bias = torch.zeros(batch, n, self.config.hidden_size, dtype=self.dtype), self.tee_biases
-        attn_norm, mlp_norm = self.layers[0].attn_norm, self.layers[0].mlp_norm
-        return (("0.o", bias.get("0.o"), sum_and_norm, (x, mlp_norm.scaled, mlp_norm.eps_d), "0.gate_up"),
-                ("0.gate_up", bias.get("0.gate_up"), gated, (), "0.down"),
-                ("0.down", bias.get("0.down"), sum_and_norm, (x, attn_norm.scaled, attn_norm.eps_d), "0.qkv"))
+        x, layer = torch.zeros(batch, n, self.config.hidden_size, dtype=self.dtype), self.layers[0]
+        return tuple((source, self.tee_biases.get(source), op, args, target)
+                     for source, op, args, target in layer_hops(x, layer.attn_norm, layer.mlp_norm))
 
     @torch.no_grad()
     def warm_device(self, batch: int, n: int) -> float:
@@ -478,16 +486,17 @@ class SplitLlama:
         masked, secret = ((x.masked, x.secret) if isinstance(x, Protected) else
                           self.crypto(0, kind, self.scheme.protect_linear, x, weight))
         z = self.link.to_tee(self.gpu.linear(self.link.to_gpu(masked, kind, layer), weight, kind), kind)
-        answer = Answer(z, secret, weight, kind)
-        return answer if defer and self.fuse_hops else self.received(answer)
+        return Answer(z, secret, weight, kind) if defer and self.fuse_hops else self.recover(z, secret, weight, kind)
+
+    def recover(self, z: torch.Tensor, secret: object, weight: str, kind: str) -> torch.Tensor:
+        """Linear `weight`'s answer z recovered, with its bias added in the TEE where it has one."""
+        y = self.crypto(1, kind, self.scheme.recover_linear, z, secret)
+        bias = self.tee_biases.get(weight)
+        return y if bias is None else self.tee("bias", torch.add, y, bias)
 
     def received(self, y: torch.Tensor | Answer) -> torch.Tensor:
-        """A linear's answer recovered, with its bias added in the TEE where it has one; a tensor as it is."""
-        if not isinstance(y, Answer):
-            return y
-        recovered = self.crypto(1, y.kind, self.scheme.recover_linear, y.z, y.secret)
-        bias = self.tee_biases.get(y.weight)
-        return recovered if bias is None else self.tee("bias", torch.add, recovered, bias)
+        """An answer left masked (`Answer`), recovered; a tensor as it is."""
+        return self.recover(y.z, y.secret, y.weight, y.kind) if isinstance(y, Answer) else y
 
     def fused_hop(self, op: str, fn: Callable, answer: Answer, args: tuple, weight: str
                   ) -> tuple[torch.Tensor | None, Protected]:

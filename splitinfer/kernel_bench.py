@@ -21,15 +21,15 @@ import torch
 
 from splitinfer import kernels
 from splitinfer.cli import DTYPES, OneLineParser, progress
-from splitinfer.engine import attention_operands, keep_freed_memory, split_heads
+from splitinfer.engine import attention_operands, keep_freed_memory, layer_hops, split_heads
 from splitinfer.errors import UserError, one_line_errors
 from splitinfer.kernels import WAIT_S, timed
 from splitinfer.models import PRESETS
 from splitinfer.perf import parse_counts
 from splitinfer.results import environment_block, write_json
 from splitinfer.schemes import Matrix, Otp
-from splitinfer.tee_ops import (CausalBlocks, RmsNorm, apply_rope, attention_bias, gated, grouped_matmul,
-                                masked_softmax, rms_norm, silu_gate, softmax_in_order, sum_and_norm)
+from splitinfer.tee_ops import (CausalBlocks, RmsNorm, apply_rope, attention_bias, grouped_matmul, masked_softmax,
+                                rms_norm, silu_gate, softmax_in_order)
 
 
 def layer_steps(preset: str, n: int, dtype: torch.dtype, compiled: bool, repeat: int) -> dict[str, float]:
@@ -76,8 +76,7 @@ def layer_steps(preset: str, n: int, dtype: torch.dtype, compiled: bool, repeat:
     otp_secrets = {name: otp.protect_linear(inputs[name], name)[1] for name in linears}
     # the three hops between two linears (`SplitLlama.fused_hop`): the answer recovered, the TEE op, the next
     # input protected, as three calls (the separate steps) or as one (the fused hop)
-    hops = (("o", sum_and_norm, (x, norm.scaled, norm.eps_d), "gate_up"), ("gate_up", gated, (), "down"),
-            ("down", sum_and_norm, (x, norm.scaled, norm.eps_d), "qkv"))
+    hops = layer_hops(x, norm, norm, layer="")
 
     def three_hops(scheme, hop_secrets, fused: bool) -> float:
         def separate(z, source, op, args, target):
