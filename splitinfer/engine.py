@@ -327,13 +327,14 @@ class SplitLlama:
         self.rotate(q_and_k, self.rotary.tables(n, self.dtype))
         linears = self.mask_shapes(batch, n)[0]
         softmax_of = self.softmax_of()
+        blocks = self.causal_blocks(batch, n)
         if not softmax_of:
-            blocks = self.causal_blocks(batch, n)
             blocks.softmax(torch.zeros(blocks.shape, dtype=self.dtype), torch.zeros(batch, 1, n, n, dtype=self.dtype),
                            self.gpu_bound(blocks.shape))
         self.scheme.warm_kernels(linears, self.matmul_operands(batch, n),
                                  {name: self.gpu.weights[name].shape[0] for name in linears}, self.dtype, softmax_of,
-                                 self.hops_on_zeros(batch, n) if self.fuse_hops else ())
+                                 self.hops_on_zeros(batch, n) if self.fuse_hops else (),
+                                 {"0.scores": blocks.scores, "0.attend": blocks.attend})
         if softmax_of:
             groups, long = self.n_kv_heads, torch.long
             softmax_in_order(torch.zeros(batch, self.n_heads, n, n, dtype=self.dtype),

@@ -27,7 +27,7 @@ from splitinfer.kernels import WAIT_S, timed
 from splitinfer.models import PRESETS
 from splitinfer.perf import parse_counts
 from splitinfer.results import environment_block, write_json
-from splitinfer.schemes import Matrix, Otp
+from splitinfer.schemes import CROSS_FORMS, FLOAT32, INTEGER_DTYPES, Matrix, Otp
 from splitinfer.tee_ops import (CausalBlocks, RmsNorm, apply_rope, attention_bias, grouped_matmul, masked_softmax,
                                 rms_norm, silu_gate, softmax_in_order)
 
@@ -68,12 +68,19 @@ def layer_steps(preset: str, n: int, dtype: torch.dtype, compiled: bool, repeat:
     masked_out = grouped_matmul(a, b)
     norm = RmsNorm.of(torch.rand(d).to(dtype) + 0.5, 1e-5)
     blocks = CausalBlocks.of(1, heads, n, padded=False)  # as the plain split and otp pack an unpadded prompt
-    packed = blocks.pack(grouped_matmul(q, k_t))
+    packed = blocks.pack(grouped_matmul(q, k_t)).view(blocks.shape)  # as the engine has them, one block or more
     otp = Otp(seed=1)  # its pads only, without the offline N·Wᵀ: only protect is timed
     otp.linear_pads = {name: (torch.randn(t.shape).to(dtype), outputs[name]) for name, t in inputs.items()}
     otp.matmul_pads = {name: tuple(torch.randn(t.shape).to(dtype) for t in pair)
                        for name, pair in (("s", (q, k_t)), ("p", (packed, v)))}
     otp_secrets = {name: otp.protect_linear(inputs[name], name)[1] for name in linears}
+    # otp's matmuls recovered from the GPU's answers, in their causal blocks: the scores' cross terms in each form
+    # (`schemes.CROSS_FORMS`; the integer one in half precision only, as set-up offers it), P·V's in float32
+    *otp_scores_operands, otp_scores_secret = otp.protect_matmul(q, k_t, "s")
+    otp_scores = blocks.scores(*otp_scores_operands)
+    *otp_attend_operands, otp_attend_secret = otp.protect_matmul(packed, v, "p")
+    otp_attend = blocks.attend(*otp_attend_operands)
+    cross_forms = {form: f for form, f in CROSS_FORMS.items() if form == FLOAT32 or dtype in INTEGER_DTYPES}
     # the three hops between two linears (`SplitLlama.fused_hop`): the answer recovered, the TEE op, the next
     # input protected, as three calls (the separate steps) or as one (the fused hop)
     hops = layer_hops(x, norm, norm, layer="")
@@ -107,6 +114,11 @@ def layer_steps(preset: str, n: int, dtype: torch.dtype, compiled: bool, repeat:
                                   for k in linears),
         "otp: pad both matmuls' operands": (timed(lambda _: otp.protect_matmul(q, k_t, "s"), repeat=repeat)
                                             + timed(lambda _: otp.protect_matmul(packed, v, "p"), repeat=repeat)),
+        **{f"otp: recover the scores, {form} cross terms":
+           timed(lambda _, f=f: f(*otp_scores_secret, otp_scores, blocks.scores), repeat=repeat)
+           for form, f in cross_forms.items()},
+        "otp: recover P·V": timed(lambda _: otp.recover_matmul(otp_attend, otp_attend_secret, blocks.attend),
+                                  repeat=repeat),
         "ours: 3 hops, separate steps": three_hops(ours, secrets, fused=False),
         "ours: 3 hops, fused": three_hops(ours, secrets, fused=True),
         "otp: 3 hops, separate steps": three_hops(otp, otp_secrets, fused=False),
@@ -148,6 +160,22 @@ def fixed_costs(d: int, dtype: torch.dtype, threads: list[int], repeat: int, hop
         torch.set_num_threads(default)
         kernels.select(False)
     return costs
+
+
+def product_rates(preset: str, repeat: int, n: int = 512) -> dict[str, float]:
+    """Billions of multiply-adds a second of one product of the shape otp's scores' cross terms take per KV group
+    at n tokens ([H/G·n, 2·head size] by [2·head size, n]), in each operand type the TEE could take: float32,
+    bfloat16 (its result rounded to bfloat16), and int8 with int32 sums (`torch._int_mm`): whether this CPU's
+    matrix units (AMX, VNNI) run them, and so which form of the cross terms set-up may keep."""
+    p = PRESETS[preset]
+    head = p.hidden_size // p.num_attention_heads
+    rows, inner = p.num_attention_heads // p.num_key_value_heads * n, 2 * head
+    left, right = torch.randn(rows, inner), torch.randn(inner, n)
+    products = {"float32": lambda: left @ right,
+                "bfloat16": lambda b=left.bfloat16(), c=right.bfloat16(): b @ c,
+                "int8, int32 sums": lambda b=left.to(torch.int8), c=right.to(torch.int8): torch._int_mm(b, c)}
+    return {kind: rows * inner * n / (timed(lambda _, f=f: f(), repeat=repeat) * 1e-3) / 1e9
+            for kind, f in products.items()}
 
 
 def round_trip(x: torch.Tensor, device: torch.device) -> Callable[[], None]:
@@ -226,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"preset": args.preset, "dtype": args.dtype, "wait_us": WAIT_S * 1e6,
                      "incomplete": "stopped before the end (a time limit?)",
                      "environment": environment_block(torch.device("cpu"), False, torch.get_num_threads()),
-                     "fixed_costs": {}, "fixed_costs_by_wait_policy": {}, "lengths": {}}
+                     "fixed_costs": {}, "product_rates_gmacs": {}, "fixed_costs_by_wait_policy": {}, "lengths": {}}
     progress("fixed costs per call")  # first: the cheapest stage, and the one a GPU run's budget cut twice
     try:
         hop = torch.device(args.round_trip_device) if args.round_trip_device else None
@@ -237,6 +265,9 @@ def main(argv: list[str] | None = None) -> int:
     results["fixed_costs"] = fixed_costs(PRESETS[args.preset].hidden_size, DTYPES[args.dtype], threads, args.repeat,
                                          hop)
     print_fixed_costs(results["fixed_costs"])
+    results["product_rates_gmacs"] = product_rates(args.preset, args.repeat)
+    for kind, rate in results["product_rates_gmacs"].items():
+        print(f"matrix product, {kind:<17} {rate:8.1f} G multiply-adds/s")
     write_json(args.out, results)
     for policy in policies:  # before the per-layer steps, which earlier GPU runs already have
         progress(f"fixed costs per call, OMP_WAIT_POLICY={policy} (a fresh process)")

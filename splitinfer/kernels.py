@@ -34,6 +34,11 @@ failed: dict[str, str] = {}  # kernel -> why it could not be compiled (it runs e
 Layout = tuple[str, tuple[int, ...], tuple[int, ...]]
 choices: dict[Layout, dict[str, float]] = {}
 _eager_at: set[Layout] = set()
+# (step, its first operand's shape, its dtype) -> {"<form>_ms" for each form, "runs": the form kept}: a step
+# with more than one form, each computing its result by other means (not a kernel against its eager form),
+# timed in set-up where compiled kernels are chosen per shape (`pick`)
+Pick = tuple[str, tuple[int, ...], torch.dtype]
+picks: dict[Pick, dict[str, float | str]] = {}
 WAIT_S = 2e-4  # the busy-wait before each timed call: the TEE's threads idle, as while it waits on the GPU
 
 
@@ -130,18 +135,47 @@ def _choose(fn: Callable, eager: Callable, compiled: Callable, args: tuple):
         _state["choosing"] = True
 
 
+def pick(step: str, t: torch.Tensor, forms: dict[str, Callable[[], object]]) -> str:
+    """While `choosing` (set-up): each of a step's forms (calls of no arguments, on zeros of the inference's
+    shapes) once as the inference would run it, so that the kernels inside are built and chosen, then each
+    timed (`timed`), and the fastest kept for the step at `t`'s shape and dtype. Returns the form in force
+    there (`picked`)."""
+    if _state["choosing"]:
+        for form in forms.values():
+            form()
+        _state["choosing"] = False  # a form's kernels run as chosen while it is timed
+        try:
+            times = {name: timed(lambda _, form=form: form(), repeat=7) for name, form in forms.items()}
+        finally:
+            _state["choosing"] = True
+        picks[(step, tuple(t.shape), t.dtype)] = {**{f"{name}_ms": ms for name, ms in times.items()},
+                                                  "runs": min(times, key=times.get)}
+    return picked(step, t, next(iter(forms)))
+
+
+def picked(step: str, t: torch.Tensor, default: str) -> str:
+    """The form of `step` kept for `t`'s shape and dtype (`pick`), where compiled kernels are on and chosen per
+    shape; else `default`."""
+    if not (_state["on"] and _state["chosen"]):
+        return default
+    return str(picks.get((step, tuple(t.shape), t.dtype), {}).get("runs", default))
+
+
 def _layout(fn: Callable, t: torch.Tensor) -> Layout:
     return fn.__name__, tuple(t.shape), t.stride()
 
 
 def chosen() -> dict[str, dict[str, float | str]]:
     """`choices` for the JSON: "kernel [shape]" (and its strides where they are not a contiguous tensor's) ->
-    the times and which form runs there."""
+    the times and which form runs there; and `picks`: "step [shape] dtype" -> each form's time and which runs."""
     def label(name: str, shape: tuple[int, ...], strides: tuple[int, ...]) -> str:
         contiguous = torch.empty(shape, device="meta").stride()
         return f"{name} {list(shape)}" + ("" if strides == contiguous else f" strides {list(strides)}")
 
-    return {label(*key): {**ms, "runs": "eager" if key in _eager_at else "compiled"} for key, ms in choices.items()}
+    kernels = {label(*key): {**ms, "runs": "eager" if key in _eager_at else "compiled"} for key, ms in choices.items()}
+    steps = {f"{step} {list(shape)} {str(dtype).removeprefix('torch.')}": times
+             for (step, shape, dtype), times in picks.items()}
+    return {**kernels, **steps}
 
 
 def timed(step: Callable[[object], object], fresh: Callable[[], object] = lambda: None, repeat: int = 30,
@@ -173,6 +207,7 @@ def select(compiled: bool, chosen: bool = True) -> str:
             torch._dynamo.reset()
             choices.clear()  # timed at the old count
             _eager_at.clear()
+            picks.clear()
         _state["threads"] = torch.get_num_threads()
         if _state["mode"] != COMPILED:
             start = time.perf_counter()

@@ -13,6 +13,7 @@ import sys
 
 import torch
 
+from splitinfer import kernels
 from splitinfer.cli import (DTYPES, OneLineParser, add_kernels_flag, compiled_kernels, progress,
                             resolve_gpu_device)
 from splitinfer.engine import SplitLlama
@@ -59,6 +60,7 @@ def measure(args) -> dict:
             progress(f"{runner}, mask seed {seed}")
             engine = SplitLlama(model.config, model.state_dict, make_scheme(scheme, seed=seed), gpu_device, dtype,
                                 compiled=compiled_kernels(args.kernels, gpu_device))
+            engine.warm_kernels(*ids.shape)  # set-up, as the runners': the forms it keeps are the ones checked
             logits, _ = engine.timed_forward(ids, mask)
             mode = engine.kernels
             if reference is None:
@@ -70,7 +72,8 @@ def measure(args) -> dict:
     worst = {runner: max(r["rel_logit_error"] for r in rs) for runner, rs in runs.items()}
     return {"setup": {"model": model.name, "length": args.length, "batch_size": args.batch_size,
                       "ragged": args.ragged, "dtype": args.dtype, "seeds": seeds, "gpu_device": str(gpu_device),
-                      "gpu_fallback_to_cpu": fallback, "kernels": mode},
+                      "gpu_fallback_to_cpu": fallback, "kernels": mode,
+                      "kernel_choices": kernels.chosen()},  # the last engine's set-up's (otp's cross terms among them)
             "runs": runs, "worst_rel_logit_error": worst,
             "worst_over_plain": {runner: w / plain if plain else float("inf") for runner, w in worst.items()},
             "environment": environment_block(gpu_device, fallback, torch.get_num_threads())}

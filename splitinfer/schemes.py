@@ -18,8 +18,9 @@ from typing import Callable
 
 import torch
 
+from splitinfer import kernels
 from splitinfer.kernels import fused, tee_kernel
-from splitinfer.tee_ops import grouped_matmul
+from splitinfer.tee_ops import CausalBlocks, grouped_matmul
 
 MaskShapes = dict[str, tuple[int, ...]]
 MatmulShapes = dict[str, tuple[tuple[int, ...], tuple[int, ...]]]
@@ -60,9 +61,10 @@ class Plain:
 
     def warm_kernels(self, linears: MaskShapes, matmuls: dict[str, tuple[torch.Tensor, torch.Tensor]],
                      outputs: dict[str, int], dtype: torch.dtype, softmax_of: dict[str, str] | None = None,
-                     hops: tuple = ()) -> None:
+                     hops: tuple = (), products: dict[str, Callable] | None = None) -> None:
         """Build the compiled kernels that the protect and recover steps run (none here), before the
-        inference: `matmuls` gives zeros laid out as each matmul's operands are (strides too), `outputs`
+        inference: `matmuls` gives zeros laid out as each matmul's operands are (strides too), `products` the
+        form the GPU computes each in (as `recover_matmul` takes it; the full product unless given), `outputs`
         each linear's output width, `hops` the fused hops (`hop`'s arguments on zeros: the linear before,
         its bias, the op and its arguments, the linear after)."""
 
@@ -246,7 +248,7 @@ class Matrix(Plain):
                                                            n, bias, op_args, *self._mix_args(name, width, z.dtype))
         return (kept, *self._mixed(mixed, next_scale, name, (*in_shape[:-1], width), n))
 
-    def warm_kernels(self, linears, matmuls, outputs, dtype, softmax_of=None, hops=()) -> None:
+    def warm_kernels(self, linears, matmuls, outputs, dtype, softmax_of=None, hops=(), products=None) -> None:
         """Protect and recover every linear and matmul once, and run each fused hop, on zeros of its shapes, so
         that compiled kernels are built before the inference; with masks from a copy of the generator, so that
         the inference's own masks are the ones it would have drawn without this."""
@@ -327,15 +329,24 @@ class Otp(Plain):
         tensors = [t for pads in (*self.linear_pads.values(), *self.matmul_pads.values()) for t in pads]
         return sum(t.numel() * t.element_size() for t in tensors)
 
-    def warm_kernels(self, linears, matmuls, outputs, dtype, softmax_of=None, hops=()) -> None:
-        """Pad every linear input and matmul operand shape once, and run each fused hop, on zeros (zeros for
-        pads too: the kernels take the noise)."""
+    def warm_kernels(self, linears, matmuls, outputs, dtype, softmax_of=None, hops=(), products=None) -> None:
+        """Pad every linear input and matmul operand shape once, run each fused hop, and in half precision pick
+        the form of the scores' cross terms (`CROSS_FORMS`), on zeros (zeros for pads too: the kernels take the
+        noise)."""
         for shape in set(linears.values()):
             _pad_rows(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype), self.pad_scale,
                       self.pinned_buffer(shape, dtype))
         for operand in {(t.shape, t.stride()): t for pair in matmuls.values() for t in pair}.values():
             _pad_tensor(operand, torch.zeros(operand.shape, dtype=dtype), self.pad_scale,
                         self.pinned_buffer(operand.shape, dtype))
+        for name, (a, b) in matmuls.items():
+            blocks = _scores_blocks((products or {}).get(name))
+            if blocks and dtype in INTEGER_DTYPES:  # the scores, their operands padded as the inference has them
+                self.matmul_pads = {name: (torch.zeros(a.shape, dtype=dtype), torch.zeros(b.shape, dtype=dtype))}
+                secret, c = self.protect_matmul(a, b, name)[2], torch.zeros(blocks.shape, dtype=dtype)
+                kernels.pick(SCORES_CROSS, a, {form: lambda f=f: f(*secret, c, blocks.scores)
+                                               for form, f in CROSS_FORMS.items()})
+        self.matmul_pads = {}
         self.linear_pads = {name: (torch.zeros(linears[name], dtype=dtype),
                                    torch.zeros(*linears[name][:-1], outputs[name], dtype=dtype))
                             for hop in hops for name in (hop[0], hop[-1])}
@@ -367,21 +378,109 @@ class Otp(Plain):
         return masked_a, masked_b, (a, pad_a, pad_b, masked_b)
 
     def recover_matmul(self, c, secret, product=grouped_matmul):
-        a, pad_a, pad_b, masked_b = secret
-        # A R₂ + R₁ (B − R₂) in float32, in the GPU's own form (where the scores are their causal block
-        # triangle, so are the cross terms): twice the matmul itself, in the TEE, the price of no
-        # strippable mask
-        if a.dim() == 4:  # the product keeps the inner dimension whole: both terms as one product,
-            # [A | R₁] [R₂ ; B − R₂], which writes the answer once (VM, 1B shape, 512 tokens: 11.5 ms, not 13.2)
-            k, f32 = a.shape[-1], torch.float32
-            left = torch.cat([a, pad_a], dim=-1, out=a.new_empty((*a.shape[:-1], 2 * k), dtype=f32))
-            right = torch.cat([pad_b, masked_b], dim=-2,
-                              out=a.new_empty((*pad_b.shape[:-2], 2 * k, pad_b.shape[-1]), dtype=f32))
-            cross = product(left, right)
-        else:  # packed probabilities: each block sees its own keys, so the two terms stay apart
-            cross = product(a.float(), pad_b.float()).add_(product(pad_a.float(), masked_b.float()))
-        # added in float32, rounded once (VM, 4.7 M scores: 0.78 ms against 1.22 for a float16 `out=`)
-        return cross.add_(c).to(c.dtype)
+        """c + A R₂ + R₁ (B − R₂), in the GPU's own form (where the scores are their causal block triangle, so
+        are the cross terms): twice the matmul itself, in the TEE, the price of no strippable mask. The scores'
+        in the form set-up picked (`CROSS_FORMS`), the rest in float32."""
+        form = kernels.picked(SCORES_CROSS, secret[0], FLOAT32) if _scores_blocks(product) else FLOAT32
+        return CROSS_FORMS[form](*secret, c, product)
+
+
+def _float32_cross(a: torch.Tensor, pad_a: torch.Tensor, pad_b: torch.Tensor, masked_b: torch.Tensor, c: torch.Tensor,
+                   product: Callable) -> torch.Tensor:
+    """otp's matmul recovered, c + A R₂ + R₁ (B − R₂), the cross terms as float32 products in the form `product`
+    gives, added to c in float32 and rounded once (VM, 4.7 M scores: 0.78 ms against 1.22 for a float16 `out=`)."""
+    if a.dim() == 4:  # the product keeps the inner dimension whole: both terms as one product,
+        # [A | R₁] [R₂ ; B − R₂], which writes the answer once (VM, 1B shape, 512 tokens: 11.5 ms, not 13.2)
+        k, f32 = a.shape[-1], torch.float32
+        left = torch.cat([a, pad_a], dim=-1, out=a.new_empty((*a.shape[:-1], 2 * k), dtype=f32))
+        right = torch.cat([pad_b, masked_b], dim=-2,
+                          out=a.new_empty((*pad_b.shape[:-2], 2 * k, pad_b.shape[-1]), dtype=f32))
+        cross = product(left, right)
+    else:  # packed probabilities: each block sees its own keys, so the two terms stay apart
+        cross = product(a.float(), pad_b.float()).add_(product(pad_a.float(), masked_b.float()))
+    return cross.add_(c).to(c.dtype)
+
+
+# otp's scores' cross terms may be integer products (`_integer_scores`): each entry of [A | R₁] becomes two int8
+# digits of one scale per row, x = s·(128·high + low) up to s/2, and each of [R₂ ; B − R₂] two of one scale per
+# column. |x| / s is at most DIGITS, so high is within ±127 and low within ±64.
+DIGITS = 127 * 128
+FLOAT32, INTEGER = "float32", "integer"
+SCORES_CROSS = "otp_scores_cross_terms"  # the step's name where set-up picks its form (`kernels.pick`)
+INTEGER_DTYPES = (torch.float16, torch.bfloat16)  # whose 11 or 8 significant bits the two digits' 14 cover
+
+
+def _digits(x: torch.Tensor, dim: int, high_first: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (float32) as two int8 digits along `dim`, one scale per slice across it: (the digits, high then low
+    or low then high, concatenated along `dim`; the scales, float32)."""
+    scale = x.abs().amax(dim, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny) / DIGITS
+    whole = torch.round(x / scale)
+    high = torch.round(whole / 128)
+    parts = [high, whole - 128 * high]
+    return torch.cat(parts if high_first else parts[::-1], dim=dim).to(torch.int8), scale
+
+
+@tee_kernel
+def _row_digits(a: torch.Tensor, pad_a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[A | R₁] [B, H, n, 2k] as digits [high | low] [B, H, n, 4k], a scale per row [B, H, n, 1]."""
+    return _digits(torch.cat([a, pad_a], dim=-1).float(), -1, high_first=True)
+
+
+@tee_kernel
+def _column_digits(pad_b: torch.Tensor, masked_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[R₂ ; B − R₂] [B, G, 2k, m] as digits [low ; high] [B, G, 4k, m], a scale per column [B, G, 1, m]."""
+    return _digits(torch.cat([pad_b, masked_b], dim=-2).float(), -2, high_first=False)
+
+
+@tee_kernel
+def _joined_digits(c: torch.Tensor, high: torch.Tensor, middle: torch.Tensor, row_scale: torch.Tensor,
+                   column_scale: torch.Tensor, starts: tuple[int, ...]) -> torch.Tensor:
+    """c + the cross terms from the digits' products (high·high, and high·low + low·high, each [B, G, H/G·n, m]),
+    scaled, in c's form (its causal blocks packed, where `starts` makes more than one), added in float32 and
+    rounded once."""
+    batch, groups, rows, m = high.shape
+    n = starts[-1]
+    per = rows // n
+    cross = ((high.float() * 128 * 128 + middle.float() * 128).view(batch, groups, per, n, m)
+             * row_scale.view(batch, groups, per, n, 1) * column_scale.view(batch, groups, 1, 1, m))
+    cross = cross.view(batch, groups * per, n, m)
+    if len(starts) > 2:
+        cross = torch.cat([cross[..., start:end, :end].reshape(-1) for start, end in zip(starts[:-1], starts[1:])])
+    return (cross + c.float()).to(c.dtype)
+
+
+def _integer_scores(a: torch.Tensor, pad_a: torch.Tensor, pad_b: torch.Tensor, masked_b: torch.Tensor,
+                    c: torch.Tensor, product: Callable) -> torch.Tensor:
+    """`_float32_cross` of the scores, with both cross terms as int8 products with int32 sums (`torch._int_mm`,
+    which the CPU's matrix units run: VNNI, AMX), two a KV group: high·high, and high·low + low·high as one
+    product over the digits side by side; low·low, 2⁻¹⁴ of the rest, is left out. Every entry of [A | R₁] is
+    within 2⁻¹⁵ of its row's largest, and of [R₂ ; B − R₂] of its column's, before c's own float16 rounding
+    (2⁻¹¹). The products are the full n×n ones: the causal blocks are taken from them as they are added to c."""
+    batch, heads, n, k = a.shape
+    groups, m = pad_b.shape[1], pad_b.shape[-1]
+    left, row_scale = _row_digits(a, pad_a)
+    right, column_scale = _column_digits(pad_b, masked_b)
+    rows = left.view(batch, groups, heads // groups * n, 4 * k)
+    high = torch.empty(batch, groups, rows.shape[2], m, dtype=torch.int32)
+    middle = torch.empty_like(high)
+    for b in range(batch):
+        for g in range(groups):
+            torch._int_mm(rows[b, g, :, : 2 * k], right[b, g, 2 * k:], out=high[b, g])
+            torch._int_mm(rows[b, g], right[b, g], out=middle[b, g])
+    return _joined_digits(c, high, middle, row_scale, column_scale, _scores_blocks(product).starts)
+
+
+def _scores_blocks(product: Callable | None) -> CausalBlocks | None:
+    """The causal blocks whose scores `product` computes (`CausalBlocks.scores`: the engine's form of q·kᵀ, one
+    block or more), or None for any other product (P·V's, or the plain full product)."""
+    blocks = getattr(product, "__self__", None)
+    return blocks if isinstance(blocks, CausalBlocks) and product.__func__ is CausalBlocks.scores else None
+
+
+# the scores' cross terms in each form; set-up keeps the faster at each shape in half precision. P·V's stay in
+# float32: as integer products of the full n×n probabilities (one per KV group) they took 21 ms against 10 at
+# the 1B shape and 512 tokens on the 2-core VM, most of it in making the probabilities' digits
+CROSS_FORMS = {FLOAT32: _float32_cross, INTEGER: _integer_scores}
 
 
 def _add_op_pad(form: Callable, op: Callable, z: torch.Tensor, sigma: torch.Tensor, projected: torch.Tensor,

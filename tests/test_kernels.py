@@ -144,13 +144,15 @@ def test_kernel_bench_times_each_step_both_ways(tmp_path, capsys):
                               "--round-trip-device", "cpu", "--out", str(out)]) == 0
     results = json.loads(out.read_text())
     steps = results["lengths"]["4"]
-    assert set(steps["eager"]) == set(steps["compiled"]) and len(steps["eager"]) == 14
+    assert set(steps["eager"]) == set(steps["compiled"]) and len(steps["eager"]) == 17
     assert "ours: 3 hops, fused" in steps["compiled"] and "otp: 3 hops, separate steps" in steps["compiled"]
     assert set(results["fixed_costs"]) == {"1", "2"} and all(len(row) == 13 and min(row.values()) > 0
                                                              for row in results["fixed_costs"].values())
     assert "RMSNorm with the residual add, 128 tokens, compiled, straight after a round trip to cpu" in \
         results["fixed_costs"]["1"]
     assert results["fixed_costs_by_wait_policy"] == {}  # none asked for
+    assert set(results["product_rates_gmacs"]) == {"float32", "bfloat16", "int8, int32 sums"}
+    assert min(results["product_rates_gmacs"].values()) > 0
     assert all(ms > 0 for mode in ("eager", "compiled") for ms in steps[mode].values())
     assert steps["kernels"] == kernels.COMPILED and "ours: recover 4 linears" in capsys.readouterr().out
     assert "incomplete" not in results
@@ -398,3 +400,73 @@ def test_fused_hops_compile_to_one_call_each(tiny_models, scheme, monkeypatch):
     # per layer, two calls fewer in each of the three hops, and the bias adds folded in
     assert host_ops[True] < host_ops[False] - 6 * model.config.num_hidden_layers
     assert compiled_calls[True] < compiled_calls[False]
+
+
+def test_set_up_picks_the_faster_form_of_a_step(monkeypatch):
+    """`kernels.pick`: inside `choosing`, each form of a step runs once (its kernels built and chosen), then is
+    timed, and the fastest is kept for that shape and dtype; outside, `picked` gives it where compiled kernels
+    are on and chosen per shape, and the default elsewhere. A changed thread count drops the picks."""
+    clock = iter([2.0, 1.0, 1.0, 2.0])  # stand-in times: float32 then integer, at 3 values, then at 5
+    monkeypatch.setattr(kernels, "timed", lambda step, fresh=None, repeat=30: (step(None), next(clock))[1])
+    monkeypatch.setattr(kernels, "picks", {})
+    monkeypatch.setattr(kernels, "choices", {})
+    ran = []
+    forms = {"float32": lambda: ran.append("float32"), "integer": lambda: ran.append("integer")}
+    three, five = torch.ones(3, dtype=torch.float16), torch.ones(5, dtype=torch.float16)
+    kernels.select(True)
+    assert kernels.pick("step", three, forms) == "float32" and ran == []  # not choosing: nothing runs
+    with kernels.choosing():
+        assert kernels.pick("step", three, forms) == "integer"
+        assert kernels.pick("step", five, forms) == "float32"
+    assert ran == ["float32", "integer"] * 4  # each once untimed, then once timed, at each shape
+    assert kernels.picked("step", three, "float32") == "integer" and kernels.picked("step", five, "x") == "float32"
+    assert kernels.picked("step", three.float(), "float32") == "float32"  # another dtype: not picked
+    assert kernels.chosen() == {"step [3] float16": {"float32_ms": 2.0, "integer_ms": 1.0, "runs": "integer"},
+                                "step [5] float16": {"float32_ms": 1.0, "integer_ms": 2.0, "runs": "float32"}}
+    kernels.select(True, chosen=False)  # compiled at every shape: no per-shape choice
+    assert kernels.picked("step", three, "float32") == "float32"
+    kernels.select(False)
+    assert kernels.picked("step", three, "float32") == "float32"
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads + 1)
+        kernels.select(True)
+        assert kernels.picks == {}
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_otp_set_up_picks_its_scores_cross_terms_in_half_precision(tiny_models, monkeypatch):
+    """In half precision, otp's set-up times the scores' cross terms as float32 and as integer products, at the
+    inference's shapes (several causal blocks here), and the inference runs the form kept, building nothing; the
+    integer form's logits are the float32 form's but for rounding. P·V's stay float32, and in float32 nothing is
+    picked."""
+    from splitinfer import schemes
+    model = load_model(tiny_models["gqa-tied"], torch.float16, CPU)
+    ids, mask = build_batch(model.tokenizer, ["Cross terms in integers, the same answers."], 24, 2, ragged=True)
+    reference = reference_logits(model.config, model.state_dict, ids, mask)
+    monkeypatch.setattr(kernels, "picks", {})
+    ran = []
+    for form, f in schemes.CROSS_FORMS.items():
+        monkeypatch.setitem(schemes.CROSS_FORMS, form, lambda *args, form=form, f=f: (ran.append(form), f(*args))[1])
+    logits = {}
+    for form in schemes.CROSS_FORMS:
+        engine = SplitLlama(model.config, model.state_dict, make_scheme("otp", seed=3), CPU, torch.float16,
+                            compiled=True, block_rows=8)
+        engine.warm_kernels(*ids.shape)
+        (key, times), = ((k, v) for k, v in kernels.chosen().items() if k.startswith(schemes.SCORES_CROSS))
+        assert key == f"{schemes.SCORES_CROSS} [2, 4, 24, 16] float16" and set(times) == {
+            "float32_ms", "integer_ms", "runs"} and min(times["float32_ms"], times["integer_ms"]) > 0
+        kernels.picks[next(iter(kernels.picks))]["runs"] = form  # as if set-up had measured it faster
+        ran.clear()
+        built = graphs_built()
+        logits[form] = engine.timed_forward(ids, mask)[0]
+        assert graphs_built() == built
+        assert ran == [form, "float32"] * model.config.num_hidden_layers  # the scores', then P·V's
+    assert compare(logits["integer"], logits["float32"])["rel_logit_error"] <= 2e-3
+    assert compare(logits["integer"], reference)["top1_agreement"] == 1.0
+    kernels.picks.clear()
+    model = load_model(tiny_models["gqa-tied"], torch.float32, CPU)
+    SplitLlama(model.config, model.state_dict, make_scheme("otp", seed=3), CPU, torch.float32,
+               compiled=True).warm_kernels(*ids.shape)
+    assert kernels.picks == {}

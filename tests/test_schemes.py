@@ -48,6 +48,39 @@ def test_matmul_recovery(scheme_cls, heads, groups):
     torch.testing.assert_close(c, grouped_matmul(a, b), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("batch,heads,groups,n,split", [(2, 4, 2, 150, True), (1, 6, 3, 40, False),
+                                                        (1, 4, 1, 200, True)])
+def test_otp_scores_cross_terms_in_integers(batch, heads, groups, n, split, dtype, compiled):
+    """The scores' cross terms as int8 digit products (`_integer_scores`) give the float32 products' answer to
+    within c's own rounding, as one block and as several, eager and compiled, with rows and columns of very
+    different sizes (each gets its own scale)."""
+    from splitinfer import kernels
+    from splitinfer.tee_ops import CausalBlocks
+    torch.manual_seed(11)
+    k = 16
+    q = (torch.randn(batch, heads, n, k) * torch.rand(batch, heads, n, 1) * 8).to(dtype)
+    k_t = (torch.randn(batch, groups, k, n) * torch.rand(batch, groups, 1, n) * 8).to(dtype)
+    otp = Otp(seed=2)
+    otp.prepare({}, {"s": (q.shape, k_t.shape)}, dtype=dtype)
+    a, b, secret = otp.protect_matmul(q, k_t, "s")
+    product = CausalBlocks.of(batch, heads, n, split=split).scores
+    c = product(a.float(), b.float()).to(dtype)  # the GPU's answer, rounded to its dtype
+    truth = product(q.double(), k_t.double())
+    kernels.select(compiled, chosen=False)
+    try:
+        answers = {form: f(*secret, c, product) for form, f in schemes.CROSS_FORMS.items()}
+    finally:
+        kernels.select(False)
+    assert all(x.shape == truth.shape and x.dtype == dtype for x in answers.values())
+    # within 2 units in the last place of the largest score, and as far from the truth as float32's answer
+    ulp = torch.finfo(dtype).eps * 2.0 ** torch.log2(truth.abs().max()).floor()
+    assert (answers["integer"].double() - answers["float32"].double()).abs().max() <= 2 * ulp
+    errors = {form: (x.double() - truth).abs().max() for form, x in answers.items()}
+    assert errors["integer"] <= errors["float32"] + ulp
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_otp_pad_product_in_row_blocks(dtype):
     """otp's offline N·Wᵀ converts W to float32 a block of rows at a time (uneven blocks here: 37 rows in

@@ -24,10 +24,12 @@
 #   kernel_bench.json  the fixed cost of a call at 4, 8 and 16 threads (an RMSNorm straight after another,
 #                      after 0.2, 2 and 30 ms idle, and straight after a round trip to the GPU, as the engine's
 #                      TEE ops come), also in fresh processes under OMP_WAIT_POLICY=PASSIVE
-#                      and ACTIVE (waking OpenMP's threads), then the TEE's steps of one layer on
-#                      this machine's CPU, eager against compiled kernels, the three hops between linears
-#                      separate and fused among them (splitinfer.kernel_bench; written
-#                      after each stage, marked incomplete if cut)
+#                      and ACTIVE (waking OpenMP's threads), the CPU's matrix product rates in float32,
+#                      bfloat16 and int8 (whether AMX runs otp's integer cross terms), then the TEE's steps
+#                      of one layer on this machine's CPU, eager against compiled kernels, the three hops
+#                      between linears separate and fused, and otp's scores' cross terms as float32 and as
+#                      integer products among them (splitinfer.kernel_bench; written after each stage,
+#                      marked incomplete if cut)
 #   runners.json       every runner's own JSON, each in a fresh process, the longest length first (the memory
 #                      target is stated at 512 tokens): first inference, set-up, memory, logit error
 #   precision.json     float16 logit error of each scheme against the float32 reference, 3 mask seeds
