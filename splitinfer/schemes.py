@@ -467,7 +467,8 @@ def _integer_scores(a: torch.Tensor, pad_a: torch.Tensor, pad_b: torch.Tensor, m
         for g in range(groups):
             torch._int_mm(rows[b, g, :, : 2 * k], right[b, g, 2 * k:], out=high[b, g])
             torch._int_mm(rows[b, g], right[b, g], out=middle[b, g])
-    return _joined_digits(c, high, middle, row_scale, column_scale, _scores_blocks(product).starts)
+    blocks = _scores_blocks(product)
+    return _joined_digits(c, high, middle, row_scale, column_scale, blocks.starts if blocks else (0, n))
 
 
 def _scores_blocks(product: Callable | None) -> CausalBlocks | None:
