@@ -138,18 +138,25 @@ def _choose(fn: Callable, eager: Callable, compiled: Callable, args: tuple):
 def pick(step: str, t: torch.Tensor, forms: dict[str, Callable[[], object]]) -> str:
     """While `choosing` (set-up): each of a step's forms (calls of no arguments, on zeros of the inference's
     shapes) once as the inference would run it, so that the kernels inside are built and chosen, then each
-    timed (`timed`), and the fastest kept for the step at `t`'s shape and dtype. Returns the form in force
-    there (`picked`)."""
+    timed (`timed`), and the fastest kept for the step at `t`'s shape and dtype; a form that raises is left
+    out, with a warning. Returns the form in force there (`picked`)."""
     if _state["choosing"]:
-        for form in forms.values():
-            form()
+        working = {}
+        for name, form in forms.items():
+            try:
+                form()
+                working[name] = form
+            except RuntimeError as e:  # an op this torch or CPU lacks: the form is left out, with a warning
+                print(f"warning: {step}'s {name} form is left out: {(str(e).strip().splitlines() or [''])[0][:200]}",
+                      file=sys.stderr)
         _state["choosing"] = False  # a form's kernels run as chosen while it is timed
         try:
-            times = {name: timed(lambda _, form=form: form(), repeat=7) for name, form in forms.items()}
+            times = {name: timed(lambda _, form=form: form(), repeat=7) for name, form in working.items()}
         finally:
             _state["choosing"] = True
-        picks[(step, tuple(t.shape), t.dtype)] = {**{f"{name}_ms": ms for name, ms in times.items()},
-                                                  "runs": min(times, key=times.get)}
+        if times:
+            picks[(step, tuple(t.shape), t.dtype)] = {**{f"{name}_ms": ms for name, ms in times.items()},
+                                                      "runs": min(times, key=times.get)}
     return picked(step, t, next(iter(forms)))
 
 

@@ -402,10 +402,11 @@ def test_fused_hops_compile_to_one_call_each(tiny_models, scheme, monkeypatch):
     assert compiled_calls[True] < compiled_calls[False]
 
 
-def test_set_up_picks_the_faster_form_of_a_step(monkeypatch):
+def test_set_up_picks_the_faster_form_of_a_step(monkeypatch, capsys):
     """`kernels.pick`: inside `choosing`, each form of a step runs once (its kernels built and chosen), then is
     timed, and the fastest is kept for that shape and dtype; outside, `picked` gives it where compiled kernels
-    are on and chosen per shape, and the default elsewhere. A changed thread count drops the picks."""
+    are on and chosen per shape, and the default elsewhere. A form that fails is left out; a changed thread count
+    drops the picks."""
     clock = iter([2.0, 1.0, 1.0, 2.0])  # stand-in times: float32 then integer, at 3 values, then at 5
     monkeypatch.setattr(kernels, "timed", lambda step, fresh=None, repeat=30: (step(None), next(clock))[1])
     monkeypatch.setattr(kernels, "picks", {})
@@ -423,6 +424,14 @@ def test_set_up_picks_the_faster_form_of_a_step(monkeypatch):
     assert kernels.picked("step", three.float(), "float32") == "float32"  # another dtype: not picked
     assert kernels.chosen() == {"step [3] float16": {"float32_ms": 2.0, "integer_ms": 1.0, "runs": "integer"},
                                 "step [5] float16": {"float32_ms": 1.0, "integer_ms": 2.0, "runs": "float32"}}
+    def missing():
+        raise RuntimeError("no such op here\nmore")
+
+    clock = iter([3.0])
+    with kernels.choosing():  # a form that fails is left out, with a warning
+        assert kernels.pick("step", three, {"float32": forms["float32"], "integer": missing}) == "float32"
+    assert kernels.chosen()["step [3] float16"] == {"float32_ms": 3.0, "runs": "float32"}
+    assert "step's integer form is left out: no such op here" in capsys.readouterr().err
     kernels.select(True, chosen=False)  # compiled at every shape: no per-shape choice
     assert kernels.picked("step", three, "float32") == "float32"
     kernels.select(False)
