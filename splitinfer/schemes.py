@@ -340,8 +340,11 @@ class Otp(Plain):
             _pad_tensor(operand, torch.zeros(operand.shape, dtype=dtype), self.pad_scale,
                         self.pinned_buffer(operand.shape, dtype))
         for name, (a, b) in matmuls.items():
+            # the scores, their operands padded as the inference has them, where the integer form's two int32
+            # products fit in INTEGER_BYTES
             blocks = _scores_blocks((products or {}).get(name))
-            if blocks and dtype in INTEGER_DTYPES:  # the scores, their operands padded as the inference has them
+            full = 2 * 4 * math.prod(a.shape[:-1]) * b.shape[-1]
+            if blocks and dtype in INTEGER_DTYPES and full <= INTEGER_BYTES:
                 self.matmul_pads = {name: (torch.zeros(a.shape, dtype=dtype), torch.zeros(b.shape, dtype=dtype))}
                 secret, c = self.protect_matmul(a, b, name)[2], torch.zeros(blocks.shape, dtype=dtype)
                 kernels.pick(SCORES_CROSS, a, {form: lambda f=f: f(*secret, c, blocks.scores)
@@ -408,6 +411,10 @@ DIGITS = 127 * 128
 FLOAT32, INTEGER = "float32", "integer"
 SCORES_CROSS = "otp_scores_cross_terms"  # the step's name where set-up picks its form (`kernels.pick`)
 INTEGER_DTYPES = (torch.float16, torch.bfloat16)  # whose 11 or 8 significant bits the two digits' 14 cover
+# The integer products are the full n×n ones, two int32 tensors of them: 64 MiB at 32 heads x 512 tokens, but
+# 1 GiB at 2048 and 8 GiB at batch 8, four times the float32 form's packed blocks. Set-up offers the integer
+# form only where they hold at most this much.
+INTEGER_BYTES = 256 * 2 ** 20
 
 
 def _digits(x: torch.Tensor, dim: int, high_first: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -448,8 +448,8 @@ def test_set_up_picks_the_faster_form_of_a_step(monkeypatch, capsys):
 def test_otp_set_up_picks_its_scores_cross_terms_in_half_precision(tiny_models, monkeypatch):
     """In half precision, otp's set-up times the scores' cross terms as float32 and as integer products, at the
     inference's shapes (several causal blocks here), and the inference runs the form kept, building nothing; the
-    integer form's logits are the float32 form's but for rounding. P·V's stay float32, and in float32 nothing is
-    picked."""
+    integer form's logits are the float32 form's but for rounding. P·V's stay float32; nothing is picked where
+    the integer form's products would take more than INTEGER_BYTES, nor in float32."""
     from splitinfer import schemes
     model = load_model(tiny_models["gqa-tied"], torch.float16, CPU)
     ids, mask = build_batch(model.tokenizer, ["Cross terms in integers, the same answers."], 24, 2, ragged=True)
@@ -475,6 +475,10 @@ def test_otp_set_up_picks_its_scores_cross_terms_in_half_precision(tiny_models, 
     assert compare(logits["integer"], logits["float32"])["rel_logit_error"] <= 2e-3
     assert compare(logits["integer"], reference)["top1_agreement"] == 1.0
     kernels.picks.clear()
+    monkeypatch.setattr(schemes, "INTEGER_BYTES", 2 * 4 * 2 * 4 * 24 * 24 - 1)  # its int32 products, a byte too many
+    SplitLlama(model.config, model.state_dict, make_scheme("otp", seed=3), CPU, torch.float16,
+               compiled=True, block_rows=8).warm_kernels(*ids.shape)
+    assert kernels.picks == {}
     model = load_model(tiny_models["gqa-tied"], torch.float32, CPU)
     SplitLlama(model.config, model.state_dict, make_scheme("otp", seed=3), CPU, torch.float32,
                compiled=True).warm_kernels(*ids.shape)
