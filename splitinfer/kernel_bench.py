@@ -1,7 +1,7 @@
 """The TEE's steps of one decoder layer, timed with eager and with compiled kernels, as the engine runs them in
-each mode, and the fixed cost of a call at each thread count (`--threads`). Each step is timed after a
-busy-wait that stands for the TEE waiting on the GPU (so the CPU's threads are as idle as they are between
-hops), median of `--repeat`.
+each mode, the fixed cost of a call at each thread count (`--threads`), and the CPU's matrix product rates in
+float32, bfloat16 and int8. Each step is timed after a busy-wait that stands for the TEE waiting on the GPU (so
+the CPU's threads are as idle as they are between hops), median of `--repeat`.
 
     python -m splitinfer.kernel_bench --preset llama-3.2-1b --lengths 128,512 --out kernel_bench.json
 
