@@ -72,7 +72,7 @@ def tee_kernel(fn: Callable | None = None, *, exact: bool = False, eager: Callab
                                          options={"emulate_precision_casts": True} if exact else None)
             return _choose(fn, eager_form, compiled, args) if _state["choosing"] else compiled(*args)
         except Exception as e:  # compiling happens before any write, so the eager call starts afresh
-            failed[fn.__name__] = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            failed[fn.__name__] = _first_line(e)
             print(f"warning: the TEE kernel {fn.__name__} runs eager: {failed[fn.__name__]}", file=sys.stderr)
             return eager_form(*args)
 
@@ -106,15 +106,16 @@ def as_chosen(kernel: Callable) -> Callable:
 
 
 @contextmanager
-def choosing() -> Iterator[None]:
+def choosing(on: bool = True) -> Iterator[None]:
     """Inside (set-up, on zeros of the inference's shapes: `SplitLlama.warm_kernels`), each compiled kernel
     call is also timed against the kernel's eager form on the same arguments, and the faster is kept for
-    that shape. The calls repeat, so arguments a kernel writes in place must not matter (zeros)."""
-    _state["choosing"] = True
+    that shape. The calls repeat, so arguments a kernel writes in place must not matter (zeros). With `on`
+    false (inside a choice's timing), kernels run in the forms chosen for them, and none is chosen again."""
+    was, _state["choosing"] = _state["choosing"], on
     try:
         yield
     finally:
-        _state["choosing"] = False
+        _state["choosing"] = was
 
 
 def _choose(fn: Callable, eager: Callable, compiled: Callable, args: tuple):
@@ -122,8 +123,7 @@ def _choose(fn: Callable, eager: Callable, compiled: Callable, args: tuple):
     its result."""
     compiled(*args)
     key = _layout(fn, args[0])
-    _state["choosing"] = False  # an eager form made of other kernels runs each in the form chosen for it
-    try:
+    with choosing(False):  # an eager form made of other kernels runs each in the form chosen for it
         choices[key] = {"eager_ms": timed(lambda _: eager(*args), repeat=7),
                         "compiled_ms": timed(lambda _: compiled(*args), repeat=7)}
         if choices[key]["eager_ms"] < choices[key]["compiled_ms"]:
@@ -131,8 +131,11 @@ def _choose(fn: Callable, eager: Callable, compiled: Callable, args: tuple):
             return eager(*args)
         _eager_at.discard(key)
         return compiled(*args)
-    finally:
-        _state["choosing"] = True
+
+
+def _first_line(e: Exception) -> str:
+    """An exception's first line, at most 200 characters (its type's name where it has no message)."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
 def pick(step: str, t: torch.Tensor, forms: dict[str, Callable[[], object]]) -> str:
@@ -147,13 +150,9 @@ def pick(step: str, t: torch.Tensor, forms: dict[str, Callable[[], object]]) -> 
                 form()
                 working[name] = form
             except RuntimeError as e:  # an op this torch or CPU lacks: the form is left out, with a warning
-                print(f"warning: {step}'s {name} form is left out: {(str(e).strip().splitlines() or [''])[0][:200]}",
-                      file=sys.stderr)
-        _state["choosing"] = False  # a form's kernels run as chosen while it is timed
-        try:
+                print(f"warning: {step}'s {name} form is left out: {_first_line(e)}", file=sys.stderr)
+        with choosing(False):  # a form's kernels run as chosen while it is timed
             times = {name: timed(lambda _, form=form: form(), repeat=7) for name, form in working.items()}
-        finally:
-            _state["choosing"] = True
         if times:
             picks[(step, tuple(t.shape), t.dtype)] = {**{f"{name}_ms": ms for name, ms in times.items()},
                                                       "runs": min(times, key=times.get)}

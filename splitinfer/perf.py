@@ -312,8 +312,8 @@ def measure(args, results: dict) -> None:
             time_variant(n, *variant)
         if not args.split_only:
             time_baselines(args, results["lengths"][n], model, state, batches[n], gpu_device, dtype, tee_dtype)
-    for variant in split_variants:
-        for n in lengths if variant not in shipped else ():
+    for variant in [v for v in split_variants if v not in shipped]:
+        for n in lengths:
             time_variant(n, *variant)
             if not args.split_only:
                 results["lengths"][n]["ratios"] = ratios(results["lengths"][n])
