@@ -29,8 +29,9 @@ MODES = {"split": ("optimized", "ours", "otp"), "tee": ("tee_only",), "compare":
 SET_BY_BENCH = ("--output", "--audit-dir", "--save-logits")  # one value per runner: the bench chooses
 # scheme-specific runner flags, and the runners that take them; switches take no value
 ONLY_FOR = {"--pad-scale": ("otp",), "--mask-rank": ("ours",), "--mix-scale": ("ours",), "--overlap": ("optimized",),
-            "--resident-embedding": ("ours", "otp"), "--fuse-hops": ("ours", "otp")}
-SWITCHES = ("--overlap", "--resident-embedding", "--fuse-hops")
+            "--resident-embedding": ("ours", "otp"), "--fuse-hops": ("ours", "otp"),
+            "--cuda-graphs": ("optimized", "ours", "otp")}
+SWITCHES = ("--overlap", "--resident-embedding", "--fuse-hops", "--cuda-graphs")
 RUNNER_SCHEMES = {**RUNNERS, "tee_only": TEE_ONLY}
 
 

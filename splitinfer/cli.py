@@ -90,6 +90,10 @@ def build_parser(config, scheme: str, prog: str) -> argparse.ArgumentParser:
                             "three steps as one op (torch's scaled_dot_product_attention); auto: each timed on one "
                             "layer's shapes in set-up, the fastest kept (JSON: environment.tee_attention)")
     if scheme != TEE_ONLY:
+        p.add_argument("--cuda-graphs", action="store_true", default=getattr(config, "CUDA_GRAPHS", False),
+                       help="replay each of the GPU's calls (a linear, an attention matmul) from a CUDA graph captured "
+                            "in set-up: one launch where it makes several host calls; copies stay outside the graphs. "
+                            "CUDA only (elsewhere a warning, and no graphs); JSON: benchmark_info.cuda_graphs")
         p.add_argument("--audit-dir", default=None,
                        help="write every tensor sent to the GPU during the timed inference here, in order, "
                             "labelled with layer and op (a new or empty folder)")
@@ -225,6 +229,7 @@ def run(args, scheme_name: str) -> dict:
                         overlap=getattr(args, "overlap", False),
                         resident_embedding=getattr(args, "resident_embedding", False),
                         fuse_hops=getattr(args, "fuse_hops", False),
+                        cuda_graphs=getattr(args, "cuda_graphs", False),
                         compiled=compiled_kernels(args.kernels, gpu_device),
                         attention=None if getattr(args, "attention", "auto") == "auto" else args.attention)
     if gpu_device.type == "cuda":  # context and cuBLAS handle belong to set-up, not to the first inference
@@ -235,7 +240,8 @@ def run(args, scheme_name: str) -> dict:
     compile_ms = engine.warm_kernels(*ids.shape)
     progress("set-up: the attention's forms timed on one layer's shapes (--attention auto)"
              if tee_only and not engine.attention_pinned else
-             "warming the device: each GPU op once on zeros of this input's shapes")
+             "warming the device: each GPU op once on zeros of this input's shapes"
+             + ("; one inference captures every GPU call's CUDA graph" if engine.cuda_graphs else ""))
     warmup_ms = engine.warm_device(*ids.shape)
     synchronize(gpu_device)
     setup_ms = (time.perf_counter() - start) * 1e3
@@ -278,7 +284,8 @@ def run(args, scheme_name: str) -> dict:
         "benchmark_info": {**info, "prefill_length": args.prefill_length, "batch_size": args.batch_size,
                            "real_tokens": real_tokens, "ragged": args.ragged, "dtype": dtype_name,
                            "scheme": scheme_name, "encryption_scheme": scheme.encryption_scheme,
-                           "fused_hops": engine.fuse_hops,
+                           "fused_hops": engine.fuse_hops, "cuda_graphs": engine.cuda_graphs,
+                           "cuda_graphs_captured": engine.gpu.graphs.captured if engine.cuda_graphs else 0,
                            "throughput_tokens_per_sec": real_tokens / (figures["total_ms"] / 1e3),
                            "logits_shape": list(logits.shape), "lm_head_positions": "last real token",
                            "gpu_device": str(gpu_device), "gpu_fallback_to_cpu": fallback,

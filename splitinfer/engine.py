@@ -17,6 +17,7 @@ from transformers import LlamaConfig
 
 from splitinfer import kernels
 from splitinfer.boundary import Boundary
+from splitinfer.graphs import CallGraphs
 from splitinfer.inputs import last_positions
 from splitinfer.metrics import NOTHING, Metrics, synchronize
 from splitinfer.schemes import Plain
@@ -65,8 +66,10 @@ class Gpu:
     In the TEE-only runner the same object runs on the CPU, and its time counts as CPU compute.
     """
 
-    def __init__(self, device: torch.device, metrics: Metrics, in_tee: bool = False):
-        self.device, self.metrics = device, metrics
+    def __init__(self, device: torch.device, metrics: Metrics, in_tee: bool = False,
+                 graphs: CallGraphs | None = None):
+        """With `graphs`, each call is replayed from a CUDA graph (`splitinfer.graphs`), captured at its first."""
+        self.device, self.metrics, self.graphs = device, metrics, graphs
         self.category, self.prefix = ("cpu_compute", "cpu") if in_tee else ("gpu_compute", "gpu")
         self.weights: dict[str, torch.Tensor] = {}
         self.biases: dict[str, torch.Tensor | None] = {}
@@ -81,18 +84,30 @@ class Gpu:
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def linear(self, x: torch.Tensor, name: str, kind: str) -> torch.Tensor:
+        weight, bias = self.weights[name], self.biases[name]
         with self.metrics.time(self.category, kind, f"{self.prefix}_{'lm_head' if kind == 'lm_head' else 'linear'}"):
-            return F.linear(x, self.weights[name], self.biases[name])
+            return self.call(name, lambda x: F.linear(x, weight, bias), x)
 
     def matmul(self, a: torch.Tensor, b: torch.Tensor, product: Product = grouped_matmul) -> torch.Tensor:
         """a [B, H, n, k] @ b [B, Hkv, k, m] -> [B, H, n, m]; query heads share their group's b (GQA broadcast).
-        `product` may instead be a CausalBlocks step: only the causal block triangle of the scores."""
+        `product` may instead be a CausalBlocks step: only the causal block triangle of the scores. Its key is
+        its name: within one engine the operands' layouts fix the blocks, and every layer shares the graph."""
+        blocks = getattr(product, "__self__", None) if self.graphs is not None else None
         with self.metrics.time(self.category, "matmul", f"{self.prefix}_matmul"):
-            return product(a, b)
+            return self.call(product.__name__, product, a, b,
+                             keep=() if blocks is None else blocks.constants(a.device))
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        table = self.weights["embed"]
         with self.metrics.time(self.category, "embedding", f"{self.prefix}_embedding"):
-            return F.embedding(ids, self.weights["embed"])
+            return self.call("embed", lambda ids: F.embedding(ids, table), ids)
+
+    def call(self, key: str, fn: Callable[..., torch.Tensor], *inputs: torch.Tensor,
+             keep: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
+        """fn(*inputs): as it is, or replayed from its graph (`graphs`), whose output the next such call overwrites."""
+        if self.graphs is None:
+            return fn(*inputs)
+        return self.graphs(key, fn, *inputs, keep=keep)
 
 
 def table_block_rows(table: torch.Tensor) -> int:
@@ -179,7 +194,7 @@ class SplitLlama:
                  gpu_device: torch.device, dtype: torch.dtype, tee_only: bool = False, pinned: bool | None = None,
                  triangle: bool = True, block_rows: int | None = None, overlap: bool = False,
                  resident_embedding: bool = False, compiled: bool = False, choose_kernels: bool = True,
-                 attention: str | None = None, fuse_hops: bool = False):
+                 attention: str | None = None, fuse_hops: bool = False, cuda_graphs: bool = False):
         """`pinned` and `triangle` (the scores' causal block triangle) exist to be switched off for ablations;
         `block_rows` sets the triangle's least rows per block (tee_ops.ROWS unless given), to compare sizes.
         `overlap` makes the plain split's two largest hops (scores -> softmax -> probabilities, gate/up ->
@@ -193,6 +208,9 @@ class SplitLlama:
         the answer, the residual add and RMSNorm or SiLU·up, and protecting the next linear's input, compiled
         as one kernel. Three hops a layer, each one call where it made three; the call is timed as crypto, so
         that category then holds those RMSNorms and SiLUs too.
+        `cuda_graphs` replays each of the GPU's calls from a CUDA graph (`splitinfer.graphs`), captured in set-up
+        (`warm_device`): one launch where a linear makes several host calls, and an attention matmul more. Only
+        on CUDA (elsewhere it warns and does nothing), and off by default: no GPU run has measured it yet.
         `attention` pins the TEE-only runner's form of attention (one of ATTENTION_FORMS); unset, set-up times
         each on this CPU and keeps the fastest (`choose_attention`). Split engines have none: their scores cross."""
         if attention not in (None, *ATTENTION_FORMS):
@@ -208,7 +226,8 @@ class SplitLlama:
         self.metrics = Metrics(gpu_device)
         self.link = Boundary(gpu_device, self.tee_device, self.metrics, crossing=not tee_only, pinned=pinned)
         scheme.pinned_buffer = self.link.pinned_buffer  # protected operands are written where the GPU reads them
-        self.gpu = Gpu(gpu_device, self.metrics, in_tee=tee_only)
+        self.gpu = Gpu(gpu_device, self.metrics, in_tee=tee_only, graphs=self._graphs(cuda_graphs and not tee_only,
+                                                                                      gpu_device))
         self.overlap = overlap and not tee_only and not scheme.masked
         self.fuse_hops = fuse_hops and scheme.masked
         self.attention_pinned = attention is not None
@@ -221,6 +240,18 @@ class SplitLlama:
         self.eps = config.rms_norm_eps
         self.rotary = Rotary(config)
         self._place_weights(state_dict)
+
+    @staticmethod
+    def _graphs(wanted: bool, device: torch.device) -> CallGraphs | None:
+        if wanted and device.type != "cuda":
+            print(f"warning: CUDA graphs need a CUDA device, not {device}: the GPU's calls run as they are",
+                  file=sys.stderr)
+        return CallGraphs(device) if wanted and device.type == "cuda" else None
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether the GPU's calls are replayed from graphs."""
+        return self.gpu.graphs is not None
 
     def _place_weights(self, sd: dict[str, torch.Tensor]) -> None:
         def tee(name: str) -> torch.Tensor:
@@ -354,7 +385,8 @@ class SplitLlama:
         layer's shapes (the layers share them), so that the GPU loads its kernels and picks its matrix
         product algorithms, and the causal blocks' gather index is built (where `pack` gathers), before the
         first inference; and where a masked scheme streams the tied table, one block of it, so that the
-        pinned host memory its copies land in is allocated. Nothing of it is counted in an inference. Returns the milliseconds it
+        pinned host memory its copies land in is allocated; with `cuda_graphs`, one whole inference (its offline
+        phase included), which captures every GPU call's graph. Nothing of it is counted in an inference. Returns the milliseconds it
         took. (On the H100 machine the first inference's GPU work took 72 ms, against 7 warm: eighth round,
         plain split, 128 tokens.) The TEE-only runner's attention form is chosen here too."""
         start = time.perf_counter()
@@ -375,6 +407,9 @@ class SplitLlama:
         blocks.attend(probs, zeros(batch, kv_heads, n, self.head_dim))
         if self.scheme.masked and self.embed_table is None:  # `streamed_embedding`'s first block
             self.link.to_tee(weights["lm_head"][: table_block_rows(weights["lm_head"])], "embedding")
+        if self.cuda_graphs:  # every GPU call's graph, captured by one inference here rather than in a timed one
+            ids = torch.zeros(batch, n, dtype=torch.long)
+            self.timed_forward(ids, torch.ones_like(ids), instrumented=False)
         synchronize(device)
         return (time.perf_counter() - start) * 1e3
 

@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-fused-hops", action="store_true",
                    help="with compiled kernels, skip ours and otp with fused hops (*_fused_hops: the TEE's work "
                         "between two linears as one call)")
+    p.add_argument("--no-cuda-graphs", action="store_true",
+                   help="on CUDA, skip the split runners with each GPU call replayed from a CUDA graph (*_cuda_graphs)")
     p.add_argument("--no-overlap", action="store_true",
                    help="on CUDA, skip the plain split with copies overlapping the TEE's work (optimized_overlap)")
     p.add_argument("--profile", action="store_true",
@@ -121,6 +123,8 @@ def time_engine(engine: SplitLlama, ids, mask, warmup: int, repeat: int) -> tupl
            "kernels_failed": dict(kernels.failed),
            "kernel_choices": kernels.chosen() if compile_ms and engine.choose_kernels else {},
            "attention": engine.attention_form, "attention_ms_per_layer": engine.attention_ms}
+    if engine.cuda_graphs:
+        out["cuda_graphs_captured"] = engine.gpu.graphs.captured
     out["categories_median_ms"] = {c: statistics.median(f["categories"][c] for f in timed)
                                    for c in timed[0]["categories"]}
     # per op kind too (which hop's copies, which scheme step), so that a GPU run says where time went
@@ -135,7 +139,7 @@ def time_engine(engine: SplitLlama, ids, mask, warmup: int, repeat: int) -> tupl
 
 
 def variants(overlap: bool, ablations: bool, thread_sweep: str | None, kernel_variants: bool = False,
-             fused_hops: bool = False) -> list[tuple[str, str, dict, int | None]]:
+             fused_hops: bool = False, cuda_graphs: bool = False) -> list[tuple[str, str, dict, int | None]]:
     """(label, scheme, engine options, threads) of every split engine to time: the three runners as they
     ship; the plain split with copies overlapping the TEE's work (`overlap`: on CUDA; off by default, as
     it measured slower on the H100 machine); ablations on the same machine (`ablations`: on CUDA): the
@@ -145,8 +149,11 @@ def variants(overlap: bool, ablations: bool, thread_sweep: str | None, kernel_va
     table (what reading the GPU's costs); the plain split and ours with eager TEE kernels, and with compiled
     ones at every shape (`kernel_variants`: what compiling buys, and what set-up's per-shape choice of
     eager or compiled buys); ours and otp with fused hops (`fused_hops`: with compiled kernels, where a hop
-    can become one call); and each runner at each thread count of the sweep."""
+    can become one call); each runner with its GPU calls replayed from CUDA graphs (`cuda_graphs`: on CUDA,
+    first among the variants: untried on a GPU so far); and each runner at each thread count of the sweep."""
     out = [(method, scheme, {}, None) for method, scheme in RUNNERS.items()]
+    if cuda_graphs:
+        out += [(f"{method}_cuda_graphs", scheme, {"cuda_graphs": True}, None) for method, scheme in RUNNERS.items()]
     if fused_hops:
         out += [(f"{method}_fused_hops", RUNNERS[method], {"fuse_hops": True}, None) for method in ("ours", "otp")]
     if overlap:
@@ -253,7 +260,7 @@ def measure(args, results: dict) -> None:
     compiled = compiled_kernels(args.kernels, gpu_device)
     split_variants = variants(cuda and not args.no_overlap, cuda and not args.no_ablations,  # a bad sweep fails first
                               args.thread_sweep, compiled and not args.no_kernel_variants,
-                              compiled and not args.no_fused_hops)
+                              compiled and not args.no_fused_hops, cuda and not args.no_cuda_graphs)
     prompts = read_prompts(DEFAULT_PROMPTS)
     progress(f"loading {args.model} ({dtype_name}; TEE-only {tee_name})")
     model = load_model(args.model, dtype, gpu_device)
@@ -284,7 +291,7 @@ def measure(args, results: dict) -> None:
             engine = SplitLlama(model.config, state, make_scheme(scheme), gpu_device, dtype,
                                 **{"compiled": compiled, **options})
             row[method], logits = time_engine(engine, ids, mask, args.warmup, args.repeat)
-            if args.profile and not threads and set(options) <= {"fuse_hops"}:
+            if args.profile and not threads and set(options) <= {"fuse_hops", "cuda_graphs"}:
                 table, called, compiled_calls = profile_engine(engine, ids, mask, f"{n} tokens: {method}")
                 row[method].update(host_ops_per_inference=called, compiled_calls_per_inference=compiled_calls)
                 profiles.append(table)
@@ -379,6 +386,14 @@ def ratios(row: dict) -> dict:
     for method, ratio in (("ours", "ours_fused_hops_over_plain"), ("otp", "otp_fused_hops_online_over_plain")):
         if f"{method}_fused_hops" in row:
             out[ratio] = row[f"{method}_fused_hops"]["median_ms"] / plain
+    if "optimized_cuda_graphs" in row:  # what replaying the GPU's calls buys, and the targets' ratios with them
+        graphed = row["optimized_cuda_graphs"]["median_ms"]
+        for method in RUNNERS:
+            if f"{method}_cuda_graphs" in row:
+                out[f"{method}_cuda_graphs_over_{method}"] = row[f"{method}_cuda_graphs"]["median_ms"] / row[method]["median_ms"]
+        for method, ratio in (("ours", "ours_over_plain_cuda_graphs"), ("otp", "otp_online_over_plain_cuda_graphs")):
+            if f"{method}_cuda_graphs" in row:
+                out[ratio] = row[f"{method}_cuda_graphs"]["median_ms"] / graphed
     if "ours_resident_embedding" in row:
         out["ours_streamed_over_resident_embedding"] = row["ours"]["median_ms"] / row["ours_resident_embedding"]["median_ms"]
     return out

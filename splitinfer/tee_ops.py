@@ -318,6 +318,11 @@ class CausalBlocks:
             full[..., start:end, :end].copy_(block)
         return full
 
+    def constants(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """The tensors on `device` that `scores` and `attend` read besides their operands (the gather index, where
+        `gathers` on CUDA), for a caller that must keep them alive while it keeps the steps (a captured graph)."""
+        return (self.positions(device),) if device.type == "cuda" and not self.whole and self.gathers else ()
+
     def positions(self, device: torch.device) -> torch.Tensor:
         """Where each packed entry sits in the flat [B, H, n, n] matrix, on `device` (`pack`, `unpack`), where
         `gathers`."""

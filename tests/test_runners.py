@@ -79,11 +79,12 @@ def test_json_result(tiny_models, tmp_path, scheme):
 
 
 @pytest.mark.parametrize("kernels", ["compiled", "eager"])
-def test_kernels_flag(tiny_models, tmp_path, kernels):
+def test_kernels_flag(tiny_models, tmp_path, kernels, capsys):
     """Compiled kernels are built in set-up (timing.kernel_compile_ms) and the JSON says which ran; without
-    CUDA the default is eager. With compiled ones, fused hops too: their time is crypto, apart from either step's."""
+    CUDA the default is eager. With compiled ones, fused hops too: their time is crypto, apart from either step's.
+    CUDA graphs asked for without CUDA: a warning, and the JSON says none ran."""
     out = tmp_path / "r.json"
-    flag = ["--kernels", kernels, "--fuse-hops"] if kernels == "compiled" else []
+    flag = ["--kernels", kernels, "--fuse-hops"] if kernels == "compiled" else ["--cuda-graphs"]
     assert run("matrix", "--model", tiny_models["gqa-tied"], "--prefill-length", "6", "--output", str(out), *flag) == 0
     r = json.loads(out.read_text())
     assert r["environment"]["tee_kernels"].startswith(kernels)
@@ -95,6 +96,8 @@ def test_kernels_flag(tiny_models, tmp_path, kernels):
     t, fused = r["timing"], kernels == "compiled"
     assert r["benchmark_info"]["fused_hops"] is fused and (t["fused_hops_ms"] > 0) is fused
     assert abs(t["encryption_ms"] + t["decryption_ms"] + t["fused_hops_ms"] - t["total_crypto_ms"]) < 1e-6
+    assert r["benchmark_info"]["cuda_graphs"] is False and r["benchmark_info"]["cuda_graphs_captured"] == 0
+    assert ("CUDA graphs need a CUDA device" in capsys.readouterr().err) is not fused
 
 
 def test_preset_and_half_precision(tmp_path):

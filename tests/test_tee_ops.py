@@ -135,6 +135,21 @@ def test_perf_counts_and_variants():
     assert [v[0] for v in perf.variants(overlap=True, ablations=False, thread_sweep=None)] == [
         "optimized", "ours", "otp", "optimized_overlap"]
     assert [v[0] for v in perf.variants(overlap=False, ablations=False, thread_sweep=None)] == ["optimized", "ours", "otp"]
+    graphed = perf.variants(overlap=False, ablations=False, thread_sweep=None, fused_hops=True, cuda_graphs=True)
+    assert [v[0] for v in graphed] == ["optimized", "ours", "otp", "optimized_cuda_graphs", "ours_cuda_graphs",
+                                       "otp_cuda_graphs", "ours_fused_hops", "otp_fused_hops"]
+    assert all(v[2] == {"cuda_graphs": True} for v in graphed[3:6])
+
+
+def test_perf_ratios_with_cuda_graphs():
+    """What replaying the GPU's calls buys each runner, and the targets' ratios among the graphed runners."""
+    row = {m: {"median_ms": ms, "first_ms": ms} for m, ms in (
+        ("optimized", 40.0), ("ours", 80.0), ("otp", 100.0), ("tee_only", 120.0), ("transformers_cpu", 130.0),
+        ("optimized_cuda_graphs", 20.0), ("ours_cuda_graphs", 50.0), ("otp_cuda_graphs", 60.0))}
+    out = perf.ratios(row)
+    assert out["optimized_cuda_graphs_over_optimized"] == 0.5 and out["otp_cuda_graphs_over_otp"] == 0.6
+    assert out["ours_over_plain_cuda_graphs"] == 2.5 and out["otp_online_over_plain_cuda_graphs"] == 3.0
+    assert "optimized_cuda_graphs_over_optimized" not in perf.ratios({m: r for m, r in row.items() if "graphs" not in m})
 
 
 def test_one_line_errors(capsys):

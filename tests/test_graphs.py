@@ -1,0 +1,118 @@
+"""The GPU's calls replayed from captured graphs (`splitinfer.graphs`). This machine has no CUDA, so a stand-in
+captures each call (`EagerCall`): the same own inputs, and one output tensor that every replay overwrites in
+place, as a CUDA graph's does. What these tests check is what the graphs change around the calls: that every
+call's inputs reach the graph, that each call site and layout has its own, and that no hop reads an output
+after the same call has been made again."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from splitinfer.engine import SplitLlama
+from splitinfer.graphs import CallGraphs
+from splitinfer.inputs import build_batch
+from splitinfer.models import load_model
+from splitinfer.reference import compare, reference_logits
+from splitinfer.schemes import make_scheme
+from splitinfer import tee_ops
+
+PROMPTS = ["The quick brown fox jumps over the lazy dog.", "Private prompts stay in the TEE."]
+CPU = torch.device("cpu")
+
+
+class EagerCall:
+    """A captured call's stand-in without CUDA: each replay runs the call again on its own inputs and writes
+    the result into the one output tensor it handed out at the capture."""
+
+    def __init__(self, fn, inputs: tuple[torch.Tensor, ...], keep: tuple[torch.Tensor, ...]):
+        self.fn, self.inputs, self.keep = fn, inputs, keep
+        self.output = fn(*inputs)
+        self.replays = 0
+
+    def replay(self) -> None:
+        self.output.copy_(self.fn(*self.inputs))
+        self.replays += 1
+
+
+def eager_graphs() -> CallGraphs:
+    return CallGraphs(CPU, capture=EagerCall)
+
+
+def test_a_call_is_captured_once_per_key_and_layout():
+    graphs = eager_graphs()
+    x = torch.randn(3, 4)
+    first = graphs("double", lambda t: 2 * t, x)
+    assert torch.equal(first, 2 * x) and graphs.captured == 1
+    y = torch.randn(3, 4)
+    second = graphs("double", lambda t: 2 * t, y)  # the same graph: y is copied in, the output overwritten
+    assert second is first and torch.equal(second, 2 * y) and graphs.captured == 1
+    assert not torch.equal(x, y)  # the caller's tensors are never written
+    z = torch.randn(4, 3).t()  # another layout of the same shape: a graph of its own
+    assert torch.equal(graphs("double", lambda t: 2 * t, z), 2 * z) and graphs.captured == 2
+    graphs("triple", lambda t: 3 * t, x)  # another key
+    assert graphs.captured == 3
+    calls = list(graphs.calls.values())
+    assert [c.replays for c in calls] == [2, 1, 1]
+
+
+def test_a_strided_view_keeps_its_layout():
+    """A view with gaps (v within the qkv projection's output) is copied into the graph's own input with its
+    strides, so that the graph runs the kernels the call would run on it."""
+    graphs = eager_graphs()
+    qkv = torch.randn(2, 5, 12)
+    v = qkv.view(2, 5, 3, 4)[:, :, 2].transpose(1, 2)
+    out = graphs("sum", lambda t: t.sum(-1), v)
+    assert torch.equal(out, v.sum(-1))
+    (static,) = graphs.calls[next(iter(graphs.calls))].inputs
+    assert static.stride() == v.stride() and torch.equal(static, v) and static.data_ptr() != qkv.data_ptr()
+
+
+def test_keep_reaches_the_capture():
+    seen = []
+    graphs = CallGraphs(CPU, capture=lambda fn, inputs, keep: seen.append(keep) or EagerCall(fn, inputs, keep))
+    index = torch.arange(3)
+    graphs("take", lambda t: t[index], torch.randn(5), keep=(index,))
+    assert seen == [(index,)]
+
+
+def test_the_engine_warns_and_runs_without_cuda(tiny_models, capsys):
+    model = load_model(tiny_models["gqa-tied"], torch.float32, CPU)
+    engine = SplitLlama(model.config, model.state_dict, make_scheme("plain"), CPU, torch.float32, cuda_graphs=True)
+    assert not engine.cuda_graphs and "CUDA graphs need a CUDA device" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("scheme,variant", [("plain", "gqa-tied"), ("matrix", "gqa-tied"), ("otp", "biases"),
+                                            ("plain", "gqa-head-dim")])
+def test_graphed_calls_give_the_same_inference(tiny_models, scheme, variant, monkeypatch):
+    """With every GPU call replayed from a graph, captured in set-up by one inference: the next inferences capture
+    nothing, replay every graph, cross the same bytes in the same calls, count the same ops, and give the logits
+    of the engine without graphs bit for bit (its masks drawn after as many as set-up's inference drew). The
+    scores are two causal blocks (4-row blocks), a padded batch of 2."""
+    monkeypatch.setattr(tee_ops, "ROWS", 4)
+    model = load_model(tiny_models[variant], torch.float32, CPU)
+    ids, mask = build_batch(model.tokenizer, PROMPTS, 8, 2, ragged=True)
+    runs = {}
+    for graphed in (False, True):
+        engine = SplitLlama(model.config, model.state_dict, make_scheme(scheme, seed=3), CPU, torch.float32)
+        if graphed:
+            engine.gpu.graphs = eager_graphs()
+        engine.warm_device(*ids.shape)
+        if not graphed:  # the masks set-up's inference draws with graphs
+            engine.timed_forward(torch.zeros_like(ids), torch.ones_like(ids), instrumented=False)
+        captured = engine.gpu.graphs.captured if graphed else 0
+        # cloned: without CUDA nothing is copied at the boundary, so the logits are the LM head graph's output,
+        # which the next inference overwrites
+        runs[graphed] = [(logits.clone(), figures) for logits, figures in
+                         (engine.timed_forward(ids, mask) for _ in range(2))]
+        if graphed:
+            layers = model.config.num_hidden_layers
+            # 4 linears a layer, the LM head, two matmuls every layer shares, and the plain split's embedding
+            assert captured == engine.gpu.graphs.captured == 4 * layers + 1 + 2 + (scheme == "plain")
+            replays = {key[0]: c.replays for key, c in engine.gpu.graphs.calls.items()}
+            assert replays.pop("scores") == replays.pop("attend") == 3 * layers  # set-up's inference and two more
+            assert set(replays.values()) == {3}
+    for (graphed_logits, graphed), (logits, plain) in zip(runs[True], runs[False]):
+        assert torch.equal(graphed_logits, logits)
+        assert graphed["counts"] == plain["counts"] and graphed["data_transfer"] == plain["data_transfer"]
+    err = compare(runs[True][-1][0], reference_logits(model.config, model.state_dict, ids, mask))
+    assert err["rel_logit_error"] <= 1e-3 and err["top1_agreement"] == 1.0, err
