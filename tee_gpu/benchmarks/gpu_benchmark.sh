@@ -9,7 +9,9 @@
 #   perf.json          the in-process comparison (split runners, TEE-only in bfloat16, transformers on the CPU
 #                      and the GPU) and its ratios; copy bandwidth first, then the runners and baselines at
 #                      every length, then the variants, so that a cut run keeps the headline; the variants
-#                      include ours and otp with fused hops (each hop between two linears one TEE call:
+#                      are first each runner with its GPU calls replayed from CUDA graphs (*_cuda_graphs,
+#                      seventeenth round, never run on a GPU before: their rel_diff_from_optimized says whether
+#                      they compute what the runners do), then ours and otp with fused hops (each hop between two linears one TEE call:
 #                      ours_fused_hops, otp_fused_hops), and the plain split and ours with eager kernels and
 #                      with compiled ones at every shape (what set-up's per-shape choice buys)
 #   perf.csv           the same figures flat, one row per length and method, for plotting
@@ -19,7 +21,7 @@
 #                      next to no arithmetic or bytes in them: what those calls cost on their own, the floor
 #                      under each runner's time that no faster kernel or copy lowers (eager kernels: a compiled
 #                      kernel's call costs more at such sizes; FLOOR_KERNELS=compiled to time them; ~25 s on
-#                      the VM); perf_floor.csv and profile_floor.txt with it. Right after perf: cheap, and what it says decides
+#                      the VM; with the runners on CUDA graphs too); perf_floor.csv and profile_floor.txt with it. Right after perf: cheap, and what it says decides
 #                      which optimisations could reach a target
 #   kernel_bench.json  the fixed cost of a call at 4, 8 and 16 threads (an RMSNorm straight after another,
 #                      after 0.2, 2 and 30 ms idle, and straight after a round trip to the GPU, as the engine's
