@@ -33,12 +33,21 @@ class Boundary:
         # Tensor.is_pinned(), a driver call that took ~11 µs per copy on the H200 machine.
         self.pinned_bases: set[int] = set()
         self.audit = None
+        # where each copy to the GPU lands, given its hop (op, layer, its count within them in this inference):
+        # a fresh tensor, unless set (`graphs.CallGraphs.landing`: the same buffer at every inference)
+        self.landing: Callable[[tuple, torch.Tensor], torch.Tensor] | None = None
         self.copies_back = torch.cuda.Stream(gpu) if gpu.type == "cuda" and crossing else None
         self.reset()
 
     def reset(self) -> None:
         self.bytes = {"to_gpu": 0, "to_cpu": 0}
         self.calls = {"to_gpu": 0, "to_cpu": 0}
+        self.new_inference()
+
+    def new_inference(self) -> None:
+        """Count the hops afresh: an inference's n-th copy to the GPU for an op and layer lands where the last
+        inference's did (`landing`)."""
+        self.hops: dict[tuple, int] = {}
 
     def to_gpu(self, t: torch.Tensor, op: str, layer: int | None = None) -> torch.Tensor:
         """Send `t` to the GPU; `op` is the op kind it feeds, `layer` its layer (None outside the layers)."""
@@ -46,7 +55,11 @@ class Boundary:
             return t
         if self.audit is not None:
             self.audit(layer, op, t)
-        return self._move(t, self.gpu, "to_gpu", "transfer_to_gpu", op)
+        into = None
+        if self.landing is not None:
+            count = self.hops[op, layer] = self.hops.get((op, layer), -1) + 1
+            into = self.landing((op, layer, count), t)
+        return self._move(t, self.gpu, "to_gpu", "transfer_to_gpu", op, into)
 
     def pinned_buffer(self, shape: torch.Size | tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
         """An empty pinned host tensor for a result bound for the GPU, or None where copies are not pinned."""
@@ -61,17 +74,19 @@ class Boundary:
             return t
         return self._move(t, self.tee, "to_cpu", "transfer_to_cpu", op)
 
-    def _move(self, t: torch.Tensor, device: torch.device, direction: str, category: str, op: str) -> torch.Tensor:
+    def _move(self, t: torch.Tensor, device: torch.device, direction: str, category: str, op: str,
+              into: torch.Tensor | None = None) -> torch.Tensor:
+        """t on `device` (into `into` where given, a tensor laid out as `t.to(device)` would be)."""
         if not self.pinned:  # host-timed: the driver's bounce-buffer copying is part of the cost
             with self.metrics.time(category, op, host=True):
-                out = t.to(device)
+                out = t.to(device) if into is None else into.copy_(t)
                 synchronize(self.gpu)
         elif device.type == "cuda":
             if t.untyped_storage().data_ptr() not in self.pinned_bases:  # stage it in pinned memory
                 with self.metrics.time(category, "staging", host=True):
                     t = torch.empty_like(t, pin_memory=True).copy_(t)
             with self.metrics.time(category, op):
-                out = t.to(device, non_blocking=True)
+                out = t.to(device, non_blocking=True) if into is None else into.copy_(t, non_blocking=True)
         else:  # a non-blocking device-to-host copy lands in pinned memory; wait before the TEE reads it
             with self.metrics.time(category, op):
                 out = t.to(device, non_blocking=True)

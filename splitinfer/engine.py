@@ -66,10 +66,10 @@ class Gpu:
     In the TEE-only runner the same object runs on the CPU, and its time counts as CPU compute.
     """
 
-    def __init__(self, device: torch.device, metrics: Metrics, in_tee: bool = False,
-                 graphs: CallGraphs | None = None):
-        """With `graphs`, each call is replayed from a CUDA graph (`splitinfer.graphs`), captured at its first."""
-        self.device, self.metrics, self.graphs = device, metrics, graphs
+    def __init__(self, device: torch.device, metrics: Metrics, in_tee: bool = False):
+        self.device, self.metrics = device, metrics
+        # where set (`SplitLlama.use_graphs`), each call is replayed from a CUDA graph captured at its first
+        self.graphs: CallGraphs | None = None
         self.category, self.prefix = ("cpu_compute", "cpu") if in_tee else ("gpu_compute", "gpu")
         self.weights: dict[str, torch.Tensor] = {}
         self.biases: dict[str, torch.Tensor | None] = {}
@@ -88,14 +88,13 @@ class Gpu:
         with self.metrics.time(self.category, kind, f"{self.prefix}_{'lm_head' if kind == 'lm_head' else 'linear'}"):
             return self.call(name, lambda x: F.linear(x, weight, bias), x)
 
-    def matmul(self, a: torch.Tensor, b: torch.Tensor, product: Product = grouped_matmul) -> torch.Tensor:
+    def matmul(self, a: torch.Tensor, b: torch.Tensor, name: str, product: Product = grouped_matmul) -> torch.Tensor:
         """a [B, H, n, k] @ b [B, Hkv, k, m] -> [B, H, n, m]; query heads share their group's b (GQA broadcast).
-        `product` may instead be a CausalBlocks step: only the causal block triangle of the scores. Its key is
-        its name: within one engine the operands' layouts fix the blocks, and every layer shares the graph."""
+        `product` may instead be a CausalBlocks step: only the causal block triangle of the scores. `name` is the
+        layer's matmul (`0.scores`): with graphs, each has its own, which reads its operands where they land."""
         blocks = getattr(product, "__self__", None) if self.graphs is not None else None
         with self.metrics.time(self.category, "matmul", f"{self.prefix}_matmul"):
-            return self.call(product.__name__, product, a, b,
-                             keep=() if blocks is None else blocks.constants(a.device))
+            return self.call(name, product, a, b, keep=() if blocks is None else blocks.constants(a.device))
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         table = self.weights["embed"]
@@ -226,8 +225,10 @@ class SplitLlama:
         self.metrics = Metrics(gpu_device)
         self.link = Boundary(gpu_device, self.tee_device, self.metrics, crossing=not tee_only, pinned=pinned)
         scheme.pinned_buffer = self.link.pinned_buffer  # protected operands are written where the GPU reads them
-        self.gpu = Gpu(gpu_device, self.metrics, in_tee=tee_only, graphs=self._graphs(cuda_graphs and not tee_only,
-                                                                                      gpu_device))
+        self.gpu = Gpu(gpu_device, self.metrics, in_tee=tee_only)
+        graphs = self._graphs(cuda_graphs and not tee_only, gpu_device)
+        if graphs is not None:
+            self.use_graphs(graphs)
         self.overlap = overlap and not tee_only and not scheme.masked
         self.fuse_hops = fuse_hops and scheme.masked
         self.attention_pinned = attention is not None
@@ -247,6 +248,10 @@ class SplitLlama:
             print(f"warning: CUDA graphs need a CUDA device, not {device}: the GPU's calls run as they are",
                   file=sys.stderr)
         return CallGraphs(device) if wanted and device.type == "cuda" else None
+
+    def use_graphs(self, graphs: CallGraphs) -> None:
+        """Replay the GPU's calls from `graphs`, into whose landings the copies to the GPU go."""
+        self.gpu.graphs, self.link.landing = graphs, graphs.landing
 
     @property
     def cuda_graphs(self) -> bool:
@@ -554,7 +559,7 @@ class SplitLlama:
         a_masked, b_masked, secret = self.crypto(0, "matmul", self.scheme.protect_matmul, a, b, name)
         a_gpu = self.link.to_gpu(a_masked, "matmul", layer)
         b_gpu = self.link.to_gpu(b_masked, "matmul", layer)
-        c = self.link.to_tee(self.gpu.matmul(a_gpu, b_gpu, product), "matmul")
+        c = self.link.to_tee(self.gpu.matmul(a_gpu, b_gpu, name, product), "matmul")
         return self.crypto(1, "matmul", self.scheme.recover_matmul, c, secret, product)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
@@ -663,6 +668,7 @@ class SplitLlama:
     def forward(self, ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Logits [B, vocab] (float32) at the last real position of each (right-padded) sequence."""
         batch, n = ids.shape
+        self.link.new_inference()
         x = self.embed(ids)
         rope = self.tee("rotary_tables", self.rotary.tables, n, self.dtype)
         bias = self.tee("attention_mask", attention_bias, attention_mask, self.dtype)
@@ -720,11 +726,11 @@ class SplitLlama:
         if self.attention_form == FUSED:  # the TEE-only runner: no hop between the three steps, so one op may do them
             out = self.tee("attention", fused_attention, q, k, v, bias if blocks.padded else None)
         else:
-            scores = self.gpu.matmul(q, k.transpose(-1, -2), blocks.scores)
+            scores = self.gpu.matmul(q, k.transpose(-1, -2), f"{i}.scores", blocks.scores)
             probs = self.through_tee("softmax", "matmul", i, scores, scores.shape,
                                      lambda x, into: blocks.softmax(x, bias, into), blocks.views,
                                      lambda r, block, into: blocks.softmax_block(r, block, bias, into))
-            out = self.gpu.matmul(probs, v, blocks.attend)
+            out = self.gpu.matmul(probs, v, f"{i}.attend", blocks.attend)
         return self.link.to_tee(self.gpu.linear(merge_heads(out), f"{i}.o", "linear_attn"), "linear_attn")
 
     def q_and_k_to_tee(self, qkv: torch.Tensor) -> torch.Tensor:

@@ -67,6 +67,28 @@ def test_a_strided_view_keeps_its_layout():
     assert static.stride() == v.stride() and torch.equal(static, v) and static.data_ptr() != qkv.data_ptr()
 
 
+def test_landings_and_outputs_are_read_where_they_are():
+    """A copy to the GPU lands in the same buffer for its hop at each inference, laid out as `.to` lays it out; a
+    graph reads a landing, or a view of another graph's output, in place, and copies anything else in."""
+    graphs = eager_graphs()
+    x = torch.randn(4, 6)
+    landed = graphs.landing(("linear_attn", 0, 0), x)
+    assert graphs.landing(("linear_attn", 0, 0), torch.randn(4, 6)) is landed
+    assert graphs.landing(("linear_attn", 1, 0), x) is not landed
+    t = torch.randn(6, 4).t()  # dense, transposed: `.to` keeps its strides
+    assert graphs.landing(("matmul", 0, 0), t).stride() == t.stride()
+    landed.copy_(x)
+    out = graphs("0.qkv", lambda t: 2 * t, landed)
+    assert graphs.calls[next(iter(graphs.calls))].inputs[0] is landed and torch.equal(out, 2 * x)
+    landed.copy_(torch.randn(4, 6))
+    assert torch.equal(graphs("0.qkv", lambda t: 2 * t, landed), 2 * landed) and graphs.input_copies == 0
+    v = out[:, 3:]  # a view of that graph's output
+    assert torch.equal(graphs("0.attend", lambda t: t + 1, v), v + 1)
+    assert graphs.calls[list(graphs.calls)[1]].inputs[0].data_ptr() == v.data_ptr()
+    fresh = torch.randn(4, 6)  # neither: copied into the graph's input, which is the landing
+    assert torch.equal(graphs("0.qkv", lambda t: 2 * t, fresh), 2 * fresh) and graphs.input_copies == 1
+
+
 def test_keep_reaches_the_capture():
     seen = []
     graphs = CallGraphs(CPU, capture=lambda fn, inputs, keep: seen.append(keep) or EagerCall(fn, inputs, keep))
@@ -86,8 +108,10 @@ def test_the_engine_warns_and_runs_without_cuda(tiny_models, capsys):
 def test_graphed_calls_give_the_same_inference(tiny_models, scheme, variant, monkeypatch):
     """With every GPU call replayed from a graph, captured in set-up by one inference: the next inferences capture
     nothing, replay every graph, cross the same bytes in the same calls, count the same ops, and give the logits
-    of the engine without graphs bit for bit (its masks drawn after as many as set-up's inference drew). The
-    scores are two causal blocks (4-row blocks), a padded batch of 2."""
+    of the engine without graphs bit for bit (its masks drawn after as many as set-up's inference drew). Every
+    copy to the GPU lands where its graph reads it, so no input is copied again on the GPU, but for the plain
+    split's o projection, whose input the GPU makes (the heads merged). The scores are two causal blocks
+    (4-row blocks), a padded batch of 2."""
     monkeypatch.setattr(tee_ops, "ROWS", 4)
     model = load_model(tiny_models[variant], torch.float32, CPU)
     ids, mask = build_batch(model.tokenizer, PROMPTS, 8, 2, ragged=True)
@@ -95,22 +119,25 @@ def test_graphed_calls_give_the_same_inference(tiny_models, scheme, variant, mon
     for graphed in (False, True):
         engine = SplitLlama(model.config, model.state_dict, make_scheme(scheme, seed=3), CPU, torch.float32)
         if graphed:
-            engine.gpu.graphs = eager_graphs()
+            engine.use_graphs(eager_graphs())
         engine.warm_device(*ids.shape)
         if not graphed:  # the masks set-up's inference draws with graphs
             engine.timed_forward(torch.zeros_like(ids), torch.ones_like(ids), instrumented=False)
         captured = engine.gpu.graphs.captured if graphed else 0
+        copies = engine.gpu.graphs.input_copies if graphed else 0
         # cloned: without CUDA nothing is copied at the boundary, so the logits are the LM head graph's output,
         # which the next inference overwrites
         runs[graphed] = [(logits.clone(), figures) for logits, figures in
                          (engine.timed_forward(ids, mask) for _ in range(2))]
         if graphed:
             layers = model.config.num_hidden_layers
-            # 4 linears a layer, the LM head, two matmuls every layer shares, and the plain split's embedding
-            assert captured == engine.gpu.graphs.captured == 4 * layers + 1 + 2 + (scheme == "plain")
-            replays = {key[0]: c.replays for key, c in engine.gpu.graphs.calls.items()}
-            assert replays.pop("scores") == replays.pop("attend") == 3 * layers  # set-up's inference and two more
-            assert set(replays.values()) == {3}
+            # 4 linears and 2 matmuls a layer, the LM head, and the plain split's embedding
+            assert captured == engine.gpu.graphs.captured == 6 * layers + 1 + (scheme == "plain")
+            assert {c.replays for c in engine.gpu.graphs.calls.values()} == {3}  # set-up's inference and two more
+            assert engine.gpu.graphs.input_copies - copies == 2 * layers * (scheme == "plain")
+            landings = len(engine.gpu.graphs.landings)
+            engine.forward(ids, mask)  # as the profile calls it, outside `timed_forward`: the same landings
+            assert len(engine.gpu.graphs.landings) == landings and engine.gpu.graphs.captured == captured
     for (graphed_logits, graphed), (logits, plain) in zip(runs[True], runs[False]):
         assert torch.equal(graphed_logits, logits)
         assert graphed["counts"] == plain["counts"] and graphed["data_transfer"] == plain["data_transfer"]
