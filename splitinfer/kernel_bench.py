@@ -1,6 +1,7 @@
 """The TEE's steps of one decoder layer, timed with eager and with compiled kernels, as the engine runs them in
-each mode, the fixed cost of a call at each thread count (`--threads`), and the CPU's matrix product rates in
-float32, bfloat16 and int8. Each step is timed after a busy-wait that stands for the TEE waiting on the GPU (so
+each mode, the fixed cost of a call at each thread count (`--threads`), the CPU's matrix product rates in
+float32, bfloat16 and int8, and on a GPU (`--round-trip-device`) one layer's GPU calls, op by op and replayed
+from CUDA graphs. Each step is timed after a busy-wait that stands for the TEE waiting on the GPU (so
 the CPU's threads are as idle as they are between hops), median of `--repeat`.
 
     python -m splitinfer.kernel_bench --preset llama-3.2-1b --lengths 128,512 --out kernel_bench.json
@@ -18,12 +19,15 @@ import tempfile
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from splitinfer import kernels
 from splitinfer.cli import DTYPES, OneLineParser, progress
 from splitinfer.engine import attention_operands, keep_freed_memory, layer_hops, split_heads
 from splitinfer.errors import UserError, one_line_errors
+from splitinfer.graphs import CallGraphs
 from splitinfer.kernels import WAIT_S, timed
+from splitinfer.metrics import synchronize
 from splitinfer.models import PRESETS
 from splitinfer.perf import parse_counts
 from splitinfer.results import environment_block, write_json
@@ -178,6 +182,48 @@ def product_rates(preset: str, repeat: int, n: int = 512) -> dict[str, float]:
             for kind, f in products.items()}
 
 
+def gpu_calls(preset: str, n: int, dtype: torch.dtype, device: torch.device, repeat: int,
+              graphs: CallGraphs | None = None) -> dict[str, float]:
+    """ms of one layer's GPU calls at n tokens, each with the wait for it as a hop has it, issued op by op and
+    replayed from a CUDA graph (`graphs`, whose landings hold the operands, as in the engine): what the graphs
+    save a call on this host (`--cuda-graphs`, seventeenth round). The plain split's calls: the qkv and
+    gate/up projections, the scores' causal blocks, and P·V."""
+    graphs = CallGraphs(device) if graphs is None else graphs
+    p = PRESETS[preset]
+    d, inner, heads, groups = p.hidden_size, p.intermediate_size, p.num_attention_heads, p.num_key_value_heads
+    h = d // heads
+
+    def landed(name: str, *shape: int) -> torch.Tensor:  # random operands where the copies to the GPU land
+        return graphs.landing((name, 0, 0), torch.empty(shape, dtype=dtype)).normal_()
+
+    x = landed("linear_attn", 1, n, d)
+    weights = {name: torch.randn(width, d, dtype=dtype, device=device) / d ** 0.5
+               for name, width in (("qkv", (heads + 2 * groups) * h), ("gate_up", 2 * inner))}
+    q_and_k = landed("matmul", 1, heads + groups, n, h)
+    q, k_t = q_and_k[:, :heads], q_and_k[:, heads:].transpose(-1, -2)
+    v = split_heads(landed("qkv", 1, n, (heads + 2 * groups) * h), h)[:, heads + groups:]  # as qkv's graph leaves it
+    blocks = CausalBlocks.of(1, heads, n, padded=False)
+    probs = graphs.landing(("softmax", 0, 0), torch.empty(blocks.shape, dtype=dtype)).uniform_()
+    calls = {"qkv projection": (lambda t: F.linear(t, weights["qkv"]), (x,)),
+             "gate/up projection": (lambda t: F.linear(t, weights["gate_up"]), (x,)),
+             "scores (causal blocks)": (blocks.scores, (q, k_t)), "P·V": (blocks.attend, (probs, v))}
+    out = {}
+    for label, (fn, inputs) in calls.items():
+        keep = blocks.constants(device)
+
+        def op_by_op(_, fn=fn, inputs=inputs) -> None:
+            fn(*inputs)
+            synchronize(device)
+
+        def replayed(_, label=label, fn=fn, inputs=inputs) -> None:
+            graphs(label, fn, *inputs, keep=keep)
+            synchronize(device)
+
+        out[f"{label}, op by op"] = timed(op_by_op, repeat=repeat)
+        out[f"{label}, replayed"] = timed(replayed, repeat=repeat)
+    return out
+
+
 def round_trip(x: torch.Tensor, device: torch.device) -> Callable[[], None]:
     """A hop as the engine's: x from pinned memory to `device`, an op there, back, and a wait for it (where the
     TEE sits while the GPU works); on the CPU, copies."""
@@ -254,7 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"preset": args.preset, "dtype": args.dtype, "wait_us": WAIT_S * 1e6,
                      "incomplete": "stopped before the end (a time limit?)",
                      "environment": environment_block(torch.device("cpu"), False, torch.get_num_threads()),
-                     "fixed_costs": {}, "product_rates_gmacs": {}, "fixed_costs_by_wait_policy": {}, "lengths": {}}
+                     "fixed_costs": {}, "product_rates_gmacs": {}, "gpu_calls": {}, "fixed_costs_by_wait_policy": {},
+                     "lengths": {}}
     progress("fixed costs per call")  # first: the cheapest stage, and the one a GPU run's budget cut twice
     try:
         hop = torch.device(args.round_trip_device) if args.round_trip_device else None
@@ -268,6 +315,12 @@ def main(argv: list[str] | None = None) -> int:
     results["product_rates_gmacs"] = product_rates(args.preset, args.repeat)
     for kind, rate in results["product_rates_gmacs"].items():
         print(f"matrix product, {kind:<17} {rate:8.1f} G multiply-adds/s")
+    if hop is not None and hop.type == "cuda":  # a few seconds: what CUDA graphs save a GPU call
+        for n in lengths:
+            progress(f"{n} tokens: one layer's GPU calls on {hop}, op by op and replayed from CUDA graphs")
+            calls = results["gpu_calls"][n] = gpu_calls(args.preset, n, DTYPES[args.dtype], hop, args.repeat)
+            for label, ms in calls.items():
+                print(f"{n:>5} GPU call {label:<40} {ms * 1e3:8.1f} µs")
     write_json(args.out, results)
     for policy in policies:  # before the per-layer steps, which earlier GPU runs already have
         progress(f"fixed costs per call, OMP_WAIT_POLICY={policy} (a fresh process)")

@@ -143,3 +143,14 @@ def test_graphed_calls_give_the_same_inference(tiny_models, scheme, variant, mon
         assert graphed["counts"] == plain["counts"] and graphed["data_transfer"] == plain["data_transfer"]
     err = compare(runs[True][-1][0], reference_logits(model.config, model.state_dict, ids, mask))
     assert err["rel_logit_error"] <= 1e-3 and err["top1_agreement"] == 1.0, err
+
+
+def test_kernel_bench_times_one_layers_gpu_calls_both_ways():
+    """kernel_bench's GPU calls (on a GPU: what the graphs save a call), here with the stand-in: every call
+    timed op by op and replayed, every operand read where it landed."""
+    from splitinfer import kernel_bench
+    graphs = eager_graphs()
+    calls = kernel_bench.gpu_calls("smollm2-135m", 8, torch.float32, CPU, 2, graphs=graphs)
+    assert len(calls) == 8 and all(ms > 0 for ms in calls.values())
+    assert {label.rsplit(", ", 1)[1] for label in calls} == {"op by op", "replayed"}
+    assert graphs.captured == 4 and graphs.input_copies == 0
