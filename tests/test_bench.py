@@ -217,10 +217,12 @@ def test_gpu_benchmark_keeps_to_its_budget(tiny_models, tmp_path):
 
 
 def test_scheme_flags_reach_only_their_runners():
-    flags = ["--resident-embedding", "--model", "m", "--pad-scale", "2", "--overlap", "--mask-rank=2", "--fuse-hops"]
-    assert bench.flags_for("optimized", flags, None) == ["--model", "m", "--overlap"]
+    flags = ["--resident-embedding", "--model", "m", "--pad-scale", "2", "--overlap", "--mask-rank=2", "--fuse-hops",
+             "--cuda-graphs"]
+    assert bench.flags_for("optimized", flags, None) == ["--model", "m", "--overlap", "--cuda-graphs"]
     assert bench.flags_for("ours", flags, None) == ["--resident-embedding", "--model", "m", "--mask-rank=2",
-                                                    "--fuse-hops"]
+                                                    "--fuse-hops", "--cuda-graphs"]
     assert bench.flags_for("otp", flags, None) == ["--resident-embedding", "--model", "m", "--pad-scale", "2",
-                                                   "--fuse-hops"]
+                                                   "--fuse-hops", "--cuda-graphs"]
     assert bench.flags_for("tee_only", flags, "bfloat16") == ["--model", "m", "--dtype", "bfloat16"]
+    bench.check_runner_flags(tuple(bench.SCRIPTS), flags, None)  # each runner's own parser takes what it gets
