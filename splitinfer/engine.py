@@ -88,13 +88,17 @@ class Gpu:
         with self.metrics.time(self.category, kind, f"{self.prefix}_{'lm_head' if kind == 'lm_head' else 'linear'}"):
             return self.call(name, lambda x: F.linear(x, weight, bias), x)
 
-    def matmul(self, a: torch.Tensor, b: torch.Tensor, name: str, product: Product = grouped_matmul) -> torch.Tensor:
+    def matmul(self, a: torch.Tensor, b: torch.Tensor, name: str, product: Product = grouped_matmul,
+               merge: bool = False) -> torch.Tensor:
         """a [B, H, n, k] @ b [B, Hkv, k, m] -> [B, H, n, m]; query heads share their group's b (GQA broadcast).
         `product` may instead be a CausalBlocks step: only the causal block triangle of the scores. `name` is the
-        layer's matmul (`0.scores`): with graphs, each has its own, which reads its operands where they land."""
+        layer's matmul (`0.scores`): with graphs, each has its own, which reads its operands where they land.
+        With `merge`, the answer's heads merged in the same call ([B, n, H·m], `merge_heads`), as a projection
+        on the GPU reads it: with graphs, that projection's graph then reads it where this one wrote it."""
         blocks = getattr(product, "__self__", None) if self.graphs is not None else None
+        fn = (lambda a, b: merge_heads(product(a, b))) if merge else product
         with self.metrics.time(self.category, "matmul", f"{self.prefix}_matmul"):
-            return self.call(name, product, a, b, keep=() if blocks is None else blocks.constants(a.device))
+            return self.call(name, fn, a, b, keep=() if blocks is None else blocks.constants(a.device))
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         table = self.weights["embed"]
@@ -724,14 +728,14 @@ class SplitLlama:
         # transposed view would be copied into pageable memory on the host first, and cross at that rate)
         q, k = self.split_q_k(self.link.to_gpu(self.rotate(q_and_k, rope), "matmul", i))
         if self.attention_form == FUSED:  # the TEE-only runner: no hop between the three steps, so one op may do them
-            out = self.tee("attention", fused_attention, q, k, v, bias if blocks.padded else None)
+            out = merge_heads(self.tee("attention", fused_attention, q, k, v, bias if blocks.padded else None))
         else:
             scores = self.gpu.matmul(q, k.transpose(-1, -2), f"{i}.scores", blocks.scores)
             probs = self.through_tee("softmax", "matmul", i, scores, scores.shape,
                                      lambda x, into: blocks.softmax(x, bias, into), blocks.views,
                                      lambda r, block, into: blocks.softmax_block(r, block, bias, into))
-            out = self.gpu.matmul(probs, v, f"{i}.attend", blocks.attend)
-        return self.link.to_tee(self.gpu.linear(merge_heads(out), f"{i}.o", "linear_attn"), "linear_attn")
+            out = self.gpu.matmul(probs, v, f"{i}.attend", blocks.attend, merge=True)
+        return self.link.to_tee(self.gpu.linear(out, f"{i}.o", "linear_attn"), "linear_attn")
 
     def q_and_k_to_tee(self, qkv: torch.Tensor) -> torch.Tensor:
         """GPU -> TEE: the q and k part of the qkv projection's output, as [B, H + Hkv, N, h] (v stays)."""
