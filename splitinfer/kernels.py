@@ -28,12 +28,14 @@ EAGER = "eager"
 _state = {"on": False, "mode": EAGER, "threads": None, "failure": None, "start_ms": 0.0, "choosing": False,
           "chosen": True}
 failed: dict[str, str] = {}  # kernel -> why it could not be compiled (it runs eager), for the JSON
-# (kernel, its first argument's shape, its strides) -> {"eager_ms", "compiled_ms"} as set-up timed them
-# (`choosing`); the kernel runs eager at that layout where that was faster, compiled at every other. Strides
-# too: a compiled kernel is built for them, and otp's kᵀ and v have one shape where n is the head size.
+# (kernel, its first argument's shape, its strides) -> {"eager_ms", "compiled_ms", "eager_one_thread_ms"} as
+# set-up timed them (`choosing`); the kernel runs in the fastest form at that layout (`_form_at`, where that is
+# not compiled). Strides too: a compiled kernel is built for them, and otp's kᵀ and v have one shape where n is
+# the head size.
 Layout = tuple[str, tuple[int, ...], tuple[int, ...]]
 choices: dict[Layout, dict[str, float]] = {}
-_eager_at: set[Layout] = set()
+ONE_THREAD = "eager, one thread"  # the eager form with torch's other threads left waiting (`_on_one_thread`)
+_form_at: dict[Layout, str] = {}  # EAGER or ONE_THREAD, where set-up timed that faster than compiled
 # (step, its first operand's shape, its dtype) -> {"<form>_ms" for each form, "runs": the form kept}: a step
 # with more than one form, each computing its result by other means (not a kernel against its eager form),
 # timed in set-up where compiled kernels are chosen per shape (`pick`)
@@ -64,8 +66,10 @@ def tee_kernel(fn: Callable | None = None, *, exact: bool = False, eager: Callab
         nonlocal compiled
         if not _state["on"] or fn.__name__ in failed:
             return eager_form(*args)
-        if _state["chosen"] and not _state["choosing"] and _layout(fn, args[0]) in _eager_at:
-            return eager_form(*args)
+        if _state["chosen"] and not _state["choosing"]:
+            form = _form_at.get(_layout(fn, args[0]))
+            if form is not None:
+                return eager_form(*args) if form == EAGER else _on_one_thread(eager_form, args)
         try:
             if compiled is None:  # an option this torch does not know fails here
                 compiled = torch.compile(fn, dynamic=False,
@@ -119,18 +123,39 @@ def choosing(on: bool = True) -> Iterator[None]:
 
 
 def _choose(fn: Callable, eager: Callable, compiled: Callable, args: tuple):
-    """Build `compiled` (kernel `fn`), time it and `eager` on `args` (`timed`), keep the faster for this shape;
-    its result."""
+    """Build `compiled` (kernel `fn`), time it, `eager`, and with more than one torch thread `eager` on one
+    thread (`_on_one_thread`), on `args` (`timed`); keep the fastest for this shape; its result."""
     compiled(*args)
     key = _layout(fn, args[0])
+    forms = {EAGER: lambda: eager(*args), COMPILED: lambda: compiled(*args)}
+    if torch.get_num_threads() > 1:
+        forms[ONE_THREAD] = lambda: _on_one_thread(eager, args)
     with choosing(False):  # an eager form made of other kernels runs each in the form chosen for it
-        choices[key] = {"eager_ms": timed(lambda _: eager(*args), repeat=7),
-                        "compiled_ms": timed(lambda _: compiled(*args), repeat=7)}
-        if choices[key]["eager_ms"] < choices[key]["compiled_ms"]:
-            _eager_at.add(key)
-            return eager(*args)
-        _eager_at.discard(key)
-        return compiled(*args)
+        times = {form: timed(lambda _, run=run: run(), repeat=7) for form, run in forms.items()}
+    choices[key] = {f"{_FORM_KEYS[form]}_ms": ms for form, ms in times.items()}
+    fastest = min(times, key=times.get)
+    if fastest == COMPILED:
+        _form_at.pop(key, None)
+    else:
+        _form_at[key] = fastest
+    with choosing(False):
+        return forms[fastest]()
+
+
+_FORM_KEYS = {EAGER: "eager", COMPILED: "compiled", ONE_THREAD: "eager_one_thread"}
+
+
+def _on_one_thread(fn: Callable, args: tuple):
+    """fn(*args) with torch's thread count set to one for the call: a small op then wakes none of the other
+    threads, which cost a TEE op on the H100 machine 100-200 µs at 128 tokens (tenth round) where the 2-core
+    VM took about 40. Setting the count twice took 0.16 µs on the VM. Compiled kernels keep the count they
+    were built with, so only eager forms are run so."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return fn(*args)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _first_line(e: Exception) -> str:
@@ -178,7 +203,7 @@ def chosen() -> dict[str, dict[str, float | str]]:
         contiguous = torch.empty(shape, device="meta").stride()
         return f"{name} {list(shape)}" + ("" if strides == contiguous else f" strides {list(strides)}")
 
-    kernels = {label(*key): {**ms, "runs": "eager" if key in _eager_at else "compiled"} for key, ms in choices.items()}
+    kernels = {label(*key): {**ms, "runs": _form_at.get(key, "compiled")} for key, ms in choices.items()}
     steps = {f"{step} {list(shape)} {str(dtype).removeprefix('torch.')}": times
              for (step, shape, dtype), times in picks.items()}
     return {**kernels, **steps}
@@ -212,7 +237,7 @@ def select(compiled: bool, chosen: bool = True) -> str:
         if _state["threads"] not in (None, torch.get_num_threads()):
             torch._dynamo.reset()
             choices.clear()  # timed at the old count
-            _eager_at.clear()
+            _form_at.clear()
             picks.clear()
         _state["threads"] = torch.get_num_threads()
         if _state["mode"] != COMPILED:

@@ -218,9 +218,19 @@ def test_a_kernel_that_fails_to_compile_runs_eager(monkeypatch, capsys):
     assert torch.equal(doubled(torch.ones(3)), torch.full((3,), 2.0)) and capsys.readouterr().err == ""
 
 
-def test_set_up_keeps_the_faster_form_at_each_shape(monkeypatch):
-    """Inside `choosing` (set-up), a compiled kernel is timed against its eager form at each shape, and the faster
-    runs at that shape from then on; a changed thread count drops the choices with the compiled code."""
+@pytest.fixture
+def two_threads():
+    """torch on two threads, so that set-up also times each kernel's eager form on one (`kernels._choose`)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_set_up_keeps_the_faster_form_at_each_shape(monkeypatch, two_threads):
+    """Inside `choosing` (set-up), a compiled kernel is timed against its eager form, on all threads and on one,
+    at each shape, and the fastest runs at that shape from then on; a changed thread count drops the choices
+    with the compiled code."""
     compiled_calls = []
     real_compile = torch.compile
 
@@ -232,11 +242,12 @@ def test_set_up_keeps_the_faster_form_at_each_shape(monkeypatch):
             return built(*args)
         return run
 
-    clock = iter([1.0, 2.0, 2.0, 1.0])  # stand-in times: eager, then compiled, at 3 values, then at 5
+    # stand-in times: eager, compiled, then eager on one thread, at 3 values, then at 5
+    clock = iter([1.0, 2.0, 3.0, 2.0, 1.0, 3.0])
     monkeypatch.setattr(torch, "compile", counting_compile)
     monkeypatch.setattr(kernels, "timed", lambda step, fresh=None, repeat=30: (step(None), next(clock))[1])
     monkeypatch.setattr(kernels, "choices", {})
-    monkeypatch.setattr(kernels, "_eager_at", set())
+    monkeypatch.setattr(kernels, "_form_at", {})
 
     @kernels.tee_kernel
     def doubled(x):
@@ -246,8 +257,9 @@ def test_set_up_keeps_the_faster_form_at_each_shape(monkeypatch):
     with kernels.choosing():
         assert torch.equal(doubled(torch.ones(3)), torch.full((3,), 2.0))
         assert torch.equal(doubled(torch.ones(5)), torch.full((5,), 2.0))
-    assert kernels.chosen() == {"doubled [3]": {"eager_ms": 1.0, "compiled_ms": 2.0, "runs": "eager"},
-                                "doubled [5]": {"eager_ms": 2.0, "compiled_ms": 1.0, "runs": "compiled"}}
+    assert kernels.chosen() == {
+        "doubled [3]": {"eager_ms": 1.0, "compiled_ms": 2.0, "eager_one_thread_ms": 3.0, "runs": "eager"},
+        "doubled [5]": {"eager_ms": 2.0, "compiled_ms": 1.0, "eager_one_thread_ms": 3.0, "runs": "compiled"}}
     compiled_calls.clear()
     assert torch.equal(doubled(torch.ones(3)), torch.full((3,), 2.0))
     assert torch.equal(doubled(torch.ones(5)), torch.full((5,), 2.0))
@@ -256,11 +268,11 @@ def test_set_up_keeps_the_faster_form_at_each_shape(monkeypatch):
     doubled(torch.ones(3))
     assert compiled_calls == [(5,), (3,)]
     kernels.select(True)
-    clock = iter([3.0, 1.0])  # timed again in a later set-up, compiled is now faster at 3 values
+    clock = iter([3.0, 1.0, 3.0])  # timed again in a later set-up, compiled is now faster at 3 values
     with kernels.choosing():
         doubled(torch.ones(3))
     assert kernels.chosen()["doubled [3]"]["runs"] == "compiled"
-    clock = iter([1.0, 2.0, 2.0, 1.0])  # one shape in two layouts: each its own choice
+    clock = iter([1.0, 2.0, 3.0, 2.0, 1.0, 3.0])  # one shape in two layouts: each its own choice
     square = torch.ones(2, 2)
     with kernels.choosing():
         doubled(square)
@@ -279,7 +291,33 @@ def test_set_up_keeps_the_faster_form_at_each_shape(monkeypatch):
         torch.set_num_threads(threads)
 
 
-def test_a_kernel_may_have_an_eager_form_of_its_own(monkeypatch):
+def test_a_small_kernel_may_run_on_one_thread(monkeypatch, two_threads):
+    """Where set-up timed the eager form on one thread fastest, the kernel runs so at that shape: torch's thread
+    count is one for the call and back to what it was after, and the JSON's choice says so."""
+    counts = []
+
+    @kernels.tee_kernel
+    def doubled(x):
+        counts.append(torch.get_num_threads())
+        return x * 2
+
+    clock = iter([2.0, 3.0, 1.0, 1.0, 2.0, 3.0])  # one thread fastest at 3 values, all threads at 5
+    monkeypatch.setattr(kernels, "timed", lambda step, fresh=None, repeat=30: (step(None), next(clock))[1])
+    monkeypatch.setattr(kernels, "choices", {})
+    monkeypatch.setattr(kernels, "_form_at", {})
+    kernels.select(True)
+    with kernels.choosing():
+        doubled(torch.ones(3)), doubled(torch.ones(5))
+    assert kernels.chosen()["doubled [3]"]["runs"] == kernels.ONE_THREAD
+    assert kernels.chosen()["doubled [5]"]["runs"] == "eager"
+    counts.clear()
+    assert torch.equal(doubled(torch.ones(3)), torch.full((3,), 2.0))
+    assert torch.equal(doubled(torch.ones(5)), torch.full((5,), 2.0))
+    assert counts == [1, 2] and torch.get_num_threads() == 2
+    kernels.select(False)
+
+
+def test_a_kernel_may_have_an_eager_form_of_its_own(monkeypatch, two_threads):
     """`tee_kernel(eager=...)`: that form runs with compiled kernels off and where set-up timed it faster, and
     set-up times it against the kernel's own body compiled."""
     ran = []
@@ -293,11 +331,11 @@ def test_a_kernel_may_have_an_eager_form_of_its_own(monkeypatch):
         return x * 2
 
     monkeypatch.setattr(kernels, "choices", {})
-    monkeypatch.setattr(kernels, "_eager_at", set())
+    monkeypatch.setattr(kernels, "_form_at", {})
     assert doubled.eager is added
     kernels.select(False)
     assert torch.equal(doubled(torch.ones(3)), torch.full((3,), 2.0)) and ran == [(3,)]
-    clock = iter([1.0, 2.0, 2.0, 1.0])  # eager faster at 3 values, compiled at 5
+    clock = iter([1.0, 2.0, 3.0, 2.0, 1.0, 3.0])  # eager faster at 3 values, compiled at 5
     monkeypatch.setattr(kernels, "timed", lambda step, fresh=None, repeat=30: (step(None), next(clock))[1])
     kernels.select(True)
     with kernels.choosing():
