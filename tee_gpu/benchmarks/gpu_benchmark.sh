@@ -23,7 +23,7 @@
 #                      kernel's call costs more at such sizes; FLOOR_KERNELS=compiled to time them; ~25 s on
 #                      the VM; with the runners on CUDA graphs too); perf_floor.csv and profile_floor.txt with it. Right after perf: cheap, and what it says decides
 #                      which optimisations could reach a target
-#   kernel_bench.json  the fixed cost of a call at 4, 8 and 16 threads (an RMSNorm straight after another,
+#   kernel_bench.json  the fixed cost of a call at 1, 4, 8 and 16 threads (an RMSNorm straight after another,
 #                      after 0.2, 2 and 30 ms idle, and straight after a round trip to the GPU, as the engine's
 #                      TEE ops come), also in fresh processes under OMP_WAIT_POLICY=PASSIVE
 #                      and ACTIVE (waking OpenMP's threads), the CPU's matrix product rates in float32,
@@ -61,7 +61,7 @@
 # dry run on a CPU (tests/test_bench.py). THREAD_SWEEP=8,12 adds the runners at those thread counts to the
 # comparison (tenth round, 128 tokens, against 16 threads: plain 0.87-1.34x, ours 1.19-2.0x, otp
 # 1.06-1.53x, so none by default); KERNEL_THREADS
-# (default 4,8,16) sets kernel_bench's thread counts, KERNEL_WAIT_POLICIES (default PASSIVE,ACTIVE; empty: none)
+# (default 1,4,8,16) sets kernel_bench's thread counts, KERNEL_WAIT_POLICIES (default PASSIVE,ACTIVE; empty: none)
 # the OpenMP wait policies its fixed costs are also timed under.
 # KERNELS=eager (or compiled) sets this tree's runners' TEE kernels; unset, each runner's own default.
 set -euo pipefail
@@ -73,7 +73,7 @@ floor_model=${FLOOR_MODEL:-preset:llama-3.2-1b-narrow}
 lengths=${LENGTHS:-128,512}
 precision_length=${PRECISION_LENGTH:-128}
 thread_sweep=${THREAD_SWEEP:-}
-kernel_threads=${KERNEL_THREADS:-4,8,16}
+kernel_threads=${KERNEL_THREADS:-1,4,8,16}
 kernel_wait_policies=${KERNEL_WAIT_POLICIES-PASSIVE,ACTIVE}
 deadline=${DEADLINE:-570}
 ablations=${ABLATIONS:-}
