@@ -32,8 +32,8 @@ class Captured(Protocol):
 
 
 class CudaGraphCall:
-    """`fn` on `inputs` (the graph's own copies) captured as a CUDA graph on `stream`; `keep` holds device
-    tensors that `fn` reads besides its inputs (an index), so that they outlive the graph.
+    """`fn` on `inputs` (at the addresses it will read them from) captured as a CUDA graph on `stream`; `keep`
+    holds device tensors that `fn` reads besides its inputs (an index), so that they outlive the graph.
 
     Each graph has a memory pool of its own. In a shared pool a graph's output may sit where an earlier capture
     had its temporaries (the full scores before they are packed): safe only while the graphs replay in the
@@ -108,7 +108,9 @@ class CallGraphs:
     def __call__(self, key: Hashable, fn: Call, *inputs: torch.Tensor,
                  keep: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
         """fn(*inputs), from the graph captured for `key` at these inputs' layouts (captured now if there is
-        none). The result is the graph's output: the next call with the same key and layouts overwrites it."""
+        none). The result is the graph's output: the next call with the same key and layouts overwrites it.
+        An input found elsewhere than where the graph reads it is copied there, over what may be a landing or
+        another graph's output: the engine rewrites both before it next reads them."""
         full_key = (key, *map(layout, inputs))
         call = self.calls.get(full_key)
         if call is None:
