@@ -147,9 +147,9 @@ _FORM_KEYS = {EAGER: "eager", COMPILED: "compiled", ONE_THREAD: "eager_one_threa
 
 def _on_one_thread(fn: Callable, args: tuple):
     """fn(*args) with torch's thread count set to one for the call: a small op then wakes none of the other
-    threads, which cost a TEE op on the H100 machine 100-200 µs at 128 tokens (tenth round) where the 2-core
-    VM took about 40. Setting the count twice took 0.16 µs on the VM. Compiled kernels keep the count they
-    were built with, so only eager forms are run so."""
+    threads. On the H100 machine a TEE op at 128 tokens took 184-248 µs on 16 threads (tenth round), where
+    the 2-core VM's two take 76-273 µs. Setting the count twice took 0.16 µs on the VM. Compiled kernels keep
+    the count they were built with, so only eager forms are run so."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -150,6 +150,9 @@ def test_perf_ratios_with_cuda_graphs():
     assert out["optimized_cuda_graphs_over_optimized"] == 0.5 and out["otp_cuda_graphs_over_otp"] == 0.6
     assert out["ours_over_plain_cuda_graphs"] == 2.5 and out["otp_online_over_plain_cuda_graphs"] == 3.0
     assert "optimized_cuda_graphs_over_optimized" not in perf.ratios({m: r for m, r in row.items() if "graphs" not in m})
+    row["optimized_cuda_graphs"] = {"error": "a capture failed"}  # the plain split's graphs failed, ours' ran
+    out = perf.ratios(row)
+    assert out["ours_cuda_graphs_over_ours"] == 50 / 80 and "ours_over_plain_cuda_graphs" not in out
 
 
 def test_one_line_errors(capsys):
