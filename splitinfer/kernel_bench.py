@@ -1,6 +1,6 @@
 """The TEE's steps of one decoder layer, timed with eager and with compiled kernels, as the engine runs them in
 each mode, the fixed cost of a call at each thread count (`--threads`), the CPU's matrix product rates in
-float32, bfloat16 and int8, and on a GPU (`--round-trip-device`) one layer's GPU calls, op by op and replayed
+float32, bfloat16 and int8, its memory rates, and on a GPU (`--round-trip-device`) one layer's GPU calls, op by op and replayed
 from CUDA graphs. Each step is timed after a busy-wait that stands for the TEE waiting on the GPU (so
 the CPU's threads are as idle as they are between hops), median of `--repeat`.
 
@@ -182,6 +182,27 @@ def product_rates(preset: str, repeat: int, n: int = 512) -> dict[str, float]:
             for kind, f in products.items()}
 
 
+def memory_rates(repeat: int, mib: int = 256) -> dict[str, float]:
+    """GB/s (read and written together) of a pass over `mib` MiB of host memory: a copy, and a float16 scale
+    (read, converted, multiplied, written, as the TEE's element-wise ops do), on torch's threads and on one;
+    with CUDA, the copy from pinned memory too, where the GPU's answers land. The TEE's element-wise ops make
+    one or two such passes over their tensors: on the H100 machine the plain split's softmax moved about
+    16 GB/s at 512 tokens (tenth round: 1.2 ms a layer for 9.4 MB each way), where this rate says what the
+    host allows."""
+    source = torch.randn(mib * 2 ** 19).half()
+    target = torch.empty_like(source)
+    passes = {"copy": lambda: target.copy_(source), "float16 scale": lambda: torch.mul(source, 0.5, out=target)}
+    if torch.cuda.is_available():
+        pinned = source.pin_memory()
+        passes["copy from pinned memory"] = lambda: target.copy_(pinned)
+    out = {}
+    for name, run in passes.items():
+        for threads, form in (("", run), (", one thread", lambda run=run: kernels._on_one_thread(run, ()))):
+            ms = timed(lambda _, form=form: form(), repeat=repeat, wait_s=0.0)
+            out[name + threads] = 2 * source.numel() * source.element_size() / (ms * 1e-3) / 1e9
+    return out
+
+
 def gpu_calls(preset: str, n: int, dtype: torch.dtype, device: torch.device, repeat: int,
               graphs: CallGraphs | None = None) -> dict[str, float]:
     """ms of one layer's GPU calls at n tokens, each with the wait for it as a hop has it, issued op by op and
@@ -300,8 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"preset": args.preset, "dtype": args.dtype, "wait_us": WAIT_S * 1e6,
                      "incomplete": "stopped before the end (a time limit?)",
                      "environment": environment_block(torch.device("cpu"), False, torch.get_num_threads()),
-                     "fixed_costs": {}, "product_rates_gmacs": {}, "gpu_calls": {}, "fixed_costs_by_wait_policy": {},
-                     "lengths": {}}
+                     "fixed_costs": {}, "product_rates_gmacs": {}, "memory_gbs": {}, "gpu_calls": {},
+                     "fixed_costs_by_wait_policy": {}, "lengths": {}}
     progress("fixed costs per call")  # first: the cheapest stage, and the one a GPU run's budget cut twice
     try:
         hop = torch.device(args.round_trip_device) if args.round_trip_device else None
@@ -315,6 +336,9 @@ def main(argv: list[str] | None = None) -> int:
     results["product_rates_gmacs"] = product_rates(args.preset, args.repeat)
     for kind, rate in results["product_rates_gmacs"].items():
         print(f"matrix product, {kind:<17} {rate:8.1f} G multiply-adds/s")
+    results["memory_gbs"] = memory_rates(min(args.repeat, 10))
+    for kind, rate in results["memory_gbs"].items():
+        print(f"host memory, {kind:<37} {rate:8.1f} GB/s")
     if hop is not None and hop.type == "cuda":  # a few seconds: what CUDA graphs save a GPU call
         for n in lengths:
             progress(f"{n} tokens: one layer's GPU calls on {hop}, op by op and replayed from CUDA graphs")

@@ -153,6 +153,8 @@ def test_kernel_bench_times_each_step_both_ways(tmp_path, capsys):
     assert results["fixed_costs_by_wait_policy"] == {}  # none asked for
     assert set(results["product_rates_gmacs"]) == {"float32", "bfloat16", "int8, int32 sums"}
     assert min(results["product_rates_gmacs"].values()) > 0
+    assert set(results["memory_gbs"]) == {"copy", "copy, one thread", "float16 scale", "float16 scale, one thread"}
+    assert min(results["memory_gbs"].values()) > 0
     assert all(ms > 0 for mode in ("eager", "compiled") for ms in steps[mode].values())
     assert steps["kernels"] == kernels.COMPILED and "ours: recover 4 linears" in capsys.readouterr().out
     assert "incomplete" not in results

@@ -27,7 +27,9 @@
 #                      after 0.2, 2 and 30 ms idle, and straight after a round trip to the GPU, as the engine's
 #                      TEE ops come), also in fresh processes under OMP_WAIT_POLICY=PASSIVE
 #                      and ACTIVE (waking OpenMP's threads), the CPU's matrix product rates in float32,
-#                      bfloat16 and int8 (whether AMX runs otp's integer cross terms), one layer's GPU calls
+#                      bfloat16 and int8 (whether AMX runs otp's integer cross terms), the host's memory rates
+#                      (memory_gbs: a copy and a float16 pass over 256 MiB, on all threads and one, and from
+#                      pinned memory: whether the TEE's element-wise ops are bound by them), one layer's GPU calls
 #                      op by op and replayed from CUDA graphs (gpu_calls: what a graph saves a call on this
 #                      host), then the TEE's steps
 #                      of one layer on this machine's CPU, eager against compiled kernels, the three hops
