@@ -285,7 +285,7 @@ def run(args, scheme_name: str) -> dict:
                            "real_tokens": real_tokens, "ragged": args.ragged, "dtype": dtype_name,
                            "scheme": scheme_name, "encryption_scheme": scheme.encryption_scheme,
                            "fused_hops": engine.fuse_hops, "cuda_graphs": engine.cuda_graphs,
-                           "cuda_graphs_captured": engine.gpu.graphs.captured if engine.cuda_graphs else 0,
+                           "cuda_graphs_captured": engine.cuda_graphs_captured,
                            "throughput_tokens_per_sec": real_tokens / (figures["total_ms"] / 1e3),
                            "logits_shape": list(logits.shape), "lm_head_positions": "last real token",
                            "gpu_device": str(gpu_device), "gpu_fallback_to_cpu": fallback,

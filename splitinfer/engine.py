@@ -262,6 +262,11 @@ class SplitLlama:
         """Whether the GPU's calls are replayed from graphs."""
         return self.gpu.graphs is not None
 
+    @property
+    def cuda_graphs_captured(self) -> int:
+        """How many GPU calls have a graph (0 without graphs)."""
+        return self.gpu.graphs.captured if self.cuda_graphs else 0
+
     def _place_weights(self, sd: dict[str, torch.Tensor]) -> None:
         def tee(name: str) -> torch.Tensor:
             return sd[name].to(self.tee_device, self.dtype)

@@ -1,8 +1,8 @@
 """The TEE's steps of one decoder layer, timed with eager and with compiled kernels, as the engine runs them in
 each mode, the fixed cost of a call at each thread count (`--threads`), the CPU's matrix product rates in
-float32, bfloat16 and int8, its memory rates, and on a GPU (`--round-trip-device`) one layer's GPU calls, op by op and replayed
-from CUDA graphs. Each step is timed after a busy-wait that stands for the TEE waiting on the GPU (so
-the CPU's threads are as idle as they are between hops), median of `--repeat`.
+float32, bfloat16 and int8, its memory rates, and on a GPU (`--round-trip-device`) one layer's GPU calls, op
+by op and replayed from CUDA graphs. Each step is timed after a busy-wait that stands for the TEE waiting on
+the GPU (so the CPU's threads are as idle as they are between hops), median of `--repeat`.
 
     python -m splitinfer.kernel_bench --preset llama-3.2-1b --lengths 128,512 --out kernel_bench.json
 
@@ -197,7 +197,7 @@ def memory_rates(repeat: int, mib: int = 256) -> dict[str, float]:
         passes["copy from pinned memory"] = lambda: target.copy_(pinned)
     out = {}
     for name, run in passes.items():
-        for threads, form in (("", run), (", one thread", lambda run=run: kernels._on_one_thread(run, ()))):
+        for threads, form in (("", run), (", one thread", lambda run=run: kernels.on_one_thread(run, ()))):
             ms = timed(lambda _, form=form: form(), repeat=repeat, wait_s=0.0)
             out[name + threads] = 2 * source.numel() * source.element_size() / (ms * 1e-3) / 1e9
     return out
@@ -228,10 +228,8 @@ def gpu_calls(preset: str, n: int, dtype: torch.dtype, device: torch.device, rep
     calls = {"qkv projection": (lambda t: F.linear(t, weights["qkv"]), (x,)),
              "gate/up projection": (lambda t: F.linear(t, weights["gate_up"]), (x,)),
              "scores (causal blocks)": (blocks.scores, (q, k_t)), "P·V": (blocks.attend, (probs, v))}
-    out = {}
+    out, keep = {}, blocks.constants(device)
     for label, (fn, inputs) in calls.items():
-        keep = blocks.constants(device)
-
         def op_by_op(_, fn=fn, inputs=inputs) -> None:
             fn(*inputs)
             synchronize(device)

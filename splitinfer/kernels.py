@@ -34,7 +34,7 @@ failed: dict[str, str] = {}  # kernel -> why it could not be compiled (it runs e
 # the head size.
 Layout = tuple[str, tuple[int, ...], tuple[int, ...]]
 choices: dict[Layout, dict[str, float]] = {}
-ONE_THREAD = "eager, one thread"  # the eager form with torch's other threads left waiting (`_on_one_thread`)
+ONE_THREAD = "eager, one thread"  # the eager form with torch's other threads left waiting (`on_one_thread`)
 _form_at: dict[Layout, str] = {}  # EAGER or ONE_THREAD, where set-up timed that faster than compiled
 # (step, its first operand's shape, its dtype) -> {"<form>_ms" for each form, "runs": the form kept}: a step
 # with more than one form, each computing its result by other means (not a kernel against its eager form),
@@ -69,7 +69,7 @@ def tee_kernel(fn: Callable | None = None, *, exact: bool = False, eager: Callab
         if _state["chosen"] and not _state["choosing"]:
             form = _form_at.get(_layout(fn, args[0]))
             if form is not None:
-                return eager_form(*args) if form == EAGER else _on_one_thread(eager_form, args)
+                return eager_form(*args) if form == EAGER else on_one_thread(eager_form, args)
         try:
             if compiled is None:  # an option this torch does not know fails here
                 compiled = torch.compile(fn, dynamic=False,
@@ -124,14 +124,13 @@ def choosing(on: bool = True) -> Iterator[None]:
 
 def _choose(fn: Callable, eager: Callable, compiled: Callable, args: tuple):
     """Build `compiled` (kernel `fn`), time it, `eager`, and with more than one torch thread `eager` on one
-    thread (`_on_one_thread`), on `args` (`timed`); keep the fastest for this shape; its result."""
+    thread (`on_one_thread`), on `args` (`timed`); keep the fastest for this shape; its result."""
     compiled(*args)
     key = _layout(fn, args[0])
     forms = {EAGER: lambda: eager(*args), COMPILED: lambda: compiled(*args)}
     if torch.get_num_threads() > 1:
-        forms[ONE_THREAD] = lambda: _on_one_thread(eager, args)
-    with choosing(False):  # an eager form made of other kernels runs each in the form chosen for it
-        times = {form: timed(lambda _, run=run: run(), repeat=7) for form, run in forms.items()}
+        forms[ONE_THREAD] = lambda: on_one_thread(eager, args)
+    times = _timed_forms(forms)
     choices[key] = {f"{_FORM_KEYS[form]}_ms": ms for form, ms in times.items()}
     fastest = min(times, key=times.get)
     if fastest == COMPILED:
@@ -142,10 +141,17 @@ def _choose(fn: Callable, eager: Callable, compiled: Callable, args: tuple):
         return forms[fastest]()
 
 
+def _timed_forms(forms: dict[str, Callable[[], object]]) -> dict[str, float]:
+    """Each form (a call of no arguments) timed (`timed`), with every kernel inside it in the form chosen for
+    it, and none chosen again: form -> ms."""
+    with choosing(False):
+        return {name: timed(lambda _, form=form: form(), repeat=7) for name, form in forms.items()}
+
+
 _FORM_KEYS = {EAGER: "eager", COMPILED: "compiled", ONE_THREAD: "eager_one_thread"}
 
 
-def _on_one_thread(fn: Callable, args: tuple):
+def on_one_thread(fn: Callable, args: tuple):
     """fn(*args) with torch's thread count set to one for the call: a small op then wakes none of the other
     threads. On the H100 machine a TEE op at 128 tokens took 184-248 µs on 16 threads (tenth round), where
     the 2-core VM's two take 76-273 µs. Setting the count twice took 0.16 µs on the VM. Compiled kernels keep
@@ -176,8 +182,7 @@ def pick(step: str, t: torch.Tensor, forms: dict[str, Callable[[], object]]) -> 
                 working[name] = form
             except RuntimeError as e:  # an op this torch or CPU lacks: the form is left out, with a warning
                 print(f"warning: {step}'s {name} form is left out: {_first_line(e)}", file=sys.stderr)
-        with choosing(False):  # a form's kernels run as chosen while it is timed
-            times = {name: timed(lambda _, form=form: form(), repeat=7) for name, form in working.items()}
+        times = _timed_forms(working)
         if times:
             picks[(step, tuple(t.shape), t.dtype)] = {**{f"{name}_ms": ms for name, ms in times.items()},
                                                       "runs": min(times, key=times.get)}

@@ -124,7 +124,7 @@ def time_engine(engine: SplitLlama, ids, mask, warmup: int, repeat: int) -> tupl
            "kernel_choices": kernels.chosen() if compile_ms and engine.choose_kernels else {},
            "attention": engine.attention_form, "attention_ms_per_layer": engine.attention_ms}
     if engine.cuda_graphs:
-        out["cuda_graphs_captured"] = engine.gpu.graphs.captured
+        out["cuda_graphs_captured"] = engine.cuda_graphs_captured
     out["categories_median_ms"] = {c: statistics.median(f["categories"][c] for f in timed)
                                    for c in timed[0]["categories"]}
     # per op kind too (which hop's copies, which scheme step), so that a GPU run says where time went
