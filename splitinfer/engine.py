@@ -170,8 +170,8 @@ class Answer:
 
 @dataclass
 class Protected:
-    """A linear's input that a fused hop has already protected: it crosses as it is."""
-    masked: torch.Tensor
+    """A linear's input (or a matmul's two operands) that a fused hop has already protected: it crosses as it is."""
+    masked: torch.Tensor | tuple[torch.Tensor, torch.Tensor]
     secret: object
 
 
@@ -209,8 +209,9 @@ class SplitLlama:
         each eager at the shapes where set-up measured that faster, unless not `choose_kernels`.
         `fuse_hops` makes a masked scheme's TEE work between two linears one call (`fused_hop`): recovering
         the answer, the residual add and RMSNorm or SiLU·up, and protecting the next linear's input, compiled
-        as one kernel. Three hops a layer, each one call where it made three; the call is timed as crypto, so
-        that category then holds those RMSNorms and SiLUs too.
+        as one kernel; and its work between the two attention matmuls (`softmax_hop`): recovering the scores,
+        their softmax and protecting P·V's operands. Four hops a layer, each one call where it made three; the
+        call is timed as crypto, so that category then holds those RMSNorms, SiLUs and softmaxes too.
         `cuda_graphs` replays each of the GPU's calls from a CUDA graph (`splitinfer.graphs`), captured in set-up
         (`warm_device`): one launch where a linear makes several host calls, and an attention matmul more. Only
         on CUDA (elsewhere it warns and does nothing), and off by default: no GPU run has measured it yet.
@@ -376,10 +377,13 @@ class SplitLlama:
         if not softmax_of:
             blocks.softmax(torch.zeros(blocks.shape, dtype=self.dtype), torch.zeros(batch, 1, n, n, dtype=self.dtype),
                            self.gpu_bound(blocks.shape))
+        # the softmax hop's, where fused: the blocks, a bias and an attention mask of the inference's shapes
+        attention = ((blocks, torch.zeros(batch, 1, n, n, dtype=self.dtype), torch.ones(batch, n, dtype=torch.long))
+                     if self.fuse_hops else None)
         self.scheme.warm_kernels(linears, self.matmul_operands(batch, n),
                                  {name: self.gpu.weights[name].shape[0] for name in linears}, self.dtype, softmax_of,
                                  self.hops_on_zeros(batch, n) if self.fuse_hops else (),
-                                 {"0.scores": blocks.scores, "0.attend": blocks.attend})
+                                 {"0.scores": blocks.scores, "0.attend": blocks.attend}, attention)
         if softmax_of:
             groups, long = self.n_kv_heads, torch.long
             softmax_in_order(torch.zeros(batch, self.n_heads, n, n, dtype=self.dtype),
@@ -555,20 +559,42 @@ class SplitLlama:
         result. Returns (what the op keeps: the residual sum, or None; the protected input). Timed as crypto
         under both steps' names and the op's, and counted as each of them."""
         bias = self.tee_biases.get(answer.weight)
-        recover, protect = self.scheme.steps[1], self.scheme.steps[0]
-        label = f"{recover}_{answer.kind}+{op}+{protect}_{linear_kind(weight)}"
-        with self.metrics.time("crypto", label):
-            kept, masked, secret = self.scheme.hop(answer.z, answer.secret, bias, fn, args, weight)
-        self.metrics.count(recover, f"cpu_{op}", protect, *(["cpu_bias"] if bias is not None else []))
+        kept, masked, secret = self.in_one_call(op, answer.kind, linear_kind(weight), self.scheme.hop, answer.z,
+                                                answer.secret, bias, fn, args, weight,
+                                                counts=["cpu_bias"] if bias is not None else [])
         return kept, Protected(masked, secret)
 
-    def matmul(self, a: torch.Tensor, b: torch.Tensor, name: str, layer: int, product: Product) -> torch.Tensor:
+    def softmax_hop(self, scores: Answer, v: torch.Tensor, name: str, blocks: CausalBlocks, bias: torch.Tensor,
+                    attention_mask: torch.Tensor) -> Protected:
+        """TEE, in one call (`Plain.softmax_hop`): the scores' recovery, their masked softmax, and the protect
+        step of P·V (matmul `name`) on the probabilities and v. Timed and counted as `fused_hop`'s are."""
+        a, b, secret = self.in_one_call("softmax", "matmul", "matmul", self.scheme.softmax_hop, scores.z,
+                                        scores.secret, v, name, blocks, bias, attention_mask)
+        return Protected((a, b), secret)
+
+    def in_one_call(self, op: str, before: str, after: str, fn: Callable, *args, counts: list[str] = ()):
+        """A fused hop's one TEE call fn(*args): timed as crypto under the recover step of op kind `before`, the
+        TEE op `op` and the protect step of kind `after`, and counted as each of them (and `counts`)."""
+        recover, protect = self.scheme.steps[1], self.scheme.steps[0]
+        with self.metrics.time("crypto", f"{recover}_{before}+{op}+{protect}_{after}"):
+            result = fn(*args)
+        self.metrics.count(recover, f"cpu_{op}", protect, *counts)
+        return result
+
+    def matmul(self, a: torch.Tensor | Protected, b: torch.Tensor | None, name: str, layer: int, product: Product,
+               defer: bool = False) -> torch.Tensor | Answer:
         """TEE -> GPU -> TEE: a @ b with both operands private, broadcast over GQA groups on the GPU, in the
-        form `product` gives (a CausalBlocks step)."""
-        a_masked, b_masked, secret = self.crypto(0, "matmul", self.scheme.protect_matmul, a, b, name)
+        form `product` gives (a CausalBlocks step); `a` may hold both operands protected already (a fused hop
+        made them; b is then not read). With `defer` and fused hops, the answer stays masked, for the hop after it."""
+        if isinstance(a, Protected):
+            (a_masked, b_masked), secret = a.masked, a.secret
+        else:
+            a_masked, b_masked, secret = self.crypto(0, "matmul", self.scheme.protect_matmul, a, b, name)
         a_gpu = self.link.to_gpu(a_masked, "matmul", layer)
         b_gpu = self.link.to_gpu(b_masked, "matmul", layer)
         c = self.link.to_tee(self.gpu.matmul(a_gpu, b_gpu, name, product), "matmul")
+        if defer and self.fuse_hops:
+            return Answer(c, secret, name, "matmul")
         return self.crypto(1, "matmul", self.scheme.recover_matmul, c, secret, product)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
@@ -716,10 +742,13 @@ class SplitLlama:
         qkv = self.linear(h, f"{i}.qkv", "linear_attn", i)
         q_and_k, v = self.heads(qkv)
         q, k = self.split_q_k(self.rotate(q_and_k, rope))
-        scores = self.matmul(q, k.transpose(-1, -2), f"{i}.scores", i, blocks.scores)
-        order = self.scheme.scores_order(f"{i}.scores")  # ours: rows and keys may stay in its masks' order
-        probs = (self.tee("softmax", blocks.softmax, scores, bias) if order is None else
-                 self.tee("softmax", softmax_in_order, scores, *order, attention_mask))
+        scores = self.matmul(q, k.transpose(-1, -2), f"{i}.scores", i, blocks.scores, defer=True)
+        if isinstance(scores, Answer):
+            probs = self.softmax_hop(scores, v, f"{i}.attend", blocks, bias, attention_mask)
+        else:
+            order = self.scheme.scores_order(f"{i}.scores")  # ours: rows and keys may stay in its masks' order
+            probs = (self.tee("softmax", blocks.softmax, scores, bias) if order is None else
+                     self.tee("softmax", softmax_in_order, scores, *order, attention_mask))
         out = self.matmul(probs, v, f"{i}.attend", i, blocks.attend)
         return self.linear(merge_heads(out), f"{i}.o", "linear_attn", i, defer=True)
 

@@ -100,6 +100,22 @@ def layer_steps(preset: str, n: int, dtype: torch.dtype, compiled: bool, repeat:
         return sum(timed(lambda z, hop=hop: (one_call if fused else separate)(z, *hop), outputs[hop[0]].clone, repeat)
                    for hop in hops)
 
+    # the hop between the two attention matmuls (`SplitLlama.softmax_hop`): the scores' answer recovered, its
+    # softmax, P·V's operands protected, as the unfused engine's three calls or as one
+    whole = CausalBlocks.of(1, heads, n, split=False)  # ours' scores are every n² entry
+
+    def softmax_hop(scheme, answer, secret, hop_blocks, fused: bool) -> float:
+        def separate(c):
+            scores = scheme.recover_matmul(c, secret, hop_blocks.scores)
+            order = scheme.scores_order("s")
+            probs = hop_blocks.softmax(scores, bias) if order is None else softmax_in_order(scores, *order, mask)
+            return scheme.protect_matmul(probs, v, "p")
+
+        def one_call(c):
+            return scheme.softmax_hop(c, secret, v, "p", hop_blocks, bias, mask)
+
+        return timed(one_call if fused else separate, answer.clone, repeat)
+
     return {
         "2 x RMSNorm with the residual add": 2 * timed(lambda _: norm.after(x, branch), repeat=repeat),
         "RoPE on q and k": timed(lambda _: apply_rope(q_and_k, cos, sin, rotated), repeat=repeat),
@@ -127,6 +143,10 @@ def layer_steps(preset: str, n: int, dtype: torch.dtype, compiled: bool, repeat:
         "ours: 3 hops, fused": three_hops(ours, secrets, fused=True),
         "otp: 3 hops, separate steps": three_hops(otp, otp_secrets, fused=False),
         "otp: 3 hops, fused": three_hops(otp, otp_secrets, fused=True),
+        "ours: softmax hop, separate steps": softmax_hop(ours, masked_scores, scores_secret, whole, fused=False),
+        "ours: softmax hop, fused": softmax_hop(ours, masked_scores, scores_secret, whole, fused=True),
+        "otp: softmax hop, separate steps": softmax_hop(otp, otp_scores, otp_scores_secret, blocks, fused=False),
+        "otp: softmax hop, fused": softmax_hop(otp, otp_scores, otp_scores_secret, blocks, fused=True),
     }
 
 

@@ -148,10 +148,17 @@ def softmax_in_order(scores: torch.Tensor, rows: torch.Tensor, keys: torch.Tenso
     hides both (a second broadcast mask made the compiled kernel 4x slower on the 2-core VM). The mask
     is written into the scores in place."""
     batch, groups = keys.shape[:2]
-    real = torch.gather(attention_mask.bool()[:, None, :].expand(batch, groups, -1), -1, keys)
     _hide_later_keys(scores.view(batch, groups, -1, *scores.shape[-2:]), rows.int(),
-                     torch.where(real, keys, scores.shape[-1]).int())
+                     key_positions(keys, attention_mask).int())
     return torch.softmax(scores, dim=-1)
+
+
+def key_positions(keys: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Each key's position in `softmax_in_order`'s comparison, for keys [B, G, m] reordered: its own, or past
+    every query's (m) where it is padding."""
+    batch, groups, m = keys.shape
+    real = torch.gather(attention_mask.bool()[:, None, :].expand(batch, groups, -1), -1, keys)
+    return torch.where(real, keys, m)
 
 
 @tee_kernel

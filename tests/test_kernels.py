@@ -144,8 +144,8 @@ def test_kernel_bench_times_each_step_both_ways(tmp_path, capsys):
                               "--round-trip-device", "cpu", "--out", str(out)]) == 0
     results = json.loads(out.read_text())
     steps = results["lengths"]["4"]
-    assert set(steps["eager"]) == set(steps["compiled"]) and len(steps["eager"]) == 17
-    assert "ours: 3 hops, fused" in steps["compiled"] and "otp: 3 hops, separate steps" in steps["compiled"]
+    assert set(steps["eager"]) == set(steps["compiled"]) and len(steps["eager"]) == 21
+    assert {"ours: 3 hops, fused", "otp: 3 hops, separate steps", "ours: softmax hop, fused"} <= set(steps["compiled"])
     assert set(results["fixed_costs"]) == {"1", "2"} and all(len(row) == 13 and min(row.values()) > 0
                                                              for row in results["fixed_costs"].values())
     assert "RMSNorm with the residual add, 128 tokens, compiled, straight after a round trip to cpu" in \
@@ -404,9 +404,10 @@ def test_otp_pads_a_matmul_operand_exactly_compiled_or_not(dtype):
 
 @pytest.mark.parametrize("scheme", ["matrix", "otp"])
 def test_fused_hops_compile_to_one_call_each(tiny_models, scheme, monkeypatch):
-    """Compiled, each fused hop is one kernel (`kernels.fused`), built and timed in set-up against its chain of
-    kernels, whose own forms were chosen first (no choice runs inside another's timing); the inference builds
-    nothing, gives the separate steps' answer, and calls fewer ops on the host."""
+    """Compiled, each fused hop between linears is one kernel (`kernels.fused`; ours' softmax hop unscales and
+    hides keys in one, `schemes._unscale_hide`), built and timed in set-up against its chain of kernels, whose
+    own forms were chosen first (no choice runs inside another's timing); the inference builds nothing, gives
+    the separate steps' answer, and calls fewer ops on the host."""
     from splitinfer import perf
     model = load_model(tiny_models["biases"], torch.float32, CPU)
     ids, mask = build_batch(model.tokenizer, ["Three hops a layer, one call each."], 10, 2, ragged=True)
@@ -434,7 +435,9 @@ def test_fused_hops_compile_to_one_call_each(tiny_models, scheme, monkeypatch):
         engine.warm_kernels(*ids.shape)
         host_ops[fuse], compiled_calls[fuse] = perf.profile_engine(engine, ids, mask, scheme)[1:]
     body = "unmix_op_mix" if scheme == "matrix" else "add_op_pad"
-    assert {f"{body}_sum_and_norm", f"{body}_gated"} <= {key.split(" ")[0] for key in kernels.chosen()}
+    softmax_hop = {"_unscale_hide"} if scheme == "matrix" else set()  # otp's: its steps, in one call
+    assert {f"{body}_sum_and_norm", f"{body}_gated", *softmax_hop} <= {key.split(" ")[0] for key in kernels.chosen()}
+    assert not softmax_hop & set(kernels.failed)
     assert deepest[0] == 1
     torch.testing.assert_close(runs[True], runs[False], atol=1e-5, rtol=1e-5)
     # per layer, two calls fewer in each of the three hops, and the bias adds folded in

@@ -213,3 +213,42 @@ def test_scores_kept_in_mask_order(heads, groups, compiled):
             torch.testing.assert_close(sent[b, g, r], want, rtol=1e-5, atol=1e-6)
     finally:
         kernels.select(False)
+
+
+@pytest.mark.parametrize("scheme_cls", [Matrix, Otp])
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "padded"])
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_softmax_hop_is_the_steps(scheme_cls, padded, compiled):
+    """The fused softmax hop (`softmax_hop`: recover the scores, their masked softmax, protect P·V's operands)
+    sends the GPU the very operands the three steps would, and keeps the same secret: ours with the scores in its
+    masks' order (its unscaling and key hiding one kernel, positions made offline where nothing is padded), otp
+    in its causal blocks."""
+    from splitinfer import kernels
+    from splitinfer.tee_ops import CausalBlocks, attention_bias, softmax_in_order
+    kernels.select(compiled)
+    try:
+        heads, groups, n, k = 4, 2, 9, 5
+        attention_mask = torch.tensor([[1] * n, [1] * 6 + [0] * 3] if padded else [[1] * n] * 2)
+        bias = attention_bias(attention_mask, torch.float32)
+        blocks = CausalBlocks.of(2, heads, n, split=scheme_cls.causal_blocks, padded=padded, rows=4)
+        q, k_t, v = torch.randn(2, heads, n, k), torch.randn(2, groups, k, n), torch.randn(2, groups, n, k)
+        sent = []
+        for fused in (False, True):
+            scheme = scheme_cls(seed=3)
+            scheme.prepare({}, {"s": (q.shape, k_t.shape), "p": (blocks.shape, v.shape)},
+                           softmax_of={"p": "s"} if compiled else None)
+            a_masked, b_masked, secret = scheme.protect_matmul(q, k_t, "s")
+            c = blocks.scores(a_masked, b_masked)
+            if fused:
+                sent.append(scheme.softmax_hop(c, secret, v, "p", blocks, bias, attention_mask))
+                continue
+            scores = scheme.recover_matmul(c, secret, blocks.scores)
+            order = scheme.scores_order("s")
+            probs = blocks.softmax(scores, bias) if order is None else softmax_in_order(scores, *order, attention_mask)
+            sent.append(scheme.protect_matmul(probs, v, "p"))
+        (a, b, secret), (fused_a, fused_b, fused_secret) = sent
+        assert torch.equal(a, fused_a) and torch.equal(b, fused_b)
+        if scheme_cls is Otp:  # the probabilities and pads that recovery takes
+            assert all(torch.equal(x, y) for x, y in zip(secret, fused_secret))
+    finally:
+        kernels.select(False)
