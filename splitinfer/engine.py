@@ -385,10 +385,10 @@ class SplitLlama:
                                  self.hops_on_zeros(batch, n) if self.fuse_hops else (),
                                  {"0.scores": blocks.scores, "0.attend": blocks.attend}, attention)
         if softmax_of:
-            groups, long = self.n_kv_heads, torch.long
+            groups, positions = self.n_kv_heads, torch.int32
             softmax_in_order(torch.zeros(batch, self.n_heads, n, n, dtype=self.dtype),
-                             torch.zeros(batch, groups, self.n_heads // groups, n, dtype=long),
-                             torch.zeros(batch, groups, n, dtype=long), torch.ones(batch, n, dtype=long))
+                             torch.zeros(batch, groups, self.n_heads // groups, n, dtype=positions),
+                             torch.zeros(batch, groups, n, dtype=positions), torch.ones(batch, n, dtype=torch.long))
 
     def hops_on_zeros(self, batch: int, n: int) -> tuple:
         """The three fused hops of a layer, as `Plain.warm_kernels` takes them: (the linear before, its bias, the
@@ -748,7 +748,7 @@ class SplitLlama:
         else:
             order = self.scheme.scores_order(f"{i}.scores")  # ours: rows and keys may stay in its masks' order
             probs = (self.tee("softmax", blocks.softmax, scores, bias) if order is None else
-                     self.tee("softmax", softmax_in_order, scores, *order, attention_mask))
+                     self.tee("softmax", softmax_in_order, scores, *order, attention_mask, blocks.padded))
         out = self.matmul(probs, v, f"{i}.attend", i, blocks.attend)
         return self.linear(merge_heads(out), f"{i}.o", "linear_attn", i, defer=True)
 

@@ -65,7 +65,7 @@ def layer_steps(preset: str, n: int, dtype: torch.dtype, compiled: bool, repeat:
     order = ours.scores_order("s")
 
     def softmax(s: torch.Tensor) -> torch.Tensor:
-        return masked_softmax(s, bias) if order is None else softmax_in_order(s, *order, mask)
+        return masked_softmax(s, bias) if order is None else softmax_in_order(s, *order, mask, False)
 
     probs = softmax(scores.clone())
     a, b, attend_secret = ours.protect_matmul(probs, v, "p")
@@ -102,13 +102,14 @@ def layer_steps(preset: str, n: int, dtype: torch.dtype, compiled: bool, repeat:
 
     # the hop between the two attention matmuls (`SplitLlama.softmax_hop`): the scores' answer recovered, its
     # softmax, P·V's operands protected, as the unfused engine's three calls or as one
-    whole = CausalBlocks.of(1, heads, n, split=False)  # ours' scores are every n² entry
+    whole = CausalBlocks.of(1, heads, n, split=False, padded=False)  # ours' scores are every n² entry
 
     def softmax_hop(scheme, answer, secret, hop_blocks, fused: bool) -> float:
         def separate(c):
             scores = scheme.recover_matmul(c, secret, hop_blocks.scores)
             order = scheme.scores_order("s")
-            probs = hop_blocks.softmax(scores, bias) if order is None else softmax_in_order(scores, *order, mask)
+            probs = (hop_blocks.softmax(scores, bias) if order is None else
+                     softmax_in_order(scores, *order, mask, hop_blocks.padded))
             return scheme.protect_matmul(probs, v, "p")
 
         def one_call(c):

@@ -235,7 +235,8 @@ class Matrix(Plain):
         second's own fresh P₁', P₂', and B (v) is masked as before."""
         second["a_rows"] = _row_index(torch.gather(first["p1_inverse"], -1, second["p1"]))
         second["cols_a"] = _col_index(torch.gather(first["p3_inverse"], -1, second["p2"]), second["cols_a"].shape)
-        # the positions the causal mask compares in that order, as `_unscale_hide` takes them
+        # that order as the positions the causal mask compares (`scores_order`: int32, as `_hide_later_keys` and
+        # `_unscale_hide` take them)
         first["rows_at"], first["keys_at"] = first["p1"].int(), first["p3"].int()
         # the gathers they were for are gone
         del first["rows_p1_inverse"], first["cols_c"], second["rows_p1"]
@@ -300,7 +301,7 @@ class Matrix(Plain):
 
     def scores_order(self, name):
         m = self.matmul_masks[name]
-        return (m["p1"], m["p3"]) if name in self.kept_order else None
+        return (m["rows_at"], m["keys_at"]) if name in self.kept_order else None
 
     def protect_matmul(self, a, b, name):
         m = self.matmul_masks[name]
@@ -315,13 +316,13 @@ class Matrix(Plain):
 
     def softmax_hop(self, c, secret, v, name, blocks, bias, attention_mask):
         """Where the scores stay in their masks' order (`_chain`), the steps with one pass fewer over the n²
-        scores: unscaled with their later and padding keys hidden in one kernel (`_unscale_hide`), at positions
-        made offline where the prompt has no padding; then the softmax and protect_matmul. Else the steps."""
+        scores: unscaled with their later and padding keys hidden in one kernel (`_unscale_hide`); then the
+        softmax and protect_matmul. Else the steps."""
         m, groups, keep_order = secret
         if not keep_order:
             return super().softmax_hop(c, secret, v, name, blocks, bias, attention_mask)
         batch, heads, n, keys = c.shape
-        keys_at = key_positions(m["p3"], attention_mask).int() if blocks.padded else m["keys_at"]
+        keys_at = key_positions(m["keys_at"], attention_mask) if blocks.padded else m["keys_at"]
         scores = _unscale_hide(c.view(batch, groups, heads // groups, n, keys), m["d1"], m["d3"], m["rows_at"], keys_at)
         return self.protect_matmul(torch.softmax(scores, dim=-1).view(c.shape), v, name)
 

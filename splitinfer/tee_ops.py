@@ -138,26 +138,26 @@ def masked_softmax(scores: torch.Tensor, bias: torch.Tensor, out: torch.Tensor |
     return torch.softmax(torch.add(scores, bias), dim=-1, out=out)
 
 
-def softmax_in_order(scores: torch.Tensor, rows: torch.Tensor, keys: torch.Tensor, attention_mask: torch.Tensor
-                     ) -> torch.Tensor:
+def softmax_in_order(scores: torch.Tensor, rows: torch.Tensor, keys: torch.Tensor, attention_mask: torch.Tensor,
+                     padded: bool = True) -> torch.Tensor:
     """masked_softmax of [B, H, n, m] scores whose rows and keys come reordered, as ours' masks leave them
-    (`schemes.Plain.scores_order`): row i is query rows[..., i] and column j key keys[..., j], for rows
-    [B, G, H/G, n] and keys [B, G, m]. The softmax is per row, so the order changes only which entries
-    the causal and padding mask hides: key keys[j] is visible to query rows[i] where keys[j] <= rows[i]
-    and it is a real token. A padding key gets a position after every query's, so that one comparison
-    hides both (a second broadcast mask made the compiled kernel 4x slower on the 2-core VM). The mask
-    is written into the scores in place."""
+    (`schemes.Plain.scores_order`): row i is query rows[..., i] and column j key keys[..., j], for int32
+    positions rows [B, G, H/G, n] and keys [B, G, m]. The softmax is per row, so the order changes only which
+    entries the causal and padding mask hides: key keys[j] is visible to query rows[i] where keys[j] <= rows[i]
+    and it is a real token. A padding key gets a position after every query's (`key_positions`; only where
+    the batch is `padded`), so that one comparison hides both (a second broadcast mask made the compiled kernel
+    4x slower on the 2-core VM). The mask is written into the scores in place."""
     batch, groups = keys.shape[:2]
-    _hide_later_keys(scores.view(batch, groups, -1, *scores.shape[-2:]), rows.int(),
-                     key_positions(keys, attention_mask).int())
+    _hide_later_keys(scores.view(batch, groups, -1, *scores.shape[-2:]), rows,
+                     key_positions(keys, attention_mask) if padded else keys)
     return torch.softmax(scores, dim=-1)
 
 
 def key_positions(keys: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Each key's position in `softmax_in_order`'s comparison, for keys [B, G, m] reordered: its own, or past
-    every query's (m) where it is padding."""
+    """Each key's position in `softmax_in_order`'s comparison, for key positions [B, G, m] reordered (int32):
+    its own, or past every query's (m) where it is padding."""
     batch, groups, m = keys.shape
-    real = torch.gather(attention_mask.bool()[:, None, :].expand(batch, groups, -1), -1, keys)
+    real = torch.gather(attention_mask.bool()[:, None, :].expand(batch, groups, -1), -1, keys.long())
     return torch.where(real, keys, m)
 
 
