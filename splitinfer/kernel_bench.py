@@ -33,7 +33,7 @@ from splitinfer.perf import parse_counts
 from splitinfer.results import environment_block, write_json
 from splitinfer.schemes import CROSS_FORMS, FLOAT32, INTEGER_DTYPES, Matrix, Otp
 from splitinfer.tee_ops import (CausalBlocks, RmsNorm, apply_rope, attention_bias, grouped_matmul, masked_softmax,
-                                rms_norm, silu_gate, softmax_in_order)
+                                residual_rms_norm, rms_norm, silu_gate, softmax_in_order)
 
 
 def layer_steps(preset: str, n: int, dtype: torch.dtype, compiled: bool, repeat: int) -> dict[str, float]:
@@ -160,8 +160,10 @@ def fixed_costs(d: int, dtype: torch.dtype, threads: list[int], repeat: int, hop
     torch thread count: what a TEE op costs beyond its arithmetic on this CPU, and whether fewer threads
     cut it. The RMSNorm is also timed straight after the call before, and after 2 and 30 ms idle: OpenMP's
     threads spin a while after a parallel region, then sleep, and waking them is a cost of its own (on the
-    H100 machine a TEE op cost 100-170 µs at 128 tokens, against about 40 on the 2-core VM). With `hop`, also
-    straight after a round trip to that device, as the engine's TEE ops come (`round_trip`)."""
+    H100 machine a TEE op cost 100-170 µs at 128 tokens, against about 40 on the 2-core VM). With more than
+    one thread, the RMSNorm's kernel is also timed built with one (inductor's cpp.threads: fused, and waking
+    no thread), whatever the count. With `hop`, also straight after a round trip to that device, as the
+    engine's TEE ops come (`round_trip`)."""
     tiny, x, branch = torch.randn(8).to(dtype), torch.randn(1, 128, d).to(dtype), torch.randn(1, 128, d).to(dtype)
     norm = RmsNorm.of(torch.rand(d).to(dtype) + 0.5, 1e-5)
     scaled, eps_d, out = norm.scaled[:8], norm.eps_d, torch.empty(8, dtype=dtype)
@@ -180,6 +182,12 @@ def fixed_costs(d: int, dtype: torch.dtype, threads: list[int], repeat: int, hop
                 for label, wait_s, before in waits:
                     row[f"RMSNorm with the residual add, 128 tokens, {mode}{label}"] = timed(
                         lambda _: norm.after(x, branch), before or (lambda: None), repeat=repeat, wait_s=wait_s)
+            if count > 1 and kernels.select(True) == kernels.COMPILED:
+                on_one = torch.compile(residual_rms_norm.__wrapped__, dynamic=False, options={"cpp.threads": 1})
+                for label, wait_s, before in waits:
+                    row[f"RMSNorm with the residual add, 128 tokens, compiled on one thread{label}"] = timed(
+                        lambda _: on_one(x, branch, norm.scaled, norm.eps_d, torch.empty_like(x)),
+                        before or (lambda: None), repeat=repeat, wait_s=wait_s)
             row["an eager add of 8 values"] = timed(lambda _: torch.add(tiny, tiny, out=out), repeat=repeat)
     finally:
         torch.set_num_threads(default)
