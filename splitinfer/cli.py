@@ -109,8 +109,9 @@ def build_parser(config, scheme: str, prog: str) -> argparse.ArgumentParser:
         p.add_argument("--fuse-hops", action="store_true", default=getattr(config, "FUSE_HOPS", False),
                        help="make the TEE's work between two linears one call: recovering the answer, the residual "
                             "add and RMSNorm (or SiLU·up), and protecting the next input, compiled as one kernel "
-                            "(three such hops a layer). The JSON then times those RMSNorms and SiLUs as crypto "
-                            "(timing.fused_hops_ms)")
+                            "(three such hops a layer); and between the attention matmuls: recovering the scores, "
+                            "their softmax and protecting P·V's operands. The JSON then times those RMSNorms, "
+                            "SiLUs and softmaxes as crypto (timing.fused_hops_ms)")
     if scheme == "matrix":
         p.add_argument("--mask-rank", type=int, default=config.MASK_RANK,
                        help="rank k of the token-mixing part of M = D + ABᵀ (1: the original D + αβᵀ); "
