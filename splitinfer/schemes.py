@@ -20,7 +20,7 @@ import torch
 
 from splitinfer import kernels
 from splitinfer.kernels import fused, tee_kernel
-from splitinfer.tee_ops import BLOCKED, CausalBlocks, grouped_matmul, key_positions
+from splitinfer.tee_ops import CausalBlocks, _hide_later_keys, grouped_matmul, key_positions
 
 MaskShapes = dict[str, tuple[int, ...]]
 MatmulShapes = dict[str, tuple[tuple[int, ...], tuple[int, ...]]]
@@ -389,9 +389,10 @@ class Otp(Plain):
                 secret, c = self.protect_matmul(a, b, name)[2], torch.zeros(blocks.shape, dtype=dtype)
                 kernels.pick(SCORES_CROSS, a, {form: lambda f=f: f(*secret, c, blocks.scores)
                                                for form, f in CROSS_FORMS.items()})
-        self.matmul_pads = {name: tuple(torch.zeros(t.shape, dtype=dtype) for t in pair)
-                            for name, pair in matmuls.items()}
-        self._warm_softmax_hop(matmuls, attention)
+        if attention is not None:
+            self.matmul_pads = {name: tuple(torch.zeros(t.shape, dtype=dtype) for t in pair)
+                                for name, pair in matmuls.items()}
+            self._warm_softmax_hop(matmuls, attention)
         self.matmul_pads = {}
         self.linear_pads = {name: (torch.zeros(linears[name], dtype=dtype),
                                    torch.zeros(*linears[name][:-1], outputs[name], dtype=dtype))
@@ -654,12 +655,12 @@ def _unscale_rows_cols(x5: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor)
 @tee_kernel
 def _unscale_hide(c5: torch.Tensor, d1: torch.Tensor, d3: torch.Tensor, rows: torch.Tensor, keys: torch.Tensor
                   ) -> torch.Tensor:
-    """`_unscale_rows_cols` and `tee_ops._hide_later_keys` in one pass, in place: ours' scores kept in their
-    masks' order, unscaled, BLOCKED wherever key position keys[j] > query position rows[i] (int32). The same
-    values as the two kernels (2-core VM, 32 heads in float16, compiled, then the softmax and P·V's protect:
-    the softmax hop 0.37-0.38 ms at 128 tokens against 0.43-0.47 for the steps, 6.9 against 7.3-7.4 at 512)."""
-    later = keys[:, :, None, None, :] > rows[..., None]
-    return c5.div_(d1[..., None]).div_(d3[:, :, None, None, :]).masked_fill_(later, BLOCKED)
+    """`_unscale_rows_cols`, then `tee_ops._hide_later_keys`, as one kernel: ours' scores kept in their masks'
+    order unscaled in place, and BLOCKED wherever key position keys[j] > query position rows[i] (int32); one
+    pass where the two make two, the same values. 2-core VM, 1B shape, float16, compiled, with the softmax
+    and P·V's protect after it: 0.35-0.39 ms at 128 tokens against 0.38-0.47 for the two kernels, 6.3-7.0
+    against 6.3-7.4 at 512 (`kernel_bench`'s softmax hop, and alone)."""
+    return _hide_later_keys.eager(_unscale_rows_cols.eager(c5, d1, d3), rows, keys)
 
 
 def _row_index(perm: torch.Tensor) -> torch.Tensor:
