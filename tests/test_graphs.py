@@ -103,21 +103,24 @@ def test_the_engine_warns_and_runs_without_cuda(tiny_models, capsys):
     assert not engine.cuda_graphs and "CUDA graphs need a CUDA device" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("scheme,variant", [("plain", "gqa-tied"), ("matrix", "gqa-tied"), ("otp", "biases"),
-                                            ("plain", "gqa-head-dim")])
-def test_graphed_calls_give_the_same_inference(tiny_models, scheme, variant, monkeypatch):
+@pytest.mark.parametrize("scheme,variant,fuse", [("plain", "gqa-tied", False), ("matrix", "gqa-tied", False),
+                                                 ("otp", "biases", False), ("plain", "gqa-head-dim", False),
+                                                 ("matrix", "gqa-tied", True), ("otp", "biases", True)],
+                         ids=["plain", "matrix", "otp", "plain-head-dim", "matrix-fused-hops", "otp-fused-hops"])
+def test_graphed_calls_give_the_same_inference(tiny_models, scheme, variant, fuse, monkeypatch):
     """With every GPU call replayed from a graph, captured in set-up by one inference: the next inferences capture
     nothing, replay every graph, cross the same bytes in the same calls, count the same ops, and give the logits
     of the engine without graphs bit for bit (its masks drawn after as many as set-up's inference drew). Every
     copy to the GPU lands where its graph reads it, and the plain split's o projection reads P·V's graph's
     output, its heads merged there, so no input is copied again on the GPU. The scores are two causal blocks
-    (4-row blocks), a padded batch of 2."""
+    (4-row blocks), a padded batch of 2. With fused hops too, whose protected operands land as the steps' do."""
     monkeypatch.setattr(tee_ops, "ROWS", 4)
     model = load_model(tiny_models[variant], torch.float32, CPU)
     ids, mask = build_batch(model.tokenizer, PROMPTS, 8, 2, ragged=True)
     runs = {}
     for graphed in (False, True):
-        engine = SplitLlama(model.config, model.state_dict, make_scheme(scheme, seed=3), CPU, torch.float32)
+        engine = SplitLlama(model.config, model.state_dict, make_scheme(scheme, seed=3), CPU, torch.float32,
+                            fuse_hops=fuse)
         if graphed:
             engine.use_graphs(eager_graphs())
         engine.warm_device(*ids.shape)
