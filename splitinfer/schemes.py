@@ -438,14 +438,24 @@ def _float32_cross(a: torch.Tensor, pad_a: torch.Tensor, pad_b: torch.Tensor, ma
     gives, added to c in float32 and rounded once (VM, 4.7 M scores: 0.78 ms against 1.22 for a float16 `out=`)."""
     if a.dim() == 4:  # the product keeps the inner dimension whole: both terms as one product,
         # [A | R₁] [R₂ ; B − R₂], which writes the answer once (VM, 1B shape, 512 tokens: 11.5 ms, not 13.2)
-        k, f32 = a.shape[-1], torch.float32
-        left = torch.cat([a, pad_a], dim=-1, out=a.new_empty((*a.shape[:-1], 2 * k), dtype=f32))
-        right = torch.cat([pad_b, masked_b], dim=-2,
-                          out=a.new_empty((*pad_b.shape[:-2], 2 * k, pad_b.shape[-1]), dtype=f32))
-        cross = product(left, right)
-    else:  # packed probabilities: each block sees its own keys, so the two terms stay apart
-        cross = product(a.float(), pad_b.float()).add_(product(pad_a.float(), masked_b.float()))
+        cross = product(*_side_by_side(a, pad_a, pad_b, masked_b, a.shape[-1]))
+    else:  # packed probabilities: the same, a row block at a time, against the keys that block sees (VM, 1B
+        # shape, 512 tokens: 10.6 ms against 11.8 for the two terms apart)
+        blocks = product.__self__
+        cross = torch.cat([grouped_matmul(*_side_by_side(block, pad_block, pad_b[..., :end, :],
+                                                         masked_b[..., :end, :], end))
+                           for (_, end), block, pad_block in zip(blocks.spans, blocks.views(a), blocks.views(pad_a))],
+                          dim=-2)
     return cross.add_(c).to(c.dtype)
+
+
+def _side_by_side(a: torch.Tensor, pad_a: torch.Tensor, pad_b: torch.Tensor, masked_b: torch.Tensor, k: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """[A | R₁] and [R₂ ; B − R₂] in float32, for a product over an inner dimension of k each."""
+    f32 = torch.float32
+    left = torch.cat([a, pad_a], dim=-1, out=a.new_empty((*a.shape[:-1], 2 * k), dtype=f32))
+    right = torch.cat([pad_b, masked_b], dim=-2, out=a.new_empty((*pad_b.shape[:-2], 2 * k, pad_b.shape[-1]), dtype=f32))
+    return left, right
 
 
 # otp's scores' cross terms may be integer products (`_integer_scores`): each entry of [A | R₁] becomes two int8
