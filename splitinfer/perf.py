@@ -150,12 +150,16 @@ def variants(overlap: bool, ablations: bool, thread_sweep: str | None, kernel_va
     ones at every shape (`kernel_variants`: what compiling buys, and what set-up's per-shape choice of
     eager or compiled buys); ours and otp with fused hops (`fused_hops`: with compiled kernels, where a hop
     can become one call); each runner with its GPU calls replayed from CUDA graphs (`cuda_graphs`: on CUDA,
-    first among the variants: untried on a GPU so far); and each runner at each thread count of the sweep."""
+    first among the variants: untried on a GPU so far), and ours and otp with both; and each runner at each
+    thread count of the sweep."""
     out = [(method, scheme, {}, None) for method, scheme in RUNNERS.items()]
     if cuda_graphs:
         out += [(f"{method}_cuda_graphs", scheme, {"cuda_graphs": True}, None) for method, scheme in RUNNERS.items()]
     if fused_hops:
         out += [(f"{method}_fused_hops", RUNNERS[method], {"fuse_hops": True}, None) for method in ("ours", "otp")]
+    if fused_hops and cuda_graphs:  # both, as the masked runners' defaults on CUDA would have them if both pay
+        out += [(f"{method}_fused_hops_cuda_graphs", RUNNERS[method], {"fuse_hops": True, "cuda_graphs": True}, None)
+                for method in ("ours", "otp")]
     if overlap:
         out.append(("optimized_overlap", "plain", {"overlap": True}, None))
     if ablations:
@@ -392,6 +396,11 @@ def ratios(row: dict) -> dict:
     for method, ratio in (("ours", "ours_over_plain_cuda_graphs"), ("otp", "otp_online_over_plain_cuda_graphs")):
         if {f"{method}_cuda_graphs", "optimized_cuda_graphs"} <= set(row):
             out[ratio] = row[f"{method}_cuda_graphs"]["median_ms"] / row["optimized_cuda_graphs"]["median_ms"]
+    for method, ratio in (("ours", "ours_fused_hops_over_plain_cuda_graphs"),
+                          ("otp", "otp_fused_hops_online_over_plain_cuda_graphs")):
+        if {f"{method}_fused_hops_cuda_graphs", "optimized_cuda_graphs"} <= set(row):
+            out[ratio] = (row[f"{method}_fused_hops_cuda_graphs"]["median_ms"]
+                          / row["optimized_cuda_graphs"]["median_ms"])
     if "ours_resident_embedding" in row:
         out["ours_streamed_over_resident_embedding"] = row["ours"]["median_ms"] / row["ours_resident_embedding"]["median_ms"]
     return out

@@ -137,8 +137,12 @@ def test_perf_counts_and_variants():
     assert [v[0] for v in perf.variants(overlap=False, ablations=False, thread_sweep=None)] == ["optimized", "ours", "otp"]
     graphed = perf.variants(overlap=False, ablations=False, thread_sweep=None, fused_hops=True, cuda_graphs=True)
     assert [v[0] for v in graphed] == ["optimized", "ours", "otp", "optimized_cuda_graphs", "ours_cuda_graphs",
-                                       "otp_cuda_graphs", "ours_fused_hops", "otp_fused_hops"]
+                                       "otp_cuda_graphs", "ours_fused_hops", "otp_fused_hops",
+                                       "ours_fused_hops_cuda_graphs", "otp_fused_hops_cuda_graphs"]
     assert all(v[2] == {"cuda_graphs": True} for v in graphed[3:6])
+    assert all(v[2] == {"fuse_hops": True, "cuda_graphs": True} for v in graphed[8:])
+    hops_only = perf.variants(overlap=False, ablations=False, thread_sweep=None, fused_hops=True)
+    assert [v[0] for v in hops_only] == ["optimized", "ours", "otp", "ours_fused_hops", "otp_fused_hops"]
 
 
 def test_perf_ratios_with_cuda_graphs():
@@ -150,9 +154,12 @@ def test_perf_ratios_with_cuda_graphs():
     assert out["optimized_cuda_graphs_over_optimized"] == 0.5 and out["otp_cuda_graphs_over_otp"] == 0.6
     assert out["ours_over_plain_cuda_graphs"] == 2.5 and out["otp_online_over_plain_cuda_graphs"] == 3.0
     assert "optimized_cuda_graphs_over_optimized" not in perf.ratios({m: r for m, r in row.items() if "graphs" not in m})
+    row["ours_fused_hops_cuda_graphs"] = {"median_ms": 30.0, "first_ms": 30.0}  # both on
+    assert perf.ratios(row)["ours_fused_hops_over_plain_cuda_graphs"] == 1.5
     row["optimized_cuda_graphs"] = {"error": "a capture failed"}  # the plain split's graphs failed, ours' ran
     out = perf.ratios(row)
     assert out["ours_cuda_graphs_over_ours"] == 50 / 80 and "ours_over_plain_cuda_graphs" not in out
+    assert "ours_fused_hops_over_plain_cuda_graphs" not in out
 
 
 def test_one_line_errors(capsys):
