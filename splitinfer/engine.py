@@ -561,7 +561,7 @@ class SplitLlama:
         bias = self.tee_biases.get(answer.weight)
         kept, masked, secret = self.in_one_call(op, answer.kind, linear_kind(weight), self.scheme.hop, answer.z,
                                                 answer.secret, bias, fn, args, weight,
-                                                counts=["cpu_bias"] if bias is not None else [])
+                                                counts=("cpu_bias",) if bias is not None else ())
         return kept, Protected(masked, secret)
 
     def softmax_hop(self, scores: Answer, v: torch.Tensor, name: str, blocks: CausalBlocks, bias: torch.Tensor,
@@ -572,7 +572,7 @@ class SplitLlama:
                                         scores.secret, v, name, blocks, bias, attention_mask)
         return Protected((a, b), secret)
 
-    def in_one_call(self, op: str, before: str, after: str, fn: Callable, *args, counts: list[str] = ()):
+    def in_one_call(self, op: str, before: str, after: str, fn: Callable, *args, counts: tuple[str, ...] = ()):
         """A fused hop's one TEE call fn(*args): timed as crypto under the recover step of op kind `before`, the
         TEE op `op` and the protect step of kind `after`, and counted as each of them (and `counts`)."""
         recover, protect = self.scheme.steps[1], self.scheme.steps[0]
