@@ -393,14 +393,12 @@ def ratios(row: dict) -> dict:
     for method in RUNNERS:  # what replaying the GPU's calls buys, and the targets' ratios with them
         if f"{method}_cuda_graphs" in row:
             out[f"{method}_cuda_graphs_over_{method}"] = row[f"{method}_cuda_graphs"]["median_ms"] / row[method]["median_ms"]
-    for method, ratio in (("ours", "ours_over_plain_cuda_graphs"), ("otp", "otp_online_over_plain_cuda_graphs")):
-        if {f"{method}_cuda_graphs", "optimized_cuda_graphs"} <= set(row):
-            out[ratio] = row[f"{method}_cuda_graphs"]["median_ms"] / row["optimized_cuda_graphs"]["median_ms"]
-    for method, ratio in (("ours", "ours_fused_hops_over_plain_cuda_graphs"),
-                          ("otp", "otp_fused_hops_online_over_plain_cuda_graphs")):
-        if {f"{method}_fused_hops_cuda_graphs", "optimized_cuda_graphs"} <= set(row):
-            out[ratio] = (row[f"{method}_fused_hops_cuda_graphs"]["median_ms"]
-                          / row["optimized_cuda_graphs"]["median_ms"])
+    for variant, ratio in (("ours_cuda_graphs", "ours_over_plain_cuda_graphs"),
+                           ("otp_cuda_graphs", "otp_online_over_plain_cuda_graphs"),
+                           ("ours_fused_hops_cuda_graphs", "ours_fused_hops_over_plain_cuda_graphs"),
+                           ("otp_fused_hops_cuda_graphs", "otp_fused_hops_online_over_plain_cuda_graphs")):
+        if {variant, "optimized_cuda_graphs"} <= set(row):
+            out[ratio] = row[variant]["median_ms"] / row["optimized_cuda_graphs"]["median_ms"]
     if "ours_resident_embedding" in row:
         out["ours_streamed_over_resident_embedding"] = row["ours"]["median_ms"] / row["ours_resident_embedding"]["median_ms"]
     return out

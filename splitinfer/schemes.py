@@ -322,8 +322,8 @@ class Matrix(Plain):
         if not keep_order:
             return super().softmax_hop(c, secret, v, name, blocks, bias, attention_mask)
         batch, heads, n, keys = c.shape
-        keys_at = key_positions(m["keys_at"], attention_mask) if blocks.padded else m["keys_at"]
-        scores = _unscale_hide(c.view(batch, groups, heads // groups, n, keys), m["d1"], m["d3"], m["rows_at"], keys_at)
+        scores = _unscale_hide(c.view(batch, groups, heads // groups, n, keys), m["d1"], m["d3"], m["rows_at"],
+                               key_positions(m["keys_at"], attention_mask, blocks.padded))
         return self.protect_matmul(torch.softmax(scores, dim=-1).view(c.shape), v, name)
 
     def recover_matmul(self, c, secret, product=grouped_matmul):

@@ -149,13 +149,15 @@ def softmax_in_order(scores: torch.Tensor, rows: torch.Tensor, keys: torch.Tenso
     4x slower on the 2-core VM). The mask is written into the scores in place."""
     batch, groups = keys.shape[:2]
     _hide_later_keys(scores.view(batch, groups, -1, *scores.shape[-2:]), rows,
-                     key_positions(keys, attention_mask) if padded else keys)
+                     key_positions(keys, attention_mask, padded))
     return torch.softmax(scores, dim=-1)
 
 
-def key_positions(keys: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def key_positions(keys: torch.Tensor, attention_mask: torch.Tensor, padded: bool = True) -> torch.Tensor:
     """Each key's position in `softmax_in_order`'s comparison, for key positions [B, G, m] reordered (int32):
-    its own, or past every query's (m) where it is padding."""
+    its own, or past every query's (m) where it is padding; keys as they are where the batch is not `padded`."""
+    if not padded:
+        return keys
     batch, groups, m = keys.shape
     real = torch.gather(attention_mask.bool()[:, None, :].expand(batch, groups, -1), -1, keys.long())
     return torch.where(real, keys, m)
