@@ -22,7 +22,8 @@ from splitinfer.inputs import last_positions
 from splitinfer.metrics import NOTHING, Metrics, synchronize
 from splitinfer.schemes import Plain
 from splitinfer.tee_ops import (CausalBlocks, RmsNorm, Rotary, apply_rope, attention_bias, fused_attention, gated,
-                                grouped_matmul, row_parts, silu_gate, softmax_in_order, sum_and_norm)
+                                grouped_matmul, rotated_heads, row_parts, silu_gate, softmax_in_order, split_heads,
+                                sum_and_norm)
 
 
 Product = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -133,12 +134,6 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
     """[B, H, N, h] -> [B, N, H·h], the layout the o projection reads."""
     batch, heads, n, head_dim = x.shape
     return x.transpose(1, 2).reshape(batch, n, heads * head_dim)
-
-
-def split_heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """[B, N, heads·h] -> [B, heads, N, h], a view (`SplitLlama.heads`)."""
-    batch, n, width = x.shape
-    return x.view(batch, n, width // head_dim, head_dim).transpose(1, 2)
 
 
 def attention_operands(batch: int, n: int, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
@@ -391,11 +386,14 @@ class SplitLlama:
                              torch.zeros(batch, groups, n, dtype=positions), torch.ones(batch, n, dtype=torch.long))
 
     def hops_on_zeros(self, batch: int, n: int) -> tuple:
-        """The three fused hops of a layer, as `Plain.warm_kernels` takes them: (the linear before, its bias, the
-        op, its arguments on zeros, the linear after)."""
+        """The fused hops of a layer that leave a linear, as `Plain.warm_kernels` takes them: (the linear before, its
+        bias, the op, its arguments on zeros, the linear or matmul after): the three between two linears and the
+        one from the qkv projection to the scores (`rope_hop`)."""
         x, layer = torch.zeros(batch, n, self.config.hidden_size, dtype=self.dtype), self.layers[0]
+        rope = self.rope_args(tuple(torch.zeros(n, self.head_dim, dtype=self.dtype) for _ in range(2)), batch)
         return tuple((source, self.tee_biases.get(source), op, args, target)
-                     for source, op, args, target in layer_hops(x, layer.attn_norm, layer.mlp_norm))
+                     for source, op, args, target in (*layer_hops(x, layer.attn_norm, layer.mlp_norm),
+                                                      ("0.qkv", rotated_heads, rope, "0.scores")))
 
     @torch.no_grad()
     def warm_device(self, batch: int, n: int) -> float:
@@ -563,6 +561,24 @@ class SplitLlama:
                                                 answer.secret, bias, fn, args, weight,
                                                 counts=("cpu_bias",) if bias is not None else ())
         return kept, Protected(masked, secret)
+
+    def rope_hop(self, qkv: Answer, rope: tuple[torch.Tensor, torch.Tensor], batch: int, name: str
+                 ) -> tuple[torch.Tensor, Protected]:
+        """TEE, in one call (`Plain.rope_hop`): the qkv projection's recovery (and bias), RoPE on q and k, and the
+        protect step of the scores' matmul `name` on q and kᵀ, for `batch` sequences. Returns (v, q and kᵀ
+        protected). Timed and counted as `fused_hop`'s are."""
+        bias = self.tee_biases.get(qkv.weight)
+        v, a, b, secret = self.in_one_call("rotary", qkv.kind, "matmul", self.scheme.rope_hop, qkv.z, qkv.secret, bias,
+                                           rotated_heads, self.rope_args(rope, batch), name,
+                                           counts=("cpu_bias",) if bias is not None else ())
+        return v, Protected((a, b), secret)
+
+    def rope_args(self, rope: tuple[torch.Tensor, torch.Tensor], batch: int) -> tuple:
+        """`tee_ops.rotated_heads`' arguments after the qkv projection's output, for `batch` sequences of as many
+        tokens as the tables `rope` have rows: where RoPE writes q and k, as `rotate` writes them (fresh at each
+        call: otp's recovery of the scores reads q)."""
+        shape = (batch, self.n_heads + self.n_kv_heads, rope[0].shape[0], self.head_dim)
+        return *rope, self.n_heads, torch.empty(shape, dtype=self.dtype)
 
     def softmax_hop(self, scores: Answer, v: torch.Tensor, name: str, blocks: CausalBlocks, bias: torch.Tensor,
                     attention_mask: torch.Tensor) -> Protected:
@@ -739,10 +755,14 @@ class SplitLlama:
                   attention_mask: torch.Tensor) -> torch.Tensor | Answer:
         if not self.scheme.masked:
             return self.plain_attention(h, i, rope, bias, blocks)
-        qkv = self.linear(h, f"{i}.qkv", "linear_attn", i)
-        q_and_k, v = self.heads(qkv)
-        q, k = self.split_q_k(self.rotate(q_and_k, rope))
-        scores = self.matmul(q, k.transpose(-1, -2), f"{i}.scores", i, blocks.scores, defer=True)
+        qkv = self.linear(h, f"{i}.qkv", "linear_attn", i, defer=True)
+        if isinstance(qkv, Answer):
+            v, operands = self.rope_hop(qkv, rope, blocks.batch, f"{i}.scores")
+            scores = self.matmul(operands, None, f"{i}.scores", i, blocks.scores, defer=True)
+        else:
+            q_and_k, v = self.heads(qkv)
+            q, k = self.split_q_k(self.rotate(q_and_k, rope))
+            scores = self.matmul(q, k.transpose(-1, -2), f"{i}.scores", i, blocks.scores, defer=True)
         if isinstance(scores, Answer):
             probs = self.softmax_hop(scores, v, f"{i}.attend", blocks, bias, attention_mask)
         else:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from splitinfer import kernels
 from splitinfer.cli import DTYPES, OneLineParser, progress
-from splitinfer.engine import attention_operands, keep_freed_memory, layer_hops, split_heads
+from splitinfer.engine import attention_operands, keep_freed_memory, layer_hops
 from splitinfer.errors import UserError, one_line_errors
 from splitinfer.graphs import CallGraphs
 from splitinfer.kernels import WAIT_S, timed
@@ -33,7 +33,7 @@ from splitinfer.perf import parse_counts
 from splitinfer.results import environment_block, write_json
 from splitinfer.schemes import CROSS_FORMS, FLOAT32, INTEGER_DTYPES, Matrix, Otp
 from splitinfer.tee_ops import (CausalBlocks, RmsNorm, apply_rope, attention_bias, grouped_matmul, masked_softmax,
-                                residual_rms_norm, rms_norm, silu_gate, softmax_in_order)
+                                residual_rms_norm, rms_norm, rotated_heads, silu_gate, softmax_in_order, split_heads)
 
 
 def layer_steps(preset: str, n: int, dtype: torch.dtype, compiled: bool, repeat: int) -> dict[str, float]:
@@ -100,6 +100,20 @@ def layer_steps(preset: str, n: int, dtype: torch.dtype, compiled: bool, repeat:
         return sum(timed(lambda z, hop=hop: (one_call if fused else separate)(z, *hop), outputs[hop[0]].clone, repeat)
                    for hop in hops)
 
+    # the hop from the qkv projection to the scores (`SplitLlama.rope_hop`): qkv's answer recovered, RoPE on q and k,
+    # the scores' operands protected, as the unfused engine's three calls or as one
+    def rope_hop(scheme, qkv_secret, fused: bool) -> float:
+        def separate(z):
+            per_head = split_heads(scheme.recover_linear(z, qkv_secret), h)
+            rotated = apply_rope(per_head[:, : heads + groups], cos, sin)
+            return scheme.protect_matmul(rotated[:, :heads], rotated[:, heads:].transpose(-1, -2), "s")
+
+        def one_call(z):
+            return scheme.rope_hop(z, qkv_secret, None, rotated_heads, (cos, sin, heads, torch.empty(q_and_k.shape,
+                                                                                                   dtype=dtype)), "s")
+
+        return timed(one_call if fused else separate, outputs["qkv"].clone, repeat)
+
     # the hop between the two attention matmuls (`SplitLlama.softmax_hop`): the scores' answer recovered, its
     # softmax, P·V's operands protected, as the unfused engine's three calls or as one
     whole = CausalBlocks.of(1, heads, n, split=False, padded=False)  # ours' scores are every n² entry
@@ -144,6 +158,10 @@ def layer_steps(preset: str, n: int, dtype: torch.dtype, compiled: bool, repeat:
         "ours: 3 hops, fused": three_hops(ours, secrets, fused=True),
         "otp: 3 hops, separate steps": three_hops(otp, otp_secrets, fused=False),
         "otp: 3 hops, fused": three_hops(otp, otp_secrets, fused=True),
+        "ours: RoPE hop, separate steps": rope_hop(ours, secrets["qkv"], fused=False),
+        "ours: RoPE hop, fused": rope_hop(ours, secrets["qkv"], fused=True),
+        "otp: RoPE hop, separate steps": rope_hop(otp, otp_secrets["qkv"], fused=False),
+        "otp: RoPE hop, fused": rope_hop(otp, otp_secrets["qkv"], fused=True),
         "ours: softmax hop, separate steps": softmax_hop(ours, masked_scores, scores_secret, whole, fused=False),
         "ours: softmax hop, fused": softmax_hop(ours, masked_scores, scores_secret, whole, fused=True),
         "otp: softmax hop, separate steps": softmax_hop(otp, otp_scores, otp_scores_secret, blocks, fused=False),

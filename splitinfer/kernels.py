@@ -85,11 +85,12 @@ def tee_kernel(fn: Callable | None = None, *, exact: bool = False, eager: Callab
 
 
 @functools.cache
-def fused(body: Callable, op: Callable) -> Callable:
+def fused(body: Callable, op: Callable, exact: bool = False) -> Callable:
     """`body(form, op, *args)` as one TEE kernel, named after both: a chain of kernels and `op` between them, each
     called as `form(kernel)(...)` (`op(form, ...)` calls its own that way). Compiled, every kernel in the chain is
-    its eager body, so that the compiler fuses the whole chain into one call; eager (and where set-up measured
-    the chain faster), each kernel runs in the form chosen for it, as it does outside the chain."""
+    its own body (what it compiles alone), so that the compiler fuses the whole chain into one call; eager (and
+    where set-up measured the chain faster), each kernel runs in the form chosen for it, as it does outside the
+    chain. `exact` as `tee_kernel`'s, for a chain that ends in a kernel that must round where eager does."""
     def chain(*args):
         return body(_body, op, *args)
 
@@ -97,11 +98,11 @@ def fused(body: Callable, op: Callable) -> Callable:
         return body(as_chosen, op, *args)
 
     chain.__name__ = each.__name__ = f"{body.__name__.strip('_')}_{op.__name__.strip('_')}"
-    return tee_kernel(chain, eager=each)
+    return tee_kernel(chain, eager=each, exact=exact)
 
 
 def _body(kernel: Callable) -> Callable:
-    return kernel.eager
+    return kernel.__wrapped__
 
 
 def as_chosen(kernel: Callable) -> Callable:

@@ -71,10 +71,12 @@ class Plain:
         (`softmax_hop`: the causal blocks, the bias and the attention mask, of the inference's shapes)."""
 
     def _warm_hops(self, linears: MaskShapes, outputs: dict[str, int], dtype: torch.dtype, hops: tuple) -> None:
-        """Each fused hop once, on zeros, its masks drawn (`warm_kernels`)."""
+        """Each fused hop once, on zeros, its masks drawn (`warm_kernels`): `hop`, or `rope_hop` where the linear
+        after is a scores matmul."""
         for source, bias, op, op_args, target in hops:
             masked, secret = self.protect_linear(torch.zeros(linears[source], dtype=dtype), source)
-            self.hop(torch.zeros(*masked.shape[:-1], outputs[source], dtype=dtype), secret, bias, op, op_args, target)
+            step = self.rope_hop if target.endswith(".scores") else self.hop
+            step(torch.zeros(*masked.shape[:-1], outputs[source], dtype=dtype), secret, bias, op, op_args, target)
 
     def protect_linear(self, x: torch.Tensor, name: str) -> tuple[torch.Tensor, object]:
         return x, None
@@ -95,6 +97,14 @@ class Plain:
         of the answer z [B, n, out], plus `bias` where there is one, then `op(form, y, *op_args)` -> (kept, h)
         (`tee_ops.sum_and_norm`, `tee_ops.gated`), then protect_linear(h, name); one kernel where compiled
         (`kernels.fused`). Returns (kept, h protected, its secret). With no steps there is nothing to fuse."""
+        raise NotImplementedError(f"the {self.name} scheme has no protect or recover step to fuse")
+
+    def rope_hop(self, z: torch.Tensor, secret: object, bias: torch.Tensor | None, op: Callable, op_args: tuple,
+                 name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, object]:
+        """The TEE's whole work between the qkv projection and the scores matmul, as one call
+        (`SplitLlama(fuse_hops=True)`): recover_linear of the answer z [B, n, out], plus `bias` where there is one,
+        then `op(form, y, *op_args)` -> (v, (q, kᵀ)) (`tee_ops.rotated_heads`), then protect_matmul(q, kᵀ, name);
+        one kernel where compiled (`kernels.fused`). Returns (v, what protect_matmul does)."""
         raise NotImplementedError(f"the {self.name} scheme has no protect or recover step to fuse")
 
     def softmax_hop(self, c: torch.Tensor, secret: object, v: torch.Tensor, name: str, blocks: CausalBlocks,
@@ -124,6 +134,13 @@ class Plain:
         magnitude = torch.empty(shape).uniform_(low, high, generator=self.generator)
         sign = torch.randint(0, 2, shape, generator=self.generator) * 2 - 1
         return magnitude * sign
+
+    def _result(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """Where a protected matmul operand is written: a pinned buffer where copies are pinned, else a contiguous
+        tensor; given to the kernel from outside, so that a fused hop's compiled kernel lays it out as the
+        separate steps do."""
+        buffer = self.pinned_buffer(shape, dtype)
+        return torch.empty(shape, dtype=dtype) if buffer is None else buffer
 
     def _gaussians(self, shapes: list[tuple[int, ...]], dtypes: list[torch.dtype]) -> list[torch.Tensor]:
         """One standard-normal tensor per shape, in parallel threads, each from its own generator seeded
@@ -281,7 +298,8 @@ class Matrix(Plain):
         state = self.generator.get_state()
         # one of each shape: the layers share them; and those the hops name
         one_each = {(shape, outputs[name]): name for name, shape in linears.items()}.values()
-        linears = {name: linears[name] for name in [*one_each, *(name for hop in hops for name in (hop[0], hop[-1]))]}
+        linears = {name: linears[name] for name in [*one_each, *(name for hop in hops for name in (hop[0], hop[-1])
+                                                                 if name in linears)]}
         softmax_of = {name: source for name, source in (softmax_of or {}).items() if {name, source} <= set(matmuls)}
         self.prepare(linears, {name: (a.shape, b.shape) for name, (a, b) in matmuls.items()}, dtype=dtype,
                      softmax_of=softmax_of)
@@ -304,15 +322,25 @@ class Matrix(Plain):
         return (m["rows_at"], m["keys_at"]) if name in self.kept_order else None
 
     def protect_matmul(self, a, b, name):
+        return (*_permute_scale(kernels.as_chosen, a, b, *self._permute_args(name, a.dtype)),
+                self._matmul_secret(name))
+
+    def _permute_args(self, name: str, dtype: torch.dtype) -> tuple:
+        """`_permute_scale`'s arguments after the operands: matmul `name`'s masks, and where its results go."""
         m = self.matmul_masks[name]
-        batch, heads, n, k = a.shape
-        groups = b.shape[1]
-        a5 = _permute(a.reshape(batch, groups, heads // groups, n, k), m.get("a_rows", m.get("rows_p1")),  # `_chain`
-                      m["cols_a"], self.pinned_buffer((batch, groups, heads // groups, n, k), a.dtype))
-        _scale_rows_cols(a5, m["d1"], m["d2"])                                              # D₁P₁ A P₂D₂
-        b4 = _permute(b, m["rows_p2"], m["cols_b"], self.pinned_buffer(b.shape, b.dtype))   # P₂⁻¹ B P₃
-        b4.mul_(m["b_scale"])                                                               # D₂⁻¹ · · D₃
-        return a5.view(a.shape), b4, (m, groups, name in self.kept_order)
+        return (m.get("a_rows", m.get("rows_p1")), m["cols_a"], m["d1"], m["d2"], m["rows_p2"], m["cols_b"],  # `_chain`
+                m["b_scale"], self._result(m["cols_a"].shape, dtype), self._result(m["cols_b"].shape, dtype))
+
+    def _matmul_secret(self, name: str) -> tuple:
+        m = self.matmul_masks[name]
+        return m, m["cols_b"].shape[1], name in self.kept_order
+
+    def rope_hop(self, z, secret, bias, op, op_args, name):
+        """May overwrite `z`."""
+        mask, in_shape, scale, n = secret
+        kept, a, b = fused(_unmix_op_permute, op)(_rows_of(z, scale), mask["woodbury_rows"], mask["a"], scale, n, bias,
+                                                  op_args, *self._permute_args(name, z.dtype))
+        return kept, a, b, self._matmul_secret(name)
 
     def softmax_hop(self, c, secret, v, name, blocks, bias, attention_mask):
         """Where the scores stay in their masks' order (`_chain`), the steps with one pass fewer over the n²
@@ -378,7 +406,7 @@ class Otp(Plain):
                       self.pinned_buffer(shape, dtype))
         for operand in {(t.shape, t.stride()): t for pair in matmuls.values() for t in pair}.values():
             _pad_tensor(operand, torch.zeros(operand.shape, dtype=dtype), self.pad_scale,
-                        self.pinned_buffer(operand.shape, dtype))
+                        self._result(operand.shape, dtype))
         for name, (a, b) in matmuls.items():
             # the scores, their operands padded as the inference has them, where the integer form's two int32
             # products fit in INTEGER_BYTES
@@ -393,10 +421,12 @@ class Otp(Plain):
             self.matmul_pads = {name: tuple(torch.zeros(t.shape, dtype=dtype) for t in pair)
                                 for name, pair in matmuls.items()}
             self._warm_softmax_hop(matmuls, attention)
-        self.matmul_pads = {}
+        ends = {name for hop in hops for name in (hop[0], hop[-1])}
+        self.matmul_pads = {name: tuple(torch.zeros(t.shape, dtype=dtype) for t in matmuls[name])
+                            for name in ends & set(matmuls)}  # where the hop after the qkv projection protects
         self.linear_pads = {name: (torch.zeros(linears[name], dtype=dtype),
                                    torch.zeros(*linears[name][:-1], outputs[name], dtype=dtype))
-                            for hop in hops for name in (hop[0], hop[-1])}
+                            for name in ends - set(matmuls)}
         self._warm_hops(linears, outputs, dtype, hops)
         self.linear_pads = {}
 
@@ -419,10 +449,19 @@ class Otp(Plain):
         return kept, masked, (next_projected, next_sigma)
 
     def protect_matmul(self, a, b, name):
-        noise_a, noise_b = self.matmul_pads[name]
-        masked_b, pad_b = _pad_tensor(b, noise_b, self.pad_scale, self.pinned_buffer(b.shape, b.dtype))
-        masked_a, pad_a = _pad_tensor(a, noise_a, self.pad_scale, self.pinned_buffer(a.shape, a.dtype))
+        masked_a, masked_b, pad_a, pad_b = _pad_both(kernels.as_chosen, a, b, *self._pad_args(name, a.dtype))
         return masked_a, masked_b, (a, pad_a, pad_b, masked_b)
+
+    def _pad_args(self, name: str, dtype: torch.dtype) -> tuple:
+        """`_pad_both`'s arguments after the operands: matmul `name`'s pads, and where its results go."""
+        noise_a, noise_b = self.matmul_pads[name]
+        return noise_a, noise_b, self.pad_scale, *(self._result(t.shape, dtype) for t in (noise_a, noise_b))
+
+    def rope_hop(self, z, secret, bias, op, op_args, name):
+        projected, sigma = secret
+        kept, masked_a, masked_b, a, pad_a, pad_b = fused(_add_op_pad_both, op, exact=True)(
+            z, sigma, projected, bias, op_args, *self._pad_args(name, z.dtype))
+        return kept, masked_a, masked_b, (a, pad_a, pad_b, masked_b)
 
     def recover_matmul(self, c, secret, product=grouped_matmul):
         """c + A R₂ + R₁ (B − R₂), in the GPU's own form (where the scores are their causal block triangle, so
@@ -555,6 +594,28 @@ def _add_op_pad(form: Callable, op: Callable, z: torch.Tensor, sigma: torch.Tens
     return kept, masked, next_sigma
 
 
+def _add_op_pad_both(form: Callable, op: Callable, z: torch.Tensor, sigma: torch.Tensor, projected: torch.Tensor,
+                     bias: torch.Tensor | None, op_args: tuple, noise_a: torch.Tensor, noise_b: torch.Tensor,
+                     pad_scale: float, out_a: torch.Tensor | None, out_b: torch.Tensor | None) -> tuple:
+    """otp's hop from a linear to a matmul (`Plain.rope_hop`): recover z, add the bias, op -> (kept, (a, b)), pad
+    both: (kept, a and b padded, a, a's pad, b's pad). Compiled exact: the pads are the very values recovery
+    takes, as `_pad_tensor`'s are."""
+    y = torch.addcmul(z, sigma, projected)
+    kept, (a, b) = op(form, y if bias is None else torch.add(y, bias), *op_args)
+    masked_a, masked_b, pad_a, pad_b = _pad_both(form, a, b, noise_a, noise_b, pad_scale, out_a, out_b)
+    return kept, masked_a, masked_b, a, pad_a, pad_b
+
+
+def _pad_both(form: Callable, a: torch.Tensor, b: torch.Tensor, noise_a: torch.Tensor, noise_b: torch.Tensor,
+              pad_scale: float, out_a: torch.Tensor | None, out_b: torch.Tensor | None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """otp's protect of a matmul's operands (`_pad_tensor` each, called as `form` gives it): (a and b padded, their
+    pads)."""
+    masked_b, pad_b = form(_pad_tensor)(b, noise_b, pad_scale, out_b)
+    masked_a, pad_a = form(_pad_tensor)(a, noise_a, pad_scale, out_a)
+    return masked_a, masked_b, pad_a, pad_b
+
+
 @tee_kernel
 def _pad_rows(x: torch.Tensor, noise: torch.Tensor, pad_scale: float, out: torch.Tensor | None
               ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -631,6 +692,29 @@ def _unmix_op_mix(form: Callable, op: Callable, z3: torch.Tensor, woodbury_rows:
     kept, h = op(form, y if bias is None else torch.add(y, bias), *op_args)
     mixed, next_scale = form(_mix_rows)(h, d, a_next, b_t_over_d, dummy, out)
     return kept, mixed, next_scale
+
+
+def _unmix_op_permute(form: Callable, op: Callable, z3: torch.Tensor, woodbury_rows: torch.Tensor, a: torch.Tensor,
+                      scale: torch.Tensor, n: int, bias: torch.Tensor | None, op_args: tuple, *permute_args
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ours' hop from a linear to a matmul (`Plain.rope_hop`): unmix z3's rows (the first n of each sequence), add
+    the bias, op -> (kept, (a, b)), mask both (`_permute_scale`): (kept, a and b masked)."""
+    y = form(_unmix_rows)(z3, woodbury_rows, a, scale)[:, :n]
+    kept, (left, right) = op(form, y if bias is None else torch.add(y, bias), *op_args)
+    return (kept, *_permute_scale(form, left, right, *permute_args))
+
+
+def _permute_scale(form: Callable, a: torch.Tensor, b: torch.Tensor, a_rows: torch.Tensor, cols_a: torch.Tensor,
+                   d1: torch.Tensor, d2: torch.Tensor, b_rows: torch.Tensor, cols_b: torch.Tensor, b_scale: torch.Tensor,
+                   out_a: torch.Tensor | None, out_b: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """ours' protect of a matmul's operands, into `out_a` and `out_b` where given: A' = D₁P₁ A P₂D₂ [B, H, n, k]
+    and B' = D₂⁻¹P₂⁻¹ B P₃D₃, `_scale_rows_cols` called as `form` gives it."""
+    batch, heads, n, k = a.shape
+    groups = b.shape[1]
+    a5 = _permute(a.reshape(batch, groups, heads // groups, n, k), a_rows, cols_a, out_a)
+    form(_scale_rows_cols)(a5, d1, d2)                                                  # D₁P₁ A P₂D₂
+    b4 = _permute(b, b_rows, cols_b, out_b)                                             # P₂⁻¹ B P₃
+    return a5.view(a.shape), b4.mul_(b_scale)                                           # D₂⁻¹ · · D₃
 
 
 def _rows_of(z: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

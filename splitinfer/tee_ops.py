@@ -115,6 +115,24 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tens
     return torch.add(x * cos, torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin, out=out)
 
 
+def split_heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """[B, N, heads·h] -> [B, heads, N, h], a view (`SplitLlama.heads`)."""
+    batch, n, width = x.shape
+    return x.view(batch, n, width // head_dim, head_dim).transpose(1, 2)
+
+
+def rotated_heads(form: Callable, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int,
+                  out: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """The qkv projection's output [B, N, (H + 2·Hkv)·h] as a fused hop's op (`kernels.fused`): (v [B, Hkv, N, h],
+    a view of it; (q, kᵀ), views of `out` [B, H + Hkv, N, h], into which one `_rope`, called as `form` gives it,
+    writes q and k rotated), laid out as the separate steps lay them out (`SplitLlama.heads`, `rotate`,
+    `split_q_k`). `out` comes from outside a compiled kernel so that the compiler keeps that layout."""
+    per_head = split_heads(qkv, out.shape[-1])
+    q_and_k = per_head[:, : out.shape[1]]
+    rotated = form(_rope)(q_and_k, cos, sin, out)
+    return per_head[:, out.shape[1]:], (rotated[:, :heads], rotated[:, heads:].transpose(-1, -2))
+
+
 BLOCKED = -1e4  # far below any real score, so a blocked key's weight underflows to exactly zero; far from
 # every dtype's limit, so no sum overflows and a row with no visible key stays finite. (The float16
 # softmax also ran 1.7x slower on the 2-core VM with -32752 in its rows than with -1e4.)

@@ -252,3 +252,52 @@ def test_softmax_hop_is_the_steps(scheme_cls, padded, compiled):
             assert all(torch.equal(x, y) for x, y in zip(secret, fused_secret))
     finally:
         kernels.select(False)
+
+
+@pytest.mark.parametrize("scheme_cls", [Matrix, Otp])
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+@pytest.mark.parametrize("dtype, compiled", [(torch.float32, False), (torch.float32, True), (torch.float16, True)],
+                         ids=["eager", "compiled", "compiled-float16"])
+def test_rope_hop_is_the_steps(scheme_cls, bias, dtype, compiled):
+    """The fused hop from the qkv projection to the scores (`rope_hop`: recover qkv and add its bias, RoPE on q and
+    k, protect q and kᵀ) sends the GPU the operands the steps would, keeps the secret they would, and hands back v
+    as they do: eager the very values, compiled (one kernel, `kernels.fused`) within rounding; in either form laid
+    out as the steps lay them out, so that the kernels after it find the layouts set-up built them for."""
+    from splitinfer import kernels
+    from splitinfer.tee_ops import apply_rope, rotated_heads, split_heads
+    kernels.select(compiled, chosen=False)
+    try:
+        batch, n, d, heads, groups, h = 2, 7, 24, 4, 2, 6
+        width = (heads + 2 * groups) * h
+        weight = torch.randn(width, d, generator=torch.Generator().manual_seed(1)).to(dtype)
+        x = torch.randn(batch, n, d).to(dtype)
+        qkv_bias = torch.randn(width).to(dtype) if bias else None
+        cos, sin = torch.rand(n, h).to(dtype), torch.rand(n, h).to(dtype)
+        sent = []
+        for fused in (False, True):
+            scheme = scheme_cls(seed=3)
+            scheme.prepare({"qkv": (batch, n, d)}, {"s": ((batch, heads, n, h), (batch, groups, h, n))},
+                           weights=lambda name: weight, dtype=dtype)
+            masked, secret = scheme.protect_linear(x, "qkv")
+            z = (masked.float() @ weight.float().T).to(dtype)
+            if fused:
+                rotated = torch.empty(batch, heads + groups, n, h, dtype=dtype)
+                sent.append(scheme.rope_hop(z, secret, qkv_bias, rotated_heads, (cos, sin, heads, rotated), "s"))
+                continue
+            y = scheme.recover_linear(z, secret)
+            per_head = split_heads(y if qkv_bias is None else y + qkv_bias, h)
+            rotated = apply_rope(per_head[:, : heads + groups], cos, sin)
+            sent.append((per_head[:, heads + groups:],
+                         *scheme.protect_matmul(rotated[:, :heads], rotated[:, heads:].transpose(-1, -2), "s")))
+        kept = [t for t in sent[0] if isinstance(t, torch.Tensor)], [t for t in sent[1] if isinstance(t, torch.Tensor)]
+        secrets = [s[-1] for s in sent] if scheme_cls is Otp else [(), ()]  # otp's: q and the pads recovery takes
+        for steps, hop in zip([*kept[0], *secrets[0]], [*kept[1], *secrets[1]]):
+            assert steps.shape == hop.shape and steps.stride() == hop.stride() and steps.dtype == hop.dtype
+            if compiled:
+                torch.testing.assert_close(hop, steps, atol=1e-2 if dtype == torch.float16 else 1e-5, rtol=1e-2)
+            else:
+                assert torch.equal(hop, steps)
+        assert "unmix_op_permute_rotated_heads" not in kernels.failed
+        assert "add_op_pad_both_rotated_heads" not in kernels.failed
+    finally:
+        kernels.select(False)
