@@ -22,7 +22,7 @@ from splitinfer.inputs import last_positions
 from splitinfer.metrics import NOTHING, Metrics, synchronize
 from splitinfer.schemes import Plain
 from splitinfer.tee_ops import (CausalBlocks, RmsNorm, Rotary, apply_rope, attention_bias, fused_attention, gated,
-                                grouped_matmul, rotated_heads, row_parts, silu_gate, softmax_in_order, split_heads,
+                                grouped_matmul, merge_heads, merged, rotated_heads, row_parts, silu_gate, softmax_in_order, split_heads,
                                 sum_and_norm)
 
 
@@ -128,12 +128,6 @@ def by_parts(step: Step, parts: Parts, x: torch.Tensor, out: torch.Tensor) -> to
     for r, (part, into) in enumerate(zip(parts(x), parts(out))):
         step(r, part, into)
     return out
-
-
-def merge_heads(x: torch.Tensor) -> torch.Tensor:
-    """[B, H, N, h] -> [B, N, H·h], the layout the o projection reads."""
-    batch, heads, n, head_dim = x.shape
-    return x.transpose(1, 2).reshape(batch, n, heads * head_dim)
 
 
 def attention_operands(batch: int, n: int, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
@@ -588,13 +582,23 @@ class SplitLlama:
                                         scores.secret, v, name, blocks, bias, attention_mask)
         return Protected((a, b), secret)
 
-    def in_one_call(self, op: str, before: str, after: str, fn: Callable, *args, counts: tuple[str, ...] = ()):
+    def attend_hop(self, out: Answer, product: Product, weight: str) -> Protected:
+        """TEE, in one call (`Plain.attend_hop`): P·V's recovery (computed in the form `product`), its heads merged,
+        and the protect step of linear `weight` (o) on them. Timed and counted as `fused_hop`'s are; merging the
+        heads is no TEE op of its own."""
+        _, masked, secret = self.in_one_call(None, out.kind, linear_kind(weight), self.scheme.attend_hop, out.z,
+                                             out.secret, product, merged, (), weight)
+        return Protected(masked, secret)
+
+    def in_one_call(self, op: str | None, before: str, after: str, fn: Callable, *args, counts: tuple[str, ...] = ()):
         """A fused hop's one TEE call fn(*args): timed as crypto under the recover step of op kind `before`, the
-        TEE op `op` and the protect step of kind `after`, and counted as each of them (and `counts`)."""
+        TEE op `op` (where there is one) and the protect step of kind `after`, and counted as each of them (and
+        `counts`)."""
         recover, protect = self.scheme.steps[1], self.scheme.steps[0]
-        with self.metrics.time("crypto", f"{recover}_{before}+{op}+{protect}_{after}"):
+        label = "+".join([f"{recover}_{before}", *([op] if op else []), f"{protect}_{after}"])
+        with self.metrics.time("crypto", label):
             result = fn(*args)
-        self.metrics.count(recover, f"cpu_{op}", protect, *counts)
+        self.metrics.count(recover, *([f"cpu_{op}"] if op else []), protect, *counts)
         return result
 
     def matmul(self, a: torch.Tensor | Protected, b: torch.Tensor | None, name: str, layer: int, product: Product,
@@ -769,8 +773,9 @@ class SplitLlama:
             order = self.scheme.scores_order(f"{i}.scores")  # ours: rows and keys may stay in its masks' order
             probs = (self.tee("softmax", blocks.softmax, scores, bias) if order is None else
                      self.tee("softmax", softmax_in_order, scores, *order, attention_mask, blocks.padded))
-        out = self.matmul(probs, v, f"{i}.attend", i, blocks.attend)
-        return self.linear(merge_heads(out), f"{i}.o", "linear_attn", i, defer=True)
+        out = self.matmul(probs, v, f"{i}.attend", i, blocks.attend, defer=True)
+        o_input = self.attend_hop(out, blocks.attend, f"{i}.o") if isinstance(out, Answer) else merge_heads(out)
+        return self.linear(o_input, f"{i}.o", "linear_attn", i, defer=True)
 
     def plain_attention(self, h: torch.Tensor, i: int, rope: tuple, bias: torch.Tensor,
                         blocks: CausalBlocks) -> torch.Tensor:

@@ -33,7 +33,8 @@ from splitinfer.perf import parse_counts
 from splitinfer.results import environment_block, write_json
 from splitinfer.schemes import CROSS_FORMS, FLOAT32, INTEGER_DTYPES, Matrix, Otp
 from splitinfer.tee_ops import (CausalBlocks, RmsNorm, apply_rope, attention_bias, grouped_matmul, masked_softmax,
-                                residual_rms_norm, rms_norm, rotated_heads, silu_gate, softmax_in_order, split_heads)
+                                merge_heads, merged, residual_rms_norm, rms_norm, rotated_heads, silu_gate,
+                                softmax_in_order, split_heads)
 
 
 def layer_steps(preset: str, n: int, dtype: torch.dtype, compiled: bool, repeat: int) -> dict[str, float]:
@@ -114,6 +115,17 @@ def layer_steps(preset: str, n: int, dtype: torch.dtype, compiled: bool, repeat:
 
         return timed(one_call if fused else separate, outputs["qkv"].clone, repeat)
 
+    # the hop from P·V to the o projection (`SplitLlama.attend_hop`): P·V's answer recovered, the heads merged, o's
+    # input protected, as the unfused engine's two calls (the merge between them) or as one
+    def attend_hop(scheme, answer, secret, product, fused: bool) -> float:
+        def separate(c):
+            return scheme.protect_linear(merge_heads(scheme.recover_matmul(c, secret, product)), "o")
+
+        def one_call(c):
+            return scheme.attend_hop(c, secret, product, merged, (), "o")
+
+        return timed(one_call if fused else separate, answer.clone, repeat)
+
     # the hop between the two attention matmuls (`SplitLlama.softmax_hop`): the scores' answer recovered, its
     # softmax, P·V's operands protected, as the unfused engine's three calls or as one
     whole = CausalBlocks.of(1, heads, n, split=False, padded=False)  # ours' scores are every n² entry
@@ -162,6 +174,10 @@ def layer_steps(preset: str, n: int, dtype: torch.dtype, compiled: bool, repeat:
         "ours: RoPE hop, fused": rope_hop(ours, secrets["qkv"], fused=True),
         "otp: RoPE hop, separate steps": rope_hop(otp, otp_secrets["qkv"], fused=False),
         "otp: RoPE hop, fused": rope_hop(otp, otp_secrets["qkv"], fused=True),
+        "ours: P·V hop, separate steps": attend_hop(ours, masked_out, attend_secret, grouped_matmul, fused=False),
+        "ours: P·V hop, fused": attend_hop(ours, masked_out, attend_secret, grouped_matmul, fused=True),
+        "otp: P·V hop, separate steps": attend_hop(otp, otp_attend, otp_attend_secret, blocks.attend, fused=False),
+        "otp: P·V hop, fused": attend_hop(otp, otp_attend, otp_attend_secret, blocks.attend, fused=True),
         "ours: softmax hop, separate steps": softmax_hop(ours, masked_scores, scores_secret, whole, fused=False),
         "ours: softmax hop, fused": softmax_hop(ours, masked_scores, scores_secret, whole, fused=True),
         "otp: softmax hop, separate steps": softmax_hop(otp, otp_scores, otp_scores_secret, blocks, fused=False),

@@ -20,7 +20,7 @@ import torch
 
 from splitinfer import kernels
 from splitinfer.kernels import fused, tee_kernel
-from splitinfer.tee_ops import CausalBlocks, _hide_later_keys, grouped_matmul, key_positions
+from splitinfer.tee_ops import CausalBlocks, _hide_later_keys, grouped_matmul, key_positions, merged
 
 MaskShapes = dict[str, tuple[int, ...]]
 MatmulShapes = dict[str, tuple[tuple[int, ...], tuple[int, ...]]]
@@ -107,6 +107,14 @@ class Plain:
         one kernel where compiled (`kernels.fused`). Returns (v, what protect_matmul does)."""
         raise NotImplementedError(f"the {self.name} scheme has no protect or recover step to fuse")
 
+    def attend_hop(self, c: torch.Tensor, secret: object, product: Callable, op: Callable, op_args: tuple, name: str
+                   ) -> tuple[torch.Tensor | None, torch.Tensor, object]:
+        """The TEE's whole work between the P·V matmul and the o projection, as one call
+        (`SplitLlama(fuse_hops=True)`): recover_matmul of the answer c (computed in the form `product`), then
+        `op(form, out, *op_args)` -> (kept, x) (`tee_ops.merged`), then protect_linear(x, name); one kernel where
+        compiled (`kernels.fused`). Returns (kept, x protected, its secret)."""
+        raise NotImplementedError(f"the {self.name} scheme has no protect or recover step to fuse")
+
     def softmax_hop(self, c: torch.Tensor, secret: object, v: torch.Tensor, name: str, blocks: CausalBlocks,
                     bias: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, object]:
         """The TEE's whole work between the two attention matmuls, as one call (`SplitLlama(fuse_hops=True)`):
@@ -115,17 +123,22 @@ class Plain:
         protect_matmul does. Here the three steps, for scores that come back in order."""
         return self.protect_matmul(blocks.softmax(self.recover_matmul(c, secret, blocks.scores), bias), v, name)
 
-    def _warm_softmax_hop(self, matmuls: dict[str, tuple[torch.Tensor, torch.Tensor]], attention: tuple) -> None:
-        """The softmax hop once, on zeros, between each scores matmul in `matmuls` and its P·V (`warm_kernels`;
-        `attention`: the blocks, bias and attention mask of the inference's shapes, or None for no hop)."""
+    def _warm_attention_hops(self, matmuls: dict[str, tuple[torch.Tensor, torch.Tensor]], attention: tuple | None
+                             ) -> None:
+        """The softmax hop between each scores matmul in `matmuls` and its P·V, and the hop from that P·V to its
+        layer's o projection, once each, on zeros (`warm_kernels`; `attention`: the blocks, bias and attention mask
+        of the inference's shapes, or None for no hop)."""
         if attention is None:
             return
         blocks, bias, attention_mask = attention
         for name in [name for name in matmuls if name.endswith(".scores")]:
-            (a, b), attend = matmuls[name], name.removesuffix(".scores") + ".attend"
+            (a, b), layer = matmuls[name], name.removesuffix("scores")
             secret = self.protect_matmul(a, b, name)[2]
-            self.softmax_hop(torch.zeros(blocks.shape, dtype=a.dtype), secret, matmuls[attend][1], attend, blocks,
-                             bias, attention_mask)
+            v = matmuls[layer + "attend"][1]
+            attend_secret = self.softmax_hop(torch.zeros(blocks.shape, dtype=a.dtype), secret, v, layer + "attend",
+                                             blocks, bias, attention_mask)[2]
+            self.attend_hop(torch.zeros(*a.shape[:-1], v.shape[-1], dtype=a.dtype), attend_secret, blocks.attend,
+                            merged, (), layer + "o")
 
     # ---- mask distributions, shared by the masked schemes ----
 
@@ -310,7 +323,7 @@ class Matrix(Plain):
             secret = self.protect_matmul(a, b, name)[2]
             self.recover_matmul(torch.zeros(*a.shape[:-1], b.shape[-1], dtype=dtype), secret)
         self._warm_hops(linears, outputs, dtype, hops)
-        self._warm_softmax_hop(matmuls, attention)
+        self._warm_attention_hops(matmuls, attention)
         self.generator.set_state(state)
         self.linear_masks, self.matmul_masks = {}, {}
 
@@ -353,6 +366,16 @@ class Matrix(Plain):
         scores = _unscale_hide(c.view(batch, groups, heads // groups, n, keys), m["d1"], m["d3"], m["rows_at"],
                                key_positions(m["keys_at"], attention_mask, blocks.padded))
         return self.protect_matmul(torch.softmax(scores, dim=-1).view(c.shape), v, name)
+
+    def attend_hop(self, c, secret, product, op, op_args, name):
+        """Overwrites `c`. P·V's product is never kept in the masks' order (`_chain`)."""
+        m, _, keep_order = secret
+        if keep_order:
+            raise ValueError("a product kept in its masks' order feeds a softmax, not a linear")
+        shape = self.linear_shapes[name]
+        kept, mixed, scale = fused(_unpermute_op_mix, op)(c, m["d1"], m["d3"], m["rows_p1_inverse"], m["cols_c"], op_args,
+                                                          *self._mix_args(name, shape[-1], c.dtype))
+        return (kept, *self._mixed(mixed, scale, name, shape, shape[-2]))
 
     def recover_matmul(self, c, secret, product=grouped_matmul):
         """Overwrites `c` (the GPU's answer, which nothing else holds) on the way."""
@@ -417,18 +440,14 @@ class Otp(Plain):
                 secret, c = self.protect_matmul(a, b, name)[2], torch.zeros(blocks.shape, dtype=dtype)
                 kernels.pick(SCORES_CROSS, a, {form: lambda f=f: f(*secret, c, blocks.scores)
                                                for form, f in CROSS_FORMS.items()})
-        if attention is not None:
-            self.matmul_pads = {name: tuple(torch.zeros(t.shape, dtype=dtype) for t in pair)
-                                for name, pair in matmuls.items()}
-            self._warm_softmax_hop(matmuls, attention)
-        ends = {name for hop in hops for name in (hop[0], hop[-1])}
-        self.matmul_pads = {name: tuple(torch.zeros(t.shape, dtype=dtype) for t in matmuls[name])
-                            for name in ends & set(matmuls)}  # where the hop after the qkv projection protects
+        # the fused hops, on zero pads: every matmul's, and the linears' at each hop's ends
+        self.matmul_pads = {name: tuple(torch.zeros(t.shape, dtype=dtype) for t in pair) for name, pair in matmuls.items()}
         self.linear_pads = {name: (torch.zeros(linears[name], dtype=dtype),
                                    torch.zeros(*linears[name][:-1], outputs[name], dtype=dtype))
-                            for name in ends - set(matmuls)}
+                            for name in {name for hop in hops for name in (hop[0], hop[-1])} - set(matmuls)}
         self._warm_hops(linears, outputs, dtype, hops)
-        self.linear_pads = {}
+        self._warm_attention_hops(matmuls, attention)
+        self.linear_pads, self.matmul_pads = {}, {}
 
     def protect_linear(self, x, name):
         noise, projected = self.linear_pads[name]
@@ -462,6 +481,12 @@ class Otp(Plain):
         kept, masked_a, masked_b, a, pad_a, pad_b = fused(_add_op_pad_both, op, exact=True)(
             z, sigma, projected, bias, op_args, *self._pad_args(name, z.dtype))
         return kept, masked_a, masked_b, (a, pad_a, pad_b, masked_b)
+
+    def attend_hop(self, c, secret, product, op, op_args, name):
+        noise, projected = self.linear_pads[name]
+        kept, masked, sigma = fused(_cross_op_pad, op)(*secret, c, product, op_args, noise, self.pad_scale,
+                                                       self.pinned_buffer(noise.shape, c.dtype))
+        return kept, masked, (projected, sigma)
 
     def recover_matmul(self, c, secret, product=grouped_matmul):
         """c + A R₂ + R₁ (B − R₂), in the GPU's own form (where the scores are their causal block triangle, so
@@ -594,6 +619,15 @@ def _add_op_pad(form: Callable, op: Callable, z: torch.Tensor, sigma: torch.Tens
     return kept, masked, next_sigma
 
 
+def _cross_op_pad(form: Callable, op: Callable, a: torch.Tensor, pad_a: torch.Tensor, pad_b: torch.Tensor,
+                  masked_b: torch.Tensor, c: torch.Tensor, product: Callable, op_args: tuple, noise: torch.Tensor,
+                  pad_scale: float, out: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """otp's hop from a matmul to a linear (`Plain.attend_hop`): recover c with float32 cross terms, op -> (kept, x),
+    pad x's rows: (kept, x padded, its row scales)."""
+    kept, x = op(form, _float32_cross(a, pad_a, pad_b, masked_b, c, product), *op_args)
+    return (kept, *form(_pad_rows)(x, noise, pad_scale, out))
+
+
 def _add_op_pad_both(form: Callable, op: Callable, z: torch.Tensor, sigma: torch.Tensor, projected: torch.Tensor,
                      bias: torch.Tensor | None, op_args: tuple, noise_a: torch.Tensor, noise_b: torch.Tensor,
                      pad_scale: float, out_a: torch.Tensor | None, out_b: torch.Tensor | None) -> tuple:
@@ -692,6 +726,18 @@ def _unmix_op_mix(form: Callable, op: Callable, z3: torch.Tensor, woodbury_rows:
     kept, h = op(form, y if bias is None else torch.add(y, bias), *op_args)
     mixed, next_scale = form(_mix_rows)(h, d, a_next, b_t_over_d, dummy, out)
     return kept, mixed, next_scale
+
+
+def _unpermute_op_mix(form: Callable, op: Callable, c: torch.Tensor, d1: torch.Tensor, d3: torch.Tensor,
+                      rows: torch.Tensor, cols: torch.Tensor, op_args: tuple, *mix_args
+                      ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """ours' hop from a matmul to a linear (`Plain.attend_hop`): unscale and unpermute c [B, H, n, m] (`rows` and
+    `cols` the inverse permutations' indices), op -> (kept, x [B, n, d]), mix x's rows (`_mix_rows`): (kept, x
+    mixed, its scale)."""
+    batch, heads, n, m = c.shape
+    c5 = form(_unscale_rows_cols)(c.view(batch, d3.shape[1], heads // d3.shape[1], n, m), d1, d3)
+    kept, x = op(form, _permute(c5, rows, cols).view(c.shape), *op_args)
+    return (kept, *form(_mix_rows)(x, *mix_args))
 
 
 def _unmix_op_permute(form: Callable, op: Callable, z3: torch.Tensor, woodbury_rows: torch.Tensor, a: torch.Tensor,

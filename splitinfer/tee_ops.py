@@ -121,6 +121,17 @@ def split_heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
     return x.view(batch, n, width // head_dim, head_dim).transpose(1, 2)
 
 
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """[B, H, N, h] -> [B, N, H·h], the layout the o projection reads."""
+    batch, heads, n, head_dim = x.shape
+    return x.transpose(1, 2).reshape(batch, n, heads * head_dim)
+
+
+def merged(form: Callable, x: torch.Tensor) -> tuple[None, torch.Tensor]:
+    """`merge_heads` as a fused hop's op (`kernels.fused`): (nothing kept, x's heads merged)."""
+    return None, merge_heads(x)
+
+
 def rotated_heads(form: Callable, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int,
                   out: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """The qkv projection's output [B, N, (H + 2·Hkv)·h] as a fused hop's op (`kernels.fused`): (v [B, Hkv, N, h],

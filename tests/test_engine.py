@@ -354,7 +354,8 @@ def test_device_warmup_changes_nothing_an_inference_measures(tiny_models, scheme
 def test_fused_hops_do_the_separate_steps_work(tiny_models, scheme, variant, n, batch):
     """With `fuse_hops`, each hop between two linears (recovery and bias, residual add and RMSNorm or SiLU·up,
     the next protect), the one from the qkv projection to the scores (recovery and bias, RoPE, the scores'
-    protect) and the one between the attention matmuls (recovery, softmax, protect), is one TEE call:
+    protect), the one between the attention matmuls (recovery, softmax, protect) and the one from P·V to the o
+    projection (recovery, the heads merged, o's protect), is one TEE call:
     eager, the very ops the separate steps run, so the same logits bit for bit; the same bytes cross in the same
     calls, every step is still counted, and the hops' time is crypto, under labels that name both steps and the
     op. One token: ours mixes a dummy row in (`Matrix`)."""
@@ -377,7 +378,8 @@ def test_fused_hops_do_the_separate_steps_work(tiny_models, scheme, variant, n, 
                          f"{recover}_linear_mlp+silu+{protect}_linear_mlp",
                          f"{recover}_linear_mlp+rmsnorm+{protect}_linear_attn",
                          f"{recover}_linear_attn+rotary+{protect}_matmul",
-                         f"{recover}_matmul+softmax+{protect}_matmul"}
+                         f"{recover}_matmul+softmax+{protect}_matmul",
+                         f"{recover}_matmul+{protect}_linear_attn"}
     assert "rmsnorm" in figures["breakdown"]["cpu_compute"]
     assert not {"silu", "softmax", "rotary"} & set(figures["breakdown"]["cpu_compute"])
     assert layers > 1  # so that a down projection's answer meets the next layer's norm

@@ -144,7 +144,7 @@ def test_kernel_bench_times_each_step_both_ways(tmp_path, capsys):
                               "--round-trip-device", "cpu", "--out", str(out)]) == 0
     results = json.loads(out.read_text())
     steps = results["lengths"]["4"]
-    assert set(steps["eager"]) == set(steps["compiled"]) and len(steps["eager"]) == 25
+    assert set(steps["eager"]) == set(steps["compiled"]) and len(steps["eager"]) == 29
     assert {"ours: 3 hops, fused", "otp: 3 hops, separate steps", "ours: softmax hop, fused",
             "otp: RoPE hop, fused"} <= set(steps["compiled"])
     costs = results["fixed_costs"]
@@ -438,9 +438,11 @@ def test_fused_hops_compile_to_one_call_each(tiny_models, scheme, monkeypatch):
         engine.choose_kernels = False  # compiled at every shape, for the count
         engine.warm_kernels(*ids.shape)
         host_ops[fuse], compiled_calls[fuse] = perf.profile_engine(engine, ids, mask, scheme)[1:]
-    body, rope_body = ("unmix_op_mix", "unmix_op_permute") if scheme == "matrix" else ("add_op_pad", "add_op_pad_both")
+    body, rope_body, attend_body = (("unmix_op_mix", "unmix_op_permute", "unpermute_op_mix") if scheme == "matrix"
+                                    else ("add_op_pad", "add_op_pad_both", "cross_op_pad"))
     softmax_hop = {"_unscale_hide"} if scheme == "matrix" else set()  # otp's: its steps, in one call
-    built = {f"{body}_sum_and_norm", f"{body}_gated", f"{rope_body}_rotated_heads", *softmax_hop}
+    built = {f"{body}_sum_and_norm", f"{body}_gated", f"{rope_body}_rotated_heads", f"{attend_body}_merged",
+             *softmax_hop}
     assert built <= {key.split(" ")[0] for key in kernels.chosen()}
     assert not built & set(kernels.failed), kernels.failed
     assert deepest[0] == 1

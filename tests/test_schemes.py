@@ -301,3 +301,41 @@ def test_rope_hop_is_the_steps(scheme_cls, bias, dtype, compiled):
         assert "add_op_pad_both_rotated_heads" not in kernels.failed
     finally:
         kernels.select(False)
+
+
+@pytest.mark.parametrize("scheme_cls", [Matrix, Otp])
+@pytest.mark.parametrize("dtype, compiled", [(torch.float32, False), (torch.float32, True), (torch.float16, True)],
+                         ids=["eager", "compiled", "compiled-float16"])
+def test_attend_hop_is_the_steps(scheme_cls, dtype, compiled):
+    """The fused hop from P·V to the o projection (`attend_hop`: recover P·V from its causal blocks, merge the
+    heads, protect o's input) sends the GPU the input the steps would and keeps the secret they would: eager the
+    very values, compiled (one kernel, `kernels.fused`) within rounding, laid out alike."""
+    from splitinfer import kernels
+    from splitinfer.tee_ops import CausalBlocks, merge_heads, merged
+    kernels.select(compiled, chosen=False)
+    try:
+        batch, heads, groups, n, h = 2, 4, 2, 9, 5
+        blocks = CausalBlocks.of(batch, heads, n, split=scheme_cls.causal_blocks, padded=False, rows=4)
+        probs, v = torch.rand(blocks.shape).to(dtype), torch.randn(batch, groups, n, h).to(dtype)
+        weight = torch.randn(6, heads * h).to(dtype)
+        sent = []
+        for fused in (False, True):
+            scheme = scheme_cls(seed=3)
+            scheme.prepare({"o": (batch, n, heads * h)}, {"p": (blocks.shape, v.shape)},
+                           weights=lambda name: weight, dtype=dtype)
+            a, b, secret = scheme.protect_matmul(probs, v, "p")
+            c = blocks.attend(a, b)
+            sent.append(scheme.attend_hop(c, secret, blocks.attend, merged, (), "o")[1:] if fused else
+                        scheme.protect_linear(merge_heads(scheme.recover_matmul(c, secret, blocks.attend)), "o"))
+        (steps, steps_secret), (hop, hop_secret) = sent
+        pairs = [(steps, hop)] + [(x, y) for x, y in zip(steps_secret, hop_secret) if isinstance(x, torch.Tensor)]
+        pairs += [(steps_secret[2], hop_secret[2])] if scheme_cls is Matrix else []  # ours' scale D diag(1/r)
+        for x, y in pairs:
+            assert x.shape == y.shape and x.stride() == y.stride() and x.dtype == y.dtype
+            if compiled:
+                torch.testing.assert_close(y, x, atol=1e-2 if dtype == torch.float16 else 1e-5, rtol=1e-2)
+            else:
+                assert torch.equal(y, x)
+        assert not {"unpermute_op_mix_merged", "cross_op_pad_merged"} & set(kernels.failed)
+    finally:
+        kernels.select(False)
