@@ -107,11 +107,14 @@ def build_parser(config, scheme: str, prog: str) -> argparse.ArgumentParser:
                        help="with a tied LM head, keep a copy of the embedding table in the TEE instead of reading "
                             "the GPU's whole at every inference: one table copy faster, a table's size more memory")
         p.add_argument("--fuse-hops", action="store_true", default=getattr(config, "FUSE_HOPS", False),
-                       help="make the TEE's work between two linears one call: recovering the answer, the residual "
-                            "add and RMSNorm (or SiLU·up), and protecting the next input, compiled as one kernel "
-                            "(three such hops a layer); and between the attention matmuls: recovering the scores, "
-                            "their softmax and protecting P·V's operands. The JSON then times those RMSNorms, "
-                            "SiLUs and softmaxes as crypto (timing.fused_hops_ms)")
+                       help="make each of the TEE's hops one call, one compiled kernel where set-up measures that "
+                            "faster: between two linears, recovering the answer, the residual add and RMSNorm (or "
+                            "SiLU·up), and protecting the next input (three such hops a layer); from the qkv "
+                            "projection to the scores, recovering it, RoPE, and protecting q and kᵀ; between the "
+                            "attention matmuls, recovering the scores, their softmax and protecting P·V's "
+                            "operands; from P·V to the o projection, recovering it and protecting o's input. The "
+                            "JSON then times those RMSNorms, SiLUs, RoPEs and softmaxes as crypto "
+                            "(timing.fused_hops_ms)")
     if scheme == "matrix":
         p.add_argument("--mask-rank", type=int, default=config.MASK_RANK,
                        help="rank k of the token-mixing part of M = D + ABᵀ (1: the original D + αβᵀ); "

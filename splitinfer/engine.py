@@ -196,11 +196,13 @@ class SplitLlama:
         table in the TEE instead of reading the GPU's at every inference (`streamed_embedding`).
         `compiled` runs the TEE's fused kernels compiled (`kernels`; `warm_kernels` builds them in set-up),
         each eager at the shapes where set-up measured that faster, unless not `choose_kernels`.
-        `fuse_hops` makes a masked scheme's TEE work between two linears one call (`fused_hop`): recovering
-        the answer, the residual add and RMSNorm or SiLU·up, and protecting the next linear's input, compiled
-        as one kernel; and its work between the two attention matmuls (`softmax_hop`): recovering the scores,
-        their softmax and protecting P·V's operands. Four hops a layer, each one call where it made three; the
-        call is timed as crypto, so that category then holds those RMSNorms, SiLUs and softmaxes too.
+        `fuse_hops` makes each of a masked scheme's TEE hops one call: between two linears (`fused_hop`),
+        recovering the answer, the residual add and RMSNorm or SiLU·up, and protecting the next linear's input;
+        from the qkv projection to the scores (`rope_hop`), recovering it, RoPE, and protecting q and kᵀ; between
+        the two attention matmuls (`softmax_hop`), recovering the scores, their softmax and protecting P·V's
+        operands; from P·V to the o projection (`attend_hop`), recovering it and protecting o's input. Six hops a
+        layer, each one call (one compiled kernel where set-up measured that faster) where it made two or three;
+        the call is timed as crypto, so that category then holds those RMSNorms, SiLUs, RoPEs and softmaxes too.
         `cuda_graphs` replays each of the GPU's calls from a CUDA graph (`splitinfer.graphs`), captured in set-up
         (`warm_device`): one launch where a linear makes several host calls, and an attention matmul more. Only
         on CUDA (elsewhere it warns and does nothing), and off by default: no GPU run has measured it yet.

@@ -71,8 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with compiled kernels, skip the plain split and ours with eager kernels (*_eager_kernels) "
                         "and with compiled kernels at every shape (*_all_compiled: no per-shape choice in set-up)")
     p.add_argument("--no-fused-hops", action="store_true",
-                   help="with compiled kernels, skip ours and otp with fused hops (*_fused_hops: the TEE's work "
-                        "between two linears as one call)")
+                   help="with compiled kernels, skip ours and otp with fused hops (*_fused_hops: each of the TEE's "
+                        "hops as one call)")
     p.add_argument("--no-cuda-graphs", action="store_true",
                    help="on CUDA, skip the split runners with each GPU call replayed from a CUDA graph (*_cuda_graphs)")
     p.add_argument("--no-overlap", action="store_true",

@@ -66,9 +66,10 @@ class Plain:
         """Build the compiled kernels that the protect and recover steps run (none here), before the
         inference: `matmuls` gives zeros laid out as each matmul's operands are (strides too), `products` the
         form the GPU computes each in (as `recover_matmul` takes it; the full product unless given), `outputs`
-        each linear's output width, `hops` the fused hops (`hop`'s arguments on zeros: the linear before,
-        its bias, the op and its arguments, the linear after), `attention` where the softmax hop is fused too
-        (`softmax_hop`: the causal blocks, the bias and the attention mask, of the inference's shapes)."""
+        each linear's output width, `hops` the fused hops from a linear (`hop`'s and `rope_hop`'s arguments on
+        zeros: the linear before, its bias, the op and its arguments, the linear or scores matmul after),
+        `attention` where the hops from the scores are fused too (`softmax_hop`, `attend_hop`: the causal blocks,
+        the bias and the attention mask, of the inference's shapes)."""
 
     def _warm_hops(self, linears: MaskShapes, outputs: dict[str, int], dtype: torch.dtype, hops: tuple) -> None:
         """Each fused hop once, on zeros, its masks drawn (`warm_kernels`): `hop`, or `rope_hop` where the linear

@@ -11,7 +11,7 @@
 #                      every length, then the variants, so that a cut run keeps the headline; the variants
 #                      are first each runner with its GPU calls replayed from CUDA graphs (*_cuda_graphs,
 #                      seventeenth round, never run on a GPU before: their rel_diff_from_optimized says whether
-#                      they compute what the runners do), then ours and otp with fused hops (each hop between two linears one TEE call:
+#                      they compute what the runners do), then ours and otp with fused hops (each of the TEE's six hops a layer one call:
 #                      ours_fused_hops, otp_fused_hops), then with both (*_fused_hops_cuda_graphs), and the plain split and ours with eager kernels and
 #                      with compiled ones at every shape (what set-up's per-shape choice buys)
 #   perf.csv           the same figures flat, one row per length and method, for plotting
