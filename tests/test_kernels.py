@@ -408,10 +408,10 @@ def test_otp_pads_a_matmul_operand_exactly_compiled_or_not(dtype):
 
 @pytest.mark.parametrize("scheme", ["matrix", "otp"])
 def test_fused_hops_compile_to_one_call_each(tiny_models, scheme, monkeypatch):
-    """Compiled, each fused hop between linears is one kernel (`kernels.fused`; ours' softmax hop unscales and
-    hides keys in one, `schemes._unscale_hide`), built and timed in set-up against its chain of kernels, whose
-    own forms were chosen first (no choice runs inside another's timing); the inference builds nothing, gives
-    the separate steps' answer, and calls fewer ops on the host."""
+    """Compiled, each fused hop is one kernel (`kernels.fused`: the three between linears, the RoPE hop and the P·V
+    hop; ours' softmax hop unscales and hides keys in one, `schemes._unscale_hide`), built and timed in set-up
+    against its chain of kernels, whose own forms were chosen first (no choice runs inside another's timing); the
+    inference builds nothing, gives the separate steps' answer, and calls fewer ops on the host."""
     from splitinfer import perf
     model = load_model(tiny_models["biases"], torch.float32, CPU)
     ids, mask = build_batch(model.tokenizer, ["Three hops a layer, one call each."], 10, 2, ragged=True)
@@ -533,3 +533,23 @@ def test_otp_set_up_picks_its_scores_cross_terms_in_half_precision(tiny_models, 
     SplitLlama(model.config, model.state_dict, make_scheme("otp", seed=3), CPU, torch.float32,
                compiled=True).warm_kernels(*ids.shape)
     assert kernels.picks == {}
+
+
+@pytest.mark.parametrize("scheme", ["matrix", "otp"])
+def test_fused_hops_build_in_set_up_in_half_precision(tiny_models, scheme):
+    """In float16, as on a GPU machine (where otp's scores' cross terms may be integer products, picked in set-up
+    from protected operands laid out as the fused RoPE hop lays them out), set-up builds every kernel of the fused
+    hops' inference, in the forms it chose and compiled at every shape, and the logits stay within float16
+    rounding of the unfused engine's."""
+    model = load_model(tiny_models["biases"], torch.float16, CPU)
+    ids, mask = build_batch(model.tokenizer, ["Half precision, six hops a layer."], 10, 2, ragged=True)
+    logits = {}
+    for fuse, choose in ((False, True), (True, True), (True, False)):
+        engine = SplitLlama(model.config, model.state_dict, make_scheme(scheme, seed=2), CPU, torch.float16,
+                            compiled=True, fuse_hops=fuse, choose_kernels=choose)
+        engine.warm_kernels(*ids.shape)
+        built = graphs_built()
+        logits[fuse, choose] = engine.timed_forward(ids, mask)[0]
+        assert graphs_built() == built and not kernels.failed
+    for fused in (logits[True, True], logits[True, False]):
+        assert compare(fused, logits[False, True])["rel_logit_error"] < 1e-2
