@@ -217,7 +217,7 @@ def fixed_costs(d: int, dtype: torch.dtype, threads: list[int], repeat: int, hop
                     row[f"RMSNorm with the residual add, 128 tokens, {mode}{label}"] = timed(
                         lambda _: norm.after(x, branch), before or (lambda: None), repeat=repeat, wait_s=wait_s)
             if count > 1 and kernels.select(True) == kernels.COMPILED:
-                on_one = torch.compile(residual_rms_norm.__wrapped__, dynamic=False, options={"cpp.threads": 1})
+                on_one = kernels.Built(residual_rms_norm.__wrapped__, {"cpp.threads": 1})
                 for label, wait_s, before in waits:
                     row[f"RMSNorm with the residual add, 128 tokens, compiled on one thread{label}"] = timed(
                         lambda _: on_one(x, branch, norm.scaled, norm.eps_d, torch.empty_like(x)),

@@ -227,6 +227,9 @@ def copy_bandwidth(device: torch.device, mib: int = 64, repeat: int = 5, sizes: 
             "to_cpu_pageable_gb_per_s": rate(pageable, on_gpu, False), "by_size": by_size}
 
 
+COMPILED_CALL = "## Call CompiledFxGraph"  # how the profiler names a call of a compiled TEE kernel (`kernels.Built`)
+
+
 def profile_engine(engine: SplitLlama, ids, mask, title: str) -> tuple[str, int, int]:
     """One inference's online phase under torch.profiler, timing no region of its own: the operators that took
     the most host time, as a table, how many ops the host called (ATen operators, views included, and compiled
@@ -247,7 +250,7 @@ def profile_engine(engine: SplitLlama, ids, mask, title: str) -> tuple[str, int,
     finally:
         engine.metrics.instrumented = True
     called = [event.name for event in prof.events() if event.cpu_parent is None
-              and event.name.startswith(("aten::", "Torch-Compiled Region"))]
+              and event.name.startswith(("aten::", COMPILED_CALL))]
     compiled = sum(1 for name in called if not name.startswith("aten::"))
     return (f"== {title}\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40), len(called),
             compiled)

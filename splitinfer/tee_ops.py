@@ -403,7 +403,7 @@ def _softmax_each_block(scores: torch.Tensor, bias: torch.Tensor, out: torch.Ten
     return out
 
 
-@tee_kernel(eager=_softmax_each_block)
+@tee_kernel(eager=_softmax_each_block, unused=("padded",))
 def _softmax_blocks(scores: torch.Tensor, bias: torch.Tensor, out: torch.Tensor, batch: int, heads: int,
                     starts: tuple[int, ...], padded: bool) -> torch.Tensor:
     """`CausalBlocks.softmax` of packed scores into `out`; compiled, every block in one call, where eager makes
