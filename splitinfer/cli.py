@@ -161,7 +161,7 @@ def add_kernels_flag(p: argparse.ArgumentParser, default: str | None = None, mor
     """--kernels, as every entry point takes it (`compiled_kernels` reads it)."""
     p.add_argument("--kernels", choices=KERNEL_MODES, default=default,
                    help="the TEE's fused kernels (RMSNorm with the residual add, SiLU, ours' masks): compiled by "
-                        "torch.compile in set-up (needs a C++ compiler; eager with a warning without one), or eager "
+                        "inductor in set-up (needs a C++ compiler; eager with a warning without one), or eager "
                         "PyTorch ops; unset: compiled with CUDA, eager without (with the linears on the CPU between "
                         "them, compiled kernels measured slower)" + more)
 
@@ -239,7 +239,7 @@ def run(args, scheme_name: str) -> dict:
     if gpu_device.type == "cuda":  # context and cuBLAS handle belong to set-up, not to the first inference
         torch.ones(8, 8, device=gpu_device, dtype=dtype) @ torch.ones(8, 8, device=gpu_device, dtype=dtype)
     if engine.compiled:
-        progress("compiling the TEE's kernels for this input's shapes (torch.compile)")
+        progress("compiling the TEE's kernels for this input's shapes (inductor)")
     started = kernels.start_ms()  # nonzero: an earlier engine in this process started the compiler
     compile_ms = engine.warm_kernels(*ids.shape)
     progress("set-up: the attention's forms timed on one layer's shapes (--attention auto)"

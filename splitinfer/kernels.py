@@ -93,8 +93,11 @@ class Built:
     traced to ATen ops (`make_fx`, on fake tensors, so nothing runs) with every argument that is not a tensor as a
     constant, and called with its tensors alone. A call then costs the host a lookup of its arguments' layouts,
     where `torch.compile`'s evaluated the frame, checked its guards and ran its wrappers: an RMSNorm over 8 x 64
-    on one thread of the 2-core VM took 6.8 µs a call so, against 15.4 through `torch.compile` (7.4 against 12.1
-    under torch 2.11) and 6.8 eager. The arguments are tensors, numbers, None and other constants (hashable),
+    on one thread of the 2-core VM took 6.9 µs a call so, against 15.4-16.2 through `torch.compile` (7.4 against
+    12.1 under torch 2.11) and 6.8 eager. The trace keeps PyTorch's own ops (`pre_dispatch`): decomposed first,
+    a reshape traced as a view of a tensor written through `out=` failed to compile once that write was made
+    functional. Inductor's cache of built graphs serves it across processes (the fake tensors carry a shape
+    environment, without which the cache is bypassed). The arguments are tensors, numbers, None and other constants (hashable),
     and tuples or lists of them; tensors passed to one kernel share no memory (the engine passes none that do).
     An option `torch._inductor` does not take fails at the first build."""
 
