@@ -255,9 +255,9 @@ def test_softmax_hop_is_the_steps(scheme_cls, padded, compiled):
 
 
 @pytest.mark.parametrize("scheme_cls", [Matrix, Otp])
-@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
-@pytest.mark.parametrize("dtype, compiled", [(torch.float32, False), (torch.float32, True), (torch.float16, True)],
-                         ids=["eager", "compiled", "compiled-float16"])
+@pytest.mark.parametrize("bias, dtype, compiled", [(False, torch.float32, False), (True, torch.float32, False),
+                                                   (True, torch.float32, True), (False, torch.float16, True)],
+                         ids=["eager", "eager-bias", "compiled-bias", "compiled-float16"])
 def test_rope_hop_is_the_steps(scheme_cls, bias, dtype, compiled):
     """The fused hop from the qkv projection to the scores (`rope_hop`: recover qkv and add its bias, RoPE on q and
     k, protect q and kᵀ) sends the GPU the operands the steps would, keeps the secret they would, and hands back v
