@@ -22,8 +22,8 @@ from splitinfer.inputs import last_positions
 from splitinfer.metrics import NOTHING, Metrics, synchronize
 from splitinfer.schemes import Plain
 from splitinfer.tee_ops import (CausalBlocks, RmsNorm, Rotary, apply_rope, attention_bias, fused_attention, gated,
-                                grouped_matmul, merge_heads, merged, rotated_heads, row_parts, silu_gate, softmax_in_order, split_heads,
-                                sum_and_norm)
+                                grouped_matmul, merge_heads, merged, rotated_heads, row_parts, silu_gate, softmax_in_order,
+                                split_heads, sum_and_norm)
 
 
 Product = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

@@ -97,9 +97,9 @@ class Built:
     12.1 under torch 2.11) and 6.8 eager. The trace keeps PyTorch's own ops (`pre_dispatch`): decomposed first,
     a reshape traced as a view of a tensor written through `out=` failed to compile once that write was made
     functional. Inductor's cache of built graphs serves it across processes (the fake tensors carry a shape
-    environment, without which the cache is bypassed). The arguments are tensors, numbers, None and other constants (hashable),
-    and tuples or lists of them; tensors passed to one kernel share no memory (the engine passes none that do).
-    An option `torch._inductor` does not take fails at the first build."""
+    environment, without which the cache is bypassed). The arguments are tensors, numbers, None and other
+    hashable constants, and tuples or lists of them; tensors passed to one kernel share no memory (the engine
+    passes none that do). An option `torch._inductor` does not take fails at the first build."""
 
     all: list[Built] = []  # every kernel's, so that `select` can drop what was built for another thread count
 
@@ -124,7 +124,7 @@ class Built:
         def with_tensors(*given: torch.Tensor):
             return self.fn(*_rebuilt(args, iter(given)))
 
-        import torch._inductor
+        import torch._inductor  # here: eager runs never load the compiler
         from torch._subclasses.fake_tensor import FakeTensorMode
         from torch.fx.experimental.symbolic_shapes import ShapeEnv
         # fake tensors of static shapes under a shape environment: inductor's cache of built graphs takes those
