@@ -63,7 +63,8 @@
 # dry run on a CPU (tests/test_bench.py). THREAD_SWEEP=8,12 adds the runners at those thread counts to the
 # comparison (tenth round, 128 tokens, against 16 threads: plain 0.87-1.34x, ours 1.19-2.0x, otp
 # 1.06-1.53x, so none by default); KERNEL_THREADS
-# (default 1,4,8,16) sets kernel_bench's thread counts, KERNEL_WAIT_POLICIES (default PASSIVE,ACTIVE; empty: none)
+# (default 1,4,8,16) sets kernel_bench's thread counts, KERNEL_LENGTHS (default LENGTHS) its token counts,
+# KERNEL_WAIT_POLICIES (default PASSIVE,ACTIVE; empty: none)
 # the OpenMP wait policies its fixed costs are also timed under.
 # KERNELS=eager (or compiled) sets this tree's runners' TEE kernels; unset, each runner's own default.
 set -euo pipefail
@@ -76,6 +77,7 @@ lengths=${LENGTHS:-128,512}
 precision_length=${PRECISION_LENGTH:-128}
 thread_sweep=${THREAD_SWEEP:-}
 kernel_threads=${KERNEL_THREADS:-1,4,8,16}
+kernel_lengths=${KERNEL_LENGTHS:-$lengths}
 kernel_wait_policies=${KERNEL_WAIT_POLICIES-PASSIVE,ACTIVE}
 deadline=${DEADLINE:-570}
 ablations=${ABLATIONS:-}
@@ -152,7 +154,7 @@ if [ -n "$spin" ]; then
 fi
 
 step "the fixed cost of a call, by OpenMP wait policy and straight after a GPU round trip, and the TEE's steps of one layer, eager and compiled"
-within 40 150 python -m splitinfer.kernel_bench --preset "${KERNEL_PRESET:-$preset}" --lengths "$lengths" \
+within 40 150 python -m splitinfer.kernel_bench --preset "${KERNEL_PRESET:-$preset}" --lengths "$kernel_lengths" \
   --threads "$kernel_threads" --wait-policies "$kernel_wait_policies" --out "$work/kernel_bench.json" || true
 cp "$work/kernel_bench.json" "$out/kernel_bench.json" 2>/dev/null || true
 
