@@ -766,9 +766,8 @@ class SplitLlama:
             v, operands = self.rope_hop(qkv, rope, blocks.batch, f"{i}.scores")
             scores = self.matmul(operands, None, f"{i}.scores", i, blocks.scores, defer=True)
         else:
-            q_and_k, v = self.heads(qkv)
-            q, k = self.split_q_k(self.rotate(q_and_k, rope))
-            scores = self.matmul(q, k.transpose(-1, -2), f"{i}.scores", i, blocks.scores, defer=True)
+            v, (q, k_t) = self.tee("rotary", rotated_heads, kernels.as_chosen, qkv, *self.rope_args(rope, blocks.batch))
+            scores = self.matmul(q, k_t, f"{i}.scores", i, blocks.scores, defer=True)
         if isinstance(scores, Answer):
             probs = self.softmax_hop(scores, v, f"{i}.attend", blocks, bias, attention_mask)
         else:

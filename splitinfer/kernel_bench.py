@@ -105,13 +105,15 @@ def layer_steps(preset: str, n: int, dtype: torch.dtype, compiled: bool, repeat:
     # the scores' operands protected, as the unfused engine's three calls or as one
     def rope_hop(scheme, qkv_secret, fused: bool) -> float:
         def separate(z):
-            per_head = split_heads(scheme.recover_linear(z, qkv_secret), h)
-            rotated = apply_rope(per_head[:, : heads + groups], cos, sin)
-            return scheme.protect_matmul(rotated[:, :heads], rotated[:, heads:].transpose(-1, -2), "s")
+            _, (q_rotated, k_t_rotated) = rotated_heads(kernels.as_chosen, scheme.recover_linear(z, qkv_secret),
+                                                        *rope_args())
+            return scheme.protect_matmul(q_rotated, k_t_rotated, "s")
 
         def one_call(z):
-            return scheme.rope_hop(z, qkv_secret, None, rotated_heads, (cos, sin, heads, torch.empty(q_and_k.shape,
-                                                                                                   dtype=dtype)), "s")
+            return scheme.rope_hop(z, qkv_secret, None, rotated_heads, rope_args(), "s")
+
+        def rope_args() -> tuple:  # as `SplitLlama.rope_args` gives them: a fresh tensor for q and k at each call
+            return cos, sin, heads, torch.empty(q_and_k.shape, dtype=dtype)
 
         return timed(one_call if fused else separate, outputs["qkv"].clone, repeat)
 
