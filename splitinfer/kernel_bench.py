@@ -381,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     if set(policies) - {"PASSIVE", "ACTIVE"}:
         raise UserError(f"--wait-policies takes PASSIVE and ACTIVE, got '{args.wait_policies}'")
     # written after each stage, marked incomplete until the last: a run cut at its time limit keeps what it took
-    results: dict = {"preset": args.preset, "dtype": args.dtype, "wait_us": WAIT_S * 1e6,
+    results: dict = {"preset": args.preset, "dtype": args.dtype, "wait_us": WAIT_S * 1e6, "repeat": args.repeat,
                      "incomplete": "stopped before the end (a time limit?)",
                      "environment": environment_block(torch.device("cpu"), False, torch.get_num_threads()),
                      "fixed_costs": {}, "product_rates_gmacs": {}, "memory_gbs": {}, "gpu_calls": {},

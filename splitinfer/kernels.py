@@ -20,6 +20,7 @@ import statistics
 import sys
 import time
 import types
+import weakref
 from contextlib import contextmanager, nullcontext
 from typing import Callable, Iterator
 
@@ -101,7 +102,9 @@ class Built:
     hashable constants, and tuples or lists of them; tensors passed to one kernel share no memory (the engine
     passes none that do). An option `torch._inductor` does not take fails at the first build."""
 
-    all: list[Built] = []  # every kernel's, so that `select` can drop what was built for another thread count
+    # every live kernel's, so that `select` can drop what was built for another thread count (weak: a probe's
+    # one-off kernel goes with its last reference)
+    all: weakref.WeakSet[Built] = weakref.WeakSet()
 
     def __init__(self, fn: Callable, options: dict | None = None, unused: tuple[str, ...] = ()):
         """`unused`: the names of `fn`'s arguments it does not read, left out of the layouts' key."""
@@ -109,7 +112,7 @@ class Built:
         names = list(inspect.signature(fn).parameters)
         self.unused = {names.index(name) for name in unused}
         self.layouts: dict[tuple, Callable] = {}
-        Built.all.append(self)
+        Built.all.add(self)
 
     def __call__(self, *args):
         tensors, key = [], []

@@ -85,7 +85,7 @@ def test_kernels_flag(tiny_models, tmp_path, kernels, capsys):
     CUDA graphs asked for without CUDA: a warning, and the JSON says none ran."""
     out = tmp_path / "r.json"
     flag = ["--kernels", kernels, "--fuse-hops"] if kernels == "compiled" else ["--cuda-graphs"]
-    assert run("matrix", "--model", tiny_models["gqa-tied"], "--prefill-length", "6", "--output", str(out), *flag) == 0
+    assert run("matrix", "--model", tiny_models["gqa-tied"], "--prefill-length", "8", "--output", str(out), *flag) == 0
     r = json.loads(out.read_text())
     assert r["environment"]["tee_kernels"].startswith(kernels)
     assert (r["timing"]["kernel_compile_ms"] > 0) == (kernels == "compiled")

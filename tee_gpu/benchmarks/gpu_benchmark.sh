@@ -65,7 +65,8 @@
 # 1.06-1.53x, so none by default); KERNEL_THREADS
 # (default 1,4,8,16) sets kernel_bench's thread counts, KERNEL_LENGTHS (default LENGTHS) its token counts,
 # KERNEL_WAIT_POLICIES (default PASSIVE,ACTIVE; empty: none)
-# the OpenMP wait policies its fixed costs are also timed under.
+# the OpenMP wait policies its fixed costs are also timed under. WARMUP=2 and REPEAT=5 set the comparisons' untimed
+# and timed inferences per method, KERNEL_REPEAT=30 kernel_bench's timed calls per step (fewer: a quicker, noisier run).
 # KERNELS=eager (or compiled) sets this tree's runners' TEE kernels; unset, each runner's own default.
 set -euo pipefail
 out=${1:?usage: gpu_benchmark.sh OUT_DIR [PRESET]}
@@ -80,6 +81,9 @@ kernel_threads=${KERNEL_THREADS:-1,4,8,16}
 kernel_lengths=${KERNEL_LENGTHS:-$lengths}
 kernel_wait_policies=${KERNEL_WAIT_POLICIES-PASSIVE,ACTIVE}
 deadline=${DEADLINE:-570}
+warmup=${WARMUP:-2}
+repeat=${REPEAT:-5}
+kernel_repeat=${KERNEL_REPEAT:-30}
 ablations=${ABLATIONS:-}
 baseline=${BASELINE:-}
 if [ -n "$baseline" ]; then  # absolute, since its pass runs from inside it; checked before anything runs
@@ -121,7 +125,7 @@ fi
 
 step "in-process comparison: split runners, TEE-only (bfloat16), transformers on CPU and GPU"
 within 60 330 python -m splitinfer.perf --model "$model" --lengths "$lengths" --dtype float16 --tee-dtype bfloat16 \
-  --warmup 2 --repeat 5 ${thread_sweep:+--thread-sweep "$thread_sweep"} $no_overlap $no_ablations --profile $kernels \
+  --warmup "$warmup" --repeat "$repeat" ${thread_sweep:+--thread-sweep "$thread_sweep"} $no_overlap $no_ablations --profile $kernels \
   --out-dir "$work/perf" || true
 cp "$work/perf/perf.json" "$out/perf.json" 2>/dev/null || true
 cp "$work/perf/perf.csv" "$out/perf.csv" 2>/dev/null || true
@@ -129,7 +133,7 @@ cp "$work/perf/profile.txt" "$out/profile.txt" 2>/dev/null || true
 
 step "the overhead floor: the same comparison on $floor_model, whose calls are the 1B shape's with next to no arithmetic"
 within 30 90 python -m splitinfer.perf --model "$floor_model" --lengths "$lengths" --dtype float16 --tee-dtype bfloat16 \
-  --warmup 2 --repeat 5 --no-ablations --no-kernel-variants --no-overlap --kernels="${FLOOR_KERNELS:-eager}" \
+  --warmup "$warmup" --repeat "$repeat" --no-ablations --no-kernel-variants --no-overlap --kernels="${FLOOR_KERNELS:-eager}" \
   --profile --out-dir "$work/floor" || true
 cp "$work/floor/perf.json" "$out/perf_floor.json" 2>/dev/null || true
 cp "$work/floor/perf.csv" "$out/perf_floor.csv" 2>/dev/null || true
@@ -140,7 +144,7 @@ if [ -n "$baseline" ]; then
   step "the split runners of the baseline in $baseline, timed the same way"
   # from inside it: `python -m` puts the working directory ahead of PYTHONPATH
   (cd "$baseline" && PYTHONPATH="$baseline" within 60 150 python -m splitinfer.perf --model "$model_there" \
-    --lengths "$lengths" --dtype float16 --warmup 2 --repeat 5 --split-only --no-ablations --no-overlap \
+    --lengths "$lengths" --dtype float16 --warmup "$warmup" --repeat "$repeat" --split-only --no-ablations --no-overlap \
     --out-dir "$work/baseline") || true
   cp "$work/baseline/perf.json" "$out/perf_baseline.json" 2>/dev/null || true
 fi
@@ -148,14 +152,15 @@ fi
 if [ -n "$spin" ]; then
   step "the comparison with spinning OpenMP threads (OMP_WAIT_POLICY=ACTIVE), baselines included"
   OMP_WAIT_POLICY=ACTIVE within 60 150 python -m splitinfer.perf --model "$model" --lengths "$lengths" --dtype float16 \
-    --tee-dtype bfloat16 --warmup 2 --repeat 5 --no-ablations --no-kernel-variants --no-overlap $kernels \
+    --tee-dtype bfloat16 --warmup "$warmup" --repeat "$repeat" --no-ablations --no-kernel-variants --no-overlap $kernels \
     --out-dir "$work/spin" || true
   cp "$work/spin/perf.json" "$out/perf_spin.json" 2>/dev/null || true
 fi
 
 step "the fixed cost of a call, by OpenMP wait policy and straight after a GPU round trip, and the TEE's steps of one layer, eager and compiled"
 within 40 150 python -m splitinfer.kernel_bench --preset "${KERNEL_PRESET:-$preset}" --lengths "$kernel_lengths" \
-  --threads "$kernel_threads" --wait-policies "$kernel_wait_policies" --out "$work/kernel_bench.json" || true
+  --threads "$kernel_threads" --wait-policies "$kernel_wait_policies" --repeat "$kernel_repeat" \
+  --out "$work/kernel_bench.json" || true
 cp "$work/kernel_bench.json" "$out/kernel_bench.json" 2>/dev/null || true
 
 merge() {  # every JSON of one group into OUT_DIR/GROUP.json, written as soon as the group is done
