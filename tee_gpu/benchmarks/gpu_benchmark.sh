@@ -81,8 +81,7 @@ kernel_threads=${KERNEL_THREADS:-1,4,8,16}
 kernel_lengths=${KERNEL_LENGTHS:-$lengths}
 kernel_wait_policies=${KERNEL_WAIT_POLICIES-PASSIVE,ACTIVE}
 deadline=${DEADLINE:-570}
-warmup=${WARMUP:-2}
-repeat=${REPEAT:-5}
+counts=(--warmup "${WARMUP:-2}" --repeat "${REPEAT:-5}")  # every comparison's untimed and timed inferences
 kernel_repeat=${KERNEL_REPEAT:-30}
 ablations=${ABLATIONS:-}
 baseline=${BASELINE:-}
@@ -125,7 +124,7 @@ fi
 
 step "in-process comparison: split runners, TEE-only (bfloat16), transformers on CPU and GPU"
 within 60 330 python -m splitinfer.perf --model "$model" --lengths "$lengths" --dtype float16 --tee-dtype bfloat16 \
-  --warmup "$warmup" --repeat "$repeat" ${thread_sweep:+--thread-sweep "$thread_sweep"} $no_overlap $no_ablations --profile $kernels \
+  "${counts[@]}" ${thread_sweep:+--thread-sweep "$thread_sweep"} $no_overlap $no_ablations --profile $kernels \
   --out-dir "$work/perf" || true
 cp "$work/perf/perf.json" "$out/perf.json" 2>/dev/null || true
 cp "$work/perf/perf.csv" "$out/perf.csv" 2>/dev/null || true
@@ -133,7 +132,7 @@ cp "$work/perf/profile.txt" "$out/profile.txt" 2>/dev/null || true
 
 step "the overhead floor: the same comparison on $floor_model, whose calls are the 1B shape's with next to no arithmetic"
 within 30 90 python -m splitinfer.perf --model "$floor_model" --lengths "$lengths" --dtype float16 --tee-dtype bfloat16 \
-  --warmup "$warmup" --repeat "$repeat" --no-ablations --no-kernel-variants --no-overlap --kernels="${FLOOR_KERNELS:-eager}" \
+  "${counts[@]}" --no-ablations --no-kernel-variants --no-overlap --kernels="${FLOOR_KERNELS:-eager}" \
   --profile --out-dir "$work/floor" || true
 cp "$work/floor/perf.json" "$out/perf_floor.json" 2>/dev/null || true
 cp "$work/floor/perf.csv" "$out/perf_floor.csv" 2>/dev/null || true
@@ -144,7 +143,7 @@ if [ -n "$baseline" ]; then
   step "the split runners of the baseline in $baseline, timed the same way"
   # from inside it: `python -m` puts the working directory ahead of PYTHONPATH
   (cd "$baseline" && PYTHONPATH="$baseline" within 60 150 python -m splitinfer.perf --model "$model_there" \
-    --lengths "$lengths" --dtype float16 --warmup "$warmup" --repeat "$repeat" --split-only --no-ablations --no-overlap \
+    --lengths "$lengths" --dtype float16 "${counts[@]}" --split-only --no-ablations --no-overlap \
     --out-dir "$work/baseline") || true
   cp "$work/baseline/perf.json" "$out/perf_baseline.json" 2>/dev/null || true
 fi
@@ -152,7 +151,7 @@ fi
 if [ -n "$spin" ]; then
   step "the comparison with spinning OpenMP threads (OMP_WAIT_POLICY=ACTIVE), baselines included"
   OMP_WAIT_POLICY=ACTIVE within 60 150 python -m splitinfer.perf --model "$model" --lengths "$lengths" --dtype float16 \
-    --tee-dtype bfloat16 --warmup "$warmup" --repeat "$repeat" --no-ablations --no-kernel-variants --no-overlap $kernels \
+    --tee-dtype bfloat16 "${counts[@]}" --no-ablations --no-kernel-variants --no-overlap $kernels \
     --out-dir "$work/spin" || true
   cp "$work/spin/perf.json" "$out/perf_spin.json" 2>/dev/null || true
 fi
