@@ -228,3 +228,13 @@ def test_scheme_flags_reach_only_their_runners():
                                                    "--fuse-hops", "--cuda-graphs"]
     assert bench.flags_for("tee_only", flags, "bfloat16") == ["--model", "m", "--dtype", "bfloat16"]
     bench.check_runner_flags(tuple(bench.SCRIPTS), flags, None)  # each runner's own parser takes what it gets
+
+
+@pytest.mark.skipif(shutil.which("git") is None or not os.path.exists(os.path.join(ROOT, ".git")), reason="needs git and a checkout")
+def test_measured_files_are_not_ignored():
+    """A GPU run's files, copied into tee_gpu/benchmarks/measured/, get committed: `.gitignore` once kept every
+    folder named `results` out of git, and two runs' files with it."""
+    measured = "tee_gpu/benchmarks/measured/h100_round99/perf.json"
+    checked = subprocess.run(["git", "check-ignore", "-q", measured], cwd=ROOT)
+    assert checked.returncode == 1, f"{measured} is ignored by git"
+    assert subprocess.run(["git", "check-ignore", "-q", "results/optimized.json"], cwd=ROOT).returncode == 0
