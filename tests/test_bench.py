@@ -162,9 +162,10 @@ def test_gpu_benchmark_dry_run(tiny_models, tmp_path):
     assert done.returncode == 0, done.stdout[-3000:]
     assert sorted(os.listdir(out)) == ["kernel_bench.json", "log.txt", "perf.csv", "perf.json", "perf_baseline.json",
                                        "perf_floor.csv", "perf_floor.json", "perf_spin.json", "precision.json",
-                                       "profile.txt", "profile_floor.txt", "runners.json"]
+                                       "profile.txt", "profile_floor.txt", "runners.json", "targets.json",
+                                       "targets.md"]
     log = (out / "log.txt").read_text()
-    assert log.count("== [") == 8 and "warning: --overlap failed" not in log and "Traceback" not in log
+    assert log.count("== [") == 9 and "warning: --overlap failed" not in log and "Traceback" not in log
     assert "skipped" not in log and "warning: exit status" not in log
     assert "optimized_threads2" in json.loads((out / "perf.json").read_text())["lengths"]["8"]  # THREAD_SWEEP's
     for name, policy in (("perf.json", None), ("perf_baseline.json", None), ("perf_spin.json", "ACTIVE"),
@@ -189,6 +190,7 @@ def test_gpu_benchmark_dry_run(tiny_models, tmp_path):
     kernel_bench = json.loads((out / "kernel_bench.json").read_text())
     steps = kernel_bench["lengths"]["4"]
     assert set(steps["eager"]) == set(steps["compiled"]) and all(ms > 0 for ms in steps["compiled"].values())
+    assert json.loads((out / "targets.json").read_text())["targets"]  # the scorecard of what ran
     assert kernel_bench["fixed_costs_by_wait_policy"] == {}  # none: their fresh processes are test_kernels.py's
     assert set(kernel_bench["lengths"]) == {"4"} and kernel_bench["repeat"] == 2  # KERNEL_LENGTHS, KERNEL_REPEAT
 

@@ -39,6 +39,9 @@
 #   runners.json       every runner's own JSON, each in a fresh process, the longest length first (the memory
 #                      target is stated at 512 tokens): first inference, set-up, memory, logit error
 #   precision.json     float16 logit error of each scheme against the float32 reference, 3 mask seeds
+#   targets.json/.md   the performance issue's targets judged from the files above (splitinfer.targets): each
+#                      figure, its limit, met or not, and the fastest configuration measured beside the shipped
+#                      runner; rerun it on a copy of OUT_DIR if the run was cut before this step
 #   log.txt            with the seconds since the start at each step
 # Opt-in, each adding a step (and a file) and time:
 #   ABLATIONS=1   perf's ablations (pageable copies, the full scores, blocks of 128 rows, ours' own embedding
@@ -190,5 +193,8 @@ within 30 120 python -m splitinfer.precision --model "$precision_model" --length
 within 30 120 python -m splitinfer.precision --model "$precision_model" --length "$precision_length" --seeds 1,2,3 \
   --batch-size 2 --ragged $kernels --out "$work/precision/batch2_ragged.json" || true
 merge precision
+
+step "the issue's targets, judged from the files above (python -m splitinfer.targets OUT_DIR reruns it on a copy)"
+python -m splitinfer.targets "$out" || true
 
 echo "wrote $(ls "$out" | tr '\n' ' ')to $out in ${SECONDS}s (budget ${deadline}s)"
