@@ -70,12 +70,13 @@ def test_kernels_build_in_this_process(monkeypatch):
     """No pool of compile worker processes: it would compete with the timed TEE for the CPU."""
     import torch._inductor.config as inductor
     monkeypatch.delenv("TORCHINDUCTOR_COMPILE_THREADS", raising=False)
-    monkeypatch.setattr(inductor, "compile_threads", None)
-    monkeypatch.setattr(inductor.cpp, "vec_isa_ok", None)
     monkeypatch.setitem(kernels._state, "mode", kernels.EAGER)
-    assert kernels.select(True) == kernels.COMPILED
-    assert inductor.compile_threads == 1
-    assert inductor.cpp.vec_isa_ok is True  # the CPU's flags, not a test build per instruction set
+    # inductor's own patch, not monkeypatch: under torch 2.11 monkeypatch reads a config key as unset and deletes
+    # it on undo, which hides the key from every later reader (`kernels._probe` then fails to compile)
+    with inductor.patch({"compile_threads": None, "cpp.vec_isa_ok": None}):
+        assert kernels.select(True) == kernels.COMPILED
+        assert inductor.compile_threads == 1
+        assert inductor.cpp.vec_isa_ok is True  # the CPU's flags, not a test build per instruction set
     assert kernels.start_ms() > 0
 
 
@@ -90,10 +91,10 @@ def test_a_failed_probe_brings_back_the_instruction_set_tests(monkeypatch):
         return "avx512 does not build" if len(calls) == 1 else real()
 
     monkeypatch.setattr(kernels, "_build_probe", fails_first)
-    monkeypatch.setattr(inductor.cpp, "vec_isa_ok", None)
     monkeypatch.setitem(kernels._state, "mode", kernels.EAGER)
-    assert kernels.select(True) == kernels.COMPILED
-    assert calls == [True, None] and inductor.cpp.vec_isa_ok is None
+    with inductor.patch({"cpp.vec_isa_ok": None}):
+        assert kernels.select(True) == kernels.COMPILED
+        assert calls == [True, None] and inductor.cpp.vec_isa_ok is None
 
 
 def test_instruction_set_checks_load_their_builds_without_importing_torch(monkeypatch):
@@ -115,9 +116,9 @@ def test_instruction_set_checks_load_their_builds_without_importing_torch(monkey
         return None
 
     monkeypatch.setattr(kernels, "_build_probe", probe)
-    monkeypatch.setattr(inductor.cpp, "vec_isa_ok", None)
     monkeypatch.setitem(kernels._state, "mode", kernels.EAGER)
-    assert kernels.select(True) == kernels.COMPILED
+    with inductor.patch({"cpp.vec_isa_ok": None}):
+        assert kernels.select(True) == kernels.COMPILED
     assert "import torch" not in seen[0] and "cdll.LoadLibrary" in seen[0]
     assert seen[1] == torch_2_11 == cpu_vec_isa.VecISA._avx_py_load
     assert os.environ["LD_LIBRARY_PATH"] == "/elsewhere"
