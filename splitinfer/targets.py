@@ -38,7 +38,7 @@ EXCESS_BYTES = 0.10
 # that undo a measure, such as pageable copies or the full scores, nor a resident embedding table, which the
 # memory target rules out)
 VARIANT = re.compile(r"_(cuda_graphs|fused_hops|fused_hops_cuda_graphs|eager_kernels|all_compiled|overlap|blocks128|"
-                     r"threads\d+)$")
+                     r"threads\d+)")
 SAME_FUNCTION = 1e-2  # a variant whose logits differ from the plain split's by more is not counted as a configuration
 
 
@@ -75,7 +75,7 @@ def configurations(row: dict, runner: str) -> dict[str, float]:
     """A runner's measured configurations at one length: name -> warm median ms (the runner and its variants)."""
     out = {}
     for name, r in row.items():
-        if name != runner and not (name.startswith(runner + "_") and VARIANT.search(name[len(runner):])):
+        if name != runner and not (name.startswith(runner + "_") and VARIANT.fullmatch(name[len(runner):])):
             continue
         if "error" in r or "median_ms" not in r or (r.get("rel_diff_from_optimized") or 0.0) > SAME_FUNCTION:
             continue
