@@ -10,7 +10,7 @@ import io
 import json
 
 from splitinfer.errors import UserError
-from splitinfer.results import write_atomically
+from splitinfer.results import read_json, write_atomically
 
 METHODS = ("optimized", "ours", "otp", "tee_only")  # report order; "optimized" is the plain split
 PLAIN, TEE_ONLY = "optimized", "tee_only"
@@ -20,13 +20,7 @@ COLORS = {"transfer": "#4c72b0", "gpu": "#55a868", "cpu": "#c44e52", "crypto": "
 
 
 def load_result(path: str) -> dict:
-    try:
-        with open(path) as f:
-            result = json.load(f)
-    except FileNotFoundError:
-        raise UserError(f"result file '{path}' does not exist") from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"cannot read result file '{path}': {e}") from None
+    result = read_json(path, "result file")
     if "timing" not in result or "benchmark_info" not in result:
         raise UserError(f"'{path}' is not a runner result (no timing or benchmark_info block)")
     return result

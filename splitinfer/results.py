@@ -13,6 +13,7 @@ import torch
 import transformers
 
 from splitinfer.boundary import MIB
+from splitinfer.errors import UserError
 from splitinfer.metrics import ONLINE
 
 PERCENT_GROUPS = {"transfer_pct": ("transfer_to_gpu", "transfer_to_cpu"), "gpu_compute_pct": ("gpu_compute",),
@@ -135,6 +136,17 @@ def write_atomically(path: str, write) -> None:
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def read_json(path: str, what: str) -> dict:
+    """A JSON file the user named (`what`, e.g. "result file"); missing or unreadable, a UserError saying so."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise UserError(f"{what} '{path}' does not exist") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot read {what} '{path}': {e}") from None
 
 
 def write_json(path: str, result: dict) -> None:

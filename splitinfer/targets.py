@@ -13,7 +13,6 @@ variant the default would buy. Writes OUT_DIR/targets.json and OUT_DIR/targets.m
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
@@ -21,7 +20,7 @@ from dataclasses import asdict, dataclass
 
 from splitinfer.cli import OneLineParser
 from splitinfer.errors import UserError, one_line_errors
-from splitinfer.results import write_atomically, write_json
+from splitinfer.results import read_json, write_atomically, write_json
 
 SPLIT = ("optimized", "ours", "otp")
 TARGET_MODEL = "preset:llama-3.2-1b"
@@ -58,11 +57,7 @@ def load(path: str, required: bool = True) -> dict | None:
         if required:
             raise UserError(f"'{path}' does not exist (run gpu_benchmark.sh or splitinfer.perf into that folder first)")
         return None
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"cannot read '{path}': {e}") from None
+    return read_json(path, "benchmark file")
 
 
 def judged(figure: float | None, limit: float, at_most: bool = True) -> bool | None:
@@ -107,13 +102,14 @@ def gpu_rows(perf: dict) -> list[Row]:
     rows, model = [], perf["setup"]["model"]
     for n_text, row in perf["lengths"].items():
         n = int(n_text)
-        plain, plain_best = median(row, "optimized"), fastest(row, "optimized")
+        plain, fastest_of = median(row, "optimized"), {runner: fastest(row, runner) for runner in SPLIT}
+        plain_best = fastest_of["optimized"]
         stated = model == TARGET_MODEL and n in PLAIN_MS  # the GPU targets' model and lengths
         rows.append(Row("plain split, warm ms", n, plain, PLAIN_MS.get(n),
                         judged(plain, PLAIN_MS[n]) if stated else None, "perf.json: optimized",
                         best_note(plain_best, "optimized", f"{plain_best[0]}: {plain_best[1]:.1f} ms" if plain_best else "")))
         for runner, limit in OVER_PLAIN.items():
-            value, best = ratio(median(row, runner), plain), fastest(row, runner)
+            value, best = ratio(median(row, runner), plain), fastest_of[runner]
             note = ""
             if best is not None and plain_best is not None and (best[0], plain_best[0]) != (runner, "optimized"):
                 note = f"{best[0]} ÷ {plain_best[0]}: {best[1] / plain_best[1]:.2f}"
@@ -121,12 +117,18 @@ def gpu_rows(perf: dict) -> list[Row]:
                             f"perf.json: {runner} / optimized", note))
         tee_only = median(row, "tee_only")
         for runner in SPLIT:
-            value, best = ratio(tee_only, median(row, runner)), fastest(row, runner)
+            value, best = ratio(tee_only, median(row, runner)), fastest_of[runner]
             rows.append(Row(f"{runner}: speedup over TEE-only", n, value, SPEEDUP_VS_TEE_ONLY,
                             judged(value, SPEEDUP_VS_TEE_ONLY, at_most=False) if stated else None,
                             "perf.json: tee_only / " + runner,
                             best_note(best, runner, f"{best[0]}: {tee_only / best[1]:.1f}×" if best and tee_only else "")))
     return rows
+
+
+def split_runs(runners: dict | None) -> list[tuple[str, str, dict]]:
+    """(name, runner, result) of each split runner's process in runners.json (named RUNNER_nLENGTH), by name."""
+    runs = [(name, name.rsplit("_n", 1)[0], result) for name, result in sorted((runners or {}).items())]
+    return [run for run in runs if run[1] in SPLIT]
 
 
 def first_inference_rows(perf: dict, runners: dict | None) -> list[Row]:
@@ -135,10 +137,7 @@ def first_inference_rows(perf: dict, runners: dict | None) -> list[Row]:
     on a GPU only: the target is the device's first use after its set-up."""
     rows, on_gpu = [], not perf["setup"].get("gpu_fallback_to_cpu", True)
     if runners:
-        for name, result in sorted(runners.items()):
-            runner = name.rsplit("_n", 1)[0]
-            if runner not in SPLIT:
-                continue
+        for name, runner, result in split_runs(runners):
             warm = result.get("steady_state", {}).get("uninstrumented_total_ms", {}).get("median")
             value = None if warm is None else result["timing"]["total_ms"] - warm
             rows.append(Row(f"{runner}: first inference − warm, ms", result["benchmark_info"]["prefill_length"], value,
@@ -157,10 +156,7 @@ def runner_rows(runners: dict | None) -> list[Row]:
     """Peak host memory (judged for TARGET_MODEL at 512 tokens on a GPU: on the CPU fallback the host holds the
     "GPU's" weights too) and bytes over the placement's minimum."""
     rows = []
-    for name, result in sorted((runners or {}).items()):
-        runner = name.rsplit("_n", 1)[0]
-        if runner not in SPLIT:
-            continue
+    for name, runner, result in split_runs(runners):
         info = result["benchmark_info"]
         n = info["prefill_length"]
         of_target = info["model"] == TARGET_MODEL and n == 512 and on_gpu_runner(result)

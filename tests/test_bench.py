@@ -232,7 +232,8 @@ def test_scheme_flags_reach_only_their_runners():
     bench.check_runner_flags(tuple(bench.SCRIPTS), flags, None)  # each runner's own parser takes what it gets
 
 
-@pytest.mark.skipif(shutil.which("git") is None or not os.path.exists(os.path.join(ROOT, ".git")), reason="needs git and a checkout")
+@pytest.mark.skipif(shutil.which("git") is None or not os.path.exists(os.path.join(ROOT, ".git")),
+                    reason="needs git and a checkout")
 def test_measured_files_are_not_ignored():
     """A GPU run's files, copied into tee_gpu/benchmarks/measured/, get committed: `.gitignore` once kept every
     folder named `results` out of git, and two runs' files with it."""
