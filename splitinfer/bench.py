@@ -15,8 +15,8 @@ import os
 import subprocess
 import sys
 
-from splitinfer.cli import TEE_ONLY, OneLineParser, build_parser, load_config
-from splitinfer.errors import UserError
+from splitinfer.cli import TEE_ONLY, build_parser, load_config
+from splitinfer.errors import OneLineParser, UserError
 from splitinfer.report import comparison_report, load_privacy, load_result, sweep_report, write_files
 from splitinfer.schemes import RUNNERS
 

@@ -15,26 +15,18 @@ import torch
 from splitinfer import kernels
 from splitinfer.audit import AuditLog, prepare_audit_dir
 from splitinfer.engine import ATTENTION_FORMS, SplitLlama
-from splitinfer.errors import UserError, one_line_errors
+from splitinfer.errors import OneLineParser, UserError, one_line_errors
 from splitinfer.inputs import build_batch, read_prompts
 from splitinfer.metrics import synchronize
 from splitinfer.models import DEFAULT_MODEL, PRESETS, LoadedModel, load_model
 from splitinfer.reference import compare, reference_logits
-from splitinfer.results import (environment_block, memory_block, percentage_block, steady_state_block,
-                                timing_block, write_atomically, write_json)
+from splitinfer.files import write_atomically, write_json
+from splitinfer.results import environment_block, memory_block, percentage_block, steady_state_block, timing_block
 from splitinfer.schemes import make_scheme
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 KERNEL_MODES = ("compiled", "eager")  # --kernels: see `compiled_kernels`
 TEE_ONLY = "tee_only"
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one line on stderr and exit status 2."""
-
-    def error(self, message: str) -> None:
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
-        sys.exit(2)
 
 
 def load_config(path: str):

@@ -1,6 +1,8 @@
-"""The one exception type that means "the user gave bad input": reported as one line, exit status 2."""
+"""Bad input, reported as one line on stderr and exit status 2: the exception type that means it, and the
+command-line parser that does the same for bad flags."""
 from __future__ import annotations
 
+import argparse
 import functools
 import sys
 from typing import Callable
@@ -20,3 +22,11 @@ def one_line_errors(main: Callable[..., int]) -> Callable[..., int]:
             print(f"error: {e}", file=sys.stderr)
             return 2
     return wrapped
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line on stderr and exit status 2."""
+
+    def error(self, message: str) -> None:
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)

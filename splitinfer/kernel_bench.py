@@ -22,15 +22,16 @@ import torch
 import torch.nn.functional as F
 
 from splitinfer import kernels
-from splitinfer.cli import DTYPES, OneLineParser, progress
+from splitinfer.cli import DTYPES, progress
 from splitinfer.engine import attention_operands, keep_freed_memory, layer_hops
-from splitinfer.errors import UserError, one_line_errors
+from splitinfer.errors import OneLineParser, UserError, one_line_errors
 from splitinfer.graphs import CallGraphs
 from splitinfer.kernels import WAIT_S, timed
 from splitinfer.metrics import synchronize
 from splitinfer.models import PRESETS
 from splitinfer.perf import parse_counts
-from splitinfer.results import environment_block, write_json
+from splitinfer.files import write_json
+from splitinfer.results import environment_block
 from splitinfer.schemes import CROSS_FORMS, FLOAT32, INTEGER_DTYPES, Matrix, Otp
 from splitinfer.tee_ops import (CausalBlocks, RmsNorm, apply_rope, attention_bias, grouped_matmul, masked_softmax,
                                 merge_heads, merged, residual_rms_norm, rms_norm, rotated_heads, silu_gate,

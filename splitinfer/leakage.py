@@ -15,13 +15,13 @@ import torch
 
 from splitinfer.attacks import ATTACKS, POSITIONAL, PublicModel, recovery_rate
 from splitinfer.audit import AuditLog, read_audit
-from splitinfer.cli import OneLineParser, progress
+from splitinfer.cli import progress
 from splitinfer.engine import SplitLlama
-from splitinfer.errors import UserError, one_line_errors
+from splitinfer.errors import OneLineParser, UserError, one_line_errors
 from splitinfer.inputs import read_prompts
 from splitinfer.models import load_model
 from splitinfer.report import markdown_table, write_files
-from splitinfer.results import write_json
+from splitinfer.files import write_json
 from splitinfer.schemes import RUNNERS, make_scheme
 
 RUNNER_NAMES = {scheme: runner for runner, scheme in RUNNERS.items()}  # scheme -> the runner that uses it

@@ -28,16 +28,16 @@ import time
 import torch
 
 from splitinfer import kernels
-from splitinfer.cli import (DTYPES, OneLineParser, add_kernels_flag, compiled_kernels, progress,
-                            resolve_gpu_device)
+from splitinfer.cli import DTYPES, add_kernels_flag, compiled_kernels, progress, resolve_gpu_device
 from splitinfer.engine import SplitLlama
-from splitinfer.errors import UserError, one_line_errors
+from splitinfer.errors import OneLineParser, UserError, one_line_errors
 from splitinfer.inputs import build_batch, read_prompts
 from splitinfer.metrics import ONLINE, synchronize
 from splitinfer.models import load_model
 from splitinfer.reference import build_transformers_model, compare
 from splitinfer.report import csv_text
-from splitinfer.results import environment_block, memory_block, write_atomically, write_json
+from splitinfer.files import write_atomically, write_json
+from splitinfer.results import environment_block, memory_block
 from splitinfer.schemes import RUNNERS, SCHEMES, make_scheme
 
 DEFAULT_PROMPTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tee_only_llama",

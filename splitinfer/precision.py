@@ -14,15 +14,15 @@ import sys
 import torch
 
 from splitinfer import kernels
-from splitinfer.cli import (DTYPES, OneLineParser, add_kernels_flag, compiled_kernels, progress,
-                            resolve_gpu_device)
+from splitinfer.cli import DTYPES, add_kernels_flag, compiled_kernels, progress, resolve_gpu_device
 from splitinfer.engine import SplitLlama
-from splitinfer.errors import UserError, one_line_errors
+from splitinfer.errors import OneLineParser, UserError, one_line_errors
 from splitinfer.inputs import build_batch, read_prompts
 from splitinfer.models import load_model
 from splitinfer.perf import DEFAULT_PROMPTS
 from splitinfer.reference import compare, reference_logits
-from splitinfer.results import environment_block, write_json
+from splitinfer.files import write_json
+from splitinfer.results import environment_block
 from splitinfer.schemes import RUNNERS, SCHEMES, make_scheme
 
 

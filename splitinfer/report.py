@@ -10,7 +10,7 @@ import io
 import json
 
 from splitinfer.errors import UserError
-from splitinfer.results import read_json, write_atomically
+from splitinfer.files import read_json, write_atomically
 
 METHODS = ("optimized", "ours", "otp", "tee_only")  # report order; "optimized" is the plain split
 PLAIN, TEE_ONLY = "optimized", "tee_only"

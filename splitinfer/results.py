@@ -1,19 +1,16 @@
 """The JSON result: timing, where it went, bytes, op counts, model, correctness, environment."""
 from __future__ import annotations
 
-import json
 import os
 import platform
 import resource
 import statistics
 import sys
-import tempfile
 
 import torch
 import transformers
 
 from splitinfer.boundary import MIB
-from splitinfer.errors import UserError
 from splitinfer.metrics import ONLINE
 
 PERCENT_GROUPS = {"transfer_pct": ("transfer_to_gpu", "transfer_to_cpu"), "gpu_compute_pct": ("gpu_compute",),
@@ -120,34 +117,3 @@ def cpu_flags() -> set[str]:
 def in_tdx_guest() -> bool:
     """True inside an Intel TDX trust domain (the guest device node or the CPU flag)."""
     return os.path.exists("/dev/tdx_guest") or "tdx_guest" in cpu_flags()
-
-
-def write_atomically(path: str, write) -> None:
-    """Write via a temporary file in the same folder and rename, so no half-written file is ever left."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make results private to their writer
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def read_json(path: str, what: str) -> dict:
-    """A JSON file the user named (`what`, e.g. "result file"); missing or unreadable, a UserError saying so."""
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise UserError(f"{what} '{path}' does not exist") from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"cannot read {what} '{path}': {e}") from None
-
-
-def write_json(path: str, result: dict) -> None:
-    write_atomically(path, lambda f: f.write(json.dumps(result, indent=2).encode() + b"\n"))

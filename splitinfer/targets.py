@@ -18,13 +18,13 @@ import re
 import sys
 from dataclasses import asdict, dataclass
 
-from splitinfer.cli import OneLineParser
-from splitinfer.errors import UserError, one_line_errors
-from splitinfer.results import read_json, write_atomically, write_json
+from splitinfer.errors import OneLineParser, UserError, one_line_errors
+from splitinfer.files import read_json, write_atomically, write_json
 
 SPLIT = ("optimized", "ours", "otp")
 TARGET_MODEL = "preset:llama-3.2-1b"
-CPU_MODELS = ("default", TARGET_MODEL)
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"  # models.DEFAULT_MODEL_NAME, as perf.json names it (models imports torch)
+CPU_MODELS = (DEFAULT_MODEL_NAME, TARGET_MODEL)
 PLAIN_MS = {128: 15.0, 512: 60.0}  # the plain split's warm median on the GPU, by length
 OVER_PLAIN = {"ours": 1.25, "otp": 2.0}  # on the GPU
 CPU_OVER_PLAIN = {"ours": 1.3, "otp": 1.6}  # on the CPU fallback, float32, 128 tokens

@@ -8,7 +8,7 @@ import sys
 import pytest
 from conftest import ROOT
 
-from splitinfer import targets
+from splitinfer import models, targets
 
 
 def method(ms: float, rel_diff: float = 0.0, first: float | None = None) -> dict:
@@ -77,7 +77,9 @@ def test_a_gpu_run_is_judged_against_the_gpu_targets(tmp_path):
 def test_a_cpu_run_is_judged_against_the_cpu_only_targets(tmp_path):
     row = {"optimized": method(100.0, first=101.0), "ours": method(120.0), "otp": method(170.0),
            "transformers_cpu": method(90.0)}
-    perf = {"setup": {"model": "default", "dtype": "float32", "gpu_fallback_to_cpu": True},
+    # the default model as perf.json names it (the name load_model gives it), which targets spells out itself
+    assert targets.DEFAULT_MODEL_NAME == models.DEFAULT_MODEL_NAME
+    perf = {"setup": {"model": models.DEFAULT_MODEL_NAME, "dtype": "float32", "gpu_fallback_to_cpu": True},
             "environment": {"gpu": None, "cpu": "AMD EPYC", "threads": 2},
             "lengths": {"128": {**row, "ratios": {"optimized_first_minus_warm_ms": 1.0}}, "512": row}}
     (tmp_path / "perf.json").write_text(json.dumps(perf))
@@ -104,6 +106,10 @@ def test_the_command_writes_its_table_and_fails_in_one_line(tmp_path):
     assert (tmp_path / "targets.md").read_text() == done.stdout
     assert "| ours ÷ plain | 128 | 2.14 | 1.25 | no | ours_fused_hops_cuda_graphs ÷ optimized_cuda_graphs: 1.20 |" in done.stdout
     assert json.loads((tmp_path / "targets.json").read_text())["not_met"] == 9
+    # it reads JSON and imports no torch, so it starts at once (the GPU machine's time is short)
+    light = subprocess.run([sys.executable, "-c", "import sys, splitinfer.targets, splitinfer.report; "
+                            "assert 'torch' not in sys.modules"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert light.returncode == 0, light.stderr
     missing = subprocess.run([sys.executable, "-m", "splitinfer.targets", str(tmp_path / "none")], cwd=ROOT,
                              capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "perf.json' does not exist" in missing.stderr
