@@ -11,7 +11,7 @@ share is `overlap`: then the online categories and `other`, less `overlap`, make
 
 Timing every region costs time of its own: two CUDA events per device region, a clock read per TEE region,
 and the interpreter's work around each. So an inference can also run `instrumented=False`: then only its
-total is measured, and the headline figures of `perf` come from such runs (see `perf.time_engine`).
+total is measured, and the headline figures of `perf` come from such runs (see `perf.EngineTimer`).
 """
 from __future__ import annotations
 

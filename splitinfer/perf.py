@@ -8,8 +8,10 @@ row per length and method, as CSV (perf.csv).
 Every method is warmed up, then timed `--repeat` times (median, min, max); `first_ms` is each method's
 first inference in this process, after its own set-up. A split engine's timed runs time no region of
 their own; as many runs in between, with every region timed, say where the time went (see
-`time_engine`). Engines are built one at a time and freed, so
-large presets fit. Each split engine's logits are compared with the plain split's
+`EngineTimer`). At each length the three runners as they ship and the baselines are set up in turn and then
+timed together, a round at a time (`interleave`), so that the ratios the targets are stated in compare runs
+taken side by side: all of them are in memory at once. Every other engine is built, timed alone and freed
+before the next. Each split engine's logits are compared with the plain split's
 (`rel_diff_from_optimized`: 0 for a variant that computes the same thing another way, rounding for a
 masked scheme). A variant beyond the three runners that fails (a CUDA error, say) is recorded as
 `{"error": ...}` and the rest still run; a failure that ends the run, or a SIGTERM (a time limit), still
@@ -24,6 +26,7 @@ import signal
 import statistics
 import sys
 import time
+from typing import Callable
 
 import torch
 
@@ -83,59 +86,88 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def time_calls(fn, device: torch.device, warmup: int, repeat: int) -> dict:
-    """First call, then `warmup` untimed, then `repeat` timed calls (synchronised around each)."""
-    def once() -> float:
-        synchronize(device)
+class CallTimer:
+    """A call timed by the clock, synchronised around it (transformers' forward): its first call and `warmup`
+    untimed ones when made, then one timed call per `round`."""
+
+    def __init__(self, fn: Callable[[], object], device: torch.device, warmup: int, info: dict | None = None):
+        """`info`: fields for its figures, as they are (its dtype)."""
+        self.fn, self.device, self.runs, self.info = fn, device, [], info or {}
+        self.first = self.once()
+        for _ in range(warmup):
+            self.once()
+
+    def once(self) -> float:
+        synchronize(self.device)
         start = time.perf_counter()
-        fn()
-        synchronize(device)
+        self.fn()
+        synchronize(self.device)
         return (time.perf_counter() - start) * 1e3
 
-    first = once()
-    for _ in range(warmup):
-        once()
-    runs = [once() for _ in range(repeat)]
-    return {"first_ms": first, "median_ms": statistics.median(runs), "min_ms": min(runs), "max_ms": max(runs)}
+    def round(self) -> None:
+        self.runs.append(self.once())
+
+    def figures(self) -> dict:
+        return {"first_ms": self.first, **spread(self.runs), **self.info}
 
 
-def time_engine(engine: SplitLlama, ids, mask, warmup: int, repeat: int) -> tuple[dict, torch.Tensor]:
-    """Like time_calls, but from the engine's own totals, which leave out the offline phase; also returns
-    the last inference's logits. Each repeat is run twice, alternately: uninstrumented, for the headline
-    figures (`median_ms`, `min_ms`, `max_ms`), and instrumented, for where the time went
-    (`categories_median_ms`, `breakdown_median_ms`) and what timing every region costs
-    (`instrumented_median_ms`). The first inference is instrumented, as in the runners, and follows the
-    set-up's building of the engine's compiled kernels (`kernel_compile_ms`) and its device warm-up
-    (`device_warmup_ms`)."""
-    compile_ms = engine.warm_kernels(*ids.shape)
-    warmup_ms = engine.warm_device(*ids.shape)
-    first = engine.timed_forward(ids, mask)[1]
-    for _ in range(warmup):
-        engine.timed_forward(ids, mask, instrumented=False)
-    timed, totals = [], []
+class EngineTimer:
+    """An engine timed from its own totals, which leave out the offline phase. When made: its set-up (its
+    compiled kernels built, `kernel_compile_ms`; its device warmed up, `device_warmup_ms`), its first inference
+    (instrumented, as in the runners) and `warmup` uninstrumented ones. Each `round` is two inferences:
+    uninstrumented, for the headline figures (`median_ms`, `min_ms`, `max_ms`), and instrumented, for where the
+    time went (`categories_median_ms`, `breakdown_median_ms`) and what timing every region costs
+    (`instrumented_median_ms`). `logits` are the last inference's."""
+
+    def __init__(self, engine: SplitLlama, ids: torch.Tensor, mask: torch.Tensor, warmup: int):
+        self.engine, self.ids, self.mask = engine, ids, mask
+        self.compile_ms = engine.warm_kernels(*ids.shape)
+        self.warmup_ms = engine.warm_device(*ids.shape)
+        self.first = engine.timed_forward(ids, mask)[1]
+        for _ in range(warmup):
+            engine.timed_forward(ids, mask, instrumented=False)
+        self.timed: list[dict] = []
+        self.totals: list[float] = []
+        self.logits: torch.Tensor | None = None
+
+    def round(self) -> None:
+        self.timed.append(self.engine.timed_forward(self.ids, self.mask)[1])
+        self.logits, lean = self.engine.timed_forward(self.ids, self.mask, instrumented=False)
+        self.totals.append(lean["total_ms"])
+
+    def figures(self) -> dict:
+        engine, timed = self.engine, self.timed
+        out = {"first_ms": self.first["total_ms"], **spread(self.totals),
+               "instrumented_median_ms": statistics.median(f["total_ms"] for f in timed),
+               "kernel_compile_ms": self.compile_ms, "device_warmup_ms": self.warmup_ms, "kernels": engine.kernels,
+               "kernels_failed": dict(kernels.failed),
+               "kernel_choices": kernels.chosen() if self.compile_ms and engine.choose_kernels else {},
+               "attention": engine.attention_form, "attention_ms_per_layer": engine.attention_ms}
+        if engine.cuda_graphs:
+            out["cuda_graphs_captured"] = engine.cuda_graphs_captured
+        out["categories_median_ms"] = {c: statistics.median(f["categories"][c] for f in timed)
+                                       for c in timed[0]["categories"]}
+        # per op kind too (which hop's copies, which scheme step), so that a GPU run says where time went
+        out["breakdown_median_ms"] = {c: {op: statistics.median(f["breakdown"].get(c, {}).get(op, 0.0) for f in timed)
+                                          for op in ops} for c, ops in timed[-1]["breakdown"].items()}
+        out["bytes_to_gpu"], out["bytes_to_cpu"] = (timed[0]["data_transfer"]["to_gpu_bytes"],
+                                                    timed[0]["data_transfer"]["to_cpu_bytes"])
+        # what an inference's fixed costs scale with: its TEE ops and scheme steps, GPU calls and crossings
+        out["calls"] = {**timed[0]["counts"], "to_gpu": timed[0]["data_transfer"]["to_gpu_calls"],
+                        "to_tee": timed[0]["data_transfer"]["to_cpu_calls"]}
+        return out
+
+
+def spread(runs: list[float]) -> dict:
+    return {"median_ms": statistics.median(runs), "min_ms": min(runs), "max_ms": max(runs)}
+
+
+def interleave(timers: dict[str, CallTimer | EngineTimer], repeat: int) -> None:
+    """`repeat` rounds, each timing every timer once in turn: a drift in the host's speed while they are timed (a
+    noisy neighbour, a clock) then falls on all of them alike, not on their ratios."""
     for _ in range(repeat):
-        timed.append(engine.timed_forward(ids, mask)[1])
-        logits, lean = engine.timed_forward(ids, mask, instrumented=False)
-        totals.append(lean["total_ms"])
-    out = {"first_ms": first["total_ms"], "median_ms": statistics.median(totals), "min_ms": min(totals),
-           "max_ms": max(totals), "instrumented_median_ms": statistics.median(f["total_ms"] for f in timed),
-           "kernel_compile_ms": compile_ms, "device_warmup_ms": warmup_ms, "kernels": engine.kernels,
-           "kernels_failed": dict(kernels.failed),
-           "kernel_choices": kernels.chosen() if compile_ms and engine.choose_kernels else {},
-           "attention": engine.attention_form, "attention_ms_per_layer": engine.attention_ms}
-    if engine.cuda_graphs:
-        out["cuda_graphs_captured"] = engine.cuda_graphs_captured
-    out["categories_median_ms"] = {c: statistics.median(f["categories"][c] for f in timed)
-                                   for c in timed[0]["categories"]}
-    # per op kind too (which hop's copies, which scheme step), so that a GPU run says where time went
-    out["breakdown_median_ms"] = {c: {op: statistics.median(f["breakdown"].get(c, {}).get(op, 0.0) for f in timed)
-                                      for op in ops} for c, ops in timed[-1]["breakdown"].items()}
-    out["bytes_to_gpu"], out["bytes_to_cpu"] = (timed[0]["data_transfer"]["to_gpu_bytes"],
-                                                timed[0]["data_transfer"]["to_cpu_bytes"])
-    # what an inference's fixed costs scale with: its TEE ops and scheme steps, GPU calls and crossings
-    out["calls"] = {**timed[0]["counts"], "to_gpu": timed[0]["data_transfer"]["to_gpu_calls"],
-                    "to_tee": timed[0]["data_transfer"]["to_cpu_calls"]}
-    return out, logits
+        for timer in timers.values():
+            timer.round()
 
 
 def variants(overlap: bool, ablations: bool, thread_sweep: str | None, kernel_variants: bool = False,
@@ -288,33 +320,52 @@ def measure(args, results: dict) -> None:
         batches[n] = build_batch(model.tokenizer, prompts, n, args.batch_size)
         results["lengths"][n] = {}
 
-    def time_variant(n: int, method: str, scheme: str, options: dict, threads: int | None) -> None:
-        """One split engine at n tokens into its row, with how far its logits are from the plain split's."""
+    def time_variants(n: int, group: list[tuple[str, str, dict, int | None]], baselines: bool = False) -> None:
+        """Split engines at n tokens (at the first one's thread count) into their row, with how far each one's
+        logits are from the plain split's; with `baselines`, the TEE-only runner and transformers' own forward on
+        the CPU (and the GPU) too, then the ratios the targets are stated in. Each is set up in turn, then all are
+        timed together (`interleave`)."""
         row, (ids, mask) = results["lengths"][n], batches[n]
-        progress(f"{n} tokens: {method}")
+        methods = [method for method, *_ in group]
         default_threads = torch.get_num_threads()
-        torch.set_num_threads(threads or default_threads)
+        torch.set_num_threads(group[0][3] or default_threads)
+        timers: dict[str, CallTimer | EngineTimer] = {}
         try:
-            engine = SplitLlama(model.config, state, make_scheme(scheme), gpu_device, dtype,
-                                **{"compiled": compiled, **options})
-            row[method], logits = time_engine(engine, ids, mask, args.warmup, args.repeat)
-            if args.profile and not threads and set(options) <= {"fuse_hops", "cuda_graphs"}:
-                table, called, compiled_calls = profile_engine(engine, ids, mask, f"{n} tokens: {method}")
-                row[method].update(host_ops_per_inference=called, compiled_calls_per_inference=compiled_calls)
-                profiles.append(table)
+            with torch.no_grad():
+                for method, scheme, options, _ in group:
+                    progress(f"{n} tokens: {method}")
+                    engine = SplitLlama(model.config, state, make_scheme(scheme), gpu_device, dtype,
+                                        **{"compiled": compiled, **options})
+                    timers[method] = EngineTimer(engine, ids, mask, args.warmup)
+                if baselines:
+                    timers.update(baseline_timers(args, model, state, (ids, mask), gpu_device, dtype, tee_dtype))
+                if len(timers) > 1:
+                    progress(f"{n} tokens: {', '.join(timers)}, timed in turn, {args.repeat} rounds")
+                interleave(timers, args.repeat)
+            for method, scheme, options, threads in group:
+                timer = timers[method]
+                row[method] = timer.figures()
+                if args.profile and not threads and set(options) <= {"fuse_hops", "cuda_graphs"}:
+                    table, called, compiled_calls = profile_engine(timer.engine, ids, mask, f"{n} tokens: {method}")
+                    row[method].update(host_ops_per_inference=called, compiled_calls_per_inference=compiled_calls)
+                    profiles.append(table)
+                # every variant computes the same function
+                plain_logits[n] = timer.logits if method == "optimized" else plain_logits[n]
+                row[method]["rel_diff_from_optimized"] = compare(timer.logits, plain_logits[n])["rel_logit_error"]
+            for label in [label for label in timers if label not in methods]:
+                row[label] = timers[label].figures()
         except RuntimeError as e:  # CUDA errors, out of memory among them
-            if method in RUNNERS:  # the runners as they ship must work; a variant may fail and be recorded
+            if set(methods) & set(RUNNERS):  # the runners as they ship must work; a variant may fail and be recorded
                 raise
-            print(f"warning: {method} failed: {str(e).splitlines()[0]}", file=sys.stderr)
-            row[method] = {"error": str(e).splitlines()[0]}
-            return
+            print(f"warning: {', '.join(methods)} failed: {str(e).splitlines()[0]}", file=sys.stderr)
+            for method in methods:
+                row[method] = {"error": str(e).splitlines()[0]}
         finally:
             torch.set_num_threads(default_threads)
-            engine = None
+            timers.clear()
             gc.collect()
-        # every variant computes the same function
-        plain_logits[n] = logits if method == "optimized" else plain_logits[n]
-        row[method]["rel_diff_from_optimized"] = compare(logits, plain_logits[n])["rel_logit_error"]
+        if baselines or "ratios" in row:
+            row["ratios"] = ratios(row)
 
     # The runners as they ship and the baselines at every length first, then the variants: a run cut by its
     # budget keeps the headline ratios at every length (the tenth round lost the 512-token baselines). Then each
@@ -322,46 +373,36 @@ def measure(args, results: dict) -> None:
     # every length
     shipped = [v for v in split_variants if v[0] in RUNNERS]
     for n in lengths:
-        for variant in shipped:
-            time_variant(n, *variant)
-        if not args.split_only:
-            time_baselines(args, results["lengths"][n], model, state, batches[n], gpu_device, dtype, tee_dtype)
+        time_variants(n, shipped, baselines=not args.split_only)  # side by side: the targets are their ratios
     for variant in [v for v in split_variants if v not in shipped]:
         for n in lengths:
-            time_variant(n, *variant)
-            if not args.split_only:
-                results["lengths"][n]["ratios"] = ratios(results["lengths"][n])
+            time_variants(n, [variant])
     if profiles:
         text = "\n\n".join(profiles).encode()
         write_atomically(os.path.join(args.out_dir, "profile.txt"), lambda f: f.write(text))
     results["memory"] = memory_block(gpu_device, 0)
 
 
-def time_baselines(args, row: dict, model, state: dict, batch: tuple[torch.Tensor, torch.Tensor],
-                   gpu_device: torch.device, dtype: torch.dtype, tee_dtype: torch.dtype) -> None:
-    """The TEE-only runner and transformers' own forward on the CPU (and the GPU) into `row`, then the
-    ratios the targets are stated in."""
+def baseline_timers(args, model, state: dict, batch: tuple[torch.Tensor, torch.Tensor], gpu_device: torch.device,
+                    dtype: torch.dtype, tee_dtype: torch.dtype) -> dict[str, CallTimer | EngineTimer]:
+    """The TEE-only runner (in `tee_dtype`) and transformers' own forward on the CPU (in `tee_dtype` with CUDA,
+    else `dtype`) and on the GPU (in `dtype`), each set up, with its first call and its warm-up made."""
     ids, mask = batch
     cuda, n = gpu_device.type == "cuda", ids.shape[1]
-    progress(f"{n} tokens: tee_only ({str(tee_dtype).replace('torch.', '')})")
+    progress(f"{n} tokens: tee_only ({str(tee_dtype).removeprefix('torch.')})")
     engine = SplitLlama(model.config, state, make_scheme("plain"), torch.device("cpu"), tee_dtype, tee_only=True,
                         compiled=compiled_kernels(args.kernels, torch.device("cpu")))
-    row["tee_only"] = time_engine(engine, ids, mask, args.warmup, args.repeat)[0]
-    del engine
-    gc.collect()
+    timers: dict[str, CallTimer | EngineTimer] = {"tee_only": EngineTimer(engine, ids, mask, args.warmup)}
     for label, device, hf_dtype in (("transformers_cpu", torch.device("cpu"), dtype if not cuda else tee_dtype),
                                     ("transformers_gpu", gpu_device, dtype)):
         if label == "transformers_gpu" and not cuda:
             continue
-        progress(f"{n} tokens: {label} ({str(hf_dtype).replace('torch.', '')})")
+        name = str(hf_dtype).removeprefix("torch.")
+        progress(f"{n} tokens: {label} ({name})")
         hf = build_transformers_model(model.config, state, device, hf_dtype)
-        with torch.no_grad():
-            row[label] = time_calls(lambda model=hf: model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                                           logits_to_keep=1), device, args.warmup, args.repeat)
-        row[label]["dtype"] = str(hf_dtype).replace("torch.", "")
-        del hf
-        gc.collect()
-    row["ratios"] = ratios(row)
+        timers[label] = CallTimer(lambda hf=hf, device=device: hf(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                                                  logits_to_keep=1), device, args.warmup, {"dtype": name})
+    return timers
 
 
 def ratios(row: dict) -> dict:

@@ -117,15 +117,57 @@ def test_the_headline_comes_first_at_every_length(tiny_models, tmp_path, monkeyp
         assert row["ratios"]["ours_over_plain"] > 0 and "optimized_full_scores" not in row
 
 
+def test_the_runners_inferences_interleave(tiny_models):
+    """Engines timed together (the runners as they ship, and the baselines) are set up and warmed in turn, then
+    take turns at every timed round, so that a drift in the host's speed meets each alike; each keeps its own
+    figures."""
+    model = load_model(tiny_models["gqa-tied"], torch.float32, torch.device("cpu"))
+    ran: list[tuple[str, bool]] = []
+
+    class Logged(SplitLlama):
+        def timed_forward(self, ids, attention_mask, instrumented=True):
+            ran.append((self.scheme.name, instrumented))
+            return super().timed_forward(ids, attention_mask, instrumented)
+
+    ids = torch.randint(0, model.config.vocab_size, (1, 8))
+    timers = {method: perf.EngineTimer(Logged(model.config, model.state_dict, make_scheme(scheme),
+                                              torch.device("cpu"), torch.float32), ids, torch.ones_like(ids), warmup=1)
+              for method, scheme in (("optimized", "plain"), ("ours", "matrix"))}
+    timers["call"] = perf.CallTimer(lambda: ran.append(("call", False)), torch.device("cpu"), warmup=1,
+                                    info={"dtype": "float32"})
+    perf.interleave(timers, repeat=2)
+    plain, ours = timers["optimized"].engine.scheme.name, timers["ours"].engine.scheme.name
+    # set-up: each its first inference (instrumented) and its warm-up, in turn
+    set_up = [(plain, True), (plain, False), (ours, True), (ours, False), ("call", False), ("call", False)]
+    one_round = [(plain, True), (plain, False), (ours, True), (ours, False), ("call", False)]
+    assert ran == set_up + one_round * 2
+    figures = {name: timer.figures() for name, timer in timers.items()}
+    assert "encryption" not in figures["optimized"]["calls"] and figures["ours"]["calls"]["encryption"] > 0
+    assert all(f["min_ms"] <= f["median_ms"] <= f["max_ms"] for f in figures.values())
+    assert figures["call"]["dtype"] == "float32" and len(timers["call"].runs) == 2
+
+
 def test_a_run_cut_short_keeps_what_it_measured(tiny_models, tmp_path, monkeypatch):
-    """A CUDA failure past the variants (here in the TEE-only engine) poisons the process: perf.json still
-    gets every figure taken before it, marked incomplete, and the error still ends the run."""
-    monkeypatch.setattr(perf, "SplitLlama", failing_engine("tee_only", "CUDA error: unspecified launch failure"))
+    """A CUDA failure in the headline (here in the TEE-only engine at the second length) poisons the process:
+    perf.json still gets every figure taken before it (the first length's), marked incomplete, and the error
+    still ends the run."""
+    tee_only_engines = []
+
+    class FailsAtTheSecondLength(SplitLlama):
+        def __init__(self, *args, **kwargs):
+            if kwargs.get("tee_only"):
+                tee_only_engines.append(self)
+                if len(tee_only_engines) == 2:
+                    raise RuntimeError("CUDA error: unspecified launch failure")
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(perf, "SplitLlama", FailsAtTheSecondLength)
     with pytest.raises(RuntimeError):
-        perf.main(perf_argv(tiny_models, tmp_path, lengths="8"))
+        perf.main(perf_argv(tiny_models, tmp_path, lengths="8,16"))
     result = json.loads((tmp_path / "perf.json").read_text())
     assert result["incomplete"] == "CUDA error: unspecified launch failure"
-    assert set(result["lengths"]["8"]) == {"optimized", "ours", "otp"}
+    assert {"optimized", "ours", "otp", "tee_only", "transformers_cpu", "ratios"} <= set(result["lengths"]["8"])
+    assert result["lengths"]["16"] == {}  # its engines were set up, none timed
 
 
 def test_copy_bandwidth_at_the_boundarys_sizes(monkeypatch, capsys):
