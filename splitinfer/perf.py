@@ -10,8 +10,8 @@ first inference in this process, after its own set-up. A split engine's timed ru
 their own; as many runs in between, with every region timed, say where the time went (see
 `EngineTimer`). At each length the three runners as they ship and the baselines are set up in turn and then
 timed together, a round at a time (`interleave`), so that the ratios the targets are stated in compare runs
-taken side by side: all of them are in memory at once. Every other engine is built, timed alone and freed
-before the next. Each split engine's logits are compared with the plain split's
+taken side by side: all of them are in memory at once (`--one-at-a-time` times each runner alone, for a GPU
+that cannot hold three engines). Every other engine is built, timed alone and freed before the next. Each split engine's logits are compared with the plain split's
 (`rel_diff_from_optimized`: 0 for a variant that computes the same thing another way, rounding for a
 masked scheme). A variant beyond the three runners that fails (a CUDA error, say) is recorded as
 `{"error": ...}` and the rest still run; a failure that ends the run, or a SIGTERM (a time limit), still
@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on CUDA, skip the split runners with each GPU call replayed from a CUDA graph (*_cuda_graphs)")
     p.add_argument("--no-overlap", action="store_true",
                    help="on CUDA, skip the plain split with copies overlapping the TEE's work (optimized_overlap)")
+    p.add_argument("--one-at-a-time", action="store_true",
+                   help="time each of the three runners alone (set up, timed, freed), then the baselines together, "
+                        "instead of all of them side by side: for a GPU that cannot hold three engines at once")
     p.add_argument("--profile", action="store_true",
                    help="also profile one more inference of each split runner (torch.profiler; its online phase, no "
                         "region timed) into profile.txt, and count the ops its host called (host_ops_per_inference)")
@@ -321,14 +324,14 @@ def measure(args, results: dict) -> None:
         results["lengths"][n] = {}
 
     def time_variants(n: int, group: list[tuple[str, str, dict, int | None]], baselines: bool = False) -> None:
-        """Split engines at n tokens (at the first one's thread count) into their row, with how far each one's
-        logits are from the plain split's; with `baselines`, the TEE-only runner and transformers' own forward on
-        the CPU (and the GPU) too, then the ratios the targets are stated in. Each is set up in turn, then all are
-        timed together (`interleave`)."""
+        """Split engines at n tokens (at the first one's thread count; there may be none, with `baselines`) into
+        their row, with how far each one's logits are from the plain split's; with `baselines`, the TEE-only runner
+        and transformers' own forward on the CPU (and the GPU) too, then the ratios the targets are stated in. Each
+        is set up in turn, then all are timed together (`interleave`)."""
         row, (ids, mask) = results["lengths"][n], batches[n]
         methods = [method for method, *_ in group]
         default_threads = torch.get_num_threads()
-        torch.set_num_threads(group[0][3] or default_threads)
+        torch.set_num_threads((group[0][3] if group else None) or default_threads)
         timers: dict[str, CallTimer | EngineTimer] = {}
         try:
             with torch.no_grad():
@@ -340,7 +343,7 @@ def measure(args, results: dict) -> None:
                 if baselines:
                     timers.update(baseline_timers(args, model, state, (ids, mask), gpu_device, dtype, tee_dtype))
                 if len(timers) > 1:
-                    progress(f"{n} tokens: {', '.join(timers)}, timed in turn, {args.repeat} rounds")
+                    progress(f"{n} tokens: timing {', '.join(timers)} in turn, {args.repeat}× each")
                 interleave(timers, args.repeat)
             for method, scheme, options, threads in group:
                 timer = timers[method]
@@ -373,7 +376,13 @@ def measure(args, results: dict) -> None:
     # every length
     shipped = [v for v in split_variants if v[0] in RUNNERS]
     for n in lengths:
-        time_variants(n, shipped, baselines=not args.split_only)  # side by side: the targets are their ratios
+        if args.one_at_a_time:
+            for variant in shipped:
+                time_variants(n, [variant])
+            if not args.split_only:
+                time_variants(n, [], baselines=True)
+        else:  # side by side: the targets are their ratios
+            time_variants(n, shipped, baselines=not args.split_only)
     for variant in [v for v in split_variants if v not in shipped]:
         for n in lengths:
             time_variants(n, [variant])

@@ -147,6 +147,15 @@ def test_the_runners_inferences_interleave(tiny_models):
     assert figures["call"]["dtype"] == "float32" and len(timers["call"].runs) == 2
 
 
+def test_one_at_a_time_times_each_runner_alone(tiny_models, tmp_path, capsys):
+    """`--one-at-a-time` (a GPU that cannot hold three engines): each runner timed alone, then the baselines together;
+    the row and its ratios as side by side."""
+    row = run_perf(tiny_models, tmp_path, "--one-at-a-time", "--kernels", "eager", lengths="8")["8"]
+    assert {"optimized", "ours", "otp", "tee_only", "transformers_cpu"} <= set(row) and row["ratios"]["ours_over_plain"] > 0
+    together = [line for line in capsys.readouterr().err.splitlines() if "in turn" in line]
+    assert together == ["8 tokens: timing tee_only, transformers_cpu in turn, 1× each"]
+
+
 def test_a_run_cut_short_keeps_what_it_measured(tiny_models, tmp_path, monkeypatch):
     """A CUDA failure in the headline (here in the TEE-only engine at the second length) poisons the process:
     perf.json still gets every figure taken before it (the first length's), marked incomplete, and the error
