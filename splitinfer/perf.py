@@ -11,9 +11,9 @@ their own; as many runs in between, with every region timed, say where the time 
 `EngineTimer`). At each length the three runners as they ship and the baselines are set up in turn and then
 timed together, a round at a time (`interleave`), so that the ratios the targets are stated in compare runs
 taken side by side: all of them are in memory at once (`--one-at-a-time` times each runner alone, for a GPU
-that cannot hold three engines). Every other engine is built, timed alone and freed before the next. Each split engine's logits are compared with the plain split's
-(`rel_diff_from_optimized`: 0 for a variant that computes the same thing another way, rounding for a
-masked scheme). A variant beyond the three runners that fails (a CUDA error, say) is recorded as
+that cannot hold three engines). Every other engine is built, timed alone and freed before the next. Each
+split engine's logits are compared with the plain split's (`rel_diff_from_optimized`: 0 for a variant that
+computes the same thing another way, rounding for a masked scheme). A variant beyond the three runners that fails (a CUDA error, say) is recorded as
 `{"error": ...}` and the rest still run; a failure that ends the run, or a SIGTERM (a time limit), still
 writes what was measured before it, marked `incomplete`.
 """
@@ -307,9 +307,10 @@ def measure(args, results: dict) -> None:
     progress(f"loading {args.model} ({dtype_name}; TEE-only {tee_name})")
     model = load_model(args.model, dtype, gpu_device)
     state = model.state_dict
-    results["setup"] = {"model": model.name, "random_weights": model.random_weights, "dtype": dtype_name,
-                        "tee_dtype": tee_name, "batch_size": args.batch_size, "gpu_device": str(gpu_device),
-                        "gpu_fallback_to_cpu": fallback, "warmup": args.warmup, "repeat": args.repeat}
+    results["setup"] = {"model": model.name, "model_source": model.source, "random_weights": model.random_weights,
+                        "dtype": dtype_name, "tee_dtype": tee_name, "batch_size": args.batch_size,
+                        "gpu_device": str(gpu_device), "gpu_fallback_to_cpu": fallback, "warmup": args.warmup,
+                        "repeat": args.repeat}
     results["environment"] = environment_block(gpu_device, fallback, torch.get_num_threads())
     if cuda:  # first: a few seconds, and a run cut short by its budget still has them
         progress("copy bandwidth: pinned and pageable, by size")

@@ -23,8 +23,6 @@ from splitinfer.files import read_json, write_atomically, write_json
 
 SPLIT = ("optimized", "ours", "otp")
 TARGET_MODEL = "preset:llama-3.2-1b"
-DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"  # models.DEFAULT_MODEL_NAME, as perf.json names it (models imports torch)
-CPU_MODELS = (DEFAULT_MODEL_NAME, TARGET_MODEL)
 PLAIN_MS = {128: 15.0, 512: 60.0}  # the plain split's warm median on the GPU, by length
 OVER_PLAIN = {"ours": 1.25, "otp": 2.0}  # on the GPU
 CPU_OVER_PLAIN = {"ours": 1.3, "otp": 1.6}  # on the CPU fallback, float32, 128 tokens
@@ -131,17 +129,18 @@ def split_runs(runners: dict | None) -> list[tuple[str, str, dict]]:
     return [run for run in runs if run[1] in SPLIT]
 
 
-def first_inference_rows(perf: dict, runners: dict | None) -> list[Row]:
+def first_inference_rows(perf: dict, runners: dict | None, on_gpu: bool) -> list[Row]:
     """First inference minus the warm one, from the runners' own processes where there are some (a fresh process,
     as a researcher runs one), else from the comparison's (its first inference after each engine's set-up). Judged
     on a GPU only: the target is the device's first use after its set-up."""
-    rows, on_gpu = [], not perf["setup"].get("gpu_fallback_to_cpu", True)
+    rows = []
     if runners:
         for name, runner, result in split_runs(runners):
             warm = result.get("steady_state", {}).get("uninstrumented_total_ms", {}).get("median")
             value = None if warm is None else result["timing"]["total_ms"] - warm
-            rows.append(Row(f"{runner}: first inference − warm, ms", result["benchmark_info"]["prefill_length"], value,
-                            FIRST_MINUS_WARM_MS, judged(value, FIRST_MINUS_WARM_MS) if on_gpu_runner(result) else None,
+            info = result["benchmark_info"]
+            rows.append(Row(f"{runner}: first inference − warm, ms", info["prefill_length"], value,
+                            FIRST_MINUS_WARM_MS, judged(value, FIRST_MINUS_WARM_MS) if ran_on_gpu(info) else None,
                             f"runners.json: {name}"))
         return rows
     for n, row in perf["lengths"].items():
@@ -159,7 +158,7 @@ def runner_rows(runners: dict | None) -> list[Row]:
     for name, runner, result in split_runs(runners):
         info = result["benchmark_info"]
         n = info["prefill_length"]
-        of_target = info["model"] == TARGET_MODEL and n == 512 and on_gpu_runner(result)
+        of_target = info["model"] == TARGET_MODEL and n == 512 and ran_on_gpu(info)
         rss = result["memory"]["peak_host_rss_mb"]
         rows.append(Row(f"{runner}: peak host RSS, MiB", n, rss, PEAK_RSS_MIB[runner],
                         judged(rss, PEAK_RSS_MIB[runner]) if of_target else None, f"runners.json: {name}"))
@@ -169,14 +168,17 @@ def runner_rows(runners: dict | None) -> list[Row]:
     return rows
 
 
-def on_gpu_runner(result: dict) -> bool:
-    return not result["benchmark_info"].get("gpu_fallback_to_cpu", True)
+def ran_on_gpu(info: dict) -> bool:
+    """Whether a run's GPU side was a GPU (its `setup` in perf.json, `benchmark_info` in a runner's JSON)."""
+    return not info.get("gpu_fallback_to_cpu", True)
 
 
 def cpu_rows(perf: dict) -> list[Row]:
     """The CPU-only targets: float32, 128 tokens, on the default model or TARGET_MODEL."""
     rows, setup = [], perf["setup"]
-    of_target = setup["model"] in CPU_MODELS and setup["dtype"] == "float32"
+    # the default model by how it was loaded (its name is only for display), or the 1B preset
+    of_model = setup.get("model_source") == "default" or setup["model"] == TARGET_MODEL
+    of_target = of_model and setup["dtype"] == "float32"
     for n_text, row in perf["lengths"].items():
         n = int(n_text)
         judge = of_target and n == 128
@@ -197,9 +199,9 @@ def scorecard(folder: str) -> dict:
     runners = load(os.path.join(folder, "runners.json"), required=False)
     if "lengths" not in perf or "setup" not in perf:
         raise UserError(f"'{os.path.join(folder, 'perf.json')}' is not a splitinfer.perf result")
-    on_gpu = not perf["setup"].get("gpu_fallback_to_cpu", True)
+    on_gpu = ran_on_gpu(perf["setup"])
     rows = gpu_rows(perf) if on_gpu else cpu_rows(perf)
-    rows += first_inference_rows(perf, runners) + runner_rows(runners)
+    rows += first_inference_rows(perf, runners, on_gpu) + runner_rows(runners)
     env = perf.get("environment", {})
     return {"folder": os.path.abspath(folder), "on_gpu": on_gpu, "gpu": env.get("gpu"), "cpu": env.get("cpu"),
             "threads": env.get("threads"), "model": perf["setup"]["model"], "dtype": perf["setup"]["dtype"],

@@ -37,6 +37,8 @@ def failing_engine(option: str, message: str) -> type[SplitLlama]:
 def test_ratios_and_logits_against_the_plain_split(tiny_models, tmp_path, capsys):
     lengths = run_perf(tiny_models, tmp_path, "--kernels", "compiled", lengths="8")  # more lengths: the next test
     assert set(lengths) == {"8"}
+    # how the model was loaded, by which targets knows the default model whatever its display name
+    assert json.loads((tmp_path / "perf.json").read_text())["setup"]["model_source"] == "checkpoint"
     for row in lengths.values():
         assert {"optimized", "ours", "otp", "tee_only", "transformers_cpu", "ratios"} <= set(row)
         assert row["ratios"]["ours_over_plain"] == pytest.approx(row["ours"]["median_ms"] / row["optimized"]["median_ms"])
