@@ -296,7 +296,8 @@ def run(args, scheme_name: str) -> dict:
                         "dtype": dtype_name, "seed": args.seed, "tee_allocator": engine.allocator,
                         "tee_kernels": engine.kernels, "tee_kernels_failed": dict(kernels.failed),
                         "tee_kernel_choices": kernels.chosen(),
-                        "tee_attention": engine.attention_form, "tee_attention_ms_per_layer": engine.attention_ms},
+                        "tee_attention": engine.attention_form, "tee_attention_ms_per_layer": engine.attention_ms,
+                        "lm_head_forms_ms": engine.gpu.head_ms},
     }
     if args.per_layer:
         result["per_layer"] = figures["per_layer"]

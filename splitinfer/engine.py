@@ -36,6 +36,8 @@ SCALED_PROJECTION = "self_attn.q_proj"  # its GPU weight and bias carry the scor
 # the scores as one n×n block, as the causal block triangle, or the three steps as one op (`fused_attention`)
 ONE_BLOCK, CAUSAL_BLOCKS, FUSED = "one-block", "causal-blocks", "fused"
 ATTENTION_FORMS = (ONE_BLOCK, CAUSAL_BLOCKS, FUSED)
+# The LM head's forms on a CPU device (`Gpu.choose_head`): F.linear, or the same product as W·xᵀ (`head_by_columns`)
+BY_ROWS, BY_COLUMNS = "linear", "by-columns"
 _ALLOCATOR_SETTING: str | None = None
 
 
@@ -74,6 +76,8 @@ class Gpu:
         self.category, self.prefix = ("cpu_compute", "cpu") if in_tee else ("gpu_compute", "gpu")
         self.weights: dict[str, torch.Tensor] = {}
         self.biases: dict[str, torch.Tensor | None] = {}
+        self.head_forms: dict[int, str] = {}  # the LM head's rows -> its form there (`choose_head`)
+        self.head_ms: dict[str, dict[str, float]] = {}  # what each form took there
 
     def upload(self, name: str, weights: list[torch.Tensor], biases: list[torch.Tensor] | None, dtype: torch.dtype):
         """Place one (possibly fused) weight on the device; parts are moved first, then fused there."""
@@ -86,8 +90,25 @@ class Gpu:
 
     def linear(self, x: torch.Tensor, name: str, kind: str) -> torch.Tensor:
         weight, bias = self.weights[name], self.biases[name]
+        product = head_by_columns if kind == "lm_head" and self.head_forms.get(x.shape[0]) == BY_COLUMNS else F.linear
         with self.metrics.time(self.category, kind, f"{self.prefix}_{'lm_head' if kind == 'lm_head' else 'linear'}"):
-            return self.call(name, lambda x: F.linear(x, weight, bias), x)
+            return self.call(name, lambda x: product(x, weight, bias), x)
+
+    def choose_head(self, rows: int, repeat: int = 3) -> None:
+        """On a CPU device, the LM head's form for its `rows` (one per sequence, or two where ours pads one
+        row): F.linear and `head_by_columns`, each timed (`kernels.timed`'s median of `repeat` after
+        three untimed calls), the faster kept, the times in `head_ms`. Which is faster depends on the BLAS,
+        the dtype and the threads: on the 2-core VM (float32, 2 threads) the default model's head took 9.8 ms
+        as F.linear and 3.7 by columns at one row, 24.5 and 2.9 at two; the 1B shape's 56 and 52, 115 and 38;
+        but in float16 and bfloat16 F.linear was faster. On CUDA F.linear stays, untimed."""
+        if self.device.type != "cpu":
+            return
+        weight, bias = self.weights["lm_head"], self.biases["lm_head"]
+        x = torch.randn(rows, weight.shape[1]).to(weight.dtype)
+        times = {form: kernels.timed(lambda _: product(x, weight, bias), repeat=repeat, wait_s=0.0)
+                 for form, product in ((BY_ROWS, F.linear), (BY_COLUMNS, head_by_columns))}
+        self.head_forms[rows] = min(times, key=times.get)
+        self.head_ms[f"{rows} rows"] = {**{f"{form}_ms": ms for form, ms in times.items()}, "runs": self.head_forms[rows]}
 
     def matmul(self, a: torch.Tensor, b: torch.Tensor, name: str, product: Product = grouped_matmul,
                merge: bool = False) -> torch.Tensor:
@@ -112,6 +133,16 @@ class Gpu:
         if self.graphs is None:
             return fn(*inputs)
         return self.graphs(key, fn, *inputs, keep=keep)
+
+
+def head_by_columns(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear(x, weight, bias) for x's few rows [m, k], as weight·xᵀ, xᵀ a transposed view of at least two rows
+    (a zero row after a single one): a product a CPU's BLAS may run at the memory's rate where it runs F.linear
+    of a few rows well below it (`Gpu.choose_head`). With one row, or with xᵀ contiguous, the VM's took the slow
+    path again (9.7 and 16.4 ms for the default model's head, against 3.1)."""
+    rows = x if x.shape[0] > 1 else torch.cat([x, torch.zeros_like(x)])
+    out = (weight @ rows.T).T[: x.shape[0]]
+    return (out if bias is None else out + bias).contiguous()
 
 
 def table_block_rows(table: torch.Tensor) -> int:
@@ -408,10 +439,11 @@ class SplitLlama:
         def zeros(*shape: int) -> torch.Tensor:
             return torch.zeros(*shape, device=device, dtype=self.dtype)
 
+        head_rows = max(batch, self.scheme.least_rows)  # the LM head's: one per sequence, unless the scheme pads
         for name in {tuple(w.shape): name for name, w in weights.items() if name != "embed"}.values():
-            # the LM head's rows: one per sequence, or at least two where a masked scheme pads one row (ours)
-            for rows in ({(batch,), (max(batch, 2),)} if name == "lm_head" else {(batch, n)}):
-                F.linear(zeros(*rows, weights[name].shape[1]), weights[name], self.gpu.biases[name])
+            F.linear(zeros(*((head_rows,) if name == "lm_head" else (batch, n)), weights[name].shape[1]),
+                     weights[name], self.gpu.biases[name])
+        self.gpu.choose_head(head_rows)
         if "embed" in weights:
             F.embedding(torch.zeros(batch, n, dtype=torch.long, device=device), weights["embed"])
         blocks, kv_heads = self.causal_blocks(batch, n), self.n_kv_heads

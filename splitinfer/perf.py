@@ -145,7 +145,8 @@ class EngineTimer:
                "kernel_compile_ms": self.compile_ms, "device_warmup_ms": self.warmup_ms, "kernels": engine.kernels,
                "kernels_failed": dict(kernels.failed),
                "kernel_choices": kernels.chosen() if self.compile_ms and engine.choose_kernels else {},
-               "attention": engine.attention_form, "attention_ms_per_layer": engine.attention_ms}
+               "attention": engine.attention_form, "attention_ms_per_layer": engine.attention_ms,
+               "lm_head_forms_ms": engine.gpu.head_ms}
         if engine.cuda_graphs:
             out["cuda_graphs_captured"] = engine.cuda_graphs_captured
         out["categories_median_ms"] = {c: statistics.median(f["categories"][c] for f in timed)

@@ -34,6 +34,7 @@ class Plain:
     masked = False            # masked schemes keep token ids and biases in the TEE
     causal_blocks = True      # whether the scores may be only their causal block triangle (tee_ops.CausalBlocks)
     keeps_scores_order = False  # whether the scores may stay in the masks' order when recovered (`scores_order`)
+    least_rows = 1            # the fewest rows a protected linear input crosses with (ours pads one row to two)
     steps = ("encryption", "decryption")  # how the JSON names the protect and recover steps
 
     def __init__(self, seed: int | None = None):
@@ -187,6 +188,7 @@ class Matrix(Plain):
     masked = True
     causal_blocks = False  # permuted rows and keys scatter the triangle: every score must cross
     keeps_scores_order = True
+    least_rows = 2  # `_mixing_mask`'s dummy row
     D_RANGE = (1.0, 2.0)        # |diagonal entries|, signs random: recovery divides by at most 1
     LOW_RANK_RANGE = (0.5, 1.5)  # |A_ij|, |B_ij| before the (n^(1/4)·√k) scaling that keeps ABᵀX about as large as DX
 
@@ -212,7 +214,7 @@ class Matrix(Plain):
         """D, A, B (and the k×k core of the Woodbury inverse) for every sequence of a [..., n, d] input,
         plus a dummy row where n is 1."""
         sequences, n = _sequences(shape)
-        rows = max(n, 2)  # one row alone would only be scaled, not mixed: pad with a random dummy row
+        rows = max(n, self.least_rows)  # one row alone would only be scaled, not mixed: pad with a random dummy row
         d = self._signed_uniform((sequences, rows), *self.D_RANGE)
         spread = rows ** -0.25 / math.sqrt(self.rank)
         a = self._signed_uniform((sequences, rows, self.rank), *self.LOW_RANK_RANGE) * spread * self.mix_scale

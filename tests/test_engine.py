@@ -343,9 +343,42 @@ def test_device_warmup_changes_nothing_an_inference_measures(tiny_models, scheme
             assert engine.warm_device(*ids.shape) > 0
         runs.append(engine.timed_forward(ids, mask))
     (cold, cold_figures), (warmed, warm_figures) = runs
-    assert torch.equal(cold, warmed) and cold_figures["counts"] == warm_figures["counts"]
+    # set-up may keep the LM head's other form (`Gpu.choose_head`), the same product to rounding
+    assert torch.allclose(cold, warmed, rtol=1e-5, atol=1e-5) and cold_figures["counts"] == warm_figures["counts"]
     moved = [{k: v for k, v in f["data_transfer"].items() if k.endswith(("bytes", "calls"))} for f in (cold_figures, warm_figures)]
     assert moved[0] == moved[1]
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3])
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+def test_lm_head_by_columns_is_the_linear(rows, bias):
+    weight, x = torch.randn(320, 64), torch.randn(rows, 64)
+    b = torch.randn(320) if bias else None
+    out = engine_module.head_by_columns(x, weight, b)
+    assert out.shape == (rows, 320) and out.is_contiguous()
+    assert torch.allclose(out, torch.nn.functional.linear(x, weight, b), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("scheme, batch", [("plain", 1), ("matrix", 1), ("matrix", 3), ("otp", 2)])
+def test_lm_head_takes_the_faster_form(tiny_models, scheme, batch):
+    """Set-up times the LM head both ways at the rows it will take (one per sequence; two for ours at one
+    sequence, which pads a row) and keeps the faster; an inference in either form gives transformers' logits."""
+    model = load_model(tiny_models["gqa-tied"], torch.float32, CPU)
+    ids, mask = build_batch(model.tokenizer, PROMPTS, 12, batch, ragged=batch > 1)
+    reference = reference_logits(model.config, model.state_dict, ids, mask)
+    engine = SplitLlama(model.config, model.state_dict, make_scheme(scheme, seed=1), CPU, torch.float32)
+    engine.warm_device(*ids.shape)
+    rows = max(batch, 2) if scheme == "matrix" else batch
+    times = engine.gpu.head_ms[f"{rows} rows"]
+    assert list(engine.gpu.head_forms) == [rows] and set(times) == {"linear_ms", "by-columns_ms", "runs"}
+    assert times["runs"] == engine.gpu.head_forms[rows] == min(engine_module.BY_ROWS, engine_module.BY_COLUMNS,
+                                                                key=lambda form: times[f"{form}_ms"])
+    for form in (engine_module.BY_ROWS, engine_module.BY_COLUMNS):
+        engine.gpu.head_forms[rows] = form
+        logits, figures = engine.timed_forward(ids, mask)
+        assert figures["counts"]["gpu_lm_head"] == 1
+        err = compare(logits, reference)
+        assert err["rel_logit_error"] <= 1e-4 and err["top1_agreement"] == 1.0, (form, err)
 
 
 @pytest.mark.parametrize("scheme", ["matrix", "otp"])
