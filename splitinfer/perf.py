@@ -163,7 +163,9 @@ class EngineTimer:
 
 
 def spread(runs: list[float]) -> dict:
-    return {"median_ms": statistics.median(runs), "min_ms": min(runs), "max_ms": max(runs)}
+    """A method's timed inferences: their median, min and max, and each in the order taken (`runs_ms`: in the
+    headline, one a round, so that two methods' runs pair up round by round)."""
+    return {"median_ms": statistics.median(runs), "min_ms": min(runs), "max_ms": max(runs), "runs_ms": list(runs)}
 
 
 def interleave(timers: dict[str, CallTimer | EngineTimer], repeat: int) -> None:

@@ -146,6 +146,8 @@ def test_the_runners_inferences_interleave(tiny_models):
     figures = {name: timer.figures() for name, timer in timers.items()}
     assert "encryption" not in figures["optimized"]["calls"] and figures["ours"]["calls"]["encryption"] > 0
     assert all(f["min_ms"] <= f["median_ms"] <= f["max_ms"] for f in figures.values())
+    # each inference's total kept, a round each, in order: two methods' runs pair up round by round
+    assert all(len(f["runs_ms"]) == 2 and min(f["runs_ms"]) == f["min_ms"] for f in figures.values())
     assert figures["call"]["dtype"] == "float32" and len(timers["call"].runs) == 2
 
 
