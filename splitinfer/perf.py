@@ -361,6 +361,8 @@ def measure(args, results: dict) -> None:
                 row[method]["rel_diff_from_optimized"] = compare(timer.logits, plain_logits[n])["rel_logit_error"]
             for label in [label for label in timers if label not in methods]:
                 row[label] = timers[label].figures()
+            for label in timers:  # whose runs pair up with its own, round by round
+                row[label]["timed_with"] = [other for other in timers if other != label]
         except RuntimeError as e:  # CUDA errors, out of memory among them
             if set(methods) & set(RUNNERS):  # the runners as they ship must work; a variant may fail and be recorded
                 raise

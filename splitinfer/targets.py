@@ -5,7 +5,8 @@
 Reads OUT_DIR/perf.json (the in-process comparison) and, where there is one, OUT_DIR/runners.json (each runner
 in its own process: first inference, memory, bytes). A comparison on a GPU is judged against the GPU targets,
 one on the CPU fallback against the CPU-only ones. Each target's row carries its figure, its limit, whether it is
-met, and where the figure came from; a target whose figure is missing, or that is stated for another model or
+met, and where the figure came from (for a ratio of two methods timed side by side, its middle half round by
+round too); a target whose figure is missing, or that is stated for another model or
 length, is `not judged`. Beside the shipped runners, each ratio and time also names the fastest configuration
 that was measured (`best`: a variant such as `ours_fused_hops_cuda_graphs`), so a run shows what making a
 variant the default would buy. Writes OUT_DIR/targets.json and OUT_DIR/targets.md, and prints the table.
@@ -48,6 +49,7 @@ class Row:
     met: bool | None  # None: not judged
     source: str
     best: str = ""  # the fastest configuration measured, where it is not the shipped runner
+    rounds: str = ""  # a ratio taken round by round, where its two methods were timed side by side (`per_round`)
 
 
 def load(path: str, required: bool = True) -> dict | None:
@@ -94,6 +96,18 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else a / b
 
 
+def per_round(row: dict, a: str, b: str) -> str:
+    """a ÷ b inference by inference, where perf timed the two side by side (b in a's `timed_with`: their `runs_ms`
+    pair up round by round), as the middle half of those ratios and how many rounds there were. A drift in the
+    host's speed from round to round cancels in each pair, so this is how far the figure can be trusted."""
+    first, second = row.get(a, {}), row.get(b, {})
+    if b not in first.get("timed_with", []) or not first.get("runs_ms") or not second.get("runs_ms"):
+        return ""
+    pairs = sorted(x / y for x, y in zip(first["runs_ms"], second["runs_ms"]))
+    low, high = pairs[len(pairs) // 4], pairs[(3 * len(pairs) - 1) // 4]
+    return f"{low:.2f}–{high:.2f} ({len(pairs)} rounds)"
+
+
 def gpu_rows(perf: dict) -> list[Row]:
     """The GPU targets from the comparison, judged for TARGET_MODEL at 128 and 512 tokens: the plain split's time,
     each masked runner over it, and every split runner against the TEE-only baseline."""
@@ -112,14 +126,15 @@ def gpu_rows(perf: dict) -> list[Row]:
             if best is not None and plain_best is not None and (best[0], plain_best[0]) != (runner, "optimized"):
                 note = f"{best[0]} ÷ {plain_best[0]}: {best[1] / plain_best[1]:.2f}"
             rows.append(Row(f"{runner} ÷ plain", n, value, limit, judged(value, limit) if stated else None,
-                            f"perf.json: {runner} / optimized", note))
+                            f"perf.json: {runner} / optimized", note, per_round(row, runner, "optimized")))
         tee_only = median(row, "tee_only")
         for runner in SPLIT:
             value, best = ratio(tee_only, median(row, runner)), fastest_of[runner]
             rows.append(Row(f"{runner}: speedup over TEE-only", n, value, SPEEDUP_VS_TEE_ONLY,
                             judged(value, SPEEDUP_VS_TEE_ONLY, at_most=False) if stated else None,
                             "perf.json: tee_only / " + runner,
-                            best_note(best, runner, f"{best[0]}: {tee_only / best[1]:.1f}×" if best and tee_only else "")))
+                            best_note(best, runner, f"{best[0]}: {tee_only / best[1]:.1f}×" if best and tee_only else ""),
+                            per_round(row, "tee_only", runner)))
     return rows
 
 
@@ -186,11 +201,11 @@ def cpu_rows(perf: dict) -> list[Row]:
         value = ratio(plain, median(row, "transformers_cpu"))
         rows.append(Row("plain split ÷ transformers (CPU)", n, value, CPU_PLAIN_OVER_TRANSFORMERS,
                         judged(value, CPU_PLAIN_OVER_TRANSFORMERS) if judge else None,
-                        "perf.json: optimized / transformers_cpu"))
+                        "perf.json: optimized / transformers_cpu", rounds=per_round(row, "optimized", "transformers_cpu")))
         for runner, limit in CPU_OVER_PLAIN.items():
             value = ratio(median(row, runner), plain)
             rows.append(Row(f"{runner} ÷ plain (CPU)", n, value, limit, judged(value, limit) if judge else None,
-                            f"perf.json: {runner} / optimized"))
+                            f"perf.json: {runner} / optimized", rounds=per_round(row, runner, "optimized")))
     return rows
 
 
@@ -220,12 +235,13 @@ def markdown(card: dict) -> str:
              f"{card['threads']} threads.",
              f"{card['met']} met, {card['not_met']} not met, {card['not_judged']} not judged"
              + (f"; the comparison stopped early: {card['incomplete']}" if card["incomplete"] else "") + ".", "",
-             "| target | tokens | figure | limit | met | fastest configuration measured | from |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             "| target | tokens | figure | limit | met | round by round, middle half | fastest configuration measured "
+             "| from |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in card["targets"]:
         met = {True: "yes", False: "no", None: "not judged"}[r["met"]]
         lines.append(f"| {r['target']} | {r['tokens']} | {number(r['figure'])} | {number(r['limit'])} | {met} | "
-                     f"{r['best']} | {r['source']} |")
+                     f"{r.get('rounds', '')} | {r['best']} | {r['source']} |")
     return "\n".join(lines) + "\n"
 
 

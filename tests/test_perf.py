@@ -43,6 +43,9 @@ def test_ratios_and_logits_against_the_plain_split(tiny_models, tmp_path, capsys
         assert {"optimized", "ours", "otp", "tee_only", "transformers_cpu", "ratios"} <= set(row)
         assert row["ratios"]["ours_over_plain"] == pytest.approx(row["ours"]["median_ms"] / row["optimized"]["median_ms"])
         assert row["optimized"]["rel_diff_from_optimized"] == 0
+        # the runners as they ship and the baselines timed side by side; a variant alone
+        assert set(row["ours"]["timed_with"]) == {"optimized", "otp", "tee_only", "transformers_cpu"}
+        assert "ours_eager_kernels" not in row["optimized"]["timed_with"] and row["ours_eager_kernels"]["timed_with"] == []
         # float32: the masks cost only rounding
         assert 0 < row["ours"]["rel_diff_from_optimized"] < 1e-3 and 0 < row["otp"]["rel_diff_from_optimized"] < 1e-3
         assert row["optimized"]["categories_median_ms"]["overlap"] == 0
@@ -155,6 +158,7 @@ def test_one_at_a_time_times_each_runner_alone(tiny_models, tmp_path, capsys):
     """`--one-at-a-time` (a GPU that cannot hold three engines): each runner timed alone, then the baselines together;
     the row and its ratios as side by side."""
     row = run_perf(tiny_models, tmp_path, "--one-at-a-time", "--kernels", "eager", lengths="8")["8"]
+    assert row["ours"]["timed_with"] == [] and row["tee_only"]["timed_with"] == ["transformers_cpu"]
     assert {"optimized", "ours", "otp", "tee_only", "transformers_cpu"} <= set(row) and row["ratios"]["ours_over_plain"] > 0
     together = [line for line in capsys.readouterr().err.splitlines() if "in turn" in line]
     assert together == ["8 tokens: timing tee_only, transformers_cpu in turn, 1× each"]

@@ -98,13 +98,37 @@ def test_a_cpu_run_is_judged_against_the_cpu_only_targets(tmp_path):
     assert targets.scorecard(str(tmp_path))["met"] == 0
 
 
+def test_ratios_timed_side_by_side_are_also_taken_round_by_round(tmp_path):
+    """Where perf timed two methods side by side (each names the other in `timed_with`), their runs pair up round
+    by round, and each ratio row shows the middle half of those ratios; timed apart (`--one-at-a-time`), none."""
+    def timed(runs: list[float], group: list[str], name: str) -> dict:
+        return {**method(sorted(runs)[len(runs) // 2]), "runs_ms": runs, "timed_with": [m for m in group if m != name]}
+
+    group = ["optimized", "ours", "otp", "transformers_cpu"]
+    # a slow spell in round 2 slows every method: the per-round ratios stay put
+    runs = {"optimized": [100.0, 100.0, 200.0, 100.0], "ours": [120.0, 126.0, 250.0, 118.0],
+            "otp": [150.0, 150.0, 300.0, 150.0], "transformers_cpu": [100.0, 100.0, 200.0, 100.0]}
+    row = {name: timed(r, group, name) for name, r in runs.items()}
+    perf = {"setup": {"model": targets.TARGET_MODEL, "dtype": "float32", "gpu_fallback_to_cpu": True},
+            "environment": {}, "lengths": {"128": row}}
+    (tmp_path / "perf.json").write_text(json.dumps(perf))
+    rows = rows_by(targets.scorecard(str(tmp_path)))
+    assert rows[("ours ÷ plain (CPU)", 128)]["rounds"] == "1.20–1.25 (4 rounds)"
+    assert rows[("otp ÷ plain (CPU)", 128)]["rounds"] == "1.50–1.50 (4 rounds)"
+    assert rows[("plain split ÷ transformers (CPU)", 128)]["rounds"] == "1.00–1.00 (4 rounds)"
+    row["ours"]["timed_with"] = []  # timed alone
+    (tmp_path / "perf.json").write_text(json.dumps(perf))
+    rows = rows_by(targets.scorecard(str(tmp_path)))
+    assert rows[("ours ÷ plain (CPU)", 128)]["rounds"] == "" and rows[("otp ÷ plain (CPU)", 128)]["rounds"]
+
+
 def test_the_command_writes_its_table_and_fails_in_one_line(tmp_path):
     gpu_run(tmp_path)
     done = subprocess.run([sys.executable, "-m", "splitinfer.targets", str(tmp_path)], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "targets.md").read_text() == done.stdout
-    assert "| ours ÷ plain | 128 | 2.14 | 1.25 | no | ours_fused_hops_cuda_graphs ÷ optimized_cuda_graphs: 1.20 |" in done.stdout
+    assert "| ours ÷ plain | 128 | 2.14 | 1.25 | no |  | ours_fused_hops_cuda_graphs ÷ optimized_cuda_graphs: 1.20 |" in done.stdout
     assert json.loads((tmp_path / "targets.json").read_text())["not_met"] == 9
     # it reads JSON and imports no torch, so it starts at once (the GPU machine's time is short)
     light = subprocess.run([sys.executable, "-c", "import sys, splitinfer.targets, splitinfer.report; "
