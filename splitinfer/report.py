@@ -39,12 +39,21 @@ def load_privacy(path: str) -> dict[str, str]:
         raise UserError(f"'{path}' is not an evaluate_leakage.py result: {e}") from None
 
 
+def warm_median(result: dict) -> float | None:
+    """The median of a runner's repeated inferences that timed only their total (`--repeat`), or None."""
+    return result.get("steady_state", {}).get("uninstrumented_total_ms", {}).get("median")
+
+
 def comparison_rows(results: dict[str, dict], privacy: dict[str, str] | None = None) -> list[dict]:
     """One row per method: total, each category, offline, overhead against the plain split, speedup
-    against the TEE-only runner, the TEE-only runner's attention form, logit error and top-1, and with
-    `privacy` the best attack's token recovery rate from the leakage evaluation."""
+    against the TEE-only runner (of the timed inference, a process's first unless `--warmup`); where every
+    runner repeated (`--repeat`), the warm median and the same two ratios of it; the TEE-only runner's attention
+    form, logit error and top-1, and with `privacy` the best attack's token recovery rate from the leakage
+    evaluation."""
     plain = results[PLAIN]["timing"]["total_ms"] if PLAIN in results else None
     tee = results[TEE_ONLY]["timing"]["total_ms"] if TEE_ONLY in results else None
+    warm = {method: warm_median(r) for method, r in results.items()}
+    repeated = all(ms is not None for ms in warm.values())
     rows = []
     for method in sorted(results, key=lambda m: METHODS.index(m) if m in METHODS else len(METHODS)):
         r = results[method]
@@ -56,6 +65,11 @@ def comparison_rows(results: dict[str, dict], privacy: dict[str, str] | None = N
         row["offline_ms"] = t["offline_ms"]
         row["overhead_vs_plain"] = t["total_ms"] / plain if plain and method != TEE_ONLY else None
         row["speedup_vs_tee_only"] = tee / t["total_ms"] if tee and method != TEE_ONLY else None
+        if repeated:
+            row["warm_median_ms"] = warm[method]
+            row["warm_overhead_vs_plain"] = warm[method] / warm[PLAIN] if PLAIN in warm and method != TEE_ONLY else None
+            row["warm_speedup_vs_tee_only"] = (warm[TEE_ONLY] / warm[method] if TEE_ONLY in warm and method != TEE_ONLY
+                                               else None)
         row["tee_attention"] = r["environment"].get("tee_attention")  # the TEE-only runner's form (set-up chose it)
         row["rel_logit_error"] = None if corr.get("skipped") else corr["rel_logit_error"]
         row["top1_agreement"] = None if corr.get("skipped") else corr["top1_agreement"]
@@ -143,6 +157,11 @@ def sweep_summary(sweep: dict[int, dict[str, dict]]) -> list[dict]:
         row.update({f"{m}/plain": r["overhead_vs_plain"] for m, r in by_method.items() if m in ("ours", "otp")})
         row.update({f"{m} speedup vs TEE": r["speedup_vs_tee_only"] for m, r in by_method.items()
                     if r["speedup_vs_tee_only"] is not None})
+        row.update({f"{m} warm ms": r["warm_median_ms"] for m, r in by_method.items() if "warm_median_ms" in r})
+        row.update({f"{m}/plain warm": r["warm_overhead_vs_plain"] for m, r in by_method.items()
+                    if m in ("ours", "otp") and r.get("warm_overhead_vs_plain") is not None})
+        row.update({f"{m} speedup vs TEE warm": r["warm_speedup_vs_tee_only"] for m, r in by_method.items()
+                    if r.get("warm_speedup_vs_tee_only") is not None})
         rows.append(row)
     return rows
 

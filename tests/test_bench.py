@@ -76,6 +76,15 @@ def test_comparison_figures(results):
     rows = comparison_rows(loaded)
     assert [r["overlap_ms"] for r in rows] == [0.5, 0.0, 0.0, 0.0]
     assert breakdown_png(rows, "title").startswith(PNG)
+    # without --repeat no warm figures; with it for every runner, the warm medians and their ratios beside them
+    assert not any("warm_median_ms" in r for r in rows)
+    for method, ms in (("optimized", 10.0), ("ours", 12.0), ("otp", 15.0), ("tee_only", 30.0)):
+        loaded[method]["steady_state"] = {"runs": 3, "uninstrumented_total_ms": {"median": ms, "min": ms, "max": ms}}
+    rows = {r["method"]: r for r in comparison_rows(loaded)}
+    assert rows["ours"]["warm_median_ms"] == 12.0 and rows["ours"]["warm_overhead_vs_plain"] == pytest.approx(1.2)
+    assert rows["otp"]["warm_speedup_vs_tee_only"] == pytest.approx(2.0) and rows["tee_only"]["warm_overhead_vs_plain"] is None
+    del loaded["otp"]["steady_state"]  # one runner not repeated: no warm column, rather than a column with holes
+    assert not any("warm_median_ms" in r for r in comparison_rows(loaded))
 
 
 def test_sweep_report(results, tmp_path):
@@ -85,6 +94,12 @@ def test_sweep_report(results, tmp_path):
     assert files[str(tmp_path / "sweep.png")].startswith(PNG)
     rows = list(csv.DictReader(files[str(tmp_path / "sweep.csv")].splitlines()))
     assert len(rows) == 8 and {r["tokens"] for r in rows} == {"8", "16"}
+    assert "warm" not in table
+    for by_method in sweep.values():  # every runner repeated: each length's warm medians and ratios too
+        for method, r in by_method.items():
+            r["steady_state"] = {"uninstrumented_total_ms": {"median": 20.0 if method == "ours" else 10.0}}
+    table, _ = sweep_report(sweep, str(tmp_path / "sweep"))
+    assert "ours/plain warm" in table and "| 8 | " in table and "2.00" in table
 
 
 def test_compare_script_end_to_end(tiny_models, tmp_path):
@@ -98,6 +113,8 @@ def test_compare_script_end_to_end(tiny_models, tmp_path):
         assert (tmp_path / "out" / name).exists()
     r = json.loads((tmp_path / "out" / "ours.json").read_text())
     assert r["benchmark_info"]["prefill_length"] == 6 and r["steady_state"]["runs"] == 1
+    rows = list(csv.DictReader(open(tmp_path / "out" / "comparison.csv")))  # --repeat: the warm figures too
+    assert all(float(row["warm_median_ms"]) > 0 for row in rows) and float(rows[1]["warm_overhead_vs_plain"]) > 0
     assert "wrote" in done.stderr and "[4/4] tee_only" in done.stderr
 
 
