@@ -77,7 +77,7 @@ class Gpu:
         self.weights: dict[str, torch.Tensor] = {}
         self.biases: dict[str, torch.Tensor | None] = {}
         self.head_forms: dict[int, str] = {}  # the LM head's rows -> its form there (`choose_head`)
-        self.head_ms: dict[str, dict[str, float]] = {}  # what each form took there
+        self.head_ms: dict[str, dict[str, float]] = {}  # the head's input shape -> what each form took there
 
     def upload(self, name: str, weights: list[torch.Tensor], biases: list[torch.Tensor] | None, dtype: torch.dtype):
         """Place one (possibly fused) weight on the device; parts are moved first, then fused there."""
@@ -108,7 +108,7 @@ class Gpu:
         times = {form: kernels.timed(lambda _: product(x, weight, bias), repeat=repeat, wait_s=0.0)
                  for form, product in ((BY_ROWS, F.linear), (BY_COLUMNS, head_by_columns))}
         self.head_forms[rows] = min(times, key=times.get)
-        self.head_ms[f"{rows} rows"] = {**{f"{form}_ms": ms for form, ms in times.items()}, "runs": self.head_forms[rows]}
+        self.head_ms[str(list(x.shape))] = {**{f"{form}_ms": ms for form, ms in times.items()}, "runs": self.head_forms[rows]}
 
     def matmul(self, a: torch.Tensor, b: torch.Tensor, name: str, product: Product = grouped_matmul,
                merge: bool = False) -> torch.Tensor:

@@ -241,7 +241,7 @@ def markdown(card: dict) -> str:
     for r in card["targets"]:
         met = {True: "yes", False: "no", None: "not judged"}[r["met"]]
         lines.append(f"| {r['target']} | {r['tokens']} | {number(r['figure'])} | {number(r['limit'])} | {met} | "
-                     f"{r.get('rounds', '')} | {r['best']} | {r['source']} |")
+                     f"{r['rounds']} | {r['best']} | {r['source']} |")
     return "\n".join(lines) + "\n"
 
 

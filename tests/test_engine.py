@@ -369,7 +369,7 @@ def test_lm_head_takes_the_faster_form(tiny_models, scheme, batch):
     engine = SplitLlama(model.config, model.state_dict, make_scheme(scheme, seed=1), CPU, torch.float32)
     engine.warm_device(*ids.shape)
     rows = max(batch, 2) if scheme == "matrix" else batch
-    times = engine.gpu.head_ms[f"{rows} rows"]
+    times = engine.gpu.head_ms[str([rows, model.config.hidden_size])]
     assert list(engine.gpu.head_forms) == [rows] and set(times) == {"linear_ms", "by-columns_ms", "runs"}
     assert times["runs"] == engine.gpu.head_forms[rows] == min(engine_module.BY_ROWS, engine_module.BY_COLUMNS,
                                                                 key=lambda form: times[f"{form}_ms"])
