@@ -42,6 +42,7 @@ from splitinfer.report import csv_text
 from splitinfer.files import write_atomically, write_json
 from splitinfer.results import environment_block, memory_block
 from splitinfer.schemes import RUNNERS, SCHEMES, make_scheme
+from splitinfer.targets import per_round
 
 DEFAULT_PROMPTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tee_only_llama",
                                "prompts.txt")
@@ -491,6 +492,12 @@ def csv_rows(results: dict) -> list[dict]:
     return rows
 
 
+# the headline ratios of two methods timed side by side: (numerator, denominator), for their per-round range
+RATIO_OF = {"ours_over_plain": ("ours", "optimized"), "otp_online_over_plain": ("otp", "optimized"),
+            "plain_over_transformers_cpu": ("optimized", "transformers_cpu"),
+            "plain_over_transformers_gpu": ("optimized", "transformers_gpu")}
+
+
 def print_table(results: dict) -> None:
     if "copy_bandwidth" in results:
         bandwidth = results["copy_bandwidth"]
@@ -508,7 +515,10 @@ def print_table(results: dict) -> None:
                 form = f"  attention: {r['attention']}" if r.get("attention") else ""  # the TEE-only runner's choice
                 print(f"  {method:<20} {r['median_ms']:9.2f}  ({r['first_ms']:.2f}){form}")
         for name, value in row.get("ratios", {}).items():
-            print(f"  {name:<34} {value:8.2f}")
+            pair = RATIO_OF.get(name) or (("tee_only", name.removesuffix("_speedup_vs_tee_only"))
+                                          if name.endswith("_speedup_vs_tee_only") else None)
+            rounds = per_round(row, *pair) if pair else ""
+            print(f"  {name:<34} {value:8.2f}" + (f"  round by round {rounds}" if rounds else ""))
 
 
 class Stopped(Exception):

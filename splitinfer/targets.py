@@ -105,7 +105,7 @@ def per_round(row: dict, a: str, b: str) -> str:
         return ""
     pairs = sorted(x / y for x, y in zip(first["runs_ms"], second["runs_ms"]))
     low, high = pairs[len(pairs) // 4], pairs[(3 * len(pairs) - 1) // 4]
-    return f"{low:.2f}–{high:.2f} ({len(pairs)} rounds)"
+    return f"{low:.2f}–{high:.2f} ({len(pairs)} round{'' if len(pairs) == 1 else 's'})"
 
 
 def gpu_rows(perf: dict) -> list[Row]:
