@@ -157,6 +157,23 @@ def test_matrix_rank_k_recovery(rank, mix_scale):
                                rtol=tolerance, atol=tolerance)
 
 
+def test_masks_of_one_shape_are_drawn_together_and_apart():
+    """Masks of one shape are drawn in one go (`_drawn_by_shape`), yet every linear and matmul gets its own:
+    a mask reused between layers (the original implementation's bug) would show as equal values."""
+    linears = {f"{i}.{w}": (1, 6, 8) for i in range(3) for w in ("qkv", "o")} | {"lm_head": (1, 8)}
+    matmuls = {f"{i}.scores": ((1, 4, 6, 3), (1, 2, 3, 6)) for i in range(3)}
+    scheme = Matrix(seed=3)
+    scheme.prepare(linears, matmuls)
+    d = [scheme.linear_masks[name]["d"] for name in linears if name != "lm_head"]
+    assert all(not torch.equal(x, y) for i, x in enumerate(d) for y in d[i + 1:])
+    p1 = [scheme.matmul_masks[name]["p1"] for name in matmuls]
+    assert all(not torch.equal(x, y) for i, x in enumerate(p1) for y in p1[i + 1:])
+    for m in scheme.matmul_masks.values():  # each mask's own indices, not offset into its neighbours'
+        assert torch.equal(m["p1"].gather(-1, m["p1_inverse"]), torch.arange(6).expand(1, 2, 2, 6))
+        assert m["rows_p1"].min() >= 0 and m["rows_p1"].max() < 1 * 4 * 6
+    assert scheme.linear_masks["lm_head"]["dummy"].shape == (1, 1, 8)  # one row: padded with a dummy
+
+
 def test_masks_are_fresh_and_seedable():
     shapes = ({"w": (1, 4, 8)}, {"mm": ((1, 2, 4, 3), (1, 2, 3, 4))})
     first, second, again = Matrix(seed=1), Matrix(seed=None), Matrix(seed=1)
