@@ -708,23 +708,24 @@ def _mix_rows(x3: torch.Tensor, d: torch.Tensor, a: torch.Tensor, b_t_over_d: to
     M = D + ABᵀ, the dummy rows (if any) appended to X first with r = 1.
 
     Mixes unit-RMS rows: one outlier token (an attention sink) would otherwise dominate BᵀX and drown every
-    other row in half-precision rounding; it also hides row norms. A float32 copy (never x itself), then
+    other row in half-precision rounding; it also hides row norms. In half precision, a float32 copy, then
     in place: ops mixing float16 and float32 run ~2x slower. Compiled, two passes over x: 0.12 / 0.52 ms
-    at 512 x 2048 / 8192 in float16 on the 2-core VM, against 0.24 / 1.8 eager.
-
-    The row scale goes into Bᵀ's k×n rows rather than into X before the product, so that a float32 x
-    needs no copy: eager, x is read twice and the result written once (2-core VM, float32, 128 rows of
-    576 / 1536 / 2048: 42 / 72 / 88 µs, against 69 / 115 / 138 scaling a copy first)."""
+    at 512 x 2048 / 8192 in float16 on the 2-core VM, against 0.24 / 1.8 eager. A float32 x is only read:
+    the row scale goes into Bᵀ's k×n rows rather than into a copy of X before the product, so that eager
+    reads x twice and writes the result once (2-core VM, 128 rows of 576 / 1536 / 2048: 42 / 72 / 88 µs,
+    against 69 / 115 / 138 scaling a copy first). In float16 that order measured no faster."""
     rows = x3.float()  # x itself in float32: read, never written
     norms = _row_rms(rows)
     if dummy is not None:
         rows = torch.cat([rows, dummy], dim=1)
         norms = torch.cat([norms, norms.new_ones(norms.shape[0], dummy.shape[1], 1)], dim=1)
     scale = d[..., None] / norms                                       # D diag(1/r)
-    shared = (b_t_over_d * scale.transpose(1, 2)) @ rows               # Bᵀ diag(1/r) X, k×d
-    if rows is x3:
+    if rows is x3:  # float32, no dummy rows: x is only read, the row scale goes into Bᵀ's rows
+        shared = (b_t_over_d * scale.transpose(1, 2)) @ x3             # Bᵀ diag(1/r) X, k×d
         return _add_low_rank(torch.mul(x3, scale, out=out), a, shared), scale
-    mixed = _add_low_rank(rows.mul_(scale), a, shared)                 # (D + ABᵀ) diag(1/r) X
+    rows.mul_(scale)                                                   # D diag(1/r) X
+    shared = b_t_over_d @ rows                                         # Bᵀ diag(1/r) X, k×d
+    mixed = _add_low_rank(rows, a, shared)                             # (D + ABᵀ) diag(1/r) X
     # in float32 `.to` is no copy at all, where `copy_` into a buffer would be one pass more
     return (mixed.to(x3.dtype) if out is None else out.copy_(mixed)), scale
 
