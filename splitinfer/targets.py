@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 
 from splitinfer.errors import OneLineParser, UserError, one_line_errors
 from splitinfer.files import read_json, write_atomically, write_json
+from splitinfer.report import warm_median
 
 SPLIT = ("optimized", "ours", "otp")
 TARGET_MODEL = "preset:llama-3.2-1b"
@@ -151,7 +152,7 @@ def first_inference_rows(perf: dict, runners: dict | None, on_gpu: bool) -> list
     rows = []
     if runners:
         for name, runner, result in split_runs(runners):
-            warm = result.get("steady_state", {}).get("uninstrumented_total_ms", {}).get("median")
+            warm = warm_median(result)
             value = None if warm is None else result["timing"]["total_ms"] - warm
             info = result["benchmark_info"]
             rows.append(Row(f"{runner}: first inference − warm, ms", info["prefill_length"], value,
