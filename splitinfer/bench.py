@@ -15,7 +15,7 @@ import os
 import subprocess
 import sys
 
-from splitinfer.cli import TEE_ONLY, build_parser, load_config
+from splitinfer.cli import SWITCH, TEE_ONLY, build_parser, load_config
 from splitinfer.errors import OneLineParser, UserError
 from splitinfer.report import comparison_report, load_privacy, load_result, sweep_report, write_files
 from splitinfer.schemes import RUNNERS
@@ -32,6 +32,7 @@ ONLY_FOR = {"--pad-scale": ("otp",), "--mask-rank": ("ours",), "--mix-scale": ("
             "--resident-embedding": ("ours", "otp"), "--fuse-hops": ("ours", "otp"),
             "--cuda-graphs": ("optimized", "ours", "otp")}
 SWITCHES = ("--overlap", "--resident-embedding", "--fuse-hops", "--cuda-graphs")
+MAYBE_VALUED = ("--fuse-hops", "--cuda-graphs")  # alone: on; or followed by on, off or auto
 RUNNER_SCHEMES = {**RUNNERS, "tee_only": TEE_ONLY}
 
 
@@ -79,13 +80,14 @@ def check_runner_flags(methods: tuple[str, ...], flags: list[str], tee_dtype: st
 
 def flags_for(method: str, flags: list[str], tee_dtype: str | None) -> list[str]:
     out, skip = [], False
-    for arg in flags:
+    for i, arg in enumerate(flags):
         if skip:
             skip = False
             continue
         name = arg.split("=", 1)[0]
         if name in ONLY_FOR and method not in ONLY_FOR[name]:
-            skip = "=" not in arg and name not in SWITCHES
+            skip = "=" not in arg and (name not in SWITCHES or name in MAYBE_VALUED and flags[i + 1: i + 2] in
+                                       [[value] for value in SWITCH])
             continue
         if method == "tee_only" and tee_dtype and name == "--dtype":
             skip = "=" not in arg

@@ -14,7 +14,7 @@ import torch
 
 from splitinfer import kernels
 from splitinfer.audit import AuditLog, prepare_audit_dir
-from splitinfer.engine import ATTENTION_FORMS, SplitLlama
+from splitinfer.engine import ATTENTION_FORMS, AUTO, SplitLlama
 from splitinfer.errors import OneLineParser, UserError, one_line_errors
 from splitinfer.inputs import build_batch, read_prompts
 from splitinfer.metrics import synchronize
@@ -26,6 +26,7 @@ from splitinfer.schemes import make_scheme
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 KERNEL_MODES = ("compiled", "eager")  # --kernels: see `compiled_kernels`
+SWITCH = {"on": True, "off": False, AUTO: AUTO}  # --cuda-graphs, --fuse-hops: as SplitLlama takes them
 TEE_ONLY = "tee_only"
 
 
@@ -82,10 +83,10 @@ def build_parser(config, scheme: str, prog: str) -> argparse.ArgumentParser:
                             "three steps as one op (torch's scaled_dot_product_attention); auto: each timed on one "
                             "layer's shapes in set-up, the fastest kept (JSON: environment.tee_attention)")
     if scheme != TEE_ONLY:
-        p.add_argument("--cuda-graphs", action="store_true", default=getattr(config, "CUDA_GRAPHS", False),
-                       help="replay each of the GPU's calls (a linear, an attention matmul) from a CUDA graph captured "
-                            "in set-up: one launch where it makes several host calls; copies stay outside the graphs. "
-                            "CUDA only (elsewhere a warning, and no graphs); JSON: benchmark_info.cuda_graphs")
+        add_switch(p, "--cuda-graphs", getattr(config, "CUDA_GRAPHS", AUTO),
+                   "replay each of the GPU's calls (a linear, an attention matmul) from a CUDA graph captured in set-up: "
+                   "one launch where it makes several host calls; copies stay outside the graphs. CUDA only (on: "
+                   "elsewhere a warning, and no graphs). JSON: benchmark_info.cuda_graphs", "on CUDA (else off)")
         p.add_argument("--audit-dir", default=None,
                        help="write every tensor sent to the GPU during the timed inference here, in order, "
                             "labelled with layer and op (a new or empty folder)")
@@ -98,15 +99,14 @@ def build_parser(config, scheme: str, prog: str) -> argparse.ArgumentParser:
                        default=getattr(config, "RESIDENT_EMBEDDING", False),
                        help="with a tied LM head, keep a copy of the embedding table in the TEE instead of reading "
                             "the GPU's whole at every inference: one table copy faster, a table's size more memory")
-        p.add_argument("--fuse-hops", action="store_true", default=getattr(config, "FUSE_HOPS", False),
-                       help="make each of the TEE's hops one call, one compiled kernel where set-up measures that "
-                            "faster: between two linears, recovering the answer, the residual add and RMSNorm (or "
-                            "SiLU·up), and protecting the next input (three such hops a layer); from the qkv "
-                            "projection to the scores, recovering it, RoPE, and protecting q and kᵀ; between the "
-                            "attention matmuls, recovering the scores, their softmax and protecting P·V's "
-                            "operands; from P·V to the o projection, recovering it and protecting o's input. The "
-                            "JSON then times those RMSNorms, SiLUs, RoPEs and softmaxes as crypto "
-                            "(timing.fused_hops_ms)")
+        add_switch(p, "--fuse-hops", getattr(config, "FUSE_HOPS", AUTO),
+                   "make each of the TEE's hops one call, one compiled kernel where set-up measures that faster: "
+                   "between two linears, recovering the answer, the residual add and RMSNorm (or SiLU·up), and "
+                   "protecting the next input (three such hops a layer); from the qkv projection to the scores, "
+                   "recovering it, RoPE, and protecting q and kᵀ; between the attention matmuls, recovering the "
+                   "scores, their softmax and protecting P·V's operands; from P·V to the o projection, recovering "
+                   "it and protecting o's input. The JSON then times those RMSNorms, SiLUs, RoPEs and softmaxes as "
+                   "crypto (timing.fused_hops_ms). JSON: benchmark_info.fused_hops", "with compiled kernels (else off)")
     if scheme == "matrix":
         p.add_argument("--mask-rank", type=int, default=config.MASK_RANK,
                        help="rank k of the token-mixing part of M = D + ABᵀ (1: the original D + αβᵀ); "
@@ -127,6 +127,16 @@ def main(config_path: str, scheme: str, argv: list[str] | None = None) -> int:
     config = load_config(config_path)
     run(build_parser(config, scheme, os.path.basename(sys.argv[0])).parse_args(argv), scheme)
     return 0
+
+
+def add_switch(p: argparse.ArgumentParser, flag: str, default: bool | str, help: str, auto_where: str) -> None:
+    """An option that is on, off, or left to set-up where it can pay (`auto_where`; auto: each way timed on this
+    machine before the first inference, the faster kept: `SplitLlama.choose_configuration`). The flag alone means
+    on."""
+    p.add_argument(flag, nargs="?", choices=list(SWITCH), const="on",
+                   default={True: "on", False: "off"}.get(default, default),
+                   help=f"{help}. auto, {auto_where}: set-up times it both ways on zeros and keeps the faster "
+                        "(JSON: benchmark_info.configuration, timing.configuration_choice_ms)")
 
 
 def resolve_gpu_device(name: str) -> tuple[torch.device, bool]:
@@ -224,8 +234,8 @@ def run(args, scheme_name: str) -> dict:
     engine = SplitLlama(model.config, model.state_dict, scheme, gpu_device, dtype, tee_only=tee_only,
                         overlap=getattr(args, "overlap", False),
                         resident_embedding=getattr(args, "resident_embedding", False),
-                        fuse_hops=getattr(args, "fuse_hops", False),
-                        cuda_graphs=getattr(args, "cuda_graphs", False),
+                        fuse_hops=SWITCH[getattr(args, "fuse_hops", "off")],
+                        cuda_graphs=SWITCH[getattr(args, "cuda_graphs", "off")],
                         compiled=compiled_kernels(args.kernels, gpu_device),
                         attention=None if getattr(args, "attention", "auto") == "auto" else args.attention)
     if gpu_device.type == "cuda":  # context and cuBLAS handle belong to set-up, not to the first inference
@@ -239,6 +249,9 @@ def run(args, scheme_name: str) -> dict:
              "warming the device: each GPU op once on zeros of this input's shapes"
              + ("; one inference captures every GPU call's CUDA graph" if engine.cuda_graphs else ""))
     warmup_ms = engine.warm_device(*ids.shape)
+    if engine.auto:
+        progress(f"set-up: {' and '.join(sorted(engine.auto))} timed both ways on zeros (auto), the faster kept")
+    choice_ms = engine.choose_configuration(*ids.shape)
     synchronize(gpu_device)
     setup_ms = (time.perf_counter() - start) * 1e3
     info = model_info(model)
@@ -272,7 +285,7 @@ def run(args, scheme_name: str) -> dict:
     real_tokens = int(mask.sum())
     result = {
         "timing": timing_block(figures, setup_ms, scheme.steps if scheme.masked else (), compile_ms, warmup_ms,
-                               0.0 if started else kernels.start_ms()),
+                               0.0 if started else kernels.start_ms(), choice_ms),
         "timing_breakdown": figures["breakdown"],
         "timing_percentage": percentage_block(figures),
         "data_transfer": figures["data_transfer"],
@@ -282,6 +295,7 @@ def run(args, scheme_name: str) -> dict:
                            "scheme": scheme_name, "encryption_scheme": scheme.encryption_scheme,
                            "fused_hops": engine.fuse_hops, "cuda_graphs": engine.cuda_graphs,
                            "cuda_graphs_captured": engine.cuda_graphs_captured,
+                           "configuration": engine.configuration,
                            "throughput_tokens_per_sec": real_tokens / (figures["total_ms"] / 1e3),
                            "logits_shape": list(logits.shape), "lm_head_positions": "last real token",
                            "gpu_device": str(gpu_device), "gpu_fallback_to_cpu": fallback,

@@ -6,6 +6,8 @@ runs every linear op. A scheme protects what crosses; `plain` protects nothing.
 from __future__ import annotations
 
 import ctypes
+import itertools
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -20,7 +22,9 @@ from splitinfer.boundary import Boundary
 from splitinfer.graphs import CallGraphs
 from splitinfer.inputs import last_positions
 from splitinfer.metrics import NOTHING, Metrics, synchronize
+from splitinfer.reference import compare
 from splitinfer.schemes import Plain
+from splitinfer.targets import SAME_FUNCTION
 from splitinfer.tee_ops import (CausalBlocks, RmsNorm, Rotary, apply_rope, attention_bias, fused_attention, gated,
                                 grouped_matmul, merge_heads, merged, rotated_heads, row_parts, silu_gate, softmax_in_order,
                                 split_heads, sum_and_norm)
@@ -38,6 +42,10 @@ ONE_BLOCK, CAUSAL_BLOCKS, FUSED = "one-block", "causal-blocks", "fused"
 ATTENTION_FORMS = (ONE_BLOCK, CAUSAL_BLOCKS, FUSED)
 # The LM head's forms on a CPU device (`Gpu.choose_head`): F.linear, or the same product as W·xᵀ (`head_by_columns`)
 BY_ROWS, BY_COLUMNS = "linear", "by-columns"
+# `fuse_hops` and `cuda_graphs` may be left to set-up: each way timed on this machine, the faster kept
+# (`SplitLlama.choose_configuration`)
+AUTO = "auto"
+CHOSEN_OPTIONS = ("cuda_graphs", "fuse_hops")
 _ALLOCATOR_SETTING: str | None = None
 
 
@@ -217,7 +225,7 @@ class SplitLlama:
                  gpu_device: torch.device, dtype: torch.dtype, tee_only: bool = False, pinned: bool | None = None,
                  triangle: bool = True, block_rows: int | None = None, overlap: bool = False,
                  resident_embedding: bool = False, compiled: bool = False, choose_kernels: bool = True,
-                 attention: str | None = None, fuse_hops: bool = False, cuda_graphs: bool = False):
+                 attention: str | None = None, fuse_hops: bool | str = False, cuda_graphs: bool | str = False):
         """`pinned` and `triangle` (the scores' causal block triangle) exist to be switched off for ablations;
         `block_rows` sets the triangle's least rows per block (tee_ops.ROWS unless given), to compare sizes.
         `overlap` makes the plain split's two largest hops (scores -> softmax -> probabilities, gate/up ->
@@ -236,7 +244,10 @@ class SplitLlama:
         the call is timed as crypto, so that category then holds those RMSNorms, SiLUs, RoPEs and softmaxes too.
         `cuda_graphs` replays each of the GPU's calls from a CUDA graph (`splitinfer.graphs`), captured in set-up
         (`warm_device`): one launch where a linear makes several host calls, and an attention matmul more. Only
-        on CUDA (elsewhere it warns and does nothing), and off by default: no GPU run has measured it yet.
+        on CUDA (elsewhere it warns and does nothing); no GPU run has measured it yet. Both are off here by
+        default; the runners leave both to set-up (tee_gpu/config.py). Either may be AUTO: off until
+        `choose_configuration` times each way in set-up and keeps the faster; graphs only on CUDA, fused hops only
+        for a masked scheme with compiled kernels (elsewhere AUTO is off, untimed).
         `attention` pins the TEE-only runner's form of attention (one of ATTENTION_FORMS); unset, set-up times
         each on this CPU and keeps the fastest (`choose_attention`). Split engines have none: their scores cross."""
         if attention not in (None, *ATTENTION_FORMS):
@@ -253,11 +264,20 @@ class SplitLlama:
         self.link = Boundary(gpu_device, self.tee_device, self.metrics, crossing=not tee_only, pinned=pinned)
         scheme.pinned_buffer = self.link.pinned_buffer  # protected operands are written where the GPU reads them
         self.gpu = Gpu(gpu_device, self.metrics, in_tee=tee_only)
-        graphs = self._graphs(cuda_graphs and not tee_only, gpu_device)
+        # the options left to set-up (`choose_configuration`), where they can pay; off until then
+        self.auto = {name for name, value, applies in (("cuda_graphs", cuda_graphs, gpu_device.type == "cuda"),
+                                                       ("fuse_hops", fuse_hops, compiled and scheme.masked))
+                     if value == AUTO and applies and not tee_only}
+        # what set-up's choice found: each way's median ms, the one kept, and any left out for its logits
+        self.configuration: dict = {}
+        self.graphs_held: CallGraphs | None = None  # graphs made for `choose_configuration` to try
+        graphs = self._graphs(cuda_graphs is True and not tee_only, gpu_device)
         if graphs is not None:
             self.use_graphs(graphs)
+        elif "cuda_graphs" in self.auto:
+            self.graphs_held = CallGraphs(gpu_device)
         self.overlap = overlap and not tee_only and not scheme.masked
-        self.fuse_hops = fuse_hops and scheme.masked
+        self.fuse_hops = fuse_hops is True and scheme.masked
         self.attention_pinned = attention is not None
         self.attention_form = (attention or ONE_BLOCK) if tee_only else None  # ONE_BLOCK until `choose_attention`
         self.attention_ms: dict[str, float] = {}  # what each form took in `choose_attention`, ms per layer
@@ -276,9 +296,9 @@ class SplitLlama:
                   file=sys.stderr)
         return CallGraphs(device) if wanted and device.type == "cuda" else None
 
-    def use_graphs(self, graphs: CallGraphs) -> None:
-        """Replay the GPU's calls from `graphs`, into whose landings the copies to the GPU go."""
-        self.gpu.graphs, self.link.landing = graphs, graphs.landing
+    def use_graphs(self, graphs: CallGraphs | None) -> None:
+        """Replay the GPU's calls from `graphs`, into whose landings the copies to the GPU go (None: no graphs)."""
+        self.gpu.graphs, self.link.landing = graphs, None if graphs is None else graphs.landing
 
     @property
     def cuda_graphs(self) -> bool:
@@ -400,11 +420,12 @@ class SplitLlama:
             blocks.softmax(torch.zeros(blocks.shape, dtype=self.dtype), torch.zeros(batch, 1, n, n, dtype=self.dtype),
                            self.gpu_bound(blocks.shape))
         # the softmax hop's, where fused: the blocks, a bias and an attention mask of the inference's shapes
+        fused = self.fuse_hops or "fuse_hops" in self.auto  # set-up may choose them: their kernels too
         attention = ((blocks, torch.zeros(batch, 1, n, n, dtype=self.dtype), torch.ones(batch, n, dtype=torch.long))
-                     if self.fuse_hops else None)
+                     if fused else None)
         self.scheme.warm_kernels(linears, self.matmul_operands(batch, n),
                                  {name: self.gpu.weights[name].shape[0] for name in linears}, self.dtype, softmax_of,
-                                 self.hops_on_zeros(batch, n) if self.fuse_hops else (),
+                                 self.hops_on_zeros(batch, n) if fused else (),
                                  {"0.scores": blocks.scores, "0.attend": blocks.attend}, attention)
         if softmax_of:
             groups, positions = self.n_kv_heads, torch.int32
@@ -456,6 +477,63 @@ class SplitLlama:
             self.timed_forward(ids, torch.ones_like(ids), instrumented=False)
         synchronize(device)
         return (time.perf_counter() - start) * 1e3
+
+    @torch.no_grad()
+    def choose_configuration(self, batch: int, n: int, repeat: int = 3) -> float:
+        """Set-up, after `warm_device`: where `cuda_graphs` or `fuse_hops` was left to it (AUTO), each way (each
+        combination, where both were) timed on this machine, the fastest kept, as the TEE's kernels and the LM
+        head's form are. Which pays depends on the host: what a GPU call costs it, and a TEE call, against what
+        a graph's replay and a fused hop's one kernel cost there. Each way runs once untimed (a graph is captured
+        at its call's first run), then `repeat` rounds time each in turn (uninstrumented totals, so that a drift
+        in the host's speed falls on all alike); their median decides. The inferences take zeros for ids, never
+        the prompt, and share one offline phase: no mask drawn here serves a timed inference. A way whose logits
+        differ from the first's (neither option) by more than SAME_FUNCTION is left out, with a warning: it would
+        not compute the same function; so is one that fails (a graph's capture, say), with its error. Returns the
+        milliseconds it took; `configuration` holds what it found."""
+        options = [name for name in CHOSEN_OPTIONS if name in self.auto]
+        if not options:
+            return 0.0
+        start = time.perf_counter()
+        ways = {"+".join(name for name in options if on[name]) or "neither": on
+                for on in (dict(zip(options, values)) for values in itertools.product((False, True), repeat=len(options)))}
+        ids = torch.zeros(batch, n, dtype=torch.long)
+        mask = torch.ones_like(ids)
+        self.timed_forward(ids, mask, instrumented=False)  # the offline phase every way below shares
+        logits, left_out = {}, {}
+        for name, way in ways.items():
+            self._configure(way)
+            try:
+                logits[name] = self.timed_forward(ids, mask, instrumented=False, offline=False)[0].clone()
+            except RuntimeError as e:
+                if name == "neither":  # the engine itself fails: nothing to choose
+                    raise
+                left_out[name] = str(e).splitlines()[0]
+        first = logits["neither"]
+        left_out.update({name: diff for name, diff in ((name, compare(out, first)["rel_logit_error"])
+                                                       for name, out in logits.items()) if not diff <= SAME_FUNCTION})
+        for name, why in left_out.items():
+            print(f"warning: set-up left out {name}: " + (f"it failed ({why})" if isinstance(why, str) else
+                  f"its logits differ from the engine's without it by {why:.3g}"), file=sys.stderr)
+        timed = {name: way for name, way in ways.items() if name not in left_out}
+        runs = {name: [] for name in timed}
+        for _ in range(repeat):
+            for name, way in timed.items():
+                self._configure(way)
+                runs[name].append(self.timed_forward(ids, mask, instrumented=False, offline=False)[1]["total_ms"])
+        medians = {name: statistics.median(ms) for name, ms in runs.items()}
+        kept = min(medians, key=medians.get)
+        self._configure(ways[kept])
+        if not self.cuda_graphs:  # graphs not kept: their memory goes
+            self.graphs_held = None
+        self.configuration = {"options": options, "median_ms": medians, "kept": kept, "left_out": left_out,
+                              "repeat": repeat}
+        return (time.perf_counter() - start) * 1e3
+
+    def _configure(self, way: dict[str, bool]) -> None:
+        """Set the options `way` names (`choose_configuration`)."""
+        if "cuda_graphs" in way:
+            self.use_graphs(self.graphs_held if way["cuda_graphs"] else None)
+        self.fuse_hops = way.get("fuse_hops", self.fuse_hops)
 
     def causal_blocks(self, batch: int, n: int, attention_mask: torch.Tensor | None = None) -> CausalBlocks:
         """How the attention scores are laid out: the lower block triangle where it cuts what crosses and
@@ -723,17 +801,19 @@ class SplitLlama:
 
     # ---- the forward ----
 
-    def timed_forward(self, ids: torch.Tensor, attention_mask: torch.Tensor,
-                      instrumented: bool = True) -> tuple[torch.Tensor, dict]:
+    def timed_forward(self, ids: torch.Tensor, attention_mask: torch.Tensor, instrumented: bool = True,
+                      offline: bool = True) -> tuple[torch.Tensor, dict]:
         """One inference with fresh counters: (logits, its figures). Not `instrumented`, only its total
-        (`total_ms`) is measured: no region is timed, so none adds its timing's own cost."""
+        (`total_ms`) is measured: no region is timed, so none adds its timing's own cost. Not `offline`, a masked
+        scheme reuses the last inference's masks: only for set-up's own inferences on ids of the same shape
+        (`choose_configuration`), never for a prompt's."""
         self.metrics.reset()
         self.metrics.instrumented = instrumented
         self.kernels = kernels.select(self.compiled, self.choose_kernels)  # process-wide: another engine may have switched it
         self.link.reset()
         mask_bytes, self.offline_fetched_bytes = 0, 0
         try:
-            if self.scheme.masked:  # the offline phase: every mask of this inference, before the prompt is seen
+            if self.scheme.masked and offline:  # the offline phase: every mask of this inference, before the prompt is seen
                 with self.metrics.time("offline", "masks"):
                     mask_bytes = self.scheme.prepare(*self.mask_shapes(*ids.shape), self.weight_for_tee, self.dtype,
                                                      softmax_of=self.softmax_of())

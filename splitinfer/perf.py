@@ -31,8 +31,8 @@ from typing import Callable
 import torch
 
 from splitinfer import kernels
-from splitinfer.cli import DTYPES, add_kernels_flag, compiled_kernels, progress, resolve_gpu_device
-from splitinfer.engine import SplitLlama
+from splitinfer.cli import DTYPES, SWITCH, add_kernels_flag, compiled_kernels, load_config, progress, resolve_gpu_device
+from splitinfer.engine import CHOSEN_OPTIONS, SplitLlama
 from splitinfer.errors import OneLineParser, UserError, one_line_errors
 from splitinfer.inputs import build_batch, read_prompts
 from splitinfer.metrics import ONLINE, synchronize
@@ -44,8 +44,9 @@ from splitinfer.results import environment_block, memory_block
 from splitinfer.schemes import RUNNERS, SCHEMES, make_scheme
 from splitinfer.targets import per_round
 
-DEFAULT_PROMPTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tee_only_llama",
-                               "prompts.txt")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_PROMPTS = os.path.join(ROOT, "tee_only_llama", "prompts.txt")
+RUNNER_CONFIG = os.path.join(ROOT, "tee_gpu", "config.py")  # the split runners' defaults: as they ship
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,9 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "and with compiled kernels at every shape (*_all_compiled: no per-shape choice in set-up)")
     p.add_argument("--no-fused-hops", action="store_true",
                    help="with compiled kernels, skip ours and otp with fused hops (*_fused_hops: each of the TEE's "
-                        "hops as one call)")
+                        "hops as one call), and keep them off in the runners as they ship (else as tee_gpu/config.py "
+                        "sets them: auto, set-up's choice)")
     p.add_argument("--no-cuda-graphs", action="store_true",
-                   help="on CUDA, skip the split runners with each GPU call replayed from a CUDA graph (*_cuda_graphs)")
+                   help="on CUDA, skip the split runners with each GPU call replayed from a CUDA graph (*_cuda_graphs), "
+                        "and keep graphs off in the runners as they ship (else as tee_gpu/config.py sets them)")
     p.add_argument("--no-overlap", action="store_true",
                    help="on CUDA, skip the plain split with copies overlapping the TEE's work (optimized_overlap)")
     p.add_argument("--one-at-a-time", action="store_true",
@@ -127,6 +130,7 @@ class EngineTimer:
         self.engine, self.ids, self.mask = engine, ids, mask
         self.compile_ms = engine.warm_kernels(*ids.shape)
         self.warmup_ms = engine.warm_device(*ids.shape)
+        self.choice_ms = engine.choose_configuration(*ids.shape)
         self.first = engine.timed_forward(ids, mask)[1]
         for _ in range(warmup):
             engine.timed_forward(ids, mask, instrumented=False)
@@ -147,7 +151,8 @@ class EngineTimer:
                "kernels_failed": dict(kernels.failed),
                "kernel_choices": kernels.chosen() if self.compile_ms and engine.choose_kernels else {},
                "attention": engine.attention_form, "attention_ms_per_layer": engine.attention_ms,
-               "lm_head_forms_ms": engine.gpu.head_ms}
+               "lm_head_forms_ms": engine.gpu.head_ms, **kept_options(engine),
+               "configuration": engine.configuration, "configuration_choice_ms": self.choice_ms}
         if engine.cuda_graphs:
             out["cuda_graphs_captured"] = engine.cuda_graphs_captured
         out["categories_median_ms"] = {c: statistics.median(f["categories"][c] for f in timed)
@@ -161,6 +166,20 @@ class EngineTimer:
         out["calls"] = {**timed[0]["counts"], "to_gpu": timed[0]["data_transfer"]["to_gpu_calls"],
                         "to_tee": timed[0]["data_transfer"]["to_cpu_calls"]}
         return out
+
+
+def kept_options(engine: SplitLlama) -> dict[str, bool]:
+    """The options set-up may choose (`CHOSEN_OPTIONS`), as the engine runs them."""
+    return {"cuda_graphs": engine.cuda_graphs, "fuse_hops": engine.fuse_hops}
+
+
+def shipped_options(no_cuda_graphs: bool, no_fused_hops: bool) -> dict:
+    """`CHOSEN_OPTIONS` as the split runners ship them (tee_gpu/config.py: on, off or auto), each off where its flag
+    says so."""
+    config = load_config(RUNNER_CONFIG)
+    return {name: False if off else SWITCH.get(value, value)
+            for name, value, off in (("cuda_graphs", config.CUDA_GRAPHS, no_cuda_graphs),
+                                     ("fuse_hops", config.FUSE_HOPS, no_fused_hops))}
 
 
 def spread(runs: list[float]) -> dict:
@@ -178,9 +197,10 @@ def interleave(timers: dict[str, CallTimer | EngineTimer], repeat: int) -> None:
 
 
 def variants(overlap: bool, ablations: bool, thread_sweep: str | None, kernel_variants: bool = False,
-             fused_hops: bool = False, cuda_graphs: bool = False) -> list[tuple[str, str, dict, int | None]]:
+             fused_hops: bool = False, cuda_graphs: bool = False, shipped: dict | None = None
+             ) -> list[tuple[str, str, dict, int | None]]:
     """(label, scheme, engine options, threads) of every split engine to time: the three runners as they
-    ship; the plain split with copies overlapping the TEE's work (`overlap`: on CUDA; off by default, as
+    ship (`shipped`: the options set-up may choose, as tee_gpu/config.py sets them); the plain split with copies overlapping the TEE's work (`overlap`: on CUDA; off by default, as
     it measured slower on the H100 machine); ablations on the same machine (`ablations`: on CUDA): the
     plain split with pageable copies (what the pinned staging buys), the plain split and otp with the
     full n×n scores (what the causal block triangle buys), the plain split with blocks of at least
@@ -190,12 +210,15 @@ def variants(overlap: bool, ablations: bool, thread_sweep: str | None, kernel_va
     eager or compiled buys); ours and otp with fused hops (`fused_hops`: with compiled kernels, where a hop
     can become one call); each runner with its GPU calls replayed from CUDA graphs (`cuda_graphs`: on CUDA,
     first among the variants: untried on a GPU so far), and ours and otp with both; and each runner at each
-    thread count of the sweep."""
-    out = [(method, scheme, {}, None) for method, scheme in RUNNERS.items()]
+    thread count of the sweep. Those three name both options set-up may choose, each on or off; every other
+    variant takes what set-up chose for its runner at its length (`measure`)."""
+    out = [(method, scheme, dict(shipped or {}), None) for method, scheme in RUNNERS.items()]
     if cuda_graphs:
-        out += [(f"{method}_cuda_graphs", scheme, {"cuda_graphs": True}, None) for method, scheme in RUNNERS.items()]
+        out += [(f"{method}_cuda_graphs", scheme, {"cuda_graphs": True, "fuse_hops": False}, None)
+                for method, scheme in RUNNERS.items()]
     if fused_hops:
-        out += [(f"{method}_fused_hops", RUNNERS[method], {"fuse_hops": True}, None) for method in ("ours", "otp")]
+        out += [(f"{method}_fused_hops", RUNNERS[method], {"fuse_hops": True, "cuda_graphs": False}, None)
+                for method in ("ours", "otp")]
     if fused_hops and cuda_graphs:  # both, as the masked runners' defaults on CUDA would have them if both pay
         out += [(f"{method}_fused_hops_cuda_graphs", RUNNERS[method], {"fuse_hops": True, "cuda_graphs": True}, None)
                 for method in ("ours", "otp")]
@@ -306,7 +329,8 @@ def measure(args, results: dict) -> None:
     compiled = compiled_kernels(args.kernels, gpu_device)
     split_variants = variants(cuda and not args.no_overlap, cuda and not args.no_ablations,  # a bad sweep fails first
                               args.thread_sweep, compiled and not args.no_kernel_variants,
-                              compiled and not args.no_fused_hops, cuda and not args.no_cuda_graphs)
+                              compiled and not args.no_fused_hops, cuda and not args.no_cuda_graphs,
+                              shipped_options(args.no_cuda_graphs, args.no_fused_hops))
     prompts = read_prompts(DEFAULT_PROMPTS)
     progress(f"loading {args.model} ({dtype_name}; TEE-only {tee_name})")
     model = load_model(args.model, dtype, gpu_device)
@@ -322,6 +346,8 @@ def measure(args, results: dict) -> None:
     results["lengths"] = {}
     profiles: list[str] = []
     batches, plain_logits = {}, {}
+    # (length, scheme) -> the options set-up chose for that runner there, which its other variants then take
+    chosen: dict[tuple[int, str], dict[str, bool]] = {}
     for n in lengths:
         if n > model.config.max_position_embeddings:
             raise UserError(f"length {n} exceeds max_position_embeddings ({model.config.max_position_embeddings})")
@@ -342,9 +368,12 @@ def measure(args, results: dict) -> None:
             with torch.no_grad():
                 for method, scheme, options, _ in group:
                     progress(f"{n} tokens: {method}")
+                    inherited = {} if method in RUNNERS or set(CHOSEN_OPTIONS) <= set(options) else chosen.get((n, scheme), {})
                     engine = SplitLlama(model.config, state, make_scheme(scheme), gpu_device, dtype,
-                                        **{"compiled": compiled, **options})
+                                        **{"compiled": compiled, **inherited, **options})
                     timers[method] = EngineTimer(engine, ids, mask, args.warmup)
+                    if method in RUNNERS:
+                        chosen[n, scheme] = kept_options(engine)
                 if baselines:
                     timers.update(baseline_timers(args, model, state, (ids, mask), gpu_device, dtype, tee_dtype))
                 if len(timers) > 1:

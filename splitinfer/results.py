@@ -18,13 +18,15 @@ PERCENT_GROUPS = {"transfer_pct": ("transfer_to_gpu", "transfer_to_cpu"), "gpu_c
 
 
 def timing_block(figures: dict, setup_ms: float, crypto_steps: tuple[str, ...] = (), kernel_compile_ms: float = 0.0,
-                 device_warmup_ms: float = 0.0, compiler_start_ms: float = 0.0) -> dict:
+                 device_warmup_ms: float = 0.0, compiler_start_ms: float = 0.0, configuration_choice_ms: float = 0.0
+                 ) -> dict:
     """The timing fields; `crypto_steps` names a masked scheme's protect and recover steps, whose
     per-op-kind figures (e.g. encryption_linear_attn_ms) and totals (encryption_ms) are added;
     `kernel_compile_ms` is the part of set-up that built the TEE's compiled kernels, `compiler_start_ms` the
     part of that which started the compiler (`kernels.start_ms`), `device_warmup_ms` the part of set-up that
     ran each GPU op once (`SplitLlama.warm_device`; for the TEE-only runner, the timing of its attention's
-    forms too). A fused hop's time (`SplitLlama.fused_hop`: its label joins its steps and op with '+') counts
+    forms too), `configuration_choice_ms` the part that timed the options left to set-up each way
+    (`SplitLlama.choose_configuration`). A fused hop's time (`SplitLlama.fused_hop`: its label joins its steps and op with '+') counts
     in `fused_hops_ms`, not in either step's total: the one call does both, and the TEE op between."""
     c = figures["categories"]
     crypto = figures["breakdown"].get("crypto", {})
@@ -39,7 +41,8 @@ def timing_block(figures: dict, setup_ms: float, crypto_steps: tuple[str, ...] =
             "total_crypto_ms": c["crypto"], "offline_ms": c["offline"], "other_ms": c["other"],
             "overlap_ms": c["overlap"],
             "total_ms": figures["total_ms"], "setup_ms": setup_ms, "kernel_compile_ms": kernel_compile_ms,
-            "compiler_start_ms": compiler_start_ms, "device_warmup_ms": device_warmup_ms}
+            "compiler_start_ms": compiler_start_ms, "device_warmup_ms": device_warmup_ms,
+            "configuration_choice_ms": configuration_choice_ms}
 
 
 def percentage_block(figures: dict) -> dict:

@@ -5,10 +5,12 @@ call's inputs reach the graph, that each call site and layout has its own, and t
 after the same call has been made again."""
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
-from splitinfer.engine import SplitLlama
+from splitinfer.engine import AUTO, SplitLlama
 from splitinfer.graphs import CallGraphs
 from splitinfer.inputs import build_batch
 from splitinfer.models import load_model
@@ -36,6 +38,26 @@ class EagerCall:
 
 def eager_graphs() -> CallGraphs:
     return CallGraphs(CPU, capture=EagerCall)
+
+
+class SlowCall(EagerCall):
+    """A stand-in whose replays cost more than the call itself."""
+
+    def replay(self) -> None:
+        time.sleep(0.002)
+        super().replay()
+
+
+def failing_capture(fn, inputs, keep):
+    raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore detail")
+
+
+class WrongCall(EagerCall):
+    """A stand-in whose replays give a wrong answer."""
+
+    def replay(self) -> None:
+        super().replay()
+        self.output.add_(1.0)
 
 
 def test_a_call_is_captured_once_per_key_and_layout():
@@ -157,3 +179,75 @@ def test_kernel_bench_times_one_layers_gpu_calls_both_ways():
     assert len(calls) == 8 and all(ms > 0 for ms in calls.values())
     assert {label.rsplit(", ", 1)[1] for label in calls} == {"op by op", "replayed"}
     assert graphs.captured == 4 and graphs.input_copies == 0
+
+
+def slow_calls_without_graphs(engine: SplitLlama) -> None:
+    """Make each GPU call made without graphs cost 2 ms more, so that replaying graphs is the faster way."""
+    call = engine.gpu.call
+
+    def slow(key, fn, *inputs, keep=()):
+        if engine.gpu.graphs is None:
+            time.sleep(0.002)
+        return call(key, fn, *inputs, keep=keep)
+
+    engine.gpu.call = slow
+
+
+@pytest.mark.parametrize("scheme,capture,kept", [("plain", SlowCall, "neither"), ("matrix", EagerCall, "cuda_graphs"),
+                                                 ("otp", WrongCall, "neither"), ("matrix", failing_capture, "neither")],
+                         ids=["slower-graphs", "faster-graphs", "wrong-graphs", "failing-graphs"])
+def test_set_up_keeps_graphs_where_they_are_faster_and_compute_the_same(tiny_models, scheme, capture, kept, capsys):
+    """With `cuda_graphs=AUTO`, set-up times an inference with and without graphs (stand-ins here, made faster or
+    slower than the calls) and keeps the faster; graphs whose logits are off, or whose capture fails, are left out
+    untimed, with a warning. The engine then runs as kept, its graphs gone where not kept, and its logits match transformers'.
+    Without CUDA, AUTO leaves nothing to choose."""
+    model = load_model(tiny_models["gqa-tied"], torch.float32, CPU)
+    ids, mask = build_batch(model.tokenizer, PROMPTS, 8, 2, ragged=True)
+    engine = SplitLlama(model.config, model.state_dict, make_scheme(scheme, seed=3), CPU, torch.float32,
+                        cuda_graphs=AUTO)
+    assert not engine.auto and engine.choose_configuration(*ids.shape) == 0.0 and engine.configuration == {}
+    engine.auto.add("cuda_graphs")  # as on CUDA, with stand-ins for the graphs
+    engine.graphs_held = CallGraphs(CPU, capture=capture)
+    if capture is EagerCall:
+        slow_calls_without_graphs(engine)
+    engine.warm_device(*ids.shape)
+    assert not engine.cuda_graphs  # off until set-up's choice
+    assert engine.choose_configuration(*ids.shape, repeat=2) > 0
+    chosen = engine.configuration
+    assert chosen["options"] == ["cuda_graphs"] and chosen["kept"] == kept and chosen["repeat"] == 2
+    if capture in (WrongCall, failing_capture):
+        assert set(chosen["median_ms"]) == {"neither"} and set(chosen["left_out"]) == {"cuda_graphs"}
+        why = chosen["left_out"]["cuda_graphs"]
+        assert why == "CUDA error: operation not permitted when stream is capturing" if capture is failing_capture else why > 1e-2
+        assert "set-up left out cuda_graphs" in capsys.readouterr().err
+    else:
+        assert set(chosen["median_ms"]) == {"neither", "cuda_graphs"} and chosen["left_out"] == {}
+        assert min(chosen["median_ms"], key=chosen["median_ms"].get) == kept
+    assert engine.cuda_graphs == (kept == "cuda_graphs") and (engine.graphs_held is None) == (kept == "neither")
+    logits = engine.timed_forward(ids, mask)[0].clone()
+    err = compare(logits, reference_logits(model.config, model.state_dict, ids, mask))
+    assert err["rel_logit_error"] <= 1e-3 and err["top1_agreement"] == 1.0, err
+
+
+def test_set_up_chooses_among_graphs_and_fused_hops_together(tiny_models):
+    """Both options left to set-up: all four ways timed, the fastest of them kept. Fused hops are left to set-up
+    only for a masked scheme with compiled kernels; here the eager engine is given the choice, as a compiled one
+    has it."""
+    model = load_model(tiny_models["gqa-tied"], torch.float32, CPU)
+    for scheme, compiled, auto in (("matrix", True, {"fuse_hops"}), ("matrix", False, set()), ("plain", True, set())):
+        engine = SplitLlama(model.config, model.state_dict, make_scheme(scheme), CPU, torch.float32, compiled=compiled,
+                            fuse_hops=AUTO, cuda_graphs=AUTO)
+        assert engine.auto == auto and not engine.fuse_hops
+    ids, mask = build_batch(model.tokenizer, PROMPTS, 8, 1)
+    engine = SplitLlama(model.config, model.state_dict, make_scheme("otp", seed=1), CPU, torch.float32)
+    engine.auto |= {"cuda_graphs", "fuse_hops"}
+    engine.graphs_held = eager_graphs()
+    engine.warm_device(*ids.shape)
+    engine.choose_configuration(*ids.shape, repeat=1)
+    chosen = engine.configuration
+    assert chosen["options"] == ["cuda_graphs", "fuse_hops"] and chosen["left_out"] == {}
+    assert set(chosen["median_ms"]) == {"neither", "cuda_graphs", "fuse_hops", "cuda_graphs+fuse_hops"}
+    assert chosen["kept"] == min(chosen["median_ms"], key=chosen["median_ms"].get)
+    assert engine.cuda_graphs == ("cuda_graphs" in chosen["kept"]) and engine.fuse_hops == ("fuse_hops" in chosen["kept"])
+    err = compare(engine.timed_forward(ids, mask)[0].clone(), reference_logits(model.config, model.state_dict, ids, mask))
+    assert err["rel_logit_error"] <= 1e-3, err

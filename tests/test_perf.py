@@ -55,8 +55,18 @@ def test_ratios_and_logits_against_the_plain_split(tiny_models, tmp_path, capsys
         calls = {m: row[m]["calls"] for m in ("optimized", "ours", "otp")}  # what the fixed costs scale with
         assert calls["ours"]["encryption"] == calls["ours"]["decryption"] > 0 and "encryption" not in calls["optimized"]
         assert calls["otp"]["to_gpu"] > calls["optimized"]["to_gpu"] > 0 and calls["ours"]["gpu_linear"] > 0
-        steps = row["otp"]["breakdown_median_ms"]["crypto"]
-        assert steps["recovery_matmul"] > 0 and "softmax" in row["optimized"]["breakdown_median_ms"]["cpu_compute"]
+        steps = row["otp"]["breakdown_median_ms"]["crypto"]  # the matmuls' recovery alone, or in a fused hop
+        assert sum(ms for step, ms in steps.items() if step.startswith("recovery_matmul")) > 0
+        assert "softmax" in row["optimized"]["breakdown_median_ms"]["cpu_compute"]
+        # as they ship, with compiled kernels: set-up timed ours and otp with and without fused hops, kept the
+        # faster, and their other variants take that choice; the forced ones name theirs
+        for method in ("ours", "otp"):
+            chosen = row[method]["configuration"]
+            assert chosen["options"] == ["fuse_hops"] and set(chosen["median_ms"]) == {"neither", "fuse_hops"}
+            assert row[method]["fuse_hops"] == (chosen["kept"] == "fuse_hops") and row[method]["configuration_choice_ms"] > 0
+            assert row[f"{method}_fused_hops"]["fuse_hops"] and row[f"{method}_fused_hops"]["configuration"] == {}
+        assert row["ours_eager_kernels"]["fuse_hops"] == row["ours_all_compiled"]["fuse_hops"] == row["ours"]["fuse_hops"]
+        assert row["optimized"]["configuration"] == {} and not row["optimized"]["cuda_graphs"]
         # compiled kernels, built in set-up, and the same engines with eager ones beside them
         assert row["ours"]["kernels"].startswith("compiled") and row["ours"]["kernel_compile_ms"] > 0
         assert row["ours_eager_kernels"]["kernels"] == "eager" and row["ours_eager_kernels"]["kernel_compile_ms"] == 0
@@ -86,7 +96,7 @@ def test_ratios_and_logits_against_the_plain_split(tiny_models, tmp_path, capsys
 
 def test_a_failing_variant_is_recorded_and_the_rest_still_run(tiny_models, tmp_path, monkeypatch, capsys):
     """One ablation failing on a lent GPU must not cost the whole comparison."""
-    monkeypatch.setattr(perf, "variants", lambda overlap, ablations, sweep, kernel_variants=False, fused_hops=False, cuda_graphs=False: [
+    monkeypatch.setattr(perf, "variants", lambda overlap, ablations, sweep, kernel_variants=False, fused_hops=False, cuda_graphs=False, shipped=None: [
         ("optimized", "plain", {}, None), ("ours", "matrix", {}, None), ("otp", "otp", {}, None),
         ("optimized_overlap", "plain", {"overlap": True}, None), ("optimized_threads1", "plain", {}, 1)])
     monkeypatch.setattr(perf, "SplitLlama", failing_engine(
@@ -107,7 +117,7 @@ def test_a_failing_variant_is_recorded_and_the_rest_still_run(tiny_models, tmp_p
 def test_the_headline_comes_first_at_every_length(tiny_models, tmp_path, monkeypatch):
     """The runners as they ship and the baselines run at every length before any variant, so a run stopped
     by its budget among the variants still has the ratios the targets are stated in, at every length."""
-    monkeypatch.setattr(perf, "variants", lambda overlap, ablations, sweep, kernel_variants=False, fused_hops=False, cuda_graphs=False: [
+    monkeypatch.setattr(perf, "variants", lambda overlap, ablations, sweep, kernel_variants=False, fused_hops=False, cuda_graphs=False, shipped=None: [
         ("optimized", "plain", {}, None), ("ours", "matrix", {}, None), ("otp", "otp", {}, None),
         ("optimized_full_scores", "plain", {"triangle": False}, None)])
 

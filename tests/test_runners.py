@@ -82,9 +82,11 @@ def test_json_result(tiny_models, tmp_path, scheme):
 def test_kernels_flag(tiny_models, tmp_path, kernels, capsys):
     """Compiled kernels are built in set-up (timing.kernel_compile_ms) and the JSON says which ran; without
     CUDA the default is eager. With compiled ones, fused hops too: their time is crypto, apart from either step's.
-    CUDA graphs asked for without CUDA: a warning, and the JSON says none ran."""
+    CUDA graphs asked for without CUDA: a warning, and the JSON says none ran. Compiled, fused hops are left to
+    set-up by default (auto): it times the engine both ways and keeps the faster (benchmark_info.configuration);
+    eager, they stay off, untimed."""
     out = tmp_path / "r.json"
-    flag = ["--kernels", kernels, "--fuse-hops"] if kernels == "compiled" else ["--cuda-graphs"]
+    flag = ["--kernels", kernels] if kernels == "compiled" else ["--cuda-graphs"]
     assert run("matrix", "--model", tiny_models["gqa-tied"], "--prefill-length", "8", "--output", str(out), *flag) == 0
     r = json.loads(out.read_text())
     assert r["environment"]["tee_kernels"].startswith(kernels)
@@ -93,11 +95,17 @@ def test_kernels_flag(tiny_models, tmp_path, kernels, capsys):
     assert r["timing"]["setup_ms"] >= r["timing"]["kernel_compile_ms"] + r["timing"]["device_warmup_ms"]
     assert 0 <= r["timing"]["compiler_start_ms"] <= r["timing"]["kernel_compile_ms"]
     assert r["correctness"]["rel_logit_error"] <= 1e-3
-    t, fused = r["timing"], kernels == "compiled"
+    t, chosen = r["timing"], r["benchmark_info"]["configuration"]
+    fused = chosen.get("kept") == "fuse_hops"
     assert r["benchmark_info"]["fused_hops"] is fused and (t["fused_hops_ms"] > 0) is fused
+    if kernels == "compiled":
+        assert chosen["options"] == ["fuse_hops"] and set(chosen["median_ms"]) == {"neither", "fuse_hops"}
+        assert 0 < t["configuration_choice_ms"] <= t["setup_ms"]
+    else:
+        assert chosen == {} and t["configuration_choice_ms"] == 0
     assert abs(t["encryption_ms"] + t["decryption_ms"] + t["fused_hops_ms"] - t["total_crypto_ms"]) < 1e-6
     assert r["benchmark_info"]["cuda_graphs"] is False and r["benchmark_info"]["cuda_graphs_captured"] == 0
-    assert ("CUDA graphs need a CUDA device" in capsys.readouterr().err) is not fused
+    assert ("CUDA graphs need a CUDA device" in capsys.readouterr().err) is (kernels == "eager")
 
 
 def test_preset_and_half_precision(tmp_path):

@@ -21,8 +21,11 @@
 #                      next to no arithmetic or bytes in them: what those calls cost on their own, the floor
 #                      under each runner's time that no faster kernel or copy lowers (eager kernels: a compiled
 #                      kernel's call costs more at such sizes; FLOOR_KERNELS=compiled to time them; ~25 s on
-#                      the VM; with the runners on CUDA graphs too); perf_floor.csv and profile_floor.txt with it. Right after perf: cheap, and what it says decides
-#                      which optimisations could reach a target
+#                      the VM; with the runners on CUDA graphs too); perf_floor.csv and profile_floor.txt with it. Run first,
+#                      before perf: cheap, and the first process to capture CUDA graphs, which the runners leave to
+#                      set-up (auto); where its runners do not all finish, perf and the runner processes run with
+#                      graphs off (a graph's failure may end its process). What it says decides which optimisations
+#                      could reach a target
 #   kernel_bench.json  the fixed cost of a call at 1, 4, 8 and 16 threads (an RMSNorm straight after another,
 #                      after 0.2, 2 and 30 ms idle, and straight after a round trip to the GPU, as the engine's
 #                      TEE ops come), also in fresh processes under OMP_WAIT_POLICY=PASSIVE
@@ -125,21 +128,31 @@ if [ -n "$ablations" ]; then
     "$work/overlap_smoke.json" 2>/dev/null && no_overlap="" || echo "warning: --overlap failed or its logits are off; the comparisons leave it out"
 fi
 
-step "in-process comparison: split runners, TEE-only (bfloat16), transformers on CPU and GPU"
-within 60 330 python -m splitinfer.perf --model "$model" --lengths "$lengths" --dtype float16 --tee-dtype bfloat16 \
-  "${counts[@]}" ${thread_sweep:+--thread-sweep "$thread_sweep"} $no_overlap $no_ablations --profile $kernels \
-  --out-dir "$work/perf" || true
-cp "$work/perf/perf.json" "$out/perf.json" 2>/dev/null || true
-cp "$work/perf/perf.csv" "$out/perf.csv" 2>/dev/null || true
-cp "$work/perf/profile.txt" "$out/profile.txt" 2>/dev/null || true
-
 step "the overhead floor: the same comparison on $floor_model, whose calls are the 1B shape's with next to no arithmetic"
+# first, in a process of its own: it is cheap, and the first to capture CUDA graphs (the runners leave them to
+# set-up, auto), so that a graph that fails in a way that ends its process cannot take the headline with it
 within 30 90 python -m splitinfer.perf --model "$floor_model" --lengths "$lengths" --dtype float16 --tee-dtype bfloat16 \
   "${counts[@]}" --no-ablations --no-kernel-variants --no-overlap --kernels="${FLOOR_KERNELS:-eager}" \
   --profile --out-dir "$work/floor" || true
 cp "$work/floor/perf.json" "$out/perf_floor.json" 2>/dev/null || true
 cp "$work/floor/perf.csv" "$out/perf_floor.csv" 2>/dev/null || true
 cp "$work/floor/profile.txt" "$out/profile_floor.txt" 2>/dev/null || true
+no_graphs="" runner_graphs=""
+python - "$work/floor/perf.json" "$lengths" <<'PY' || { no_graphs="--no-cuda-graphs" runner_graphs="--cuda-graphs=off"
+import json, sys
+rows = json.load(open(sys.argv[1]))["lengths"]  # every length, with the three runners, none failed
+sys.exit(not all(all(m in rows.get(n, {}) and "error" not in rows[n][m] for m in ("optimized", "ours", "otp"))
+                 for n in sys.argv[2].split(",")))
+PY
+  echo "warning: the floor's runners did not all finish: the comparisons and runners below run without CUDA graphs"; }
+
+step "in-process comparison: split runners, TEE-only (bfloat16), transformers on CPU and GPU"
+within 60 330 python -m splitinfer.perf --model "$model" --lengths "$lengths" --dtype float16 --tee-dtype bfloat16 \
+  "${counts[@]}" ${thread_sweep:+--thread-sweep "$thread_sweep"} $no_overlap $no_ablations $no_graphs --profile $kernels \
+  --out-dir "$work/perf" || true
+cp "$work/perf/perf.json" "$out/perf.json" 2>/dev/null || true
+cp "$work/perf/perf.csv" "$out/perf.csv" 2>/dev/null || true
+cp "$work/perf/profile.txt" "$out/profile.txt" 2>/dev/null || true
 
 if [ -n "$baseline" ]; then
   if [ -d "$model" ]; then model_there=$(cd "$model" && pwd); else model_there=$model; fi
@@ -154,7 +167,7 @@ fi
 if [ -n "$spin" ]; then
   step "the comparison with spinning OpenMP threads (OMP_WAIT_POLICY=ACTIVE), baselines included"
   OMP_WAIT_POLICY=ACTIVE within 60 150 python -m splitinfer.perf --model "$model" --lengths "$lengths" --dtype float16 \
-    --tee-dtype bfloat16 "${counts[@]}" --no-ablations --no-kernel-variants --no-overlap $kernels \
+    --tee-dtype bfloat16 "${counts[@]}" --no-ablations --no-kernel-variants --no-overlap $no_graphs $kernels \
     --out-dir "$work/spin" || true
   cp "$work/spin/perf.json" "$out/perf_spin.json" 2>/dev/null || true
 fi
@@ -180,7 +193,7 @@ step "each runner in its own process: the first inference, then one more"
 for n in $(tr ',' '\n' <<<"$lengths" | sort -rn); do
   for runner in optimized ours otp; do
     within 45 120 python "$root/tee_gpu/tee_runner_$runner.py" --model "$model" --prefill-length $n --dtype float16 \
-      --repeat 1 $kernels --output "$work/runners/${runner}_n$n.json" 2>&1 | tail -3 || true
+      --repeat 1 $kernels $runner_graphs --output "$work/runners/${runner}_n$n.json" 2>&1 | tail -3 || true
   done
   within 30 90 python "$root/tee_only_llama/tee_runner.py" --model "$model" --prefill-length $n --dtype bfloat16 \
     --repeat 1 --no-reference $kernels --output "$work/runners/tee_only_n$n.json" 2>&1 | tail -2 || true
