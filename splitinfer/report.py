@@ -44,11 +44,21 @@ def warm_median(result: dict) -> float | None:
     return result.get("steady_state", {}).get("uninstrumented_total_ms", {}).get("median")
 
 
+def split_configuration(result: dict) -> str | None:
+    """A split runner's CUDA graphs and fused hops as it ran: those on, joined by '+', or 'neither'; '(set-up)'
+    after it where set-up chose them (auto). None for the TEE-only runner, and for results that predate them."""
+    info = result["benchmark_info"]
+    if info.get("scheme") == "tee_only" or "cuda_graphs" not in info:
+        return None
+    on = "+".join(name for name in ("cuda_graphs", "fused_hops") if info.get(name)) or "neither"
+    return on + (" (set-up)" if info.get("configuration") else "")
+
+
 def comparison_rows(results: dict[str, dict], privacy: dict[str, str] | None = None) -> list[dict]:
     """One row per method: total, each category, offline, overhead against the plain split, speedup
     against the TEE-only runner (of the timed inference, a process's first unless `--warmup`); where every
-    runner repeated (`--repeat`), the warm median and the same two ratios of it; the TEE-only runner's attention
-    form, logit error and top-1, and with `privacy` the best attack's token recovery rate from the leakage
+    runner repeated (`--repeat`), the warm median and the same two ratios of it; each split runner's
+    `split_configuration`; the TEE-only runner's attention form, logit error and top-1, and with `privacy` the best attack's token recovery rate from the leakage
     evaluation."""
     plain = results[PLAIN]["timing"]["total_ms"] if PLAIN in results else None
     tee = results[TEE_ONLY]["timing"]["total_ms"] if TEE_ONLY in results else None
@@ -70,6 +80,7 @@ def comparison_rows(results: dict[str, dict], privacy: dict[str, str] | None = N
             row["warm_overhead_vs_plain"] = warm[method] / warm[PLAIN] if PLAIN in warm and method != TEE_ONLY else None
             row["warm_speedup_vs_tee_only"] = (warm[TEE_ONLY] / warm[method] if TEE_ONLY in warm and method != TEE_ONLY
                                                else None)
+        row["configuration"] = split_configuration(r)
         row["tee_attention"] = r["environment"].get("tee_attention")  # the TEE-only runner's form (set-up chose it)
         row["rel_logit_error"] = None if corr.get("skipped") else corr["rel_logit_error"]
         row["top1_agreement"] = None if corr.get("skipped") else corr["top1_agreement"]

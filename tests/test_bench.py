@@ -58,6 +58,8 @@ def test_comparison_report(results, tmp_path, capsys):
     assert [row["method"] for row in rows] == ["optimized", "ours", "otp", "tee_only"]
     assert float(rows[0]["overhead_vs_plain"]) == 1.0 and rows[3]["speedup_vs_tee_only"] == ""
     assert rows[0]["tee_attention"] == "" and rows[3]["tee_attention"] in engine.ATTENTION_FORMS
+    # no GPU and eager kernels: neither graphs nor fused hops, and nothing left to set-up
+    assert [row["configuration"] for row in rows] == ["neither", "neither", "neither", ""]
     assert (tmp_path / "comparison.png").read_bytes().startswith(PNG)
 
 

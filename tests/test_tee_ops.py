@@ -139,8 +139,14 @@ def test_perf_counts_and_variants():
     assert [v[0] for v in graphed] == ["optimized", "ours", "otp", "optimized_cuda_graphs", "ours_cuda_graphs",
                                        "otp_cuda_graphs", "ours_fused_hops", "otp_fused_hops",
                                        "ours_fused_hops_cuda_graphs", "otp_fused_hops_cuda_graphs"]
-    assert all(v[2] == {"cuda_graphs": True} for v in graphed[3:6])
+    # the three that name graphs and fused hops set both; the runners as they ship take `shipped`
+    assert all(v[2] == {"cuda_graphs": True, "fuse_hops": False} for v in graphed[3:6])
+    assert all(v[2] == {"fuse_hops": True, "cuda_graphs": False} for v in graphed[6:8])
     assert all(v[2] == {"fuse_hops": True, "cuda_graphs": True} for v in graphed[8:])
+    shipped = {"cuda_graphs": "auto", "fuse_hops": "auto"}
+    assert all(v[2] == shipped for v in perf.variants(False, False, None, shipped=shipped)[:3])
+    assert perf.shipped_options(False, False) == shipped  # tee_gpu/config.py's
+    assert perf.shipped_options(True, False) == {"cuda_graphs": False, "fuse_hops": "auto"}
     hops_only = perf.variants(overlap=False, ablations=False, thread_sweep=None, fused_hops=True)
     assert [v[0] for v in hops_only] == ["optimized", "ours", "otp", "ours_fused_hops", "otp_fused_hops"]
 
