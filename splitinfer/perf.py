@@ -541,6 +541,8 @@ def print_table(results: dict) -> None:
                 print(f"  {method:<20} failed: {r['error']}")
             elif method != "ratios":
                 form = f"  attention: {r['attention']}" if r.get("attention") else ""  # the TEE-only runner's choice
+                if r.get("configuration"):  # what set-up kept of the options left to it
+                    form = f"  set-up kept: {r['configuration']['kept']}"
                 print(f"  {method:<20} {r['median_ms']:9.2f}  ({r['first_ms']:.2f}){form}")
         for name, value in row.get("ratios", {}).items():
             rounds = per_round(row, *HEADLINE_RATIOS[name]) if name in HEADLINE_RATIOS else ""

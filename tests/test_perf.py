@@ -82,6 +82,8 @@ def test_ratios_and_logits_against_the_plain_split(tiny_models, tmp_path, capsys
             assert any("+rmsnorm+" in step for step in fused["breakdown_median_ms"]["crypto"])
         assert row["ratios"]["ours_fused_hops_over_plain"] > 0 and row["ratios"]["otp_fused_hops_online_over_plain"] > 0
     printed = capsys.readouterr().out  # each headline ratio with its range round by round (one round here)
+    kept = lengths["8"]["ours"]["configuration"]["kept"]
+    assert re.search(rf"  ours +[0-9.]+  \([0-9.]+\)  set-up kept: {kept}\n", printed)
     assert re.search(r"ours_over_plain +[0-9.]+  round by round [0-9.]+–[0-9.]+ \(1 round\)", printed)
     fused = [line for line in printed.splitlines() if line.strip().startswith("ours_fused_hops_over_plain")]
     assert len(fused) == 1 and "round by round" not in fused[0]  # a variant is timed alone
