@@ -109,6 +109,12 @@ def per_round(row: dict, a: str, b: str) -> str:
     return f"{low:.2f}–{high:.2f} ({len(pairs)} round{'' if len(pairs) == 1 else 's'})"
 
 
+def as_run(row: dict, method: str) -> str:
+    """A method's name, with what set-up kept of the options left to it where it chose (`configuration`)."""
+    kept = (row.get(method, {}).get("configuration") or {}).get("kept")
+    return f"{method} [{kept}]" if kept else method
+
+
 def gpu_rows(perf: dict) -> list[Row]:
     """The GPU targets from the comparison, judged for TARGET_MODEL at 128 and 512 tokens: the plain split's time,
     each masked runner over it, and every split runner against the TEE-only baseline."""
@@ -119,7 +125,7 @@ def gpu_rows(perf: dict) -> list[Row]:
         plain_best = fastest_of["optimized"]
         stated = model == TARGET_MODEL and n in PLAIN_MS  # the GPU targets' model and lengths
         rows.append(Row("plain split, warm ms", n, plain, PLAIN_MS.get(n),
-                        judged(plain, PLAIN_MS[n]) if stated else None, "perf.json: optimized",
+                        judged(plain, PLAIN_MS[n]) if stated else None, f"perf.json: {as_run(row, 'optimized')}",
                         best_note(plain_best, "optimized", f"{plain_best[0]}: {plain_best[1]:.1f} ms" if plain_best else "")))
         for runner, limit in OVER_PLAIN.items():
             value, best = ratio(median(row, runner), plain), fastest_of[runner]
@@ -127,13 +133,14 @@ def gpu_rows(perf: dict) -> list[Row]:
             if best is not None and plain_best is not None and (best[0], plain_best[0]) != (runner, "optimized"):
                 note = f"{best[0]} ÷ {plain_best[0]}: {best[1] / plain_best[1]:.2f}"
             rows.append(Row(f"{runner} ÷ plain", n, value, limit, judged(value, limit) if stated else None,
-                            f"perf.json: {runner} / optimized", note, per_round(row, runner, "optimized")))
+                            f"perf.json: {as_run(row, runner)} / {as_run(row, 'optimized')}", note,
+                            per_round(row, runner, "optimized")))
         tee_only = median(row, "tee_only")
         for runner in SPLIT:
             value, best = ratio(tee_only, median(row, runner)), fastest_of[runner]
             rows.append(Row(f"{runner}: speedup over TEE-only", n, value, SPEEDUP_VS_TEE_ONLY,
                             judged(value, SPEEDUP_VS_TEE_ONLY, at_most=False) if stated else None,
-                            "perf.json: tee_only / " + runner,
+                            f"perf.json: tee_only / {as_run(row, runner)}",
                             best_note(best, runner, f"{best[0]}: {tee_only / best[1]:.1f}×" if best and tee_only else ""),
                             per_round(row, "tee_only", runner)))
     return rows
