@@ -50,7 +50,8 @@ def split_configuration(result: dict) -> str | None:
     info = result["benchmark_info"]
     if info.get("scheme") == "tee_only" or "cuda_graphs" not in info:
         return None
-    on = "+".join(name for name in ("cuda_graphs", "fused_hops") if info.get(name)) or "neither"
+    on = "+".join(name for name, key in (("cuda_graphs", "cuda_graphs"), ("fuse_hops", "fused_hops")) if info.get(key))
+    on = on or "neither"  # named as set-up's ways are (`SplitLlama.choose_configuration`)
     return on + (" (set-up)" if info.get("configuration") else "")
 
 
@@ -58,8 +59,8 @@ def comparison_rows(results: dict[str, dict], privacy: dict[str, str] | None = N
     """One row per method: total, each category, offline, overhead against the plain split, speedup
     against the TEE-only runner (of the timed inference, a process's first unless `--warmup`); where every
     runner repeated (`--repeat`), the warm median and the same two ratios of it; each split runner's
-    `split_configuration`; the TEE-only runner's attention form, logit error and top-1, and with `privacy` the best attack's token recovery rate from the leakage
-    evaluation."""
+    `split_configuration`; the TEE-only runner's attention form, logit error and top-1, and with `privacy` the
+    best attack's token recovery rate from the leakage evaluation."""
     plain = results[PLAIN]["timing"]["total_ms"] if PLAIN in results else None
     tee = results[TEE_ONLY]["timing"]["total_ms"] if TEE_ONLY in results else None
     warm = {method: warm_median(r) for method, r in results.items()}
