@@ -115,6 +115,17 @@ def as_run(row: dict, method: str) -> str:
     return f"{method} [{kept}]" if kept else method
 
 
+def runners_finished(path: str, lengths: str) -> bool:
+    """Whether the perf run that wrote `path` timed the three split runners at every length of 'N,N,...', none of
+    them failed (`gpu_benchmark.sh` runs the headline without CUDA graphs where the overhead floor's run did not)."""
+    try:
+        rows = read_json(path, "perf result")["lengths"]
+    except (UserError, KeyError, TypeError):
+        return False
+    return all(isinstance(rows.get(n), dict) and all("error" not in rows[n].get(runner, {"error": "missing"})
+                                                     for runner in SPLIT) for n in lengths.split(","))
+
+
 def gpu_rows(perf: dict) -> list[Row]:
     """The GPU targets from the comparison, judged for TARGET_MODEL at 128 and 512 tokens: the plain split's time,
     each masked runner over it, and every split runner against the TEE-only baseline."""

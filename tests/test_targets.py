@@ -143,3 +143,18 @@ def test_the_command_writes_its_table_and_fails_in_one_line(tmp_path):
     broken = subprocess.run([sys.executable, "-m", "splitinfer.targets", str(tmp_path)], cwd=ROOT,
                             capture_output=True, text=True, timeout=120)
     assert broken.returncode == 2 and broken.stderr.startswith("error: cannot read") and "Traceback" not in broken.stderr
+
+
+def test_runners_finished_says_whether_the_floor_let_the_headline_use_graphs(tmp_path):
+    """gpu_benchmark.sh runs the headline without CUDA graphs unless the overhead floor's run timed the three split
+    runners at every length, none failed (`targets.runners_finished`)."""
+    path = tmp_path / "perf.json"
+    assert not targets.runners_finished(str(path), "128")  # the floor's process died before writing it
+    done = {"optimized": method(5.0), "ours": method(9.0), "otp": method(9.5)}
+    for lengths, finished in (({"128": done, "512": done}, True), ({"128": done}, False),
+                              ({"128": done, "512": {**done, "ours": {"error": "CUDA error"}}}, False),
+                              ({"128": done, "512": {"optimized": method(9.0)}}, False)):
+        path.write_text(json.dumps({"lengths": lengths}))
+        assert targets.runners_finished(str(path), "128,512") is finished
+    path.write_text("{")  # cut mid-write
+    assert not targets.runners_finished(str(path), "128")

@@ -138,12 +138,8 @@ cp "$work/floor/perf.json" "$out/perf_floor.json" 2>/dev/null || true
 cp "$work/floor/perf.csv" "$out/perf_floor.csv" 2>/dev/null || true
 cp "$work/floor/profile.txt" "$out/profile_floor.txt" 2>/dev/null || true
 no_graphs="" runner_graphs=""
-python - "$work/floor/perf.json" "$lengths" <<'PY' || { no_graphs="--no-cuda-graphs" runner_graphs="--cuda-graphs=off"
-import json, sys
-rows = json.load(open(sys.argv[1]))["lengths"]  # every length, with the three runners, none failed
-sys.exit(not all(all(m in rows.get(n, {}) and "error" not in rows[n][m] for m in ("optimized", "ours", "otp"))
-                 for n in sys.argv[2].split(",")))
-PY
+python -c "import sys; from splitinfer.targets import runners_finished; sys.exit(not runners_finished(*sys.argv[1:]))" \
+  "$work/floor/perf.json" "$lengths" || { no_graphs="--no-cuda-graphs" runner_graphs="--cuda-graphs=off"
   echo "warning: the floor's runners did not all finish: the comparisons and runners below run without CUDA graphs"; }
 
 step "in-process comparison: split runners, TEE-only (bfloat16), transformers on CPU and GPU"
