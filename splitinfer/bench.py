@@ -86,8 +86,8 @@ def flags_for(method: str, flags: list[str], tee_dtype: str | None) -> list[str]
             continue
         name = arg.split("=", 1)[0]
         if name in ONLY_FOR and method not in ONLY_FOR[name]:
-            skip = "=" not in arg and (name not in SWITCHES or name in MAYBE_VALUED and flags[i + 1: i + 2] in
-                                       [[value] for value in SWITCH])
+            valued = name in MAYBE_VALUED and i + 1 < len(flags) and flags[i + 1] in SWITCH
+            skip = "=" not in arg and (name not in SWITCHES or valued)
             continue
         if method == "tee_only" and tee_dtype and name == "--dtype":
             skip = "=" not in arg

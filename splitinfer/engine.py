@@ -486,10 +486,10 @@ class SplitLlama:
         a graph's replay and a fused hop's one kernel cost there. Each way runs once untimed (a graph is captured
         at its call's first run), then `repeat` rounds time each in turn (uninstrumented totals, so that a drift
         in the host's speed falls on all alike); their median decides. The inferences take zeros for ids, never
-        the prompt, and share one offline phase: no mask drawn here serves a timed inference. A way whose logits
-        differ from the first's (neither option) by more than SAME_FUNCTION is left out, with a warning: it would
-        not compute the same function; so is one that fails (a graph's capture, say), with its error. Returns the
-        milliseconds it took; `configuration` holds what it found."""
+        the prompt, and share one offline phase, the first way's: no mask drawn here serves a timed inference. A
+        way whose logits differ from the first's (neither option) by more than SAME_FUNCTION is left out, with a
+        warning: it would not compute the same function; so is one that fails (a graph's capture, say), with its
+        error. Returns the milliseconds it took; `configuration` holds what it found."""
         options = [name for name in CHOSEN_OPTIONS if name in self.auto]
         if not options:
             return 0.0
@@ -498,12 +498,11 @@ class SplitLlama:
                 for on in (dict(zip(options, values)) for values in itertools.product((False, True), repeat=len(options)))}
         ids = torch.zeros(batch, n, dtype=torch.long)
         mask = torch.ones_like(ids)
-        self.timed_forward(ids, mask, instrumented=False)  # the offline phase every way below shares
         logits, left_out = {}, {}
         for name, way in ways.items():
             self._configure(way)
-            try:
-                logits[name] = self.timed_forward(ids, mask, instrumented=False, offline=False)[0].clone()
+            try:  # the first way ("neither") draws the masks every way shares
+                logits[name] = self.timed_forward(ids, mask, instrumented=False, offline=not logits)[0].clone()
             except RuntimeError as e:
                 if name == "neither":  # the engine itself fails: nothing to choose
                     raise

@@ -170,7 +170,7 @@ class EngineTimer:
 
 def kept_options(engine: SplitLlama) -> dict[str, bool]:
     """The options set-up may choose (`CHOSEN_OPTIONS`), as the engine runs them."""
-    return {"cuda_graphs": engine.cuda_graphs, "fuse_hops": engine.fuse_hops}
+    return {name: getattr(engine, name) for name in CHOSEN_OPTIONS}
 
 
 def shipped_options(no_cuda_graphs: bool, no_fused_hops: bool) -> dict:
@@ -368,7 +368,7 @@ def measure(args, results: dict) -> None:
             with torch.no_grad():
                 for method, scheme, options, _ in group:
                     progress(f"{n} tokens: {method}")
-                    inherited = {} if method in RUNNERS or set(CHOSEN_OPTIONS) <= set(options) else chosen.get((n, scheme), {})
+                    inherited = {} if method in RUNNERS else chosen.get((n, scheme), {})  # `options` come first
                     engine = SplitLlama(model.config, state, make_scheme(scheme), gpu_device, dtype,
                                         **{"compiled": compiled, **inherited, **options})
                     timers[method] = EngineTimer(engine, ids, mask, args.warmup)
