@@ -214,6 +214,23 @@ def test_gpu_benchmark_dry_run(tiny_models, tmp_path):
     assert set(kernel_bench["lengths"]) == {"4"} and kernel_bench["repeat"] == 2  # KERNEL_LENGTHS, KERNEL_REPEAT
 
 
+def test_gpu_benchmark_runs_the_steps_named(tiny_models, tmp_path):
+    """STEPS and RUNNER_LENGTHS finish a cut run on a second machine: only the runner processes, at their own
+    length, and the scorecard of what they wrote; without the floor, nothing turns CUDA graphs off."""
+    script = os.path.join(ROOT, "tee_gpu", "benchmarks", "gpu_benchmark.sh")
+    env = {**os.environ, "MODEL": tiny_models["gqa-tied"], "LENGTHS": "8,16", "STEPS": "runners",
+           "RUNNER_LENGTHS": "8"}
+    out = tmp_path / "out"
+    done = subprocess.run(["bash", script, str(out)], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert sorted(os.listdir(out)) == ["log.txt", "runners.json"]  # the scorecard needs the cut run's perf.json
+    log = (out / "log.txt").read_text()
+    assert log.count("== [") == 2 and "skipped (" not in log and "without CUDA graphs" not in log
+    assert "skipped: no perf.json" in log
+    runners = json.loads((out / "runners.json").read_text())
+    assert set(runners) == {f"{r}_n8" for r in ("optimized", "ours", "otp", "tee_only")}
+
+
 def test_gpu_benchmark_keeps_to_its_budget(tiny_models, tmp_path):
     """A step that cannot start with the least it needs is skipped, and one cut at the budget keeps what it
     measured: perf, stopped by the budget's SIGTERM, writes its figures marked `incomplete`."""

@@ -74,6 +74,9 @@
 # the OpenMP wait policies its fixed costs are also timed under. WARMUP=2 and REPEAT=5 set the comparisons' untimed
 # and timed inferences per method, KERNEL_REPEAT=30 kernel_bench's timed calls per step (fewer: a quicker, noisier run).
 # KERNELS=eager (or compiled) sets this tree's runners' TEE kernels; unset, each runner's own default.
+# STEPS (default floor,perf,kernel_bench,runners,precision) names the steps to run, to finish a cut run on a
+# second machine: STEPS=runners,precision RUNNER_LENGTHS=512 (RUNNER_LENGTHS: the runner processes' lengths,
+# default LENGTHS). Without the floor, the runners leave CUDA graphs to set-up, as they ship.
 set -euo pipefail
 out=${1:?usage: gpu_benchmark.sh OUT_DIR [PRESET]}
 preset=${2:-llama-3.2-1b}
@@ -87,6 +90,9 @@ kernel_threads=${KERNEL_THREADS:-1,4,8,16}
 kernel_lengths=${KERNEL_LENGTHS:-$lengths}
 kernel_wait_policies=${KERNEL_WAIT_POLICIES-PASSIVE,ACTIVE}
 deadline=${DEADLINE:-570}
+steps=${STEPS:-floor,perf,kernel_bench,runners,precision}
+runner_lengths=${RUNNER_LENGTHS:-$lengths}
+wants() { [[ ",$steps," == *",$1,"* ]]; }  # wants STEP: whether STEPS names it
 counts=(--warmup "${WARMUP:-2}" --repeat "${REPEAT:-5}")  # every comparison's untimed and timed inferences
 kernel_repeat=${KERNEL_REPEAT:-30}
 ablations=${ABLATIONS:-}
@@ -128,27 +134,31 @@ if [ -n "$ablations" ]; then
     "$work/overlap_smoke.json" 2>/dev/null && no_overlap="" || echo "warning: --overlap failed or its logits are off; the comparisons leave it out"
 fi
 
-step "the overhead floor: the same comparison on $floor_model, whose calls are the 1B shape's with next to no arithmetic"
-# first, in a process of its own: it is cheap, and the first to capture CUDA graphs (the runners leave them to
-# set-up, auto), so that a graph that fails in a way that ends its process cannot take the headline with it
-within 30 90 python -m splitinfer.perf --model "$floor_model" --lengths "$lengths" --dtype float16 --tee-dtype bfloat16 \
-  "${counts[@]}" --no-ablations --no-kernel-variants --no-overlap --kernels="${FLOOR_KERNELS:-eager}" \
-  --profile --out-dir "$work/floor" || true
-cp "$work/floor/perf.json" "$out/perf_floor.json" 2>/dev/null || true
-cp "$work/floor/perf.csv" "$out/perf_floor.csv" 2>/dev/null || true
-cp "$work/floor/profile.txt" "$out/profile_floor.txt" 2>/dev/null || true
 no_graphs="" runner_graphs=""
-python -c "import sys; from splitinfer.targets import runners_finished; sys.exit(not runners_finished(*sys.argv[1:]))" \
-  "$work/floor/perf.json" "$lengths" || { no_graphs="--no-cuda-graphs" runner_graphs="--cuda-graphs=off"
-  echo "warning: the floor's runners did not all finish: the comparisons and runners below run without CUDA graphs"; }
+if wants floor; then
+  step "the overhead floor: the same comparison on $floor_model, whose calls are the 1B shape's with next to no arithmetic"
+  # first, in a process of its own: it is cheap, and the first to capture CUDA graphs (the runners leave them to
+  # set-up, auto), so that a graph that fails in a way that ends its process cannot take the headline with it
+  within 30 90 python -m splitinfer.perf --model "$floor_model" --lengths "$lengths" --dtype float16 --tee-dtype bfloat16 \
+    "${counts[@]}" --no-ablations --no-kernel-variants --no-overlap --kernels="${FLOOR_KERNELS:-eager}" \
+    --profile --out-dir "$work/floor" || true
+  cp "$work/floor/perf.json" "$out/perf_floor.json" 2>/dev/null || true
+  cp "$work/floor/perf.csv" "$out/perf_floor.csv" 2>/dev/null || true
+  cp "$work/floor/profile.txt" "$out/profile_floor.txt" 2>/dev/null || true
+  python -c "import sys; from splitinfer.targets import runners_finished; sys.exit(not runners_finished(*sys.argv[1:]))" \
+    "$work/floor/perf.json" "$lengths" || { no_graphs="--no-cuda-graphs" runner_graphs="--cuda-graphs=off"
+    echo "warning: the floor's runners did not all finish: the comparisons and runners below run without CUDA graphs"; }
+fi
 
-step "in-process comparison: split runners, TEE-only (bfloat16), transformers on CPU and GPU"
-within 60 330 python -m splitinfer.perf --model "$model" --lengths "$lengths" --dtype float16 --tee-dtype bfloat16 \
-  "${counts[@]}" ${thread_sweep:+--thread-sweep "$thread_sweep"} $no_overlap $no_ablations $no_graphs --profile $kernels \
-  --out-dir "$work/perf" || true
-cp "$work/perf/perf.json" "$out/perf.json" 2>/dev/null || true
-cp "$work/perf/perf.csv" "$out/perf.csv" 2>/dev/null || true
-cp "$work/perf/profile.txt" "$out/profile.txt" 2>/dev/null || true
+if wants perf; then
+  step "in-process comparison: split runners, TEE-only (bfloat16), transformers on CPU and GPU"
+  within 60 330 python -m splitinfer.perf --model "$model" --lengths "$lengths" --dtype float16 --tee-dtype bfloat16 \
+    "${counts[@]}" ${thread_sweep:+--thread-sweep "$thread_sweep"} $no_overlap $no_ablations $no_graphs --profile $kernels \
+    --out-dir "$work/perf" || true
+  cp "$work/perf/perf.json" "$out/perf.json" 2>/dev/null || true
+  cp "$work/perf/perf.csv" "$out/perf.csv" 2>/dev/null || true
+  cp "$work/perf/profile.txt" "$out/profile.txt" 2>/dev/null || true
+fi
 
 if [ -n "$baseline" ]; then
   if [ -d "$model" ]; then model_there=$(cd "$model" && pwd); else model_there=$model; fi
@@ -168,11 +178,13 @@ if [ -n "$spin" ]; then
   cp "$work/spin/perf.json" "$out/perf_spin.json" 2>/dev/null || true
 fi
 
-step "the fixed cost of a call, by OpenMP wait policy and straight after a GPU round trip, and the TEE's steps of one layer, eager and compiled"
-within 40 150 python -m splitinfer.kernel_bench --preset "${KERNEL_PRESET:-$preset}" --lengths "$kernel_lengths" \
-  --threads "$kernel_threads" --wait-policies "$kernel_wait_policies" --repeat "$kernel_repeat" \
-  --out "$work/kernel_bench.json" || true
-cp "$work/kernel_bench.json" "$out/kernel_bench.json" 2>/dev/null || true
+if wants kernel_bench; then
+  step "the fixed cost of a call, by OpenMP wait policy and straight after a GPU round trip, and the TEE's steps of one layer, eager and compiled"
+  within 40 150 python -m splitinfer.kernel_bench --preset "${KERNEL_PRESET:-$preset}" --lengths "$kernel_lengths" \
+    --threads "$kernel_threads" --wait-policies "$kernel_wait_policies" --repeat "$kernel_repeat" \
+    --out "$work/kernel_bench.json" || true
+  cp "$work/kernel_bench.json" "$out/kernel_bench.json" 2>/dev/null || true
+fi
 
 merge() {  # every JSON of one group into OUT_DIR/GROUP.json, written as soon as the group is done
   python - "$work/$1" "$out/$1.json" <<'PY'
@@ -185,25 +197,33 @@ print(f"{target}: {len(merged)} results")
 PY
 }
 
-step "each runner in its own process: the first inference, then one more"
-for n in $(tr ',' '\n' <<<"$lengths" | sort -rn); do
-  for runner in optimized ours otp; do
-    within 45 120 python "$root/tee_gpu/tee_runner_$runner.py" --model "$model" --prefill-length $n --dtype float16 \
-      --repeat 1 $kernels $runner_graphs --output "$work/runners/${runner}_n$n.json" 2>&1 | tail -3 || true
+if wants runners; then
+  step "each runner in its own process: the first inference, then one more"
+  for n in $(tr ',' '\n' <<<"$runner_lengths" | sort -rn); do
+    for runner in optimized ours otp; do
+      within 45 120 python "$root/tee_gpu/tee_runner_$runner.py" --model "$model" --prefill-length $n --dtype float16 \
+        --repeat 1 $kernels $runner_graphs --output "$work/runners/${runner}_n$n.json" 2>&1 | tail -3 || true
+    done
+    within 30 90 python "$root/tee_only_llama/tee_runner.py" --model "$model" --prefill-length $n --dtype bfloat16 \
+      --repeat 1 --no-reference $kernels --output "$work/runners/tee_only_n$n.json" 2>&1 | tail -2 || true
+    merge runners  # after each length, so that a run cut short still returns what it measured
   done
-  within 30 90 python "$root/tee_only_llama/tee_runner.py" --model "$model" --prefill-length $n --dtype bfloat16 \
-    --repeat 1 --no-reference $kernels --output "$work/runners/tee_only_n$n.json" 2>&1 | tail -2 || true
-  merge runners  # after each length, so that a run cut short still returns what it measured
-done
+fi
 
-step "float16 precision of each scheme against the float32 reference (smollm2-135m shape, 3 mask seeds)"
-within 30 120 python -m splitinfer.precision --model "$precision_model" --length "$precision_length" --seeds 1,2,3 \
-  $kernels --out "$work/precision/batch1.json" || true
-within 30 120 python -m splitinfer.precision --model "$precision_model" --length "$precision_length" --seeds 1,2,3 \
-  --batch-size 2 --ragged $kernels --out "$work/precision/batch2_ragged.json" || true
-merge precision
+if wants precision; then
+  step "float16 precision of each scheme against the float32 reference (smollm2-135m shape, 3 mask seeds)"
+  within 30 120 python -m splitinfer.precision --model "$precision_model" --length "$precision_length" --seeds 1,2,3 \
+    $kernels --out "$work/precision/batch1.json" || true
+  within 30 120 python -m splitinfer.precision --model "$precision_model" --length "$precision_length" --seeds 1,2,3 \
+    --batch-size 2 --ragged $kernels --out "$work/precision/batch2_ragged.json" || true
+  merge precision
+fi
 
 step "the issue's targets, judged from the files above (python -m splitinfer.targets OUT_DIR reruns it on a copy)"
-python -m splitinfer.targets "$out" || true
+if [ -f "$out/perf.json" ]; then
+  python -m splitinfer.targets "$out" || true
+else  # a run that finishes a cut one: judge its files beside that run's perf.json
+  echo "skipped: no perf.json in $out (copy in the cut run's, then run python -m splitinfer.targets on the folder)"
+fi
 
 echo "wrote $(ls "$out" | tr '\n' ' ')to $out in ${SECONDS}s (budget ${deadline}s)"
