@@ -82,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cuda-graphs", action="store_true",
                    help="on CUDA, skip the split runners with each GPU call replayed from a CUDA graph (*_cuda_graphs), "
                         "and keep graphs off in the runners as they ship (else as tee_gpu/config.py sets them)")
+    p.add_argument("--no-option-variants", action="store_true",
+                   help="skip the variants that set CUDA graphs and fused hops on or off (*_cuda_graphs, *_fused_hops, "
+                        "*_fused_hops_cuda_graphs) and leave them to each runner's set-up, which times every way "
+                        "and records each way's median (configuration)")
     p.add_argument("--no-overlap", action="store_true",
                    help="on CUDA, skip the plain split with copies overlapping the TEE's work (optimized_overlap)")
     p.add_argument("--one-at-a-time", action="store_true",
@@ -329,7 +333,8 @@ def measure(args, results: dict) -> None:
     compiled = compiled_kernels(args.kernels, gpu_device)
     split_variants = variants(cuda and not args.no_overlap, cuda and not args.no_ablations,  # a bad sweep fails first
                               args.thread_sweep, compiled and not args.no_kernel_variants,
-                              compiled and not args.no_fused_hops, cuda and not args.no_cuda_graphs,
+                              compiled and not (args.no_fused_hops or args.no_option_variants),
+                              cuda and not (args.no_cuda_graphs or args.no_option_variants),
                               shipped_options(args.no_cuda_graphs, args.no_fused_hops))
     prompts = read_prompts(DEFAULT_PROMPTS)
     progress(f"loading {args.model} ({dtype_name}; TEE-only {tee_name})")

@@ -174,6 +174,7 @@ def test_gpu_benchmark_dry_run(tiny_models, tmp_path):
         shutil.copytree(os.path.join(ROOT, folder), baseline / folder, ignore=shutil.ignore_patterns("__pycache__"))
     env = {**os.environ, "MODEL": tiny_models["gqa-tied"], "PRECISION_MODEL": tiny_models["gqa-tied"],
            "LENGTHS": "8", "PRECISION_LENGTH": "8", "BASELINE": str(baseline), "SPIN": "1", "ABLATIONS": "1",
+           "VARIANTS": "1",
            "KERNEL_PRESET": "smollm2-135m", "KERNEL_THREADS": "1", "KERNEL_LENGTHS": "4",
            "KERNEL_WAIT_POLICIES": "", "THREAD_SWEEP": "2", "WARMUP": "0", "REPEAT": "1", "KERNEL_REPEAT": "2"}
     out = tmp_path / "out"
@@ -186,7 +187,9 @@ def test_gpu_benchmark_dry_run(tiny_models, tmp_path):
     log = (out / "log.txt").read_text()
     assert log.count("== [") == 9 and "warning: --overlap failed" not in log and "Traceback" not in log
     assert "skipped" not in log and "warning: exit status" not in log
-    assert "optimized_threads2" in json.loads((out / "perf.json").read_text())["lengths"]["8"]  # THREAD_SWEEP's
+    main = json.loads((out / "perf.json").read_text())
+    assert "optimized_threads2" in main["lengths"]["8"]  # THREAD_SWEEP's
+    assert "--no-option-variants" not in main["environment"]["argv"]  # VARIANTS=1
     for name, policy in (("perf.json", None), ("perf_baseline.json", None), ("perf_spin.json", "ACTIVE"),
                          ("perf_floor.json", None)):
         perf = json.loads((out / name).read_text())
@@ -238,7 +241,8 @@ def test_gpu_benchmark_keeps_to_its_budget(tiny_models, tmp_path):
     env = {**os.environ, "MODEL": tiny_models["gqa-tied"], "LENGTHS": "8,16", "DEADLINE": "0"}
     done = subprocess.run(["bash", script, str(tmp_path / "none")], env=env, capture_output=True, text=True,
                           timeout=300)
-    assert done.returncode == 0 and done.stdout.count("skipped (") == 13, done.stdout[-3000:]
+    # the floor, perf, the 4 runner processes at the longest length, 2 precision checks, kernel_bench
+    assert done.returncode == 0 and done.stdout.count("skipped (") == 9, done.stdout[-3000:]
     assert sorted(os.listdir(tmp_path / "none")) == ["log.txt", "precision.json", "runners.json"]
     out, log = tmp_path / "perf", tmp_path / "perf.log"
     with open(log, "w") as err:

@@ -170,6 +170,16 @@ def test_the_runners_inferences_interleave(tiny_models):
     assert figures["call"]["dtype"] == "float32" and len(timers["call"].runs) == 2
 
 
+def test_option_variants_may_be_left_to_set_up(tiny_models, tmp_path):
+    """`--no-option-variants`: no variant forces fused hops (or CUDA graphs), and the runners as they ship still
+    leave them to set-up, whose configuration holds each way's median."""
+    row = run_perf(tiny_models, tmp_path, "--no-option-variants", "--no-kernel-variants", "--split-only",
+                   "--kernels", "compiled", lengths="8")["8"]
+    assert set(row) == {"optimized", "ours", "otp"}
+    for method in ("ours", "otp"):
+        assert set(row[method]["configuration"]["median_ms"]) == {"neither", "fuse_hops"}
+
+
 def test_one_at_a_time_times_each_runner_alone(tiny_models, tmp_path, capsys):
     """`--one-at-a-time` (a GPU that cannot hold three engines): each runner timed alone, then the baselines together;
     the row and its ratios as side by side."""

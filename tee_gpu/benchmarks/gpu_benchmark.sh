@@ -5,27 +5,31 @@
 # comparison 330 s, a runner process 120 s), so that one slow step leaves time to the others. A step cut
 # short keeps what it measured (perf writes its figures marked `incomplete`), and a step that cannot start
 # with the least it needs is skipped with a line in the log. Files in OUT_DIR, each written as soon as its
-# step is done, most needed first:
-#   perf.json          the in-process comparison (split runners, TEE-only in bfloat16, transformers on the CPU
-#                      and the GPU) and its ratios; copy bandwidth first, then the runners and baselines at
-#                      every length, then the variants, so that a cut run keeps the headline; the variants
-#                      are first each runner with its GPU calls replayed from CUDA graphs (*_cuda_graphs,
-#                      seventeenth round, never run on a GPU before: their rel_diff_from_optimized says whether
-#                      they compute what the runners do), then ours and otp with fused hops (each of the TEE's six hops a layer one call:
-#                      ours_fused_hops, otp_fused_hops), then with both (*_fused_hops_cuda_graphs), and the plain split and ours with eager kernels and
-#                      with compiled ones at every shape (what set-up's per-shape choice buys)
-#   perf.csv           the same figures flat, one row per length and method, for plotting
-#   profile.txt        torch.profiler tables of one inference of each split runner
-#   perf_floor.json    the comparison again on llama-3.2-1b-narrow: the 1B shape's 16 layers, heads per group
+# step is done, most needed first (in the order the steps run: the floor, the comparison, the runner
+# processes, the precision check, kernel_bench):
+#   perf_floor.json    the comparison on llama-3.2-1b-narrow: the 1B shape's 16 layers, heads per group
 #                      and tied table at widths of 64, so each runner makes the same calls and crossings with
 #                      next to no arithmetic or bytes in them: what those calls cost on their own, the floor
 #                      under each runner's time that no faster kernel or copy lowers (eager kernels: a compiled
-#                      kernel's call costs more at such sizes; FLOOR_KERNELS=compiled to time them; ~25 s on
-#                      the VM; with the runners on CUDA graphs too); perf_floor.csv and profile_floor.txt with it. Run first,
-#                      before perf: cheap, and the first process to capture CUDA graphs, which the runners leave to
-#                      set-up (auto); where its runners do not all finish, perf and the runner processes run with
-#                      graphs off (a graph's failure may end its process). What it says decides which optimisations
-#                      could reach a target
+#                      kernel's call costs more at such sizes; FLOOR_KERNELS=compiled to time them; 50 s on one
+#                      H100 in the twenty-sixth round); perf_floor.csv and profile_floor.txt with it. First: cheap,
+#                      and the first process to capture CUDA graphs, which the runners leave to set-up (auto);
+#                      where its runners do not all finish, perf and the runner processes run with graphs off (a
+#                      graph's failure may end its process)
+#   perf.json          the in-process comparison (split runners, TEE-only in bfloat16, transformers on the CPU
+#                      and the GPU) and its ratios; copy bandwidth first, then the runners and baselines at
+#                      every length. Each runner's set-up times CUDA graphs and fused hops each way and keeps the
+#                      faster (its `configuration` holds each way's median), so the variants that force them
+#                      (*_cuda_graphs, *_fused_hops, *_fused_hops_cuda_graphs), and the plain split and ours with
+#                      eager kernels and compiled at every shape, are opt-in: VARIANTS=1. The twenty-sixth round's
+#                      headline took about 245 s on one H100, most of it compiling (about 23 s an engine)
+#   perf.csv           the same figures flat, one row per length and method, for plotting
+#   profile.txt        torch.profiler tables of one inference of each split runner
+#   runners.json       every runner's own JSON, each in a fresh process, at RUNNER_LENGTHS (default the longest
+#                      of LENGTHS, where the memory target is stated; about 60 s a process on one H100, cold):
+#                      first inference, set-up, memory, bytes, logit error
+#   precision.json     float16 logit error of each scheme against the float32 reference, 3 mask seeds (about
+#                      110 s)
 #   kernel_bench.json  the fixed cost of a call at 1, 4, 8 and 16 threads (an RMSNorm straight after another,
 #                      after 0.2, 2 and 30 ms idle, and straight after a round trip to the GPU, as the engine's
 #                      TEE ops come), also in fresh processes under OMP_WAIT_POLICY=PASSIVE
@@ -39,13 +43,13 @@
 #                      between linears separate and fused, and otp's scores' cross terms as float32 and as
 #                      integer products among them (splitinfer.kernel_bench; written after each stage,
 #                      marked incomplete if cut)
-#   runners.json       every runner's own JSON, each in a fresh process, the longest length first (the memory
-#                      target is stated at 512 tokens): first inference, set-up, memory, logit error
-#   precision.json     float16 logit error of each scheme against the float32 reference, 3 mask seeds
 #   targets.json/.md   the performance issue's targets judged from the files above (splitinfer.targets): each
 #                      figure, its limit, met or not, and the fastest configuration measured beside the shipped
 #                      runner; rerun it on a copy of OUT_DIR if the run was cut before this step
 #   log.txt            with the seconds since the start at each step
+# One lent machine's 15 minutes hold two calls: this script with the default budget (the floor, the comparison
+# and the runner processes fit), then the rest on a second machine, STEPS=precision,kernel_bench DEADLINE=250,
+# into another folder; copy that folder's files beside the first's and run splitinfer.targets on it.
 # Opt-in, each adding a step (and a file) and time:
 #   ABLATIONS=1   perf's ablations (pageable copies, the full scores, blocks of 128 rows, ours' own embedding
 #                 table) and the plain split with overlapped copies, after a smoke test of
@@ -56,13 +60,9 @@
 #                 for a before/after on one machine (about 90 s)
 #   SPIN=1        perf_spin.json: the comparison again with OMP_WAIT_POLICY=ACTIVE (idle TEE threads spin;
 #                 measured slower on the H100 machine, faster on the H200; about 70 s)
-# Step times on one H100 (2026-11-26, tenth round, tenth-round host slower than the eighth's): start 9 s; the
-# comparison over 330 s with THREAD_SWEEP=4,8,12 (cut at 512 tokens: leave the sweep out unless asked); a
-# split runner process 66-75 s, of which 45-54 s was compiling the TEE's kernels. Since then no instruction-set
-# check of the compiler loads its test build in a fresh Python importing torch (kernels._probe: the base checks
-# since the tenth round, AVX-512 BF16/VNNI and AMX since the thirteenth; on the VM under this machine's torch
-# 2.11, 6.6-7.1 s -> 1.6-1.7 s a process); its first start is reported apart (`compiler_start_ms`). Where set-up
-# is still that slow, the budget cuts the last steps: the precision check, then the 128-token runner processes.
+# Step times on one H100 (twenty-sixth round): start 8 s, the floor 50 s, the comparison's headline about 245 s,
+# a runner process at 512 tokens 45-70 s (25-41 s of it compiling the TEE's kernels on a machine whose
+# compiler cache was cold, and 15 s more for the compiler's first start in the first), precision 110 s.
 # Usage: bash tee_gpu/benchmarks/gpu_benchmark.sh OUT_DIR [PRESET]   (PRESET defaults to llama-3.2-1b)
 # LENGTHS=128,512 and PRECISION_LENGTH=128 may be overridden, and MODEL (default preset:PRESET) and
 # PRECISION_MODEL (default preset:smollm2-135m), FLOOR_MODEL and KERNEL_PRESET (default PRESET) too: tiny values make a
@@ -74,9 +74,9 @@
 # the OpenMP wait policies its fixed costs are also timed under. WARMUP=2 and REPEAT=5 set the comparisons' untimed
 # and timed inferences per method, KERNEL_REPEAT=30 kernel_bench's timed calls per step (fewer: a quicker, noisier run).
 # KERNELS=eager (or compiled) sets this tree's runners' TEE kernels; unset, each runner's own default.
-# STEPS (default floor,perf,kernel_bench,runners,precision) names the steps to run, to finish a cut run on a
-# second machine: STEPS=runners,precision RUNNER_LENGTHS=512 (RUNNER_LENGTHS: the runner processes' lengths,
-# default LENGTHS). Without the floor, the runners leave CUDA graphs to set-up, as they ship.
+# STEPS (default floor,perf,runners,precision,kernel_bench; the order they run in is fixed) names the steps to
+# run, to finish a cut run on a second machine (STEPS=precision,kernel_bench). RUNNER_LENGTHS=128,512 sets
+# the runner processes' lengths. Without the floor, the runners leave CUDA graphs to set-up, as they ship.
 set -euo pipefail
 out=${1:?usage: gpu_benchmark.sh OUT_DIR [PRESET]}
 preset=${2:-llama-3.2-1b}
@@ -90,12 +90,14 @@ kernel_threads=${KERNEL_THREADS:-1,4,8,16}
 kernel_lengths=${KERNEL_LENGTHS:-$lengths}
 kernel_wait_policies=${KERNEL_WAIT_POLICIES-PASSIVE,ACTIVE}
 deadline=${DEADLINE:-570}
-steps=${STEPS:-floor,perf,kernel_bench,runners,precision}
-runner_lengths=${RUNNER_LENGTHS:-$lengths}
+steps=${STEPS:-floor,perf,runners,precision,kernel_bench}
+runner_lengths=${RUNNER_LENGTHS:-$(tr ',' '\n' <<<"$lengths" | sort -rn | head -1)}  # the memory target's
 wants() { [[ ",$steps," == *",$1,"* ]]; }  # wants STEP: whether STEPS names it
 counts=(--warmup "${WARMUP:-2}" --repeat "${REPEAT:-5}")  # every comparison's untimed and timed inferences
 kernel_repeat=${KERNEL_REPEAT:-30}
 ablations=${ABLATIONS:-}
+variant_flags="--no-option-variants --no-kernel-variants"  # graphs and fused hops left to the runners' set-up
+[ -z "${VARIANTS:-}" ] || variant_flags=""
 baseline=${BASELINE:-}
 if [ -n "$baseline" ]; then  # absolute, since its pass runs from inside it; checked before anything runs
   [ -d "$baseline/splitinfer" ] || { echo "error: BASELINE '$baseline' holds no splitinfer package" >&2; exit 2; }
@@ -154,6 +156,7 @@ if wants perf; then
   step "in-process comparison: split runners, TEE-only (bfloat16), transformers on CPU and GPU"
   within 60 330 python -m splitinfer.perf --model "$model" --lengths "$lengths" --dtype float16 --tee-dtype bfloat16 \
     "${counts[@]}" ${thread_sweep:+--thread-sweep "$thread_sweep"} $no_overlap $no_ablations $no_graphs --profile $kernels \
+    $variant_flags \
     --out-dir "$work/perf" || true
   cp "$work/perf/perf.json" "$out/perf.json" 2>/dev/null || true
   cp "$work/perf/perf.csv" "$out/perf.csv" 2>/dev/null || true
@@ -176,14 +179,6 @@ if [ -n "$spin" ]; then
     --tee-dtype bfloat16 "${counts[@]}" --no-ablations --no-kernel-variants --no-overlap $no_graphs $kernels \
     --out-dir "$work/spin" || true
   cp "$work/spin/perf.json" "$out/perf_spin.json" 2>/dev/null || true
-fi
-
-if wants kernel_bench; then
-  step "the fixed cost of a call, by OpenMP wait policy and straight after a GPU round trip, and the TEE's steps of one layer, eager and compiled"
-  within 40 150 python -m splitinfer.kernel_bench --preset "${KERNEL_PRESET:-$preset}" --lengths "$kernel_lengths" \
-    --threads "$kernel_threads" --wait-policies "$kernel_wait_policies" --repeat "$kernel_repeat" \
-    --out "$work/kernel_bench.json" || true
-  cp "$work/kernel_bench.json" "$out/kernel_bench.json" 2>/dev/null || true
 fi
 
 merge() {  # every JSON of one group into OUT_DIR/GROUP.json, written as soon as the group is done
@@ -217,6 +212,14 @@ if wants precision; then
   within 30 120 python -m splitinfer.precision --model "$precision_model" --length "$precision_length" --seeds 1,2,3 \
     --batch-size 2 --ragged $kernels --out "$work/precision/batch2_ragged.json" || true
   merge precision
+fi
+
+if wants kernel_bench; then
+  step "the fixed cost of a call, by OpenMP wait policy and straight after a GPU round trip, and the TEE's steps of one layer, eager and compiled"
+  within 40 150 python -m splitinfer.kernel_bench --preset "${KERNEL_PRESET:-$preset}" --lengths "$kernel_lengths" \
+    --threads "$kernel_threads" --wait-policies "$kernel_wait_policies" --repeat "$kernel_repeat" \
+    --out "$work/kernel_bench.json" || true
+  cp "$work/kernel_bench.json" "$out/kernel_bench.json" 2>/dev/null || true
 fi
 
 step "the issue's targets, judged from the files above (python -m splitinfer.targets OUT_DIR reruns it on a copy)"
