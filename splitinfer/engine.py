@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import ctypes
 import itertools
+import math
 import statistics
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import torch
@@ -96,9 +98,12 @@ class Gpu:
         parts = [p.to(self.device, dtype) for p in parts]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
-    def linear(self, x: torch.Tensor, name: str, kind: str) -> torch.Tensor:
+    def linear(self, x: torch.Tensor, name: str, kind: str, first: int | None = None) -> torch.Tensor:
+        """x Wᵀ (+ b); with `first`, as `linear_in_two` lays it out: that many output columns, then the rest."""
         weight, bias = self.weights[name], self.biases[name]
         product = head_by_columns if kind == "lm_head" and self.head_forms.get(x.shape[0]) == BY_COLUMNS else F.linear
+        if first is not None:
+            product = partial(linear_in_two, first=first)
         with self.metrics.time(self.category, kind, f"{self.prefix}_{'lm_head' if kind == 'lm_head' else 'linear'}"):
             return self.call(name, lambda x: product(x, weight, bias), x)
 
@@ -151,6 +156,29 @@ def head_by_columns(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     rows = x if x.shape[0] > 1 else torch.cat([x, torch.zeros_like(x)])
     out = (weight @ rows.T).T[: x.shape[0]]
     return (out if bias is None else out + bias).contiguous()
+
+
+def linear_in_two(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, first: int) -> torch.Tensor:
+    """F.linear(x, weight, bias) as one flat tensor: its first `first` output columns [..., first], then the
+    rest [..., out - first], each contiguous (`in_two`). The first part then crosses to the TEE as it lies; a
+    slice of F.linear's output would first be copied into a tensor of its own on the GPU (a launch a layer
+    more, outside any graph). Two products in one call; on the 2-core VM (1B shape's qkv, 128 tokens, float32)
+    9.8 ms against F.linear's 10.2."""
+    rows = x.reshape(-1, x.shape[-1])
+    out = torch.empty(rows.shape[0] * weight.shape[0], dtype=x.dtype, device=x.device)
+    for lo, hi in ((0, first), (first, weight.shape[0])):
+        into = out[rows.shape[0] * lo: rows.shape[0] * hi].view(rows.shape[0], hi - lo)
+        if bias is None:
+            torch.mm(rows, weight[lo:hi].T, out=into)
+        else:
+            torch.addmm(bias[lo:hi], rows, weight[lo:hi].T, out=into)
+    return out
+
+
+def in_two(out: torch.Tensor, rows: torch.Size, first: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`linear_in_two`'s flat output as its two parts, [*rows, first] and [*rows, the rest] (views)."""
+    count = math.prod(rows)
+    return out[: count * first].view(*rows, first), out[count * first:].view(*rows, -1)
 
 
 def table_block_rows(table: torch.Tensor) -> int:
@@ -244,7 +272,8 @@ class SplitLlama:
         the call is timed as crypto, so that category then holds those RMSNorms, SiLUs, RoPEs and softmaxes too.
         `cuda_graphs` replays each of the GPU's calls from a CUDA graph (`splitinfer.graphs`), captured in set-up
         (`warm_device`): one launch where a linear makes several host calls, and an attention matmul more. Only
-        on CUDA (elsewhere it warns and does nothing); no GPU run has measured it yet. Both are off here by
+        on CUDA (elsewhere it warns and does nothing); set-up kept them for every runner on the H100 machine of the
+        twenty-sixth round (tee_gpu/README.md). Both are off here by
         default; the runners leave both to set-up (tee_gpu/config.py). Either may be AUTO: off until
         `choose_configuration` times each way in set-up and keeps the faster; graphs only on CUDA, fused hops only
         for a masked scheme with compiled kernels (elsewhere AUTO is off, untimed).
@@ -409,9 +438,9 @@ class SplitLlama:
                  torch.zeros(batch, n, 2 * inner, dtype=self.dtype),
                  torch.empty(batch, n, inner, dtype=self.dtype) if act is None else act)
         # RoPE's input laid out as the inference has it: where the TEE receives q and k, or recovers all of qkv
-        qkv_width = self.gpu.weights["0.qkv"].shape[0]
+        qkv_width, qk_width = self.gpu.weights["0.qkv"].shape[0], (self.n_heads + self.n_kv_heads) * self.head_dim
         q_and_k = (self.heads(torch.zeros(batch, n, qkv_width, dtype=self.dtype))[0] if self.scheme.masked else
-                   self.q_and_k_to_tee(torch.zeros(batch, n, qkv_width, dtype=self.dtype, device=self.gpu.device)))
+                   self.q_and_k_to_tee(torch.zeros(batch, n, qk_width, dtype=self.dtype, device=self.gpu.device)))
         self.rotate(q_and_k, self.rotary.tables(n, self.dtype))
         linears = self.mask_shapes(batch, n)[0]
         softmax_of = self.softmax_of()
@@ -893,8 +922,11 @@ class SplitLlama:
                         blocks: CausalBlocks) -> torch.Tensor:
         """Unprotected attention: v and P·V need no TEE step, so they never leave the GPU; of the scores
         and probabilities, only the causal lower block triangle is computed and crosses."""
-        qkv = self.gpu.linear(self.link.to_gpu(h, "linear_attn", i), f"{i}.qkv", "linear_attn")
-        q_and_k, (_, v) = self.q_and_k_to_tee(qkv), self.heads(qkv)
+        # q and k's columns apart from v's, so that they cross as they lie
+        width = (self.n_heads + self.n_kv_heads) * self.head_dim
+        qk, v = in_two(self.gpu.linear(self.link.to_gpu(h, "linear_attn", i), f"{i}.qkv", "linear_attn", width),
+                       h.shape[:-1], width)
+        q_and_k, v = self.q_and_k_to_tee(qk), split_heads(v, self.head_dim)
         # q and k cross together, k as laid out: it is transposed on the GPU, where that is a view (a
         # transposed view would be copied into pageable memory on the host first, and cross at that rate)
         q, k = self.split_q_k(self.link.to_gpu(self.rotate(q_and_k, rope), "matmul", i))
@@ -908,10 +940,10 @@ class SplitLlama:
             out = self.gpu.matmul(probs, v, f"{i}.attend", blocks.attend, merge=True)
         return self.link.to_tee(self.gpu.linear(out, f"{i}.o", "linear_attn"), "linear_attn")
 
-    def q_and_k_to_tee(self, qkv: torch.Tensor) -> torch.Tensor:
-        """GPU -> TEE: the q and k part of the qkv projection's output, as [B, H + Hkv, N, h] (v stays)."""
-        width = (self.n_heads + self.n_kv_heads) * self.head_dim
-        return self.heads(self.link.to_tee(qkv[..., :width], "linear_attn"))[0]
+    def q_and_k_to_tee(self, qk: torch.Tensor) -> torch.Tensor:
+        """GPU -> TEE: the q and k part of the qkv projection's output [B, N, (H + Hkv)·h] (contiguous: v's part
+        stays on the GPU), as [B, H + Hkv, N, h]."""
+        return split_heads(self.link.to_tee(qk, "linear_attn"), self.head_dim)
 
     def rotate(self, q_and_k: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """RoPE on q and k [B, H + Hkv, N, h] in one op (q comes already scaled by 1/sqrt(head_dim))."""

@@ -359,6 +359,18 @@ def test_lm_head_by_columns_is_the_linear(rows, bias):
     assert torch.allclose(out, torch.nn.functional.linear(x, weight, b), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+def test_the_plain_splits_qkv_comes_in_two_contiguous_parts(bias):
+    """`linear_in_two`: F.linear's output, its first columns (q and k, bound for the TEE) and the rest (v, which
+    stays) each contiguous, so that the first crosses without a copy on the GPU."""
+    weight, x = torch.randn(96, 32), torch.randn(2, 5, 32)
+    b = torch.randn(96) if bias else None
+    first, rest = engine_module.in_two(engine_module.linear_in_two(x, weight, b, 64), x.shape[:-1], 64)
+    expected = torch.nn.functional.linear(x, weight, b)
+    assert first.shape == (2, 5, 64) and rest.shape == (2, 5, 32) and first.is_contiguous() and rest.is_contiguous()
+    assert torch.allclose(first, expected[..., :64], atol=1e-5) and torch.allclose(rest, expected[..., 64:], atol=1e-5)
+
+
 @pytest.mark.parametrize("scheme, batch", [("plain", 1), ("matrix", 1), ("matrix", 3), ("otp", 2)])
 def test_lm_head_takes_the_faster_form(tiny_models, scheme, batch):
     """Set-up times the LM head both ways at the rows it will take (one per sequence; two for ours at one
