@@ -213,7 +213,7 @@ def variants(overlap: bool, ablations: bool, thread_sweep: str | None, kernel_va
     ones at every shape (`kernel_variants`: what compiling buys, and what set-up's per-shape choice of
     eager or compiled buys); ours and otp with fused hops (`fused_hops`: with compiled kernels, where a hop
     can become one call); each runner with its GPU calls replayed from CUDA graphs (`cuda_graphs`: on CUDA,
-    first among the variants: untried on a GPU so far), and ours and otp with both; and each runner at each
+    first among the variants), and ours and otp with both; and each runner at each
     thread count of the sweep. Those three name both options set-up may choose, each on or off; every other
     variant takes what set-up chose for its runner at its length (`measure`)."""
     out = [(method, scheme, dict(shipped or {}), None) for method, scheme in RUNNERS.items()]
