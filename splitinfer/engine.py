@@ -101,9 +101,10 @@ class Gpu:
     def linear(self, x: torch.Tensor, name: str, kind: str, first: int | None = None) -> torch.Tensor:
         """x Wᵀ (+ b); with `first`, as `linear_in_two` lays it out: that many output columns, then the rest."""
         weight, bias = self.weights[name], self.biases[name]
-        product = head_by_columns if kind == "lm_head" and self.head_forms.get(x.shape[0]) == BY_COLUMNS else F.linear
         if first is not None:
             product = partial(linear_in_two, first=first)
+        else:
+            product = head_by_columns if kind == "lm_head" and self.head_forms.get(x.shape[0]) == BY_COLUMNS else F.linear
         with self.metrics.time(self.category, kind, f"{self.prefix}_{'lm_head' if kind == 'lm_head' else 'linear'}"):
             return self.call(name, lambda x: product(x, weight, bias), x)
 
@@ -438,9 +439,9 @@ class SplitLlama:
                  torch.zeros(batch, n, 2 * inner, dtype=self.dtype),
                  torch.empty(batch, n, inner, dtype=self.dtype) if act is None else act)
         # RoPE's input laid out as the inference has it: where the TEE receives q and k, or recovers all of qkv
-        qkv_width, qk_width = self.gpu.weights["0.qkv"].shape[0], (self.n_heads + self.n_kv_heads) * self.head_dim
+        qkv_width = self.gpu.weights["0.qkv"].shape[0]
         q_and_k = (self.heads(torch.zeros(batch, n, qkv_width, dtype=self.dtype))[0] if self.scheme.masked else
-                   self.q_and_k_to_tee(torch.zeros(batch, n, qk_width, dtype=self.dtype, device=self.gpu.device)))
+                   self.q_and_k_to_tee(torch.zeros(batch, n, self.qk_width, dtype=self.dtype, device=self.gpu.device)))
         self.rotate(q_and_k, self.rotary.tables(n, self.dtype))
         linears = self.mask_shapes(batch, n)[0]
         softmax_of = self.softmax_of()
@@ -923,9 +924,8 @@ class SplitLlama:
         """Unprotected attention: v and P·V need no TEE step, so they never leave the GPU; of the scores
         and probabilities, only the causal lower block triangle is computed and crosses."""
         # q and k's columns apart from v's, so that they cross as they lie
-        width = (self.n_heads + self.n_kv_heads) * self.head_dim
-        qk, v = in_two(self.gpu.linear(self.link.to_gpu(h, "linear_attn", i), f"{i}.qkv", "linear_attn", width),
-                       h.shape[:-1], width)
+        qk, v = in_two(self.gpu.linear(self.link.to_gpu(h, "linear_attn", i), f"{i}.qkv", "linear_attn",
+                                       self.qk_width), h.shape[:-1], self.qk_width)
         q_and_k, v = self.q_and_k_to_tee(qk), split_heads(v, self.head_dim)
         # q and k cross together, k as laid out: it is transposed on the GPU, where that is a view (a
         # transposed view would be copied into pageable memory on the host first, and cross at that rate)
@@ -939,6 +939,11 @@ class SplitLlama:
                                      lambda r, block, into: blocks.softmax_block(r, block, bias, into))
             out = self.gpu.matmul(probs, v, f"{i}.attend", blocks.attend, merge=True)
         return self.link.to_tee(self.gpu.linear(out, f"{i}.o", "linear_attn"), "linear_attn")
+
+    @property
+    def qk_width(self) -> int:
+        """The qkv projection's output columns that are q and k, (H + Hkv)·h: the rest are v."""
+        return (self.n_heads + self.n_kv_heads) * self.head_dim
 
     def q_and_k_to_tee(self, qk: torch.Tensor) -> torch.Tensor:
         """GPU -> TEE: the q and k part of the qkv projection's output [B, N, (H + Hkv)·h] (contiguous: v's part

@@ -17,6 +17,7 @@ from splitinfer.report import breakdown_png, comparison_rows, sweep_report
 
 CONFIG = os.path.join(ROOT, "tee_gpu", "config.py")
 TEE_CONFIG = os.path.join(ROOT, "tee_only_llama", "config.py")
+GPU_BENCHMARK = os.path.join(ROOT, "tee_gpu", "benchmarks", "gpu_benchmark.sh")
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -168,7 +169,6 @@ def test_privacy_column(results, tmp_path, capsys):
 def test_gpu_benchmark_dry_run(tiny_models, tmp_path):
     """gpu_benchmark.sh, the one script a lent GPU machine runs, end to end on the CPU with a tiny model:
     every step ran (no step's failure is hidden by the script's `|| true`) and wrote what it measured."""
-    script = os.path.join(ROOT, "tee_gpu", "benchmarks", "gpu_benchmark.sh")
     baseline = tmp_path / "baseline"  # a copy of this tree stands in for an older commit's
     for folder in ("splitinfer", "tee_gpu", "tee_only_llama"):
         shutil.copytree(os.path.join(ROOT, folder), baseline / folder, ignore=shutil.ignore_patterns("__pycache__"))
@@ -178,7 +178,7 @@ def test_gpu_benchmark_dry_run(tiny_models, tmp_path):
            "KERNEL_PRESET": "smollm2-135m", "KERNEL_THREADS": "1", "KERNEL_LENGTHS": "4",
            "KERNEL_WAIT_POLICIES": "", "THREAD_SWEEP": "2", "WARMUP": "0", "REPEAT": "1", "KERNEL_REPEAT": "2"}
     out = tmp_path / "out"
-    done = subprocess.run(["bash", script, str(out)], env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(["bash", GPU_BENCHMARK, str(out)], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:]
     assert sorted(os.listdir(out)) == ["kernel_bench.json", "log.txt", "perf.csv", "perf.json", "perf_baseline.json",
                                        "perf_floor.csv", "perf_floor.json", "perf_spin.json", "precision.json",
@@ -219,12 +219,11 @@ def test_gpu_benchmark_dry_run(tiny_models, tmp_path):
 
 def test_gpu_benchmark_runs_the_steps_named(tiny_models, tmp_path):
     """STEPS and RUNNER_LENGTHS finish a cut run on a second machine: only the runner processes, at their own
-    length, and the scorecard of what they wrote; without the floor, nothing turns CUDA graphs off."""
-    script = os.path.join(ROOT, "tee_gpu", "benchmarks", "gpu_benchmark.sh")
+    length, and no scorecard (it needs the cut run's perf.json); without the floor, nothing turns CUDA graphs off."""
     env = {**os.environ, "MODEL": tiny_models["gqa-tied"], "LENGTHS": "8,16", "STEPS": "runners",
            "RUNNER_LENGTHS": "8"}
     out = tmp_path / "out"
-    done = subprocess.run(["bash", script, str(out)], env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(["bash", GPU_BENCHMARK, str(out)], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:]
     assert sorted(os.listdir(out)) == ["log.txt", "runners.json"]  # the scorecard needs the cut run's perf.json
     log = (out / "log.txt").read_text()
@@ -237,9 +236,8 @@ def test_gpu_benchmark_runs_the_steps_named(tiny_models, tmp_path):
 def test_gpu_benchmark_keeps_to_its_budget(tiny_models, tmp_path):
     """A step that cannot start with the least it needs is skipped, and one cut at the budget keeps what it
     measured: perf, stopped by the budget's SIGTERM, writes its figures marked `incomplete`."""
-    script = os.path.join(ROOT, "tee_gpu", "benchmarks", "gpu_benchmark.sh")
     env = {**os.environ, "MODEL": tiny_models["gqa-tied"], "LENGTHS": "8,16", "DEADLINE": "0"}
-    done = subprocess.run(["bash", script, str(tmp_path / "none")], env=env, capture_output=True, text=True,
+    done = subprocess.run(["bash", GPU_BENCHMARK, str(tmp_path / "none")], env=env, capture_output=True, text=True,
                           timeout=300)
     # the floor, perf, the 4 runner processes at the longest length, 2 precision checks, kernel_bench
     assert done.returncode == 0 and done.stdout.count("skipped (") == 9, done.stdout[-3000:]
