@@ -1,8 +1,9 @@
 """The TEE's steps of one decoder layer, timed with eager and with compiled kernels, as the engine runs them in
 each mode, the fixed cost of a call at each thread count (`--threads`), the CPU's matrix product rates in
 float32, bfloat16 and int8, its memory rates, and on a GPU (`--round-trip-device`) one layer's GPU calls, op
-by op and replayed from CUDA graphs. Each step is timed after a busy-wait that stands for the TEE waiting on
-the GPU (so the CPU's threads are as idle as they are between hops), median of `--repeat`.
+by op and replayed from CUDA graphs, and one hop with its copies made each way they could be (`hop_forms`).
+Each step is timed after a busy-wait that stands for the TEE waiting on the GPU (so the CPU's threads are as
+idle as they are between hops), median of `--repeat`.
 
     python -m splitinfer.kernel_bench --preset llama-3.2-1b --lengths 128,512 --out kernel_bench.json
 
@@ -16,6 +17,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import weakref
 from typing import Callable
 
 import torch
@@ -25,7 +27,7 @@ from splitinfer import kernels
 from splitinfer.cli import DTYPES, progress
 from splitinfer.engine import attention_operands, keep_freed_memory, layer_hops
 from splitinfer.errors import OneLineParser, UserError, one_line_errors
-from splitinfer.graphs import CallGraphs
+from splitinfer.graphs import CallGraphs, CudaGraphCall
 from splitinfer.kernels import WAIT_S, timed
 from splitinfer.metrics import synchronize
 from splitinfer.models import PRESETS
@@ -309,6 +311,88 @@ def gpu_calls(preset: str, n: int, dtype: torch.dtype, device: torch.device, rep
     return out
 
 
+def registered(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A host tensor page-locked by cudaHostRegister, outside PyTorch's pinned cache: a CUDA graph may copy to
+    and from it (the cache records an event per copy, which a capture may not hold). Unregistered when freed."""
+    t = torch.empty(shape, dtype=dtype)
+    cudart, size = torch.cuda.cudart(), t.numel() * t.element_size()
+    error = cudart.cudaHostRegister(t.data_ptr(), size, 0)
+    if error != cudart.cudaError.success:
+        raise RuntimeError(f"cudaHostRegister failed ({error})")
+    weakref.finalize(t, cudart.cudaHostUnregister, t.data_ptr())
+    return t
+
+
+def hop_forms(preset: str, n: int, dtype: torch.dtype, device: torch.device, repeat: int) -> dict[str, float | str]:
+    """ms of one whole hop at n tokens, the plain split's q and k projection (the TEE's result in, the product,
+    q and k back, the wait for them), in each way its copies could be made: as the engine makes them (a fresh
+    pinned buffer each way, the product replayed from a graph, the copies issued apart from it), with pinned
+    buffers kept from hop to hop, and with both copies inside the graph (one launch a hop), from and into
+    buffers page-locked outside PyTorch's cache or from its cache; and the graph's replay and wait alone, with no
+    copy. What the copies' own calls cost the host per hop, beside the launch. A way that fails (a capture
+    PyTorch refuses) has its error instead."""
+    p = PRESETS[preset]
+    d, heads, groups = p.hidden_size, p.num_attention_heads, p.num_key_value_heads
+    width = (heads + groups) * (d // heads)
+    weight = torch.randn(width, d, dtype=dtype, device=device) / d ** 0.5
+    tee_result = torch.randn(1, n, d).to(dtype)  # what the TEE's op writes, where the copy to the GPU reads it
+    landing, stream = torch.empty(1, n, d, dtype=dtype, device=device), torch.cuda.Stream(device)
+    product = CudaGraphCall(lambda t: F.linear(t, weight), (landing,), stream)
+    kept_in = torch.empty_like(tee_result, pin_memory=True)
+    kept_out = torch.empty(1, n, width, dtype=dtype, pin_memory=True)
+
+    def wait() -> None:
+        torch.cuda.current_stream(device).synchronize()
+
+    def fresh_buffers(_) -> None:
+        host = torch.empty_like(tee_result, pin_memory=True).copy_(tee_result)
+        landing.copy_(host, non_blocking=True)
+        product.replay()
+        product.output.to("cpu", non_blocking=True)
+        wait()
+
+    def kept_buffers(_) -> None:
+        landing.copy_(kept_in.copy_(tee_result), non_blocking=True)
+        product.replay()
+        kept_out.copy_(product.output, non_blocking=True)
+        wait()
+
+    def graph_alone(_) -> None:
+        product.replay()
+        wait()
+
+    def in_graph(host_in: torch.Tensor, host_out: torch.Tensor) -> Callable[[object], None]:
+        def whole(t: torch.Tensor) -> torch.Tensor:
+            landing.copy_(t, non_blocking=True)
+            return host_out.copy_(F.linear(landing, weight), non_blocking=True)
+
+        hop = CudaGraphCall(whole, (host_in,), stream)
+
+        def step(_) -> None:
+            host_in.copy_(tee_result)
+            hop.replay()
+            wait()
+        return step
+
+    forms: dict[str, Callable[[], Callable[[object], None]]] = {
+        "as the engine: fresh pinned buffers, copies apart from the graph": lambda: fresh_buffers,
+        "pinned buffers kept, copies apart from the graph": lambda: kept_buffers,
+        "copies in the graph, buffers page-locked by cudaHostRegister":
+            lambda: in_graph(registered(tuple(tee_result.shape), dtype), registered((1, n, width), dtype)),
+        "the graph's replay and wait alone, no copies": lambda: graph_alone,
+        # last: a capture the cache's events break may leave the device unusable
+        "copies in the graph, buffers from PyTorch's pinned cache":
+            lambda: in_graph(torch.empty_like(kept_in, pin_memory=True), torch.empty_like(kept_out, pin_memory=True)),
+    }
+    out: dict[str, float | str] = {}
+    for label, make in forms.items():
+        try:
+            out[label] = timed(make(), repeat=repeat)
+        except RuntimeError as e:
+            out[label] = f"failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+    return out
+
+
 def round_trip(x: torch.Tensor, device: torch.device) -> Callable[[], None]:
     """A hop as the engine's: x from pinned memory to `device`, an op there, back, and a wait for it (where the
     TEE sits while the GPU works); on the CPU, copies."""
@@ -385,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"preset": args.preset, "dtype": args.dtype, "wait_us": WAIT_S * 1e6, "repeat": args.repeat,
                      "incomplete": "stopped before the end (a time limit?)",
                      "environment": environment_block(torch.device("cpu"), False, torch.get_num_threads()),
-                     "fixed_costs": {}, "product_rates_gmacs": {}, "memory_gbs": {}, "gpu_calls": {},
+                     "fixed_costs": {}, "product_rates_gmacs": {}, "memory_gbs": {}, "gpu_calls": {}, "hop_forms": {},
                      "fixed_costs_by_wait_policy": {}, "lengths": {}}
     progress("fixed costs per call")  # first: the cheapest stage, and the one a GPU run's budget cut twice
     try:
@@ -409,6 +493,14 @@ def main(argv: list[str] | None = None) -> int:
             calls = results["gpu_calls"][n] = gpu_calls(args.preset, n, DTYPES[args.dtype], hop, args.repeat)
             for label, ms in calls.items():
                 print(f"{n:>5} GPU call {label:<40} {ms * 1e3:8.1f} µs")
+            progress(f"{n} tokens: one hop's copies, apart from its graph and in it")
+            try:
+                forms = hop_forms(args.preset, n, DTYPES[args.dtype], hop, args.repeat)
+            except RuntimeError as e:
+                forms = {"error": str(e).splitlines()[0] if str(e) else type(e).__name__}
+            results["hop_forms"][n] = forms
+            for label, ms in forms.items():
+                print(f"{n:>5} hop, {label:<80} " + (f"{ms * 1e3:8.1f} µs" if isinstance(ms, float) else ms))
     write_json(args.out, results)
     for policy in policies:  # before the per-layer steps, which earlier GPU runs already have
         progress(f"fixed costs per call, OMP_WAIT_POLICY={policy} (a fresh process)")

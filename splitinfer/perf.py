@@ -86,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the variants that set CUDA graphs and fused hops on or off (*_cuda_graphs, *_fused_hops, "
                         "*_fused_hops_cuda_graphs) and leave them to each runner's set-up, which times every way "
                         "and records each way's median (configuration)")
+    p.add_argument("--no-buffer-variants", action="store_true",
+                   help="on CUDA, skip the plain split with a fresh pinned buffer for every copy "
+                        "(optimized_fresh_buffers), timed in turn with the runners as they ship: the plain split "
+                        "keeps its buffers from hop to hop")
     p.add_argument("--no-overlap", action="store_true",
                    help="on CUDA, skip the plain split with copies overlapping the TEE's work (optimized_overlap)")
     p.add_argument("--one-at-a-time", action="store_true",
@@ -192,6 +196,9 @@ def spread(runs: list[float]) -> dict:
     return {"median_ms": statistics.median(runs), "min_ms": min(runs), "max_ms": max(runs), "runs_ms": list(runs)}
 
 
+FRESH_BUFFERS = "_fresh_buffers"  # the variants timed in turn with the runners (`variants`, `measure`)
+
+
 def interleave(timers: dict[str, CallTimer | EngineTimer], repeat: int) -> None:
     """`repeat` rounds, each timing every timer once in turn: a drift in the host's speed while they are timed (a
     noisy neighbour, a clock) then falls on all of them alike, not on their ratios."""
@@ -201,8 +208,8 @@ def interleave(timers: dict[str, CallTimer | EngineTimer], repeat: int) -> None:
 
 
 def variants(overlap: bool, ablations: bool, thread_sweep: str | None, kernel_variants: bool = False,
-             fused_hops: bool = False, cuda_graphs: bool = False, shipped: dict | None = None
-             ) -> list[tuple[str, str, dict, int | None]]:
+             fused_hops: bool = False, cuda_graphs: bool = False, shipped: dict | None = None,
+             fresh_buffers: bool = False) -> list[tuple[str, str, dict, int | None]]:
     """(label, scheme, engine options, threads) of every split engine to time: the three runners as they
     ship (`shipped`: the options set-up may choose, as tee_gpu/config.py sets them); the plain split with copies overlapping the TEE's work (`overlap`: on CUDA; off by default, as
     it measured slower on the H100 machine); ablations on the same machine (`ablations`: on CUDA): the
@@ -213,10 +220,14 @@ def variants(overlap: bool, ablations: bool, thread_sweep: str | None, kernel_va
     ones at every shape (`kernel_variants`: what compiling buys, and what set-up's per-shape choice of
     eager or compiled buys); ours and otp with fused hops (`fused_hops`: with compiled kernels, where a hop
     can become one call); each runner with its GPU calls replayed from CUDA graphs (`cuda_graphs`: on CUDA,
-    first among the variants), and ours and otp with both; and each runner at each
-    thread count of the sweep. Those three name both options set-up may choose, each on or off; every other
-    variant takes what set-up chose for its runner at its length (`measure`)."""
+    first among the variants), and ours and otp with both; the plain split with a fresh pinned buffer for every
+    copy instead of buffers kept from hop to hop (`fresh_buffers`: on CUDA; timed in turn with the runners, see
+    `measure`); and each runner at each thread count of the sweep. Those three name both options set-up may
+    choose, each on or off; every other variant takes what set-up chose for its runner at its length
+    (`measure`)."""
     out = [(method, scheme, dict(shipped or {}), None) for method, scheme in RUNNERS.items()]
+    if fresh_buffers:
+        out.append((f"optimized{FRESH_BUFFERS}", "plain", {"kept_buffers": False}, None))
     if cuda_graphs:
         out += [(f"{method}_cuda_graphs", scheme, {"cuda_graphs": True, "fuse_hops": False}, None)
                 for method, scheme in RUNNERS.items()]
@@ -335,7 +346,8 @@ def measure(args, results: dict) -> None:
                               args.thread_sweep, compiled and not args.no_kernel_variants,
                               compiled and not (args.no_fused_hops or args.no_option_variants),
                               cuda and not (args.no_cuda_graphs or args.no_option_variants),
-                              shipped_options(args.no_cuda_graphs, args.no_fused_hops))
+                              shipped_options(args.no_cuda_graphs, args.no_fused_hops),
+                              fresh_buffers=cuda and not args.no_buffer_variants)
     prompts = read_prompts(DEFAULT_PROMPTS)
     progress(f"loading {args.model} ({dtype_name}; TEE-only {tee_name})")
     model = load_model(args.model, dtype, gpu_device)
@@ -414,8 +426,9 @@ def measure(args, results: dict) -> None:
     # The runners as they ship and the baselines at every length first, then the variants: a run cut by its
     # budget keeps the headline ratios at every length (the tenth round lost the 512-token baselines). Then each
     # variant at every length in turn, in `variants`' order, the most wanted first: a cut run has those at
-    # every length
-    shipped = [v for v in split_variants if v[0] in RUNNERS]
+    # every length. The fresh-buffer variants are timed in turn with the runners, round by round: what keeping
+    # the buffers saves is a few percent, under the host's drift from one group to the next
+    shipped = [v for v in split_variants if v[0] in RUNNERS or v[0].endswith(FRESH_BUFFERS)]
     for n in lengths:
         if args.one_at_a_time:
             for variant in shipped:
@@ -489,6 +502,8 @@ def ratios(row: dict) -> dict:
     for method, ratio in (("ours", "ours_fused_hops_over_plain"), ("otp", "otp_fused_hops_online_over_plain")):
         if f"{method}_fused_hops" in row:
             out[ratio] = row[f"{method}_fused_hops"]["median_ms"] / plain
+    if "optimized" + FRESH_BUFFERS in row:  # what keeping the pinned buffers saves, timed round by round with it
+        out["optimized" + FRESH_BUFFERS + "_over_kept"] = row["optimized" + FRESH_BUFFERS]["median_ms"] / plain
     for method in RUNNERS:  # what replaying the GPU's calls buys, and the targets' ratios with them
         if f"{method}_cuda_graphs" in row:
             out[f"{method}_cuda_graphs_over_{method}"] = row[f"{method}_cuda_graphs"]["median_ms"] / row[method]["median_ms"]

@@ -438,3 +438,61 @@ def test_fused_hops_leave_the_plain_split_as_it_is(tiny_models):
     assert not engine.fuse_hops and not engine.timed_forward(ids, mask)[1]["breakdown"].get("crypto")
     with pytest.raises(NotImplementedError, match="plain scheme has no protect or recover step"):
         Plain().hop(torch.zeros(1, 2, 4), None, None, tee_ops.gated, (), "0.down")
+
+
+@pytest.mark.parametrize("variant", ["gqa-tied", "biases"])
+def test_the_plain_splits_kept_buffers_hold_nothing_still_needed(tiny_models, variant):
+    """With pinned copies (CUDA), the plain split's answers come back into a buffer kept for each hop, which the
+    same hop of the next layer overwrites, and what it sends the GPU is written into buffers kept by shape
+    (`Boundary.kept_buffer`). Here they are NaN-filled stand-ins, and every copy back is made into one: two
+    inferences of different prompts, a padded batch of 2, each give transformers' logits, the second reusing the
+    first's buffers, and everything sent to the GPU after the embedding but before the LM head is one of them.
+    A masked scheme keeps none."""
+    model = load_model(tiny_models[variant], torch.float32, CPU)
+    engine = SplitLlama(model.config, model.state_dict, Plain(), CPU, torch.float32)
+    engine.link.pinned = True  # as on CUDA, where copies are pinned; on the CPU the copies back are real copies
+
+    def poisoned(shape, dtype, strides=None):
+        return torch.full(shape, float("nan"), dtype=dtype).as_strided(shape, strides or torch.empty(shape).stride())
+
+    engine.link.pinned_buffer = poisoned
+    sent = []
+    engine.link.audit = lambda layer, op, t: sent.append((layer, t.untyped_storage().data_ptr()))
+    kept = None
+    for prompts in (PROMPTS, ["Masks are fresh at every layer.", "One GPU, one TEE, no IPC between them."]):
+        ids, mask = build_batch(model.tokenizer, prompts, 16, 2, True)
+        sent.clear()
+        logits = engine.timed_forward(ids, mask)[0]
+        err = compare(logits, reference_logits(model.config, model.state_dict, ids, mask))
+        assert err["rel_logit_error"] <= 1e-4 and err["top1_agreement"] == 1.0, err
+        buffers = {id(b): b.untyped_storage().data_ptr() for b in engine.link.kept.values()}
+        assert kept is None or buffers == kept  # the same buffers, none added
+        kept = buffers
+        in_layers = [ptr for layer, ptr in sent if layer is not None]
+        assert in_layers and set(in_layers) <= set(buffers.values())
+    assert {key[0] for key in engine.link.kept} == {"to_gpu", *(f"to_tee {hop}" for hop in
+                                                                ("qkv", "softmax", "o", "silu", "down"))}
+    masked = SplitLlama(model.config, model.state_dict, make_scheme("matrix"), CPU, torch.float32)
+    masked.link.pinned, masked.link.pinned_buffer = True, poisoned
+    masked.scheme.pinned_buffer = lambda shape, dtype: None
+    masked.timed_forward(ids, mask)
+    assert masked.link.kept == {}
+
+
+def resident_mib() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) // 1024 for line in f if line.startswith("VmRSS"))
+
+
+def test_freed_memory_goes_back_to_the_os_when_set_up_asks():
+    """The heap keeps what the process frees (`keep_freed_memory`: no mmap, no trimming), so that the TEE's
+    temporaries are not faulted in afresh at every op; `release_freed_memory`, called once after set-up's
+    compiler, hands it back."""
+    if not engine_module.keep_freed_memory().startswith("glibc"):
+        pytest.skip("not glibc")
+    t = torch.ones(64 * 2 ** 20)  # 256 MiB, from the heap
+    held = resident_mib()
+    del t
+    assert resident_mib() > held - 64  # freed, but still resident
+    engine_module.release_freed_memory()
+    assert resident_mib() < held - 192

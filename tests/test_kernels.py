@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch._inductor
 
+from splitinfer import engine as engine_module
 from splitinfer import kernels
 from splitinfer.engine import SplitLlama, attention_operands
 from splitinfer.inputs import build_batch
@@ -32,7 +33,12 @@ def graphs_built() -> int:
 @pytest.mark.parametrize("scheme", ["plain", "matrix", "otp"])
 # the shapes of other tests' compiled engines (test_perf's, the fused hops'), which then build less
 @pytest.mark.parametrize("variant,batch,length", [("gqa-tied", 1, 8), ("biases", 2, 10)])
-def test_compiled_kernels_match_transformers_and_build_in_set_up(tiny_models, scheme, variant, batch, length):
+def test_compiled_kernels_match_transformers_and_build_in_set_up(tiny_models, scheme, variant, batch, length,
+                                                                 monkeypatch):
+    """Set-up builds every kernel the inference runs, then hands the heap's free memory back once
+    (`release_freed_memory`: the compiler's garbage); eager kernels build nothing and hand nothing back."""
+    released = []
+    monkeypatch.setattr(engine_module, "release_freed_memory", lambda: released.append(True))
     model = load_model(tiny_models[variant], torch.float32, CPU)
     ids, mask = build_batch(model.tokenizer, ["Compiled kernels, the same answers."], length, batch, ragged=batch > 1)
     reference = reference_logits(model.config, model.state_dict, ids, mask)
@@ -44,6 +50,7 @@ def test_compiled_kernels_match_transformers_and_build_in_set_up(tiny_models, sc
                             compiled=compiled, choose_kernels=False)
         compile_ms = engine.warm_kernels(*ids.shape)
         assert (compile_ms > 0) == compiled and (engine.kernels == kernels.COMPILED) == compiled
+        assert len(released) == compiled
         linears, matmuls = engine.mask_shapes(*ids.shape)
         assert {name: (a.shape, b.shape) for name, (a, b) in engine.matmul_operands(*ids.shape).items()} == {
             name: matmuls[name] for name in ("0.scores", "0.attend")}

@@ -98,7 +98,8 @@ def test_ratios_and_logits_against_the_plain_split(tiny_models, tmp_path, capsys
 
 def test_a_failing_variant_is_recorded_and_the_rest_still_run(tiny_models, tmp_path, monkeypatch, capsys):
     """One ablation failing on a lent GPU must not cost the whole comparison."""
-    monkeypatch.setattr(perf, "variants", lambda overlap, ablations, sweep, kernel_variants=False, fused_hops=False, cuda_graphs=False, shipped=None: [
+    monkeypatch.setattr(perf, "variants", lambda overlap, ablations, sweep, kernel_variants=False, fused_hops=False, cuda_graphs=False, shipped=None,
+                        fresh_buffers=False: [
         ("optimized", "plain", {}, None), ("ours", "matrix", {}, None), ("otp", "otp", {}, None),
         ("optimized_overlap", "plain", {"overlap": True}, None), ("optimized_threads1", "plain", {}, 1)])
     monkeypatch.setattr(perf, "SplitLlama", failing_engine(
@@ -119,7 +120,8 @@ def test_a_failing_variant_is_recorded_and_the_rest_still_run(tiny_models, tmp_p
 def test_the_headline_comes_first_at_every_length(tiny_models, tmp_path, monkeypatch):
     """The runners as they ship and the baselines run at every length before any variant, so a run stopped
     by its budget among the variants still has the ratios the targets are stated in, at every length."""
-    monkeypatch.setattr(perf, "variants", lambda overlap, ablations, sweep, kernel_variants=False, fused_hops=False, cuda_graphs=False, shipped=None: [
+    monkeypatch.setattr(perf, "variants", lambda overlap, ablations, sweep, kernel_variants=False, fused_hops=False, cuda_graphs=False, shipped=None,
+                        fresh_buffers=False: [
         ("optimized", "plain", {}, None), ("ours", "matrix", {}, None), ("otp", "otp", {}, None),
         ("optimized_full_scores", "plain", {"triangle": False}, None)])
 
@@ -168,6 +170,20 @@ def test_the_runners_inferences_interleave(tiny_models):
     # each inference's total kept, a round each, in order: two methods' runs pair up round by round
     assert all(len(f["runs_ms"]) == 2 and min(f["runs_ms"]) == f["min_ms"] for f in figures.values())
     assert figures["call"]["dtype"] == "float32" and len(timers["call"].runs) == 2
+
+
+def test_the_fresh_buffer_variant_is_timed_in_turn_with_the_runners(tiny_models, tmp_path, monkeypatch):
+    """The plain split with a fresh pinned buffer for every copy (`optimized_fresh_buffers`, on CUDA by default) is
+    set up and timed in the runners' own group, round by round with them, and its median over the plain split's
+    is a ratio."""
+    fresh = [v for v in perf.variants(False, False, None, fresh_buffers=True) if v[0].endswith("_fresh_buffers")]
+    assert fresh == [("optimized_fresh_buffers", "plain", {"kept_buffers": False}, None)]
+    real = perf.variants
+    monkeypatch.setattr(perf, "variants", lambda *args, **kwargs: real(*args, **{**kwargs, "fresh_buffers": True}))
+    row = run_perf(tiny_models, tmp_path, "--no-kernel-variants", lengths="8")["8"]
+    assert {"optimized_fresh_buffers", "ours", "tee_only"} <= set(row["optimized"]["timed_with"])
+    assert row["ratios"]["optimized_fresh_buffers_over_kept"] > 0
+    assert row["optimized_fresh_buffers"]["rel_diff_from_optimized"] == 0.0
 
 
 def test_option_variants_may_be_left_to_set_up(tiny_models, tmp_path):

@@ -18,8 +18,9 @@
 #                      graph's failure may end its process)
 #   perf.json          the in-process comparison (split runners, TEE-only in bfloat16, transformers on the CPU
 #                      and the GPU) and its ratios; copy bandwidth first, then the runners and baselines at
-#                      every length. Each runner's set-up times CUDA graphs and fused hops each way and keeps the
-#                      faster (its `configuration` holds each way's median), so the variants that force them
+#                      every length, with the plain split's fresh-buffer variant (a fresh pinned buffer per copy)
+#                      timed in turn with them. Each runner's set-up times CUDA graphs and fused hops each way and
+#                      keeps the faster (its `configuration` holds each way's median), so the variants that force them
 #                      (*_cuda_graphs, *_fused_hops, *_fused_hops_cuda_graphs), and the plain split and ours with
 #                      eager kernels and compiled at every shape, are opt-in: VARIANTS=1. The twenty-sixth round's
 #                      headline took about 245 s on one H100, most of it compiling (about 23 s an engine)
@@ -38,7 +39,8 @@
 #                      (memory_gbs: a copy and a float16 pass over 256 MiB, on all threads and one, and from
 #                      pinned memory: whether the TEE's element-wise ops are bound by them), one layer's GPU calls
 #                      op by op and replayed from CUDA graphs (gpu_calls: what a graph saves a call on this
-#                      host), then the TEE's steps
+#                      host), one hop with its copies made each way they could be (hop_forms: fresh or kept
+#                      pinned buffers, copies inside the graph or apart), then the TEE's steps
 #                      of one layer on this machine's CPU, eager against compiled kernels, the three hops
 #                      between linears separate and fused, and otp's scores' cross terms as float32 and as
 #                      integer products among them (splitinfer.kernel_bench; written after each stage,
