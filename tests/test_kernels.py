@@ -562,3 +562,14 @@ def test_fused_hops_build_in_set_up_in_half_precision(tiny_models, scheme):
         logits = engine.timed_forward(ids, mask)[0]
         assert graphs_built() == built and not kernels.failed
         assert compare(logits, eager)["rel_logit_error"] < 1e-2
+
+
+def test_the_json_names_the_vector_instruction_set_the_kernels_are_built_for():
+    """Once the compiler has started, `vector_isa` names the instruction set inductor builds for (this VM's CPU
+    has AVX2 at least, so never 'none': scalar kernels would run several times slower)."""
+    try:
+        assert kernels.select(True) == kernels.COMPILED
+        isa = kernels.vector_isa()
+        assert isa not in (None, "unknown", "none") and isa.startswith("avx"), isa
+    finally:
+        kernels.select(False)

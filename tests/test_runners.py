@@ -90,6 +90,7 @@ def test_kernels_flag(tiny_models, tmp_path, kernels, capsys):
     assert run("matrix", "--model", tiny_models["gqa-tied"], "--prefill-length", "8", "--output", str(out), *flag) == 0
     r = json.loads(out.read_text())
     assert r["environment"]["tee_kernels"].startswith(kernels)
+    assert (r["environment"]["tee_kernel_vector_isa"] is None) == (kernels == "eager")  # compiled: what it is built for
     assert (r["timing"]["kernel_compile_ms"] > 0) == (kernels == "compiled")
     assert r["timing"]["device_warmup_ms"] > 0  # each GPU op once, in set-up
     assert r["timing"]["setup_ms"] >= r["timing"]["kernel_compile_ms"] + r["timing"]["device_warmup_ms"]
