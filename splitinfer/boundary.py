@@ -79,11 +79,11 @@ class Boundary:
     def kept_buffer(self, use: str, like: torch.Tensor | torch.Size | tuple[int, ...], dtype: torch.dtype
                     ) -> torch.Tensor | None:
         """A pinned host tensor kept for `use` and the layout of `like` (a tensor, or a shape: contiguous), the same
-        one at every call (not `keep`: a fresh one each time), or None where copies are not pinned. What it holds
-        lasts until the next call for the same use and layout writes it: for a hop whose result the TEE has used
-        up by then, as each of the plain split's hops has. On the H100 machine a hop of the 1B shape's q and k
-        took 83 µs with both its buffers kept against 101 with fresh ones at 128 tokens, and 189 against 223 at
-        512 (twenty-seventh round, `kernel_bench`'s `hop_forms`)."""
+        one at every call for the boundary's life (not `keep`: a fresh one each time), or None where copies are not
+        pinned. What it holds lasts until the next call for the same use and layout writes it: for a hop whose
+        result the TEE has used up by then, as each of the plain split's hops has. On the H100 machine a hop of the
+        1B shape's q and k took 83 µs with both its buffers kept against 101 with fresh ones at 128 tokens, and 189
+        against 223 at 512 (twenty-seventh round, `kernel_bench`'s `hop_forms`)."""
         shape, strides = ((like.shape, like.stride()) if isinstance(like, torch.Tensor) else
                           (torch.Size(like), None))
         if not (self.pinned and self.crossing and self.keep):
