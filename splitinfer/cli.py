@@ -309,7 +309,7 @@ def run(args, scheme_name: str) -> dict:
                         "model": info["model"], "random_weights": info["random_weights"], "params": info["params"],
                         "dtype": dtype_name, "seed": args.seed, "tee_allocator": engine.allocator,
                         "tee_kernels": engine.kernels, "tee_kernels_failed": dict(kernels.failed),
-                        "tee_kernel_vector_isa": kernels.vector_isa() if engine.kernels == kernels.COMPILED else None,
+                        "tee_kernel_vector_isa": kernels.vector_isa(engine.kernels),
                         "tee_kernel_choices": kernels.chosen(),
                         "tee_attention": engine.attention_form, "tee_attention_ms_per_layer": engine.attention_ms,
                         "lm_head_forms_ms": engine.gpu.head_ms},

@@ -516,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
             progress(f"{n} tokens: {mode} kernels")
             modes[mode] = layer_steps(args.preset, n, DTYPES[args.dtype], mode == "compiled", args.repeat)
         modes["kernels"] = kernels.select(True)
-        modes["vector_isa"] = kernels.vector_isa()
+        modes["vector_isa"] = kernels.vector_isa(modes["kernels"])
         results["lengths"][n] = modes
         for step, eager in modes["eager"].items():
             compiled = modes["compiled"][step]

@@ -344,13 +344,14 @@ def select(compiled: bool, chosen: bool = True) -> str:
     return _state["mode"]
 
 
-def vector_isa() -> str | None:
+def vector_isa(mode: str = COMPILED) -> str | None:
     """The vector instruction set inductor builds the TEE's kernels for (e.g. 'avx512'; 'none' where its checks
-    found none, and the kernels are scalar code), once the compiler has started in this process and works; else
-    None (asking earlier would run inductor's checks, seconds of test builds). On the H100 machine a
+    found none, and the kernels are scalar code), once the compiler has started in this process and works, for
+    an engine whose kernels run in `mode` (its `kernels`); else None (an eager engine's are not built; asking
+    before the compiler starts would run inductor's checks, seconds of test builds). On the H100 machine a
     compiled RMSNorm over 128 × 2048 took 35-47 µs in two rounds' set-up and 142-239 µs in the twenty-seventh
     round's kernel_bench: whether its kernels were vectorised is what this records."""
-    if not _state["start_ms"] or _state["failure"] is not None:
+    if mode != COMPILED or not _state["start_ms"] or _state["failure"] is not None:
         return None
     try:
         from torch._inductor.cpu_vec_isa import pick_vec_isa

@@ -156,7 +156,7 @@ class EngineTimer:
         out = {"first_ms": self.first["total_ms"], **spread(self.totals),
                "instrumented_median_ms": statistics.median(f["total_ms"] for f in timed),
                "kernel_compile_ms": self.compile_ms, "device_warmup_ms": self.warmup_ms, "kernels": engine.kernels,
-               "kernel_vector_isa": kernels.vector_isa() if engine.kernels == kernels.COMPILED else None,
+               "kernel_vector_isa": kernels.vector_isa(engine.kernels),
                "kernels_failed": dict(kernels.failed),
                "kernel_choices": kernels.chosen() if self.compile_ms and engine.choose_kernels else {},
                "attention": engine.attention_form, "attention_ms_per_layer": engine.attention_ms,
