@@ -21,7 +21,8 @@ from splitinfer.metrics import synchronize
 from splitinfer.models import DEFAULT_MODEL, PRESETS, LoadedModel, load_model
 from splitinfer.reference import compare, reference_logits
 from splitinfer.files import write_atomically, write_json
-from splitinfer.results import environment_block, memory_block, percentage_block, steady_state_block, timing_block
+from splitinfer.results import (MemoryPhases, environment_block, memory_block, percentage_block, steady_state_block,
+                                timing_block)
 from splitinfer.schemes import make_scheme
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -220,7 +221,9 @@ def run(args, scheme_name: str) -> dict:
     prompts = read_prompts(args.prompts_file)
 
     progress(f"loading model '{args.model}' ({dtype_name})")
+    phases = MemoryPhases(gpu_device)
     model = load_model(args.model, dtype, gpu_device, args.weights_seed)
+    phases.mark("model_loaded")
     if args.prefill_length > model.config.max_position_embeddings:
         raise UserError(f"--prefill-length {args.prefill_length} exceeds the model's max_position_embeddings "
                         f"({model.config.max_position_embeddings})")
@@ -238,36 +241,45 @@ def run(args, scheme_name: str) -> dict:
                         cuda_graphs=SWITCH[getattr(args, "cuda_graphs", "off")],
                         compiled=compiled_kernels(args.kernels, gpu_device),
                         attention=None if getattr(args, "attention", "auto") == "auto" else args.attention)
+    phases.mark("weights_placed")
     if gpu_device.type == "cuda":  # context and cuBLAS handle belong to set-up, not to the first inference
         torch.ones(8, 8, device=gpu_device, dtype=dtype) @ torch.ones(8, 8, device=gpu_device, dtype=dtype)
     if engine.compiled:
         progress("compiling the TEE's kernels for this input's shapes (inductor)")
     started = kernels.start_ms()  # nonzero: an earlier engine in this process started the compiler
     compile_ms = engine.warm_kernels(*ids.shape)
+    phases.mark("kernels_built")
     progress("set-up: the attention's forms timed on one layer's shapes (--attention auto)"
              if tee_only and not engine.attention_pinned else
              "warming the device: each GPU op once on zeros of this input's shapes"
              + ("; one inference captures every GPU call's CUDA graph" if engine.cuda_graphs else ""))
     warmup_ms = engine.warm_device(*ids.shape)
+    phases.mark("device_warmed")
     if engine.auto:
         progress(f"set-up: {' and '.join(sorted(engine.auto))} timed both ways on zeros (auto), the faster kept")
     choice_ms = engine.choose_configuration(*ids.shape)
     synchronize(gpu_device)
     setup_ms = (time.perf_counter() - start) * 1e3
+    phases.mark("configuration_chosen")
     info = model_info(model)
     model.state_dict = {}  # the engine holds what it needs; drop the loader's copies
 
     for _ in range(args.warmup):
         engine.timed_forward(ids, mask)
+    if args.warmup:
+        phases.mark("warmup")
     progress(f"timed inference: batch {args.batch_size} x {args.prefill_length} tokens")
     audit = AuditLog() if getattr(args, "audit_dir", None) else None
     engine.link.audit = audit
     logits, figures = engine.timed_forward(ids, mask)
     engine.link.audit = None
+    phases.mark("timed_inference")
     repeats = [engine.timed_forward(ids, mask)[1] for _ in range(args.repeat)]
     uninstrumented = [engine.timed_forward(ids, mask, instrumented=False)[1]["total_ms"] for _ in range(args.repeat)]
+    if args.repeat:
+        phases.mark("repeats")
     # before the reference adds its own
-    memory = memory_block(gpu_device, figures["offline_mask_bytes"], engine.tee_weight_bytes())
+    memory = memory_block(gpu_device, figures["offline_mask_bytes"], engine.tee_weight_bytes(), phases)
     if audit is not None:
         audit.write(args.audit_dir)
         progress(f"wrote {len(audit.records)} crossings to {args.audit_dir}")

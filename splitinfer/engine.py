@@ -808,6 +808,8 @@ class SplitLlama:
         for b, start in enumerate(range(0, table.shape[0], rows)):
             block = self.link.to_tee(table[start: start + rows], "embedding")
             self.tee("embedding", take, block, start, slice(ends[b], ends[b + 1]), count=b == 0)
+            # let go before the next block's copy, which may then land in this one's pinned memory: one block held
+            del block
         return out.view(*ids.shape, -1)
 
     def crypto(self, step: int, kind: str, fn, *args):

@@ -66,14 +66,68 @@ def _stats(values: list[float]) -> dict:
     return {"median": statistics.median(ordered), "min": ordered[0], "max": ordered[-1], "p90": p90}
 
 
-def memory_block(gpu_device: torch.device, offline_mask_bytes: int, tee_weight_bytes: int | None = None) -> dict:
+def memory_block(gpu_device: torch.device, offline_mask_bytes: int, tee_weight_bytes: int | None = None,
+                 phases: MemoryPhases | None = None) -> dict:
     """Peak host RSS and peak GPU memory of the process so far, what the offline masks hold, and the model
-    weights the TEE holds (norms; the embedding table under a masked scheme)."""
-    peak_rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    weights the TEE holds (norms; the embedding table under a masked scheme); on CUDA, what PyTorch's cache of
+    pinned host memory holds, now and at its peak (part of the RSS: page-locked blocks, each a power of two,
+    kept for reuse); with `phases`, the host's figures after each phase and the phase the peak was reached in."""
     gpu = torch.cuda.max_memory_allocated(gpu_device) / MIB if gpu_device.type == "cuda" else None
-    return {"peak_host_rss_mb": peak_rss_kib * 1024 / MIB, "peak_gpu_mb": gpu,
-            "offline_mask_mb": offline_mask_bytes / MIB,
-            "tee_weights_mb": None if tee_weight_bytes is None else tee_weight_bytes / MIB, "mb_unit": "MiB"}
+    block = {"peak_host_rss_mb": peak_host_rss_mb(), "peak_gpu_mb": gpu, "pinned_host_mb": pinned_host_mb(gpu_device),
+             "offline_mask_mb": offline_mask_bytes / MIB,
+             "tee_weights_mb": None if tee_weight_bytes is None else tee_weight_bytes / MIB, "mb_unit": "MiB"}
+    if phases is not None:
+        block.update(by_phase=phases.phases, peak_reached_in=phases.peak_reached_in())
+    return block
+
+
+def peak_host_rss_mb() -> float:
+    """The process's peak resident set so far, MiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / MIB  # ru_maxrss: KiB on Linux
+
+
+def host_rss_mb() -> float | None:
+    """The process's resident set now (VmRSS), MiB; None where /proc has no such figure."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024 / MIB
+    except OSError:
+        pass
+    return None
+
+
+def pinned_host_mb(gpu_device: torch.device) -> dict | None:
+    """PyTorch's pinned host memory on CUDA: what its cache holds now and at its peak (its blocks, in use or kept
+    for reuse), MiB; None off CUDA, or where this torch does not count it."""
+    stats = torch.cuda.host_memory_stats() if gpu_device.type == "cuda" and hasattr(torch.cuda, "host_memory_stats") \
+        else {}
+    if "allocated_bytes.current" not in stats:
+        return None
+    return {"now": stats["allocated_bytes.current"] / MIB, "peak": stats["allocated_bytes.peak"] / MIB}
+
+
+class MemoryPhases:
+    """The host's memory after each phase of a run (loading, each set-up step, the inferences), so that a peak
+    over its limit says which phase reached it: the peak so far, the resident set now and, on CUDA, the pinned
+    cache now (`mark`)."""
+
+    def __init__(self, gpu_device: torch.device):
+        self.gpu_device = gpu_device
+        self.phases: dict[str, dict] = {}
+
+    def mark(self, phase: str) -> None:
+        pinned = pinned_host_mb(self.gpu_device)
+        self.phases[phase] = {"peak_host_rss_mb": peak_host_rss_mb(), "host_rss_mb": host_rss_mb(),
+                              "pinned_host_mb": None if pinned is None else pinned["now"]}
+
+    def peak_reached_in(self) -> str | None:
+        """The first phase after which the peak was what it is after the last one."""
+        if not self.phases:
+            return None
+        last = list(self.phases.values())[-1]["peak_host_rss_mb"]
+        return next(name for name, figures in self.phases.items() if figures["peak_host_rss_mb"] >= last)
 
 
 def environment_block(gpu_device: torch.device, gpu_fallback: bool, threads: int) -> dict:

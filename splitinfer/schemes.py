@@ -365,14 +365,14 @@ class Matrix(Plain):
     def softmax_hop(self, c, secret, v, name, blocks, bias, attention_mask):
         """Where the scores stay in their masks' order (`_chain`), the steps with one pass fewer over the n²
         scores: unscaled with their later and padding keys hidden in one kernel (`_unscale_hide`); then the
-        softmax and protect_matmul. Else the steps."""
+        softmax, in place (as `softmax_in_order`'s), and protect_matmul. Else the steps. Overwrites `c`."""
         m, groups, keep_order = secret
         if not keep_order:
             return super().softmax_hop(c, secret, v, name, blocks, bias, attention_mask)
         batch, heads, n, keys = c.shape
         scores = _unscale_hide(c.view(batch, groups, heads // groups, n, keys), m["d1"], m["d3"], m["rows_at"],
                                key_positions(m["keys_at"], attention_mask, blocks.padded))
-        return self.protect_matmul(torch.softmax(scores, dim=-1).view(c.shape), v, name)
+        return self.protect_matmul(torch.softmax(scores, dim=-1, out=scores).view(c.shape), v, name)
 
     def attend_hop(self, c, secret, product, op, op_args, name):
         """Overwrites `c`. P·V's product is never kept in the masks' order (`_chain`)."""

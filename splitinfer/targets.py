@@ -193,13 +193,22 @@ def runner_rows(runners: dict | None) -> list[Row]:
         info = result["benchmark_info"]
         n = info["prefill_length"]
         of_target = info["model"] == TARGET_MODEL and n == 512 and ran_on_gpu(info)
-        rss = result["memory"]["peak_host_rss_mb"]
+        memory = result["memory"]
+        rss = memory["peak_host_rss_mb"]
         rows.append(Row(f"{runner}: peak host RSS, MiB", n, rss, PEAK_RSS_MIB[runner],
-                        judged(rss, PEAK_RSS_MIB[runner]) if of_target else None, f"runners.json: {name}"))
+                        judged(rss, PEAK_RSS_MIB[runner]) if of_target else None,
+                        f"runners.json: {name}" + where_memory_peaked(memory)))
         excess = result["data_transfer"].get("excess_over_minimum")
         rows.append(Row(f"{runner}: bytes over the minimum", n, excess, EXCESS_BYTES, judged(excess, EXCESS_BYTES),
                         f"runners.json: {name}"))
     return rows
+
+
+def where_memory_peaked(memory: dict) -> str:
+    """The phase a runner's host peak was reached in, and the pinned cache's own peak, where its JSON has them."""
+    pinned = memory.get("pinned_host_mb")
+    return ((f"; reached in {memory['peak_reached_in']}" if memory.get("peak_reached_in") else "")
+            + (f"; pinned cache peak {pinned['peak']:.0f} MiB" if pinned else ""))
 
 
 def ran_on_gpu(info: dict) -> bool:

@@ -70,7 +70,17 @@ def test_json_result(tiny_models, tmp_path, scheme):
         assert r["data_transfer"]["minimum_to_cpu_bytes"] >= 320 * 64 * 4
         assert 0 <= r["data_transfer"]["excess_over_minimum"] <= 0.10
     assert r["data_transfer"].get("offline_weights_to_cpu_bytes", 0) == 0  # the "GPU" is the CPU: nothing to fetch
-    assert r["memory"]["peak_host_rss_mb"] > 0
+    memory = r["memory"]
+    assert memory["peak_host_rss_mb"] > 0 and memory["pinned_host_mb"] is None  # no CUDA: no pinned cache
+    # the host's figures after each phase: the peak never falls, the last phase's is the run's, and the phase it
+    # was reached in is the first whose peak is that
+    phases = memory["by_phase"]
+    assert list(phases) == ["model_loaded", "weights_placed", "kernels_built", "device_warmed", "configuration_chosen",
+                            "timed_inference", "repeats"]
+    peaks = [phase["peak_host_rss_mb"] for phase in phases.values()]
+    assert peaks == sorted(peaks) and peaks[-1] <= memory["peak_host_rss_mb"]
+    assert all(0 < phase["host_rss_mb"] for phase in phases.values())
+    assert memory["peak_reached_in"] == next(name for name, phase in phases.items() if phase["peak_host_rss_mb"] >= peaks[-1])
     saved = torch.load(logits_path)
     assert saved["input_ids"].shape == (2, 10) and saved["logits"].dtype == torch.float32
     model = load_model(tiny_models["gqa-tied"], torch.float32, torch.device("cpu"))

@@ -34,7 +34,9 @@ def gpu_run(folder) -> None:
             "environment": {"gpu": "NVIDIA H100 80GB HBM3", "cpu": "Xeon", "threads": 16},
             "lengths": {"128": row128, "512": row512}}
     runners = {"optimized_n512": runner("optimized", 512, 160.0, 90.0, 1400.0, 0.04),
-               "ours_n512": runner("ours", 512, 400.0, 200.0, 1600.0, 0.0001),
+               "ours_n512": {**runner("ours", 512, 400.0, 200.0, 1600.0, 0.0001),
+                             "memory": {"peak_host_rss_mb": 1600.0, "peak_reached_in": "configuration_chosen",
+                                        "pinned_host_mb": {"now": 100.0, "peak": 180.4}}},
                "otp_n512": runner("otp", 512, 500.0, 400.0, 3000.0, 0.12),
                "tee_only_n512": runner("tee_only", 512, 1.0, 1.0, 1.0, 0.0)}
     (folder / "perf.json").write_text(json.dumps(perf))
@@ -71,6 +73,10 @@ def test_a_gpu_run_is_judged_against_the_gpu_targets(tmp_path):
     assert rows[("optimized: first inference − warm, ms", 512)]["figure"] == 70.0
     assert rows[("ours: first inference − warm, ms", 512)]["met"] is False
     assert [rows[(f"{r}: peak host RSS, MiB", 512)]["met"] for r in ("optimized", "ours", "otp")] == [True, False, True]
+    # where a runner's JSON says which phase reached its peak, and what the pinned cache held at its own, so does the row
+    assert rows[("ours: peak host RSS, MiB", 512)]["source"] == ("runners.json: ours_n512; reached in "
+                                                                 "configuration_chosen; pinned cache peak 180 MiB")
+    assert rows[("optimized: peak host RSS, MiB", 512)]["source"] == "runners.json: optimized_n512"
     assert [rows[(f"{r}: bytes over the minimum", 512)]["met"] for r in ("optimized", "ours", "otp")] == [True, True, False]
     assert not any(r["target"].startswith("tee_only") for r in card["targets"])
     assert card["not_judged"] == 0 and card["met"] + card["not_met"] == len(card["targets"])
