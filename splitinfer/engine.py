@@ -336,6 +336,7 @@ class SplitLlama:
         self.scale = self.head_dim ** -0.5
         self.eps = config.rms_norm_eps
         self.rotary = Rotary(config)
+        self.last_bias: tuple[torch.Tensor, torch.Tensor] | None = None  # (attention mask, its bias): `attention_bias`
         self._place_weights(state_dict)
 
     @staticmethod
@@ -891,7 +892,7 @@ class SplitLlama:
         self.link.new_inference()
         x = self.embed(ids)
         rope = self.tee("rotary_tables", self.rotary.tables, n, self.dtype)
-        bias = self.tee("attention_mask", attention_bias, attention_mask, self.dtype)
+        bias = self.tee("attention_mask", self.attention_bias, attention_mask)
         blocks = self.causal_blocks(batch, n, attention_mask)
         branch = None  # each norm first adds the residual branch before it: one TEE op for both
         for i, layer in enumerate(self.layers):
@@ -903,6 +904,15 @@ class SplitLlama:
         last = torch.arange(batch), last_positions(attention_mask)  # only these rows reach the LM head
         _, h = self.tee("rmsnorm", self.final_norm.after, x[last], self.received(branch)[last])
         return self.linear(h, "lm_head", "lm_head").float()
+
+    def attention_bias(self, attention_mask: torch.Tensor) -> torch.Tensor:
+        """`tee_ops.attention_bias` of the mask (read-only), made again only where the mask is not the last
+        inference's: the bias is a function of the mask alone, and made at each inference it took 0.17-0.30 ms of
+        it on the H100 machine (twenty-seventh round). The comparison is one pass over the mask's B x n entries."""
+        last = self.last_bias
+        if last is None or last[0].shape != attention_mask.shape or not torch.equal(last[0], attention_mask):
+            self.last_bias = last = attention_mask.clone(), attention_bias(attention_mask, self.dtype)
+        return last[1]
 
     def norm(self, norm: RmsNorm, x: torch.Tensor, branch: torch.Tensor | Answer | None, weight: str
              ) -> tuple[torch.Tensor, torch.Tensor | Protected]:

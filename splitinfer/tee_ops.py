@@ -84,14 +84,24 @@ def sum_and_norm(form: Callable, branch: torch.Tensor, x: torch.Tensor, scaled: 
 class Rotary:
     """Rotary tables from transformers' own RoPE initialisation (so llama3/linear/dynamic scaling come free)."""
 
+    LENGTHS_KEPT = 8  # tables kept for this many lengths at once (128 KiB a pair at 512 x 64 in float16)
+
     def __init__(self, config: LlamaConfig):
         self.embedding = LlamaRotaryEmbedding(config)
+        self.made: dict[tuple[int, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def tables(self, n: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin of shape [n, head_dim] for positions 0..n-1."""
-        positions = torch.arange(n).unsqueeze(0)
-        cos, sin = self.embedding(torch.empty(0, dtype=dtype), positions)
-        return cos[0], sin[0]
+        """cos, sin of shape [n, head_dim] for positions 0..n-1 (read-only: shared by every call for n). They depend
+        on n alone, never on a prompt, so they are made once for a length (set-up makes an inference's) and kept:
+        made at each inference they took 0.4-0.6 ms of it on the H100 machine (twenty-seventh round), eight ops of
+        about 70 µs there."""
+        key = (n, dtype)
+        if key not in self.made:
+            if len(self.made) >= self.LENGTHS_KEPT:
+                del self.made[next(iter(self.made))]
+            cos, sin = self.embedding(torch.empty(0, dtype=dtype), torch.arange(n).unsqueeze(0))
+            self.made[key] = cos[0], sin[0]
+        return self.made[key]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -506,3 +506,22 @@ def test_freed_memory_goes_back_to_the_os_when_set_up_asks():
     assert resident_mib() > held - 64  # freed, but still resident
     engine_module.release_freed_memory()
     assert resident_mib() < held - 192
+
+
+@pytest.mark.parametrize("variant", ["gqa-tied", "rope-dynamic"])
+def test_the_rotary_tables_and_the_bias_are_made_once_for_a_length_and_a_mask(tiny_models, variant):
+    """The rotary tables depend on the length alone and the attention bias on the mask alone, so each is made once
+    and kept (`Rotary.tables`, `SplitLlama.attention_bias`): the same tensors at the next inference of that length
+    and mask, even where the mask is another tensor of the same values; another mask (other padding) gets a bias
+    of its own, and every inference still gives transformers' logits."""
+    model = load_model(tiny_models[variant], torch.float32, CPU)
+    engine = SplitLlama(model.config, model.state_dict, Plain(), CPU, torch.float32)
+    ids, ragged = build_batch(model.tokenizer, PROMPTS, 12, 2, True)
+    made = []
+    for mask in (ragged, ragged.clone(), torch.ones_like(ragged), ragged):
+        logits = engine.timed_forward(ids, mask)[0]
+        assert compare(logits, reference_logits(model.config, model.state_dict, ids, mask))["rel_logit_error"] <= 1e-4
+        made.append((engine.last_bias[1], engine.rotary.tables(12, torch.float32)))
+    biases, tables = zip(*made)
+    assert biases[1] is biases[0] and biases[2] is not biases[1] and biases[3] is not biases[2]
+    assert all(pair is tables[0] for pair in tables) and list(engine.rotary.made) == [(12, torch.float32)]
