@@ -136,7 +136,11 @@ class Built:
         with fake_mode:
             graph = make_fx(with_tensors, pre_dispatch=True)(*fakes)
         _state["builds"] += 1
-        return torch._inductor.compile(graph, fakes, options=self.options)
+        # the thread count the kernel's loops are built for, in its options: they are part of the key of inductor's
+        # cache of built graphs, and torch 2.11's key lacks the count, so that a graph built at one count was served
+        # from the cache at another (a kernel built on one thread ran on one thread at any count)
+        return torch._inductor.compile(graph, fakes, options={**(self.options or {}),
+                                                              "cpp.threads": torch.get_num_threads()})
 
 
 def _flatten(args, tensors: list[torch.Tensor], key: list) -> None:

@@ -242,6 +242,37 @@ def two_threads():
     torch.set_num_threads(threads)
 
 
+def test_a_kernel_is_built_for_the_thread_count_it_runs_at(monkeypatch, tmp_path):
+    """A build names torch's thread count in its options, which key inductor's cache of built graphs: torch 2.11's
+    key lacks the count, so that a graph built on one thread was served from that cache at any count, and ran on
+    one thread. Built again at another count (`select` drops the old builds), the kernel is built anew, for it."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # an empty cache: nothing built before counts
+    options, real_compile = [], torch._inductor.compile
+
+    def recording_compile(graph, example_inputs, options_=None, **kwargs):
+        given = kwargs.get("options", options_)
+        options.append((torch.get_num_threads(), given["cpp.threads"]))
+        return real_compile(graph, example_inputs, options=given)
+
+    monkeypatch.setattr(torch._inductor, "compile", recording_compile)
+
+    @kernels.tee_kernel
+    def halved(x):
+        return x / 2
+
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            kernels.select(True, chosen=False)
+            assert torch.equal(halved(torch.ones(4)), torch.full((4,), 0.5))
+    finally:
+        torch.set_num_threads(threads)
+        kernels.select(True)
+    # `select`'s probe and the kernel, at each count
+    assert all(count == built_for for count, built_for in options) and {count for count, _ in options} == {1, 2}
+
+
 def test_set_up_keeps_the_faster_form_at_each_shape(monkeypatch, two_threads):
     """Inside `choosing` (set-up), a compiled kernel is timed against its eager form, on all threads and on one,
     at each shape, and the fastest runs at that shape from then on; a changed thread count drops the choices
