@@ -47,6 +47,7 @@ from splitinfer.targets import per_round
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_PROMPTS = os.path.join(ROOT, "tee_only_llama", "prompts.txt")
 RUNNER_CONFIG = os.path.join(ROOT, "tee_gpu", "config.py")  # the split runners' defaults: as they ship
+COPY_PARTS = (2, 4)  # the copy probe's just-written copies cut into as many slices, a stream each (`copy_bandwidth`)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -273,18 +274,28 @@ def copy_bandwidth(device: torch.device, mib: int = 64, repeat: int = 5, sizes: 
     events (median of `repeat`, after one untimed): the machine's ceiling for the boundary's copies. Also,
     at the boundary's own sizes (`sizes` MiB and `mib`), pinned copies to the GPU from a buffer the CPU has
     just written, as the TEE's ops write theirs (`by_size`): on the H100 machine the plain split's copies to
-    the GPU ran at 25 GB/s and those back at 46, against 54 and 50 here (eighth round)."""
+    the GPU ran at 25 GB/s and those back at 46, against 54 and 50 here (eighth round); and the same copy cut
+    into COPY_PARTS slices, each on a stream of its own, so that as many of the GPU's copy engines read at once:
+    whether the just-written copies are bound by how many reads one engine keeps in flight."""
     stream = torch.cuda.current_stream(device)
+    side_streams = [torch.cuda.Stream(device) for _ in range(max(COPY_PARTS))]
 
-    def rate(target: torch.Tensor, source: torch.Tensor, non_blocking: bool, written: torch.Tensor | None = None
-             ) -> float:
+    def rate(target: torch.Tensor, source: torch.Tensor, non_blocking: bool, written: torch.Tensor | None = None,
+             parts: int = 1) -> float:
         times = []
         for _ in range(repeat + 1):
             if written is not None:
                 written.fill_(len(times))  # the CPU's writes, still in its caches when the copy reads them
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record(stream)
-            target.copy_(source, non_blocking=non_blocking)
+            if parts == 1:
+                target.copy_(source, non_blocking=non_blocking)
+            else:
+                for into, part, side in zip(target.chunk(parts), source.chunk(parts), side_streams):
+                    side.wait_stream(stream)
+                    with torch.cuda.stream(side):
+                        into.copy_(part, non_blocking=non_blocking)
+                    stream.wait_stream(side)
             end.record(stream)
             end.synchronize()
             times.append(start.elapsed_time(end))
@@ -297,6 +308,8 @@ def copy_bandwidth(device: torch.device, mib: int = 64, repeat: int = 5, sizes: 
         target = on_gpu[: host.numel()]
         by_size[size_mib] = {"to_gpu_pinned_gb_per_s": rate(target, host, True),
                              "to_gpu_pinned_just_written_gb_per_s": rate(target, host, True, written=host),
+                             **{f"to_gpu_pinned_just_written_{parts}_streams_gb_per_s":
+                                rate(target, host, True, written=host, parts=parts) for parts in COPY_PARTS},
                              "to_cpu_pinned_gb_per_s": rate(host, target, True)}
     pageable = torch.empty(on_gpu.numel(), dtype=torch.uint8)
     return {"copy_mib": mib, "to_gpu_pinned_gb_per_s": by_size[mib]["to_gpu_pinned_gb_per_s"],

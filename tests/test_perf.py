@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -247,17 +248,49 @@ def test_copy_bandwidth_at_the_boundarys_sizes(monkeypatch, capsys):
         def elapsed_time(self, end) -> float:
             return 2.0
 
+    class Stream:
+        """Records which stream each copy is queued on, and what each waits for."""
+        current, log = None, []
+
+        def __init__(self, device=None):
+            self.name = f"side {len([e for e in Stream.log if e[0] == 'new'])}"
+            Stream.log.append(("new", self.name))
+
+        def wait_stream(self, other) -> None:
+            Stream.log.append(("wait", self.name, other.name))
+
+    main = Stream.__new__(Stream)
+    main.name = "main"
+
+    @contextmanager
+    def on(side):
+        Stream.current = side
+        yield
+        Stream.current = None
+
+    copied_on = []
+    copy_ = torch.Tensor.copy_
     empty = torch.empty
     monkeypatch.setattr(torch.cuda, "Event", Event)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "stream", on)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: main)
+    monkeypatch.setattr(torch.Tensor, "copy_", lambda self, src, non_blocking=False: (
+        copied_on.append((Stream.current or main).name), copy_(self, src))[1])
     monkeypatch.setattr(torch, "empty", lambda *a, pin_memory=False, device=None, **k: empty(*a, **k))
     bandwidth = perf.copy_bandwidth(torch.device("cpu"), mib=4, repeat=2, sizes=(1,))
     assert bandwidth["to_gpu_pinned_gb_per_s"] == pytest.approx(4 * 2 ** 20 / 2e-3 / 1e9)
     assert set(bandwidth["by_size"]) == {1, 4} and bandwidth["by_size"][1] == {
         name: pytest.approx(2 ** 20 / 2e-3 / 1e9) for name in
-        ("to_gpu_pinned_gb_per_s", "to_gpu_pinned_just_written_gb_per_s", "to_cpu_pinned_gb_per_s")}
+        ("to_gpu_pinned_gb_per_s", "to_gpu_pinned_just_written_gb_per_s", "to_gpu_pinned_just_written_2_streams_gb_per_s",
+         "to_gpu_pinned_just_written_4_streams_gb_per_s", "to_cpu_pinned_gb_per_s")}
+    # a copy in parts: each part on a side stream that first waits for the main one, which then waits for it
+    assert {name for name in copied_on} == {"main", "side 0", "side 1", "side 2", "side 3"}
+    waits = [e[1:] for e in Stream.log if e[0] == "wait"]
+    assert waits[:4] == [("side 0", "main"), ("main", "side 0"), ("side 1", "main"), ("main", "side 1")]
     perf.print_table({"copy_bandwidth": bandwidth, "lengths": {}})
-    assert "1 MiB pinned, GB/s: to_gpu_pinned 0.5, to_gpu_pinned_just_written 0.5" in capsys.readouterr().out
+    assert ("1 MiB pinned, GB/s: to_gpu_pinned 0.5, to_gpu_pinned_just_written 0.5, "
+            "to_gpu_pinned_just_written_2_streams 0.5") in capsys.readouterr().out
 
 
 def test_the_profile_is_of_the_online_phase(tiny_models):
