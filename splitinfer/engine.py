@@ -268,7 +268,7 @@ class SplitLlama:
                  triangle: bool = True, block_rows: int | None = None, overlap: bool = False,
                  resident_embedding: bool = False, compiled: bool = False, choose_kernels: bool = True,
                  attention: str | None = None, fuse_hops: bool | str = False, cuda_graphs: bool | str = False,
-                 kept_buffers: bool = True):
+                 kept_buffers: bool = True, copy_streams: int = 1):
         """`pinned` and `triangle` (the scores' causal block triangle) exist to be switched off for ablations;
         `block_rows` sets the triangle's least rows per block (tee_ops.ROWS unless given), to compare sizes.
         `overlap` makes the plain split's two largest hops (scores -> softmax -> probabilities, gate/up ->
@@ -296,6 +296,8 @@ class SplitLlama:
         hop to hop (`Boundary.kept_buffer`), to measure what keeping them saves. Masked schemes keep none: ours'
         host peak at 512 tokens was 22 MiB under its limit on the H100 machine (twenty-sixth round), and a buffer
         kept per hop holds more than the pinned cache's blocks, which hops of one size share.
+        `copy_streams` above one cuts each copy to the GPU of a MiB or more into as many slices, each on a stream of
+        its own (`Boundary._in_slices`), to measure whether that speeds the copies of what the TEE has just written.
         `attention` pins the TEE-only runner's form of attention (one of ATTENTION_FORMS); unset, set-up times
         each on this CPU and keeps the fastest (`choose_attention`). Split engines have none: their scores cross."""
         if attention not in (None, *ATTENTION_FORMS):
@@ -309,7 +311,8 @@ class SplitLlama:
         self.kernels: str | None = None
         self.tee_device = torch.device("cpu")
         self.metrics = Metrics(gpu_device)
-        self.link = Boundary(gpu_device, self.tee_device, self.metrics, crossing=not tee_only, pinned=pinned)
+        self.link = Boundary(gpu_device, self.tee_device, self.metrics, crossing=not tee_only, pinned=pinned,
+                             copy_streams=copy_streams)
         self.link.keep = kept_buffers
         scheme.pinned_buffer = self.link.pinned_buffer  # protected operands are written where the GPU reads them
         self.gpu = Gpu(gpu_device, self.metrics, in_tee=tee_only)

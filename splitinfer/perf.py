@@ -89,8 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "and records each way's median (configuration)")
     p.add_argument("--no-buffer-variants", action="store_true",
                    help="on CUDA, skip the plain split with a fresh pinned buffer for every copy "
-                        "(optimized_fresh_buffers), timed in turn with the runners as they ship: the plain split "
-                        "keeps its buffers from hop to hop")
+                        "(optimized_fresh_buffers) and with each copy to the GPU of a MiB or more cut into two "
+                        "slices on two streams (optimized_copy_streams), timed in turn with the runners as they ship: "
+                        "the plain split keeps its buffers from hop to hop, and copies each tensor whole")
     p.add_argument("--no-overlap", action="store_true",
                    help="on CUDA, skip the plain split with copies overlapping the TEE's work (optimized_overlap)")
     p.add_argument("--one-at-a-time", action="store_true",
@@ -198,7 +199,8 @@ def spread(runs: list[float]) -> dict:
     return {"median_ms": statistics.median(runs), "min_ms": min(runs), "max_ms": max(runs), "runs_ms": list(runs)}
 
 
-FRESH_BUFFERS = "_fresh_buffers"  # the variants timed in turn with the runners (`variants`, `measure`)
+FRESH_BUFFERS, COPY_STREAMS = "_fresh_buffers", "_copy_streams"  # the plain split's variants of its copies
+IN_TURN = (FRESH_BUFFERS, COPY_STREAMS)  # the variants timed in turn with the runners (`variants`, `measure`)
 
 
 def interleave(timers: dict[str, CallTimer | EngineTimer], repeat: int) -> None:
@@ -223,13 +225,14 @@ def variants(overlap: bool, ablations: bool, thread_sweep: str | None, kernel_va
     eager or compiled buys); ours and otp with fused hops (`fused_hops`: with compiled kernels, where a hop
     can become one call); each runner with its GPU calls replayed from CUDA graphs (`cuda_graphs`: on CUDA,
     first among the variants), and ours and otp with both; the plain split with a fresh pinned buffer for every
-    copy instead of buffers kept from hop to hop (`fresh_buffers`: on CUDA; timed in turn with the runners, see
-    `measure`); and each runner at each thread count of the sweep. Those three name both options set-up may
+    copy instead of buffers kept from hop to hop, and with its copies to the GPU cut into two slices on two streams
+    (`fresh_buffers`: on CUDA; timed in turn with the runners, see `measure`); and each runner at each thread count of the sweep. Those three name both options set-up may
     choose, each on or off; every other variant takes what set-up chose for its runner at its length
     (`measure`)."""
     out = [(method, scheme, dict(shipped or {}), None) for method, scheme in RUNNERS.items()]
     if fresh_buffers:
-        out.append((f"optimized{FRESH_BUFFERS}", "plain", {"kept_buffers": False}, None))
+        out += [(f"optimized{FRESH_BUFFERS}", "plain", {"kept_buffers": False}, None),
+                (f"optimized{COPY_STREAMS}", "plain", {"copy_streams": 2}, None)]
     if cuda_graphs:
         out += [(f"{method}_cuda_graphs", scheme, {"cuda_graphs": True, "fuse_hops": False}, None)
                 for method, scheme in RUNNERS.items()]
@@ -440,9 +443,9 @@ def measure(args, results: dict) -> None:
     # The runners as they ship and the baselines at every length first, then the variants: a run cut by its
     # budget keeps the headline ratios at every length (the tenth round lost the 512-token baselines). Then each
     # variant at every length in turn, in `variants`' order, the most wanted first: a cut run has those at
-    # every length. The fresh-buffer variants are timed in turn with the runners, round by round: what keeping
-    # the buffers saves is a few percent, under the host's drift from one group to the next
-    shipped = [v for v in split_variants if v[0] in RUNNERS or v[0].endswith(FRESH_BUFFERS)]
+    # every length. The variants of the plain split's copies are timed in turn with the runners, round by round:
+    # what keeping the buffers saves is a few percent, under the host's drift from one group to the next
+    shipped = [v for v in split_variants if v[0] in RUNNERS or v[0].endswith(IN_TURN)]
     for n in lengths:
         if args.one_at_a_time:
             for variant in shipped:
@@ -518,6 +521,8 @@ def ratios(row: dict) -> dict:
             out[ratio] = row[f"{method}_fused_hops"]["median_ms"] / plain
     if "optimized" + FRESH_BUFFERS in row:  # what keeping the pinned buffers saves, timed round by round with it
         out["optimized" + FRESH_BUFFERS + "_over_kept"] = row["optimized" + FRESH_BUFFERS]["median_ms"] / plain
+    if "optimized" + COPY_STREAMS in row:  # what cutting the copies to the GPU across two streams saves, the same way
+        out["optimized" + COPY_STREAMS + "_over_one_stream"] = row["optimized" + COPY_STREAMS]["median_ms"] / plain
     for method in RUNNERS:  # what replaying the GPU's calls buys, and the targets' ratios with them
         if f"{method}_cuda_graphs" in row:
             out[f"{method}_cuda_graphs_over_{method}"] = row[f"{method}_cuda_graphs"]["median_ms"] / row[method]["median_ms"]

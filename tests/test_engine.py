@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import weakref
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -15,6 +16,8 @@ from splitinfer.models import ByteTokenizer, load_model
 from splitinfer.reference import compare, reference_logits
 from splitinfer.schemes import Plain, make_scheme
 from splitinfer import tee_ops
+from splitinfer.boundary import Boundary
+from splitinfer.metrics import Metrics
 
 PROMPTS = ["The quick brown fox jumps over the lazy dog.", "Private prompts stay in the TEE."]
 CPU = torch.device("cpu")
@@ -525,3 +528,41 @@ def test_the_rotary_tables_and_the_bias_are_made_once_for_a_length_and_a_mask(ti
     biases, tables = zip(*made)
     assert biases[1] is biases[0] and biases[2] is not biases[1] and biases[3] is not biases[2]
     assert all(pair is tables[0] for pair in tables) and list(engine.rotary.made) == [(12, torch.float32)]
+
+
+def test_a_large_copy_to_the_gpu_may_cross_in_slices_a_stream_each(monkeypatch):
+    """With copy streams (`Boundary(copy_streams=2)`, on CUDA), a contiguous copy to the GPU of a MiB or more is cut
+    into one slice per stream (`_in_slices`): each stream waits for the current one's work before its slice is
+    queued on it, and the current one waits for each after, so that what follows reads the whole copy. Smaller or
+    strided tensors cross whole. Here CPU tensors and stand-in streams, which log the order."""
+    log = []
+
+    class Stream:
+        def __init__(self, name: str):
+            self.name = name
+
+        def wait_stream(self, other: "Stream") -> None:
+            log.append(("wait", self.name, other.name))
+
+    current = Stream("current")
+
+    @contextmanager
+    def on(stream: Stream):
+        log.append(("on", stream.name))
+        yield
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current)
+    monkeypatch.setattr(torch.cuda, "stream", on)
+    link = Boundary(CPU, CPU, Metrics(CPU))
+    assert link.copy_streams == []  # none off CUDA
+    link.copy_streams = [Stream("a"), Stream("b")]
+    big = torch.arange(2 ** 19, dtype=torch.float32)  # 2 MiB
+    assert link.sliced(big, None) and link.sliced(big, torch.empty_like(big))
+    assert not link.sliced(big[: 2 ** 10], None) and not link.sliced(big.view(2 ** 10, -1).t(), None)
+    assert not link.sliced(big, torch.empty(2 ** 10, 2 ** 9).t())
+    out = link._in_slices(big, None)
+    assert torch.equal(out, big) and out.data_ptr() != big.data_ptr()
+    assert log == [("wait", "a", "current"), ("on", "a"), ("wait", "current", "a"),
+                   ("wait", "b", "current"), ("on", "b"), ("wait", "current", "b")]
+    into = torch.zeros_like(big)
+    assert link._in_slices(big, into) is into and torch.equal(into, big)

@@ -173,18 +173,21 @@ def test_the_runners_inferences_interleave(tiny_models):
     assert figures["call"]["dtype"] == "float32" and len(timers["call"].runs) == 2
 
 
-def test_the_fresh_buffer_variant_is_timed_in_turn_with_the_runners(tiny_models, tmp_path, monkeypatch):
-    """The plain split with a fresh pinned buffer for every copy (`optimized_fresh_buffers`, on CUDA by default) is
-    set up and timed in the runners' own group, round by round with them, and its median over the plain split's
-    is a ratio."""
-    fresh = [v for v in perf.variants(False, False, None, fresh_buffers=True) if v[0].endswith("_fresh_buffers")]
-    assert fresh == [("optimized_fresh_buffers", "plain", {"kept_buffers": False}, None)]
+def test_the_copy_variants_are_timed_in_turn_with_the_runners(tiny_models, tmp_path, monkeypatch):
+    """The plain split with a fresh pinned buffer for every copy (`optimized_fresh_buffers`) and with its copies to
+    the GPU cut across two streams (`optimized_copy_streams`), both on CUDA by default, are set up and timed in the
+    runners' own group, round by round with them, and each one's median over the plain split's is a ratio."""
+    copies = [v for v in perf.variants(False, False, None, fresh_buffers=True) if v[0].endswith(perf.IN_TURN)]
+    assert copies == [("optimized_fresh_buffers", "plain", {"kept_buffers": False}, None),
+                      ("optimized_copy_streams", "plain", {"copy_streams": 2}, None)]
     real = perf.variants
     monkeypatch.setattr(perf, "variants", lambda *args, **kwargs: real(*args, **{**kwargs, "fresh_buffers": True}))
     row = run_perf(tiny_models, tmp_path, "--no-kernel-variants", lengths="8")["8"]
-    assert {"optimized_fresh_buffers", "ours", "tee_only"} <= set(row["optimized"]["timed_with"])
+    assert {"optimized_fresh_buffers", "optimized_copy_streams", "ours", "tee_only"} <= set(row["optimized"]["timed_with"])
     assert row["ratios"]["optimized_fresh_buffers_over_kept"] > 0
+    assert row["ratios"]["optimized_copy_streams_over_one_stream"] > 0
     assert row["optimized_fresh_buffers"]["rel_diff_from_optimized"] == 0.0
+    assert row["optimized_copy_streams"]["rel_diff_from_optimized"] == 0.0
 
 
 def test_option_variants_may_be_left_to_set_up(tiny_models, tmp_path):
