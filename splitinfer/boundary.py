@@ -43,9 +43,9 @@ class Boundary:
         # a fresh tensor, unless set (`graphs.CallGraphs.landing`: the same buffer at every inference)
         self.landing: Callable[[tuple, torch.Tensor], torch.Tensor] | None = None
         self.copies_back = torch.cuda.Stream(gpu) if gpu.type == "cuda" and crossing else None
-        # with more than one, a pinned copy to the GPU of SLICED_COPY_BYTES or more is cut into as many slices, each
-        # queued on its own stream (`_in_slices`)
-        self.copy_streams = ([torch.cuda.Stream(gpu) for _ in range(copy_streams)]
+        # with `copy_streams` above one, a pinned copy to the GPU of SLICED_COPY_BYTES or more is cut into as many
+        # slices, the first queued on the current stream and each other on one of these (`_in_slices`)
+        self.copy_streams = ([torch.cuda.Stream(gpu) for _ in range(copy_streams - 1)]
                              if gpu.type == "cuda" and crossing and copy_streams > 1 else [])
         self.reset()
 
@@ -139,19 +139,21 @@ class Boundary:
                 and (into is None or into.is_contiguous()))
 
     def _in_slices(self, t: torch.Tensor, into: torch.Tensor | None) -> torch.Tensor:
-        """The pinned, contiguous `t` on the GPU (in `into`, where given), copied as one slice per copy stream, each
-        queued on its stream: so that as many of the GPU's copy engines read the host's memory at once. On the H100
-        machine a copy from memory the CPU had just written, as the TEE's results are, ran at 20-22 GB/s at 2-8 MiB,
-        against 52-54 otherwise (twenty-seventh round; `perf`'s copy probe times it in slices too). Each stream first
-        waits for the current one's work, which the target's memory may have served, and the current one then waits
-        for each, so that what follows on it reads the whole copy."""
+        """The pinned, contiguous `t` on the GPU (in `into`, where given), copied in slices: the first on the current
+        stream, each other on a copy stream of its own, so that as many of the GPU's copy engines read the host's
+        memory at once. On the H100 machine a copy from memory the CPU had just written, as the TEE's results are, ran
+        at 20-22 GB/s at 2-8 MiB, against 52-54 otherwise (twenty-seventh round; `perf`'s copy probe times it in
+        slices too). Each copy stream first waits for the current one's work, which the target's memory may have
+        served, and the current one then waits for each, so that what follows on it reads the whole copy."""
         out = torch.empty(t.shape, dtype=t.dtype, device=self.gpu) if into is None else into
         current = torch.cuda.current_stream(self.gpu)
-        slices = len(self.copy_streams)
-        for target, source, stream in zip(out.view(-1).chunk(slices), t.view(-1).chunk(slices), self.copy_streams):
+        (first, *targets), (head, *sources) = (x.view(-1).chunk(len(self.copy_streams) + 1) for x in (out, t))
+        for target, source, stream in zip(targets, sources, self.copy_streams):
             stream.wait_stream(current)
             with torch.cuda.stream(stream):
                 target.copy_(source, non_blocking=True)
+        first.copy_(head, non_blocking=True)
+        for stream in self.copy_streams:
             current.wait_stream(stream)
         return out
 

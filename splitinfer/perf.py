@@ -278,10 +278,11 @@ def copy_bandwidth(device: torch.device, mib: int = 64, repeat: int = 5, sizes: 
     at the boundary's own sizes (`sizes` MiB and `mib`), pinned copies to the GPU from a buffer the CPU has
     just written, as the TEE's ops write theirs (`by_size`): on the H100 machine the plain split's copies to
     the GPU ran at 25 GB/s and those back at 46, against 54 and 50 here (eighth round); and the same copy cut
-    into COPY_PARTS slices, each on a stream of its own, so that as many of the GPU's copy engines read at once:
+    into COPY_PARTS slices, the first on the current stream and each other on one of its own (as
+    `Boundary._in_slices` cuts them), so that as many of the GPU's copy engines read at once:
     whether the just-written copies are bound by how many reads one engine keeps in flight."""
     stream = torch.cuda.current_stream(device)
-    side_streams = [torch.cuda.Stream(device) for _ in range(max(COPY_PARTS))]
+    side_streams = [torch.cuda.Stream(device) for _ in range(max(COPY_PARTS) - 1)]
 
     def rate(target: torch.Tensor, source: torch.Tensor, non_blocking: bool, written: torch.Tensor | None = None,
              parts: int = 1) -> float:
@@ -291,14 +292,15 @@ def copy_bandwidth(device: torch.device, mib: int = 64, repeat: int = 5, sizes: 
                 written.fill_(len(times))  # the CPU's writes, still in its caches when the copy reads them
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record(stream)
-            if parts == 1:
-                target.copy_(source, non_blocking=non_blocking)
-            else:
-                for into, part, side in zip(target.chunk(parts), source.chunk(parts), side_streams):
-                    side.wait_stream(stream)
-                    with torch.cuda.stream(side):
-                        into.copy_(part, non_blocking=non_blocking)
-                    stream.wait_stream(side)
+            # the first slice on the current stream, each other on a stream of its own, as `Boundary._in_slices`
+            (first, *intos), (head, *rest) = target.chunk(parts), source.chunk(parts)
+            for into, part, side in zip(intos, rest, side_streams):
+                side.wait_stream(stream)
+                with torch.cuda.stream(side):
+                    into.copy_(part, non_blocking=non_blocking)
+            first.copy_(head, non_blocking=non_blocking)
+            for side in side_streams[: parts - 1]:
+                stream.wait_stream(side)
             end.record(stream)
             end.synchronize()
             times.append(start.elapsed_time(end))

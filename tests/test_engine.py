@@ -531,10 +531,11 @@ def test_the_rotary_tables_and_the_bias_are_made_once_for_a_length_and_a_mask(ti
 
 
 def test_a_large_copy_to_the_gpu_may_cross_in_slices_a_stream_each(monkeypatch):
-    """With copy streams (`Boundary(copy_streams=2)`, on CUDA), a contiguous copy to the GPU of a MiB or more is cut
-    into one slice per stream (`_in_slices`): each stream waits for the current one's work before its slice is
-    queued on it, and the current one waits for each after, so that what follows reads the whole copy. Smaller or
-    strided tensors cross whole. Here CPU tensors and stand-in streams, which log the order."""
+    """With copy streams (`Boundary(copy_streams=3)`, on CUDA), a contiguous copy to the GPU of a MiB or more is cut
+    into one slice per stream (`_in_slices`): the first on the current stream, each other on a copy stream that
+    waits for the current one's work before its slice is queued on it, and the current one waits for each after,
+    so that what follows reads the whole copy. Smaller or strided tensors cross whole. Here CPU tensors and
+    stand-in streams, which log the order."""
     log = []
 
     class Stream:
@@ -562,7 +563,7 @@ def test_a_large_copy_to_the_gpu_may_cross_in_slices_a_stream_each(monkeypatch):
     assert not link.sliced(big, torch.empty(2 ** 10, 2 ** 9).t())
     out = link._in_slices(big, None)
     assert torch.equal(out, big) and out.data_ptr() != big.data_ptr()
-    assert log == [("wait", "a", "current"), ("on", "a"), ("wait", "current", "a"),
-                   ("wait", "b", "current"), ("on", "b"), ("wait", "current", "b")]
+    assert log == [("wait", "a", "current"), ("on", "a"), ("wait", "b", "current"), ("on", "b"),
+                   ("wait", "current", "a"), ("wait", "current", "b")]
     into = torch.zeros_like(big)
     assert link._in_slices(big, into) is into and torch.equal(into, big)
