@@ -502,9 +502,10 @@ class SplitLlama:
         """Device set-up for inferences of `batch` sequences of n tokens: each GPU op once, on zeros of one
         layer's shapes (the layers share them), so that the GPU loads its kernels and picks its matrix
         product algorithms, and the causal blocks' gather index is built (where `pack` gathers), before the
-        first inference; the rotary tables of n tokens and an unpadded batch's attention bias made (both kept); and where a masked scheme streams the tied table, one block of it, so that the
-        pinned host memory its copies land in is allocated; with `cuda_graphs`, one whole inference (its offline
-        phase included), which captures every GPU call's graph. Nothing of it is counted in an inference. Returns the milliseconds it
+        first inference; the rotary tables of n tokens and an unpadded batch's attention bias made (both kept);
+        and where a masked scheme streams the tied table, one block of it, so that the pinned host memory its
+        copies land in is allocated; with `cuda_graphs`, one whole inference (its offline phase included), which
+        captures every GPU call's graph. Nothing of it is counted in an inference. Returns the milliseconds it
         took. (On the H100 machine the first inference's GPU work took 72 ms, against 7 warm: eighth round,
         plain split, 128 tokens.) The TEE-only runner's attention form is chosen here too."""
         start = time.perf_counter()

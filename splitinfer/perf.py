@@ -226,9 +226,9 @@ def variants(overlap: bool, ablations: bool, thread_sweep: str | None, kernel_va
     can become one call); each runner with its GPU calls replayed from CUDA graphs (`cuda_graphs`: on CUDA,
     first among the variants), and ours and otp with both; the plain split with a fresh pinned buffer for every
     copy instead of buffers kept from hop to hop, and with its copies to the GPU cut into two slices on two streams
-    (`fresh_buffers`: on CUDA; timed in turn with the runners, see `measure`); and each runner at each thread count of the sweep. Those three name both options set-up may
-    choose, each on or off; every other variant takes what set-up chose for its runner at its length
-    (`measure`)."""
+    (`fresh_buffers`: on CUDA; timed in turn with the runners, see `measure`); and each runner at each thread count
+    of the sweep. Those three name both options set-up may choose, each on or off; every other variant takes what
+    set-up chose for its runner at its length (`measure`)."""
     out = [(method, scheme, dict(shipped or {}), None) for method, scheme in RUNNERS.items()]
     if fresh_buffers:
         out += [(f"optimized{FRESH_BUFFERS}", "plain", {"kept_buffers": False}, None),

@@ -80,7 +80,8 @@ def test_json_result(tiny_models, tmp_path, scheme):
     peaks = [phase["peak_host_rss_mb"] for phase in phases.values()]
     assert peaks == sorted(peaks) and peaks[-1] <= memory["peak_host_rss_mb"]
     assert all(0 < phase["host_rss_mb"] for phase in phases.values())
-    assert memory["peak_reached_in"] == next(name for name, phase in phases.items() if phase["peak_host_rss_mb"] >= peaks[-1])
+    assert memory["peak_reached_in"] == next(name for name, phase in phases.items()
+                                             if phase["peak_host_rss_mb"] >= peaks[-1])
     saved = torch.load(logits_path)
     assert saved["input_ids"].shape == (2, 10) and saved["logits"].dtype == torch.float32
     model = load_model(tiny_models["gqa-tied"], torch.float32, torch.device("cpu"))

@@ -73,7 +73,8 @@ def test_a_gpu_run_is_judged_against_the_gpu_targets(tmp_path):
     assert rows[("optimized: first inference − warm, ms", 512)]["figure"] == 70.0
     assert rows[("ours: first inference − warm, ms", 512)]["met"] is False
     assert [rows[(f"{r}: peak host RSS, MiB", 512)]["met"] for r in ("optimized", "ours", "otp")] == [True, False, True]
-    # where a runner's JSON says which phase reached its peak, and what the pinned cache held at its own, so does the row
+    # where a runner's JSON says which phase reached its peak, and what the pinned cache held at its own, the row
+    # says so too
     assert rows[("ours: peak host RSS, MiB", 512)]["source"] == ("runners.json: ours_n512; reached in "
                                                                  "configuration_chosen; pinned cache peak 180 MiB")
     assert rows[("optimized: peak host RSS, MiB", 512)]["source"] == "runners.json: optimized_n512"
