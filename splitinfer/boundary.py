@@ -12,6 +12,22 @@ MIB = 2 ** 20
 SLICED_COPY_BYTES = MIB
 
 
+def copy_in_slices(target: torch.Tensor, source: torch.Tensor, current: torch.cuda.Stream,
+                   streams: list[torch.cuda.Stream], non_blocking: bool = True) -> None:
+    """target.copy_(source), both contiguous, as len(streams) + 1 slices: the first queued on `current`, each other
+    on one of `streams`, which first waits for `current`'s work (the target's memory may have served it); `current`
+    then waits for each, so that what follows on it reads the whole copy (`Boundary._in_slices`, `perf`'s probe)."""
+    (first, *targets), (head, *sources) = (x.view(-1).chunk(len(streams) + 1) for x in (target, source))
+    used = streams[: len(targets)]
+    for into, part, stream in zip(targets, sources, used):
+        stream.wait_stream(current)
+        with torch.cuda.stream(stream):
+            into.copy_(part, non_blocking=non_blocking)
+    first.copy_(head, non_blocking=non_blocking)
+    for stream in used:
+        current.wait_stream(stream)
+
+
 class Boundary:
     """TEE <-> GPU transport. In a TDX guest with a passthrough GPU, `.to(device)` is the whole transport.
 
@@ -146,15 +162,7 @@ class Boundary:
         slices too). Each copy stream first waits for the current one's work, which the target's memory may have
         served, and the current one then waits for each, so that what follows on it reads the whole copy."""
         out = torch.empty(t.shape, dtype=t.dtype, device=self.gpu) if into is None else into
-        current = torch.cuda.current_stream(self.gpu)
-        (first, *targets), (head, *sources) = (x.view(-1).chunk(len(self.copy_streams) + 1) for x in (out, t))
-        for target, source, stream in zip(targets, sources, self.copy_streams):
-            stream.wait_stream(current)
-            with torch.cuda.stream(stream):
-                target.copy_(source, non_blocking=True)
-        first.copy_(head, non_blocking=True)
-        for stream in self.copy_streams:
-            current.wait_stream(stream)
+        copy_in_slices(out, t, torch.cuda.current_stream(self.gpu), self.copy_streams)
         return out
 
     def _count(self, direction: str, t: torch.Tensor) -> None:

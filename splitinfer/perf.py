@@ -31,6 +31,7 @@ from typing import Callable
 import torch
 
 from splitinfer import kernels
+from splitinfer.boundary import copy_in_slices
 from splitinfer.cli import DTYPES, SWITCH, add_kernels_flag, compiled_kernels, load_config, progress, resolve_gpu_device
 from splitinfer.engine import CHOSEN_OPTIONS, SplitLlama
 from splitinfer.errors import OneLineParser, UserError, one_line_errors
@@ -292,15 +293,7 @@ def copy_bandwidth(device: torch.device, mib: int = 64, repeat: int = 5, sizes: 
                 written.fill_(len(times))  # the CPU's writes, still in its caches when the copy reads them
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record(stream)
-            # the first slice on the current stream, each other on a stream of its own, as `Boundary._in_slices`
-            (first, *intos), (head, *rest) = target.chunk(parts), source.chunk(parts)
-            for into, part, side in zip(intos, rest, side_streams):
-                side.wait_stream(stream)
-                with torch.cuda.stream(side):
-                    into.copy_(part, non_blocking=non_blocking)
-            first.copy_(head, non_blocking=non_blocking)
-            for side in side_streams[: parts - 1]:
-                stream.wait_stream(side)
+            copy_in_slices(target, source, stream, side_streams[: parts - 1], non_blocking)  # as the engine's copies
             end.record(stream)
             end.synchronize()
             times.append(start.elapsed_time(end))

@@ -14,6 +14,7 @@ from splitinfer.engine import SplitLlama
 from splitinfer.inputs import build_batch, last_positions
 from splitinfer.models import ByteTokenizer, load_model
 from splitinfer.reference import compare, reference_logits
+from splitinfer.results import host_rss_mb
 from splitinfer.schemes import Plain, make_scheme
 from splitinfer import tee_ops
 from splitinfer.boundary import Boundary
@@ -492,11 +493,6 @@ def test_the_plain_splits_kept_buffers_hold_nothing_still_needed(tiny_models, va
     assert masked.link.kept == {}
 
 
-def resident_mib() -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) // 1024 for line in f if line.startswith("VmRSS"))
-
-
 def test_freed_memory_goes_back_to_the_os_when_set_up_asks():
     """The heap keeps what the process frees (`keep_freed_memory`: no mmap, no trimming), so that the TEE's
     temporaries are not faulted in afresh at every op; `release_freed_memory`, called once after set-up's
@@ -504,11 +500,11 @@ def test_freed_memory_goes_back_to_the_os_when_set_up_asks():
     if not engine_module.keep_freed_memory().startswith("glibc"):
         pytest.skip("not glibc")
     t = torch.ones(64 * 2 ** 20)  # 256 MiB, from the heap
-    held = resident_mib()
+    held = host_rss_mb()
     del t
-    assert resident_mib() > held - 64  # freed, but still resident
+    assert host_rss_mb() > held - 64  # freed, but still resident
     engine_module.release_freed_memory()
-    assert resident_mib() < held - 192
+    assert host_rss_mb() < held - 192
 
 
 @pytest.mark.parametrize("variant", ["gqa-tied", "rope-dynamic"])
