@@ -37,7 +37,10 @@ Product = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Parts = Callable[[torch.Tensor], list[torch.Tensor]]
 Step = Callable[[int, torch.Tensor, torch.Tensor], object]
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4  # glibc's mallopt parameters
-EMBEDDING_BLOCK_BYTES = 32 * 2 ** 20  # what the TEE holds of a streamed embedding table at a time
+# A streamed embedding table crosses this much at a time, two blocks in flight (`streamed_embedding`). PyTorch's
+# pinned cache rounds each block up to a power of two and keeps it; at 512 tokens ours' largest other pinned
+# blocks are 16 MiB (the scores and the probabilities, two at once), so blocks of that size share them.
+EMBEDDING_BLOCK_BYTES = 16 * 2 ** 20
 SCALED_PROJECTION = "self_attn.q_proj"  # its GPU weight and bias carry the scores' 1/sqrt(head_dim)
 # The TEE-only runner's forms of attention, where no hop separates its steps (`SplitLlama.choose_attention`):
 # the scores as one n×n block, as the causal block triangle, or the three steps as one op (`fused_attention`)
@@ -527,8 +530,8 @@ class SplitLlama:
         blocks, kv_heads = self.causal_blocks(batch, n), self.n_kv_heads
         probs = blocks.scores(zeros(batch, self.n_heads, n, self.head_dim), zeros(batch, kv_heads, self.head_dim, n))
         blocks.attend(probs, zeros(batch, kv_heads, n, self.head_dim))
-        if self.scheme.masked and self.embed_table is None:  # `streamed_embedding`'s first block
-            self.link.to_tee(weights["lm_head"][: table_block_rows(weights["lm_head"])], "embedding")
+        if self.scheme.masked and self.embed_table is None:  # the pinned memory `streamed_embedding`'s blocks land in
+            self.streamed_embedding(torch.zeros(batch, n, dtype=torch.long))
         if self.cuda_graphs:  # every GPU call's graph, captured by one inference here rather than in a timed one
             ids = torch.zeros(batch, n, dtype=torch.long)
             self.timed_forward(ids, torch.ones_like(ids), instrumented=False)
@@ -796,8 +799,9 @@ class SplitLlama:
 
     def streamed_embedding(self, ids: torch.Tensor) -> torch.Tensor:
         """Token ids -> hidden states in the TEE from the GPU's table (the tied LM head), which crosses
-        whole, a block of rows at a time: the GPU sees every row read whatever the ids, and the TEE keeps one
-        block at a time and the rows its ids name (not a copy of the GPU's weight: see tee_gpu/README.md)."""
+        whole, a block of rows at a time: the GPU sees every row read whatever the ids, and the TEE keeps two
+        blocks at most, the one it reads and the next one crossing, and the rows its ids name (not a copy of the
+        GPU's weight: see tee_gpu/README.md)."""
         table = self.gpu.weights["lm_head"]
         rows = table_block_rows(table)
         flat = ids.reshape(-1)
@@ -812,11 +816,22 @@ class SplitLlama:
         def take(block: torch.Tensor, start: int, hits: slice) -> None:  # the rows of the ids `hits` picks
             out.index_copy_(0, order[hits], block[ordered[hits] - start])
 
-        for b, start in enumerate(range(0, table.shape[0], rows)):
-            block = self.link.to_tee(table[start: start + rows], "embedding")
-            self.tee("embedding", take, block, start, slice(ends[b], ends[b + 1]), count=b == 0)
-            # let go before the next block's copy, which may then land in this one's pinned memory: one block held
-            del block
+        def fetch(start: int) -> tuple[torch.Tensor, torch.cuda.Event | None] | None:  # a block's copy, queued
+            if start >= table.shape[0]:
+                return None
+            block, (arrival,) = self.link.to_tee_in_parts(table[start: start + rows], whole, "embedding")
+            return block, arrival
+
+        stream = torch.cuda.current_stream(table.device) if table.is_cuda else None
+        with self.metrics.overlapped("embedding", stream):  # the TEE takes one block's rows while the next crosses
+            pending = fetch(0)
+            for b, start in enumerate(range(0, table.shape[0], rows)):
+                # two blocks held at most: rebinding `block` lets the last one go before the next is fetched, whose
+                # copy may then land in its pinned memory
+                block, arrival = pending
+                pending = fetch(start + rows)  # queued behind this block's copy: the copy engine never waits
+                self.link.wait(arrival)
+                self.tee("embedding", take, block, start, slice(ends[b], ends[b + 1]), count=b == 0)
         return out.view(*ids.shape, -1)
 
     def crypto(self, step: int, kind: str, fn, *args):

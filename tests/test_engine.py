@@ -199,15 +199,17 @@ def test_streamed_embedding_equals_the_resident_table(tiny_models, scheme, monke
     moved = figures["data_transfer"]["to_cpu_bytes"] - resident_figures["data_transfer"]["to_cpu_bytes"]
     assert moved == table and figures["data_transfer"]["excess_over_minimum"] <= 0.10
     assert streamed.export_state_dict()["model.embed_tokens.weight"].shape == (320, 64)
-    # one block held at a time: each is let go before the next one's copy, which may then reuse its pinned memory
-    held, to_tee = [], streamed.link.to_tee
+    # two blocks held at most, the one the TEE reads and the next one crossing: each is let go before the block
+    # after next is fetched, which may then reuse its pinned memory
+    held, fetch = [], streamed.link.to_tee_in_parts
 
-    def one_at_a_time(t: torch.Tensor, op: str, kept: str | None = None) -> torch.Tensor:
-        assert all(block() is None for block in held), "an earlier block of the table is still held"
-        held.append(weakref.ref(block := to_tee(t, op, kept)))
-        return block
+    def two_at_most(t: torch.Tensor, parts, op: str):
+        assert all(block() is None for block in held[:-1]), "a block before the last one fetched is still held"
+        block, arrivals = fetch(t, parts, op)
+        held.append(weakref.ref(block))
+        return block, arrivals
 
-    monkeypatch.setattr(streamed.link, "to_tee", one_at_a_time)
+    monkeypatch.setattr(streamed.link, "to_tee_in_parts", two_at_most)
     assert torch.equal(streamed.streamed_embedding(ids), resident.embed(ids)) and len(held) == -(-320 // 3)
     with pytest.raises(IndexError):  # as the resident table's lookup does, never rows left unwritten
         streamed.streamed_embedding(torch.tensor([[3, 320]]))
