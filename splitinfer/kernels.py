@@ -348,6 +348,11 @@ def select(compiled: bool, chosen: bool = True) -> str:
     return _state["mode"]
 
 
+def on() -> bool:
+    """Whether the process's TEE kernels are compiled (`select`)."""
+    return _state["on"]
+
+
 def vector_isa(mode: str = COMPILED) -> str | None:
     """The vector instruction set inductor builds the TEE's kernels for (e.g. 'avx512'; 'none' where its checks
     found none, and the kernels are scalar code), once the compiler has started in this process and works, for

@@ -11,6 +11,7 @@ the LM head; a matmul is a [B, H, n, k] @ b [B, G, k, m] with G <= H (GQA groups
 """
 from __future__ import annotations
 
+import functools
 import math
 import secrets
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from splitinfer import kernels
+from splitinfer import kernels, native
 from splitinfer.kernels import fused, tee_kernel
 from splitinfer.tee_ops import CausalBlocks, _hide_later_keys, grouped_matmul, key_positions, merged
 
@@ -363,16 +364,38 @@ class Matrix(Plain):
         return kept, a, b, self._matmul_secret(name)
 
     def softmax_hop(self, c, secret, v, name, blocks, bias, attention_mask):
-        """Where the scores stay in their masks' order (`_chain`), the steps with one pass fewer over the n²
-        scores: unscaled with their later and padding keys hidden in one kernel (`_unscale_hide`); then the
-        softmax, in place (as `softmax_in_order`'s), and protect_matmul. Else the steps. Overwrites `c`."""
+        """Where the scores stay in their masks' order (`_chain`), in the form set-up picked at c's shape
+        (`SOFTMAX_FORMS`): its steps, or the C++ kernel that takes them in one pass (`native`). Else the steps of
+        `Plain.softmax_hop`. May overwrite `c`."""
         m, groups, keep_order = secret
         if not keep_order:
             return super().softmax_hop(c, secret, v, name, blocks, bias, attention_mask)
         batch, heads, n, keys = c.shape
-        scores = _unscale_hide(c.view(batch, groups, heads // groups, n, keys), m["d1"], m["d3"], m["rows_at"],
-                               key_positions(m["keys_at"], attention_mask, blocks.padded))
-        return self.protect_matmul(torch.softmax(scores, dim=-1, out=scores).view(c.shape), v, name)
+        c5 = c.view(batch, groups, heads // groups, n, keys)
+        positions = key_positions(m["keys_at"], attention_mask, blocks.padded)
+        forms = {form: functools.partial(hop, self, c5, m, positions, v, name) for form, hop in SOFTMAX_FORMS.items()
+                 if form != ONE_PASS or native.offered(c)}
+        return forms[kernels.pick(SOFTMAX_HOP, c, forms)]()
+
+    def _softmax_steps(self, c5: torch.Tensor, m: dict[str, torch.Tensor], positions: torch.Tensor, v: torch.Tensor,
+                       name: str) -> tuple:
+        """The softmax hop with one pass fewer over the n² scores than its steps apart: unscaled with their later and
+        padding keys hidden in one kernel (`_unscale_hide`); then the softmax, in place (as `softmax_in_order`'s),
+        and protect_matmul. Overwrites `c5`."""
+        scores = _unscale_hide(c5, m["d1"], m["d3"], m["rows_at"], positions)
+        batch, groups, per_group, n, keys = c5.shape
+        return self.protect_matmul(torch.softmax(scores, dim=-1, out=scores).view(batch, -1, n, keys), v, name)
+
+    def _softmax_one_pass(self, c5: torch.Tensor, m: dict[str, torch.Tensor], positions: torch.Tensor,
+                          v: torch.Tensor, name: str) -> tuple:
+        """The softmax hop's probabilities in one pass over the scores (`native.ours_softmax_hop`), protected for
+        P·V as protect_matmul would (its row and column gathers and scales); v protected as it does."""
+        a_rows, cols_a, d1, d2, b_rows, cols_b, b_scale, out_a, out_b = self._permute_args(name, c5.dtype)
+        # `cols_a` broadcasts each group's one column order over its rows and heads (`_col_index`)
+        a5 = native.ours_softmax_hop(c5, m["d1"], m["d3"], m["rows_at"], positions, a_rows, cols_a[:, :, 0, 0, :],
+                                     d1, d2, out_a)
+        batch, groups, per_group, n, keys = c5.shape
+        return a5.view(batch, -1, n, keys), _permute(v, b_rows, cols_b, out_b).mul_(b_scale), self._matmul_secret(name)
 
     def attend_hop(self, c, secret, product, op, op_args, name):
         """Overwrites `c`. P·V's product is never kept in the masks' order (`_chain`)."""
@@ -392,6 +415,12 @@ class Matrix(Plain):
         if keep_order:  # left in the masks' order: `scores_order`
             return c5.view(c.shape)
         return _permute(c5, m["rows_p1_inverse"], m["cols_c"]).view(c.shape)
+
+
+# ours' softmax hop's forms, where the scores stay in their masks' order, one picked per shape in set-up (`kernels.pick`)
+SOFTMAX_HOP = "ours_softmax_hop"
+STEPS, ONE_PASS = "steps", "one_pass"  # the second: `native`'s C++ kernel
+SOFTMAX_FORMS = {STEPS: Matrix._softmax_steps, ONE_PASS: Matrix._softmax_one_pass}
 
 
 class Otp(Plain):

@@ -153,7 +153,9 @@ def test_kernel_bench_times_each_step_both_ways(tmp_path, capsys):
                               "--round-trip-device", "cpu", "--out", str(out)]) == 0
     results = json.loads(out.read_text())
     steps = results["lengths"]["4"]
-    assert set(steps["eager"]) == set(steps["compiled"]) and len(steps["eager"]) == 29
+    # ours' softmax hop in one pass (C++) is offered with compiled kernels only, where the scores stay in order
+    assert set(steps["compiled"]) - set(steps["eager"]) == {"ours: softmax hop, one pass (C++)"}
+    assert len(steps["eager"]) == 29
     assert {"ours: 3 hops, fused", "otp: 3 hops, separate steps", "ours: softmax hop, fused",
             "otp: RoPE hop, fused"} <= set(steps["compiled"])
     costs = results["fixed_costs"]

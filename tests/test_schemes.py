@@ -1,6 +1,8 @@
 """Each scheme's recovery on its own, against the unmasked product, and end to end against transformers."""
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from conftest import VARIANTS
@@ -269,6 +271,63 @@ def test_softmax_hop_is_the_steps(scheme_cls, padded, compiled):
             assert all(torch.equal(x, y) for x, y in zip(secret, fused_secret))
     finally:
         kernels.select(False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "padded"])
+def test_ours_softmax_hop_in_one_pass_is_its_steps(dtype, padded):
+    """ours' softmax hop in one pass (`native.ours_softmax_hop`, C++: float32 throughout, rounded once) sends the
+    GPU what its steps would: the probabilities under P·V's masks within rounding, with a zero exactly where the
+    steps' have one (every later and padding key); v's operand and the secret the very same."""
+    from splitinfer.tee_ops import CausalBlocks, key_positions
+    heads, groups, n, k = 4, 2, 9, 5
+    attention_mask = torch.tensor([[1] * n, [1] * 6 + [0] * 3] if padded else [[1] * n] * 2)
+    blocks = CausalBlocks.of(2, heads, n, split=False, padded=padded)
+    # scores of a few units, so that no visible key's weight underflows float16 (only hidden keys weigh 0)
+    q, k_t, v = ((torch.randn(shape) / 2).to(dtype) for shape in ((2, heads, n, k), (2, groups, k, n), (2, groups, n, k)))
+    scheme = Matrix(seed=3)
+    scheme.prepare({}, {"s": (q.shape, k_t.shape), "p": (blocks.shape, v.shape)}, dtype=dtype, softmax_of={"p": "s"})
+    a_masked, b_masked, (m, _, kept_order) = scheme.protect_matmul(q, k_t, "s")
+    assert kept_order
+    c5 = blocks.scores(a_masked, b_masked).view(2, groups, heads // groups, n, n)
+    positions = key_positions(m["keys_at"], attention_mask, blocks.padded)
+    a, b, secret = scheme._softmax_steps(c5.clone(), m, positions, v, "p")
+    one_a, one_b, one_secret = scheme._softmax_one_pass(c5.clone(), m, positions, v, "p")
+    assert one_a.shape == a.shape and one_a.dtype == dtype
+    tolerance = {torch.float32: 1e-5, torch.float16: 2e-3}[dtype]
+    torch.testing.assert_close(one_a, a, rtol=tolerance, atol=tolerance * a.abs().max().item())
+    assert torch.equal(one_a == 0, a == 0) and (a == 0).sum() >= 2 * heads * n * (n - 1) // 2
+    assert torch.equal(one_b, b) and one_secret[0] is secret[0] and one_secret[1:] == secret[1:]
+
+
+def test_ours_softmax_hop_runs_its_steps_where_its_kernel_cannot_be_built(tiny_models, monkeypatch, capsys):
+    """Where the C++ kernel fails to build (no compiler, say), set-up leaves that form of ours' softmax hop out, with
+    a warning, the JSON's list of failed kernels says why, and the inference runs the steps, giving transformers'
+    logits."""
+    from splitinfer import kernels, native
+    from torch.utils import cpp_extension
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    monkeypatch.setattr(cpp_extension, "load_inline", no_compiler)
+    monkeypatch.setattr(native, "_built", functools.cache(native._built.__wrapped__))  # a fresh try
+    monkeypatch.setattr(kernels, "failed", {})
+    monkeypatch.setattr(kernels, "picks", {})
+    model = load_model(tiny_models["gqa-tied"], torch.float32, CPU)
+    ids, mask = build_batch(model.tokenizer, ["No compiler for the one pass."], 8, 1, False)
+    try:
+        engine = SplitLlama(model.config, model.state_dict, make_scheme("matrix", seed=1), CPU, torch.float32,
+                            compiled=True, fuse_hops=True)
+        engine.warm_kernels(*ids.shape)
+        logits = engine.timed_forward(ids, mask)[0]
+    finally:
+        kernels.select(False)
+    assert kernels.failed == {native.NAME: "Ninja is required to load C++ extensions"}
+    assert f"{schemes.SOFTMAX_HOP}'s {schemes.ONE_PASS} form is left out" in capsys.readouterr().err
+    (times,) = (v for k, v in kernels.chosen().items() if k.startswith(schemes.SOFTMAX_HOP))
+    assert times["runs"] == schemes.STEPS and f"{schemes.ONE_PASS}_ms" not in times
+    assert compare(logits, reference_logits(model.config, model.state_dict, ids, mask))["rel_logit_error"] < 1e-4
 
 
 @pytest.mark.parametrize("scheme_cls", [Matrix, Otp])
