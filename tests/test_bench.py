@@ -211,7 +211,8 @@ def test_gpu_benchmark_dry_run(tiny_models, tmp_path):
     assert set(json.loads((out / "precision.json").read_text())) == {"batch1", "batch2_ragged"}
     kernel_bench = json.loads((out / "kernel_bench.json").read_text())
     steps = kernel_bench["lengths"]["4"]
-    assert set(steps["eager"]) == set(steps["compiled"]) and all(ms > 0 for ms in steps["compiled"].values())
+    # compiled kernels add ours' softmax hop in one pass (C++), a form offered only there
+    assert set(steps["eager"]) < set(steps["compiled"]) and all(ms > 0 for ms in steps["compiled"].values())
     assert json.loads((out / "targets.json").read_text())["targets"]  # the scorecard of what ran
     assert kernel_bench["fixed_costs_by_wait_policy"] == {}  # none: their fresh processes are test_kernels.py's
     assert set(kernel_bench["lengths"]) == {"4"} and kernel_bench["repeat"] == 2  # KERNEL_LENGTHS, KERNEL_REPEAT
