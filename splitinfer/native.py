@@ -1,16 +1,20 @@
-"""A hand-written C++ kernel for the one TEE step that neither eager PyTorch nor inductor runs in one pass: ours'
-softmax hop, where the scores come back in their masks' order (`schemes.Matrix.softmax_hop`).
+"""Hand-written C++ kernels for the TEE's two softmaxes, which neither eager PyTorch nor inductor runs in one pass.
 
-Its steps make five passes over the n² scores (unscale and hide, softmax, the probabilities' rows and columns
-gathered, the next masks' scales), and inductor's one kernel for them kept a float32 copy of the scores and took
-each exp twice (tee_gpu/README.md, "Twenty-ninth round"). This kernel takes one output row at a time: it reads
-its source row once, unscales and hides it, takes the softmax with one exp per score, and writes the row in the
-next matmul's column order with its scales, all in float32 in the cache (prefetching the source row after next,
-which the masks' random row order hides from the hardware's prefetcher). Built with the machine's own compiler
-for the machine's own CPU (`-march=native`: the TEE runs where it is built), once per source and machine (torch's
-extension cache, `TORCH_EXTENSIONS_DIR`), and only where compiled kernels are on; set-up times it against the
-steps at each shape and keeps the faster (`kernels.pick`). Where it cannot be built (no compiler or ninja), the
-steps run, with one warning, and the JSON lists why (`tee_kernels_failed`).
+- ours' softmax hop, where the scores come back in their masks' order (`schemes.Matrix.softmax_hop`). Its steps make
+  five passes over the n² scores (unscale and hide, softmax, the probabilities' rows and columns gathered, the next
+  masks' scales); inductor's one kernel for them kept a float32 copy of the scores and took each exp twice
+  (tee_gpu/README.md, "Twenty-ninth round"). This one takes an output row at a time: it reads its source row once
+  (prefetching the one after next, which the masks' random row order hides from the hardware), unscales and hides
+  it, takes the softmax with one exp a score, and writes the row in the next matmul's column order with its
+  scales, in float32 in the cache, rounded once.
+- the causal blocks' softmax of the plain split and otp (`tee_ops.CausalBlocks.softmax`): each row read once with
+  its row of the bias, one exp a score, written once, every block in one call.
+
+Built with the machine's own compiler for its own CPU (`-march=native`: the TEE runs where it is built), once per
+source, machine and torch version (torch's extension cache, `TORCH_EXTENSIONS_DIR`), and only where compiled
+kernels are on; set-up times each against the forms it would replace at each shape and keeps the fastest
+(`kernels.pick`). Where they cannot be built (no compiler, no ninja), set-up leaves them out with a warning, the
+JSON lists why (`tee_kernels_failed`), and the other forms run.
 """
 from __future__ import annotations
 
@@ -21,15 +25,16 @@ import sys
 import torch
 
 from splitinfer import kernels
-from splitinfer.tee_ops import BLOCKED
 
-NAME = "ours_softmax_hop (C++)"  # as `kernels.failed` and the warning name it
+NAME = "splitinfer.native (C++)"  # as `kernels.failed` and the warnings name the kernels
 DTYPES = (torch.float16, torch.float32)
+ONE_PASS = "one_pass"  # the kernels' form, where set-up picks between forms (`kernels.pick`)
 
 SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include <algorithm>
 #include <cstring>
 #include <vector>
 
@@ -129,6 +134,81 @@ static void hop(const T* c, const T* d1, const T* d3, const int32_t* rows_at, co
   });
 }
 
+// the softmax of each row of packed causal blocks plus its row of the [B, 1, n, n] bias (`tee_ops.CausalBlocks`):
+// block r holds [B, H, end_r - start_r, end_r] scores, rows begin to end counted over every block in turn
+template <typename T>
+static void block_rows(int64_t begin, int64_t end, const T* x, const T* bias, T* out, const std::vector<int64_t>& starts,
+                       const std::vector<int64_t>& first_row, const std::vector<int64_t>& offset, int64_t heads) {
+  const int64_t n = starts.back();
+  std::vector<float> row(n), biases(n), probs(n);
+  float* p = probs.data();
+  int64_t r = 0;
+  for (int64_t g = begin; g < end; ++g) {
+    while (g >= first_row[r + 1]) ++r;
+    const int64_t m = starts[r + 1], rows = m - starts[r], local = g - first_row[r];
+    const int64_t sequence = local / rows / heads, i = starts[r] + local % rows;
+    const float* s = as_float(x + offset[r] + local * m, row.data(), m);
+    const float* b = as_float(bias + (sequence * n + i) * n, biases.data(), m);
+    float most = -3.0e38f;
+    #pragma omp simd reduction(max:most)
+    for (int64_t j = 0; j < m; ++j) {
+      p[j] = s[j] + b[j];
+      most = p[j] > most ? p[j] : most;
+    }
+    float sum = 0.0f;
+    #pragma omp simd reduction(+:sum)
+    for (int64_t j = 0; j < m; ++j) {
+      const float e = exp_nonpositive(p[j] - most);
+      p[j] = e;
+      sum += e;
+    }
+    const float inv = 1.0f / sum;
+    #pragma omp simd
+    for (int64_t j = 0; j < m; ++j) p[j] *= inv;
+    store(out + offset[r] + local * m, p, m);
+  }
+}
+
+torch::Tensor softmax_blocks(torch::Tensor x, torch::Tensor bias, torch::Tensor out, int64_t batch, int64_t heads,
+                             std::vector<int64_t> starts) {
+  for (const auto& t : {x, bias, out})
+    TORCH_CHECK(t.is_contiguous() && t.device().is_cpu() && t.scalar_type() == x.scalar_type(),
+                "softmax_blocks takes contiguous CPU tensors of one dtype");
+  const int64_t n = starts.back(), blocks = static_cast<int64_t>(starts.size()) - 1;
+  std::vector<int64_t> first_row(blocks + 1, 0), offset(blocks + 1, 0);
+  for (int64_t r = 0; r < blocks; ++r) {
+    const int64_t rows = batch * heads * (starts[r + 1] - starts[r]);
+    first_row[r + 1] = first_row[r] + rows;
+    offset[r + 1] = offset[r] + rows * starts[r + 1];
+  }
+  TORCH_CHECK(x.numel() == offset[blocks] && out.numel() == x.numel() && bias.numel() == batch * n * n,
+              "softmax_blocks: shapes do not match");
+  // rows cut into one part a thread with as many scores in each: a later block's rows are longer, and an even cut
+  // of the rows gave the last thread most of the work (VM, 32 heads x 512 tokens in float16, two threads: 1.9 ms
+  // cut by rows, 1.5 by scores, 2.7 on one thread)
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), first_row[blocks]));
+  std::vector<int64_t> split(parts + 1, first_row[blocks]);
+  for (int64_t t = 0, r = 0; t < parts; ++t) {
+    const int64_t target = offset[blocks] * t / parts;
+    while (target >= offset[r + 1]) ++r;
+    split[t] = first_row[r] + (target - offset[r]) / starts[r + 1];
+  }
+  at::parallel_for(0, parts, 1, [=, &split, &first_row, &offset, &starts](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      if (x.scalar_type() == at::kHalf) {
+        using H = _Float16;
+        block_rows<H>(split[t], split[t + 1], reinterpret_cast<const H*>(x.data_ptr()),
+                      reinterpret_cast<const H*>(bias.data_ptr()), reinterpret_cast<H*>(out.data_ptr()), starts,
+                      first_row, offset, heads);
+      } else {
+        block_rows<float>(split[t], split[t + 1], x.data_ptr<float>(), bias.data_ptr<float>(), out.data_ptr<float>(),
+                          starts, first_row, offset, heads);
+      }
+    }
+  });
+  return out;
+}
+
 torch::Tensor ours_softmax_hop(torch::Tensor c, torch::Tensor d1, torch::Tensor d3, torch::Tensor rows_at,
                                torch::Tensor keys, torch::Tensor a_rows, torch::Tensor cols, torch::Tensor next_d1,
                                torch::Tensor next_d2, torch::Tensor out, double blocked) {
@@ -161,13 +241,13 @@ torch::Tensor ours_softmax_hop(torch::Tensor c, torch::Tensor d1, torch::Tensor 
 def _built():
     """The extension module, built on first use (about 20 s; then loaded from the cache), or None where it cannot
     be (`kernels.failed` says why)."""
-    print("building the TEE's C++ kernel for ours' softmax hop (once per machine)", file=sys.stderr, flush=True)
+    print("building the TEE's C++ kernels (once per machine)", file=sys.stderr, flush=True)
     try:
         from torch.utils.cpp_extension import load_inline
         # a build per torch version, each against its own headers (a machine may hold two, as the VM does); OpenMP
         # for at::parallel_for (torch's own runtime, already loaded), which without it runs on one thread
         return load_inline(f"splitinfer_native_{re.sub(r'[^0-9a-zA-Z]', '_', torch.__version__)}", cpp_sources=SOURCE,
-                           functions=["ours_softmax_hop"], extra_ldflags=["-fopenmp"], verbose=False,
+                           functions=["ours_softmax_hop", "softmax_blocks"], extra_ldflags=["-fopenmp"], verbose=False,
                            extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"])
     except Exception as e:  # no compiler, no ninja, a failed build: the steps run instead
         lines = str(e).strip().splitlines()
@@ -176,8 +256,9 @@ def _built():
 
 
 def offered(t: torch.Tensor) -> bool:
-    """Whether the kernel is a form of the hop for scores like `t`: where compiled kernels are on, in float16 or
-    float32, unless it failed to build. It is built at its first call, in set-up's choice of form (`kernels.pick`)."""
+    """Whether the kernels are a form of a softmax of scores like `t`: where compiled kernels are on, in float16 or
+    float32, unless they failed to build. They are built at their first call, in set-up's choice of form
+    (`kernels.pick`)."""
     return kernels.on() and t.dtype in DTYPES and NAME not in kernels.failed
 
 
@@ -189,9 +270,21 @@ def ours_softmax_hop(c5: torch.Tensor, d1: torch.Tensor, d3: torch.Tensor, rows_
     protected for P·V: rows gathered by `a_rows` (flat over all rows), columns by `cols` [B, G, m], scaled by
     next_d1 down the rows and next_d2 along them; into `out` (c5's shape, contiguous), which it returns. A
     RuntimeError where the kernel cannot be built (set-up's choice then leaves this form out, with a warning)."""
+    from splitinfer.tee_ops import BLOCKED  # here: tee_ops imports this module
     module = _built()
     if module is None:
         raise RuntimeError(f"{NAME} could not be built: {kernels.failed[NAME]}")
     return module.ours_softmax_hop(c5, d1.contiguous(), d3.contiguous(), rows_at.contiguous(), keys.contiguous(),
                                    a_rows, cols.to(torch.int32).contiguous(), next_d1.contiguous(),
                                    next_d2.contiguous(), out, BLOCKED)
+
+
+def softmax_blocks(scores: torch.Tensor, bias: torch.Tensor, out: torch.Tensor, batch: int, heads: int,
+                   starts: tuple[int, ...]) -> torch.Tensor:
+    """`tee_ops.CausalBlocks.softmax` of packed scores into `out` (both contiguous): each row's softmax with its row
+    of the [B, 1, n, n] bias, in one pass, every block in one call. A RuntimeError where the kernel cannot be
+    built."""
+    module = _built()
+    if module is None:
+        raise RuntimeError(f"{NAME} could not be built: {kernels.failed[NAME]}")
+    return module.softmax_blocks(scores, bias.contiguous(), out, batch, heads, list(starts))

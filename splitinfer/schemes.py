@@ -374,7 +374,7 @@ class Matrix(Plain):
         c5 = c.view(batch, groups, heads // groups, n, keys)
         positions = key_positions(m["keys_at"], attention_mask, blocks.padded)
         forms = {form: functools.partial(hop, self, c5, m, positions, v, name) for form, hop in SOFTMAX_FORMS.items()
-                 if form != ONE_PASS or native.offered(c)}
+                 if form != native.ONE_PASS or native.offered(c)}
         return forms[kernels.pick(SOFTMAX_HOP, c, forms)]()
 
     def _softmax_steps(self, c5: torch.Tensor, m: dict[str, torch.Tensor], positions: torch.Tensor, v: torch.Tensor,
@@ -419,8 +419,8 @@ class Matrix(Plain):
 
 # ours' softmax hop's forms, where the scores stay in their masks' order, one picked per shape in set-up (`kernels.pick`)
 SOFTMAX_HOP = "ours_softmax_hop"
-STEPS, ONE_PASS = "steps", "one_pass"  # the second: `native`'s C++ kernel
-SOFTMAX_FORMS = {STEPS: Matrix._softmax_steps, ONE_PASS: Matrix._softmax_one_pass}
+STEPS = "steps"
+SOFTMAX_FORMS = {STEPS: Matrix._softmax_steps, native.ONE_PASS: Matrix._softmax_one_pass}
 
 
 class Otp(Plain):

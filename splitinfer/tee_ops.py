@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
+from splitinfer import kernels, native
 from splitinfer.kernels import tee_kernel
 
 
@@ -253,6 +254,9 @@ def grouped_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.reshape(batch, groups, heads // groups, n, -1) @ b.unsqueeze(2)).reshape(batch, heads, n, -1)
 
 
+# the causal blocks' softmax's forms, one picked per shape in set-up (`kernels.pick`): the TEE kernel, or the C++ one
+SOFTMAX_BLOCKS = "softmax_blocks"
+BLOCKS = "kernel"
 ROWS = 64   # no part below this many rows: a short prompt keeps one op per step
 MOST = 16  # at 2048 tokens and more: 17/32 of n² for the causal blocks, within 7% of the triangle
 INDEX_BYTES = 64 * 2 ** 20  # the most a gather index of the packed scores may take (`CausalBlocks.gathers`)
@@ -383,9 +387,13 @@ class CausalBlocks:
 
     def softmax(self, scores: torch.Tensor, bias: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """masked_softmax of every block of packed scores, with its part of the [B, 1, n, n] bias (which
-        may overwrite the scores), into `out` where given."""
-        return _softmax_blocks(scores, bias, torch.empty_like(scores) if out is None else out,
-                               self.batch, self.heads, self.starts, self.padded)
+        may overwrite the scores), into `out` where given: in the form set-up picked at the scores' shape, the
+        TEE kernel `_softmax_blocks` or the C++ kernel that takes each row in one pass (`native.softmax_blocks`)."""
+        out = torch.empty_like(scores) if out is None else out
+        forms = {BLOCKS: lambda: _softmax_blocks(scores, bias, out, self.batch, self.heads, self.starts, self.padded)}
+        if native.offered(scores) and scores.is_contiguous() and out.is_contiguous():
+            forms[native.ONE_PASS] = lambda: native.softmax_blocks(scores, bias, out, self.batch, self.heads, self.starts)
+        return forms[kernels.pick(SOFTMAX_BLOCKS, scores, forms)]()
 
     def softmax_block(self, r: int, block: torch.Tensor, bias: torch.Tensor, out: torch.Tensor) -> None:
         """masked_softmax of block r into `out`. Without padding the bias is zero left of the block's

@@ -64,6 +64,31 @@ def test_masked_softmax_blocks_future_and_padding(dtype):
                                atol=1e-2)
 
 
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-6), (torch.float16, 1e-3)])
+def test_causal_blocks_softmax_in_one_pass_is_the_kernels(dtype, tolerance):
+    """The causal blocks' softmax in one pass (`native.softmax_blocks`, C++: each row with its row of the bias, in
+    float32, rounded once) gives the TEE kernel's probabilities within rounding, with a zero exactly where they have
+    one (a later key, a padding key), over uneven blocks and a padded sequence. A row with no key to see (a query
+    before a left-padded sequence starts) sums to 1 in both; its weights are the scores' own softmax here, where the
+    float16 kernel's sum with the bias rounds the scores away first (no real token's answer reads such a row)."""
+    from splitinfer import native
+    torch.manual_seed(4)
+    batch, heads, n = 3, 4, 11
+    mask = torch.tensor([[1] * n, [1] * 7 + [0] * 4, [0, 0] + [1] * 9])
+    blocks = CausalBlocks(batch, heads, (0, 3, 4, 9, 11))
+    scores, bias = (4 * torch.randn(blocks.shape)).to(dtype), attention_bias(mask, dtype)
+    want = tee_ops._softmax_blocks.eager(scores.clone(), bias, torch.empty_like(scores), batch, heads, blocks.starts,
+                                         True)
+    got = native.softmax_blocks(scores, bias, torch.empty_like(scores), batch, heads, blocks.starts)
+    seeing = (bias == 0).any(-1).expand(batch, heads, n)  # rows with a key to see
+    want, got = blocks.unpack(want)[seeing], blocks.unpack(got)[seeing]
+    torch.testing.assert_close(got, want, rtol=tolerance, atol=tolerance)
+    assert torch.equal(got == 0, want == 0) and (got == 0).sum() > got.numel() // 3
+    blind = native.softmax_blocks(scores, bias, torch.empty_like(scores), batch, heads, blocks.starts)
+    torch.testing.assert_close(blocks.unpack(blind)[~seeing].float().sum(-1), torch.ones((~seeing).sum().item()),
+                               rtol=2e-3, atol=2e-3)
+
+
 def test_causal_blocks_equal_the_full_attention():
     """Scores, softmax and P·V over uneven row blocks, with GQA and a padded sequence, against the full
     n×n computation, block by block and packed from (and unpacked into) full matrices; and the packed size
