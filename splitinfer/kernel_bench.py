@@ -148,16 +148,19 @@ def layer_steps(preset: str, n: int, dtype: torch.dtype, compiled: bool, repeat:
 
         return timed(one_call if fused else separate, answer.clone, repeat)
 
-    # ours' softmax hop as `native`'s C++ kernel takes it, one pass over the scores (compiled kernels only: it is
-    # offered there, where the scores stay in their masks' order, and set-up picks it per shape)
-    def softmax_one_pass() -> dict[str, float]:
+    # the softmaxes as `native`'s C++ kernels take them, in one pass (compiled kernels only: they are offered there,
+    # ours' where its scores stay in their masks' order, and set-up picks them per shape)
+    def one_pass() -> dict[str, float]:
         m = scores_secret[0]
         positions = key_positions(m["keys_at"], mask, whole.padded)
+        out = torch.empty_like(packed)
         try:
-            return {"ours: softmax hop, one pass (C++)": timed(
-                lambda c: ours._softmax_one_pass(c.view(1, groups, heads // groups, n, n), m, positions, v, "p"),
-                masked_scores.clone, repeat)}
-        except RuntimeError as e:  # it could not be built here
+            return {"plain, otp: softmax of the causal blocks, one pass (C++)": timed(
+                        lambda s: native.softmax_blocks(s, bias, out, 1, heads, blocks.starts), packed.clone, repeat),
+                    "ours: softmax hop, one pass (C++)": timed(
+                        lambda c: ours._softmax_one_pass(c.view(1, groups, heads // groups, n, n), m, positions, v, "p"),
+                        masked_scores.clone, repeat)}
+        except RuntimeError as e:  # they could not be built here
             print(f"warning: {e}", file=sys.stderr)
             return {}
 
@@ -200,7 +203,7 @@ def layer_steps(preset: str, n: int, dtype: torch.dtype, compiled: bool, repeat:
         "ours: softmax hop, fused": softmax_hop(ours, masked_scores, scores_secret, whole, fused=True),
         "otp: softmax hop, separate steps": softmax_hop(otp, otp_scores, otp_scores_secret, blocks, fused=False),
         "otp: softmax hop, fused": softmax_hop(otp, otp_scores, otp_scores_secret, blocks, fused=True),
-        **(softmax_one_pass() if order is not None and native.offered(masked_scores) else {}),
+        **(one_pass() if order is not None and native.offered(masked_scores) else {}),
     }
 
 
