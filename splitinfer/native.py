@@ -38,9 +38,9 @@ SOURCE = r"""
 #include <cstring>
 #include <vector>
 
-// float16 rows to and from float32 with F16C, 8 values at a time: GCC 12 has no vector type for _Float16 without
-// AVX512-FP16, and would convert one value at a time
-static inline const float* as_float(const _Float16* x, float* into, int64_t m) {
+// float16 rows to and from float32 with F16C, 8 values at a time (at::Half converts one value at a time, in integer
+// arithmetic; GCC 12's _Float16 vectorises only with AVX512-FP16)
+static inline const float* as_float(const at::Half* x, float* into, int64_t m) {
   int64_t j = 0;
 #ifdef __F16C__
   for (; j + 8 <= m; j += 8)
@@ -50,13 +50,13 @@ static inline const float* as_float(const _Float16* x, float* into, int64_t m) {
   return into;
 }
 static inline const float* as_float(const float* x, float*, int64_t) { return x; }
-static inline void store(_Float16* out, const float* x, int64_t m) {
+static inline void store(at::Half* out, const float* x, int64_t m) {
   int64_t j = 0;
 #ifdef __F16C__
   for (; j + 8 <= m; j += 8)
     _mm_storeu_si128(reinterpret_cast<__m128i*>(out + j), _mm256_cvtps_ph(_mm256_loadu_ps(x + j), _MM_FROUND_TO_NEAREST_INT));
 #endif
-  for (; j < m; ++j) out[j] = static_cast<_Float16>(x[j]);
+  for (; j < m; ++j) out[j] = static_cast<at::Half>(x[j]);
 }
 static inline void store(float* out, const float* x, int64_t m) { std::memcpy(out, x, m * sizeof(float)); }
 
@@ -172,8 +172,9 @@ static void block_rows(int64_t begin, int64_t end, const T* x, const T* bias, T*
 torch::Tensor softmax_blocks(torch::Tensor x, torch::Tensor bias, torch::Tensor out, int64_t batch, int64_t heads,
                              std::vector<int64_t> starts) {
   for (const auto& t : {x, bias, out})
-    TORCH_CHECK(t.is_contiguous() && t.device().is_cpu() && t.scalar_type() == x.scalar_type(),
-                "softmax_blocks takes contiguous CPU tensors of one dtype");
+    TORCH_CHECK(t.is_contiguous() && t.device().is_cpu() && t.scalar_type() == x.scalar_type()
+                && (t.scalar_type() == at::kHalf || t.scalar_type() == at::kFloat),
+                "softmax_blocks takes contiguous CPU tensors, all float16 or all float32");
   const int64_t n = starts.back(), blocks = static_cast<int64_t>(starts.size()) - 1;
   std::vector<int64_t> first_row(blocks + 1, 0), offset(blocks + 1, 0);
   for (int64_t r = 0; r < blocks; ++r) {
@@ -196,10 +197,8 @@ torch::Tensor softmax_blocks(torch::Tensor x, torch::Tensor bias, torch::Tensor 
   at::parallel_for(0, parts, 1, [=, &split, &first_row, &offset, &starts](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       if (x.scalar_type() == at::kHalf) {
-        using H = _Float16;
-        block_rows<H>(split[t], split[t + 1], reinterpret_cast<const H*>(x.data_ptr()),
-                      reinterpret_cast<const H*>(bias.data_ptr()), reinterpret_cast<H*>(out.data_ptr()), starts,
-                      first_row, offset, heads);
+        block_rows<at::Half>(split[t], split[t + 1], x.data_ptr<at::Half>(), bias.data_ptr<at::Half>(),
+                             out.data_ptr<at::Half>(), starts, first_row, offset, heads);
       } else {
         block_rows<float>(split[t], split[t + 1], x.data_ptr<float>(), bias.data_ptr<float>(), out.data_ptr<float>(),
                           starts, first_row, offset, heads);
@@ -220,12 +219,10 @@ torch::Tensor ours_softmax_hop(torch::Tensor c, torch::Tensor d1, torch::Tensor 
   TORCH_CHECK(out.numel() == c.numel() && a_rows.numel() == c.numel() / m && cols.numel() == groups * m,
               "ours_softmax_hop: shapes do not match");
   if (c.scalar_type() == at::kHalf) {
-    using H = _Float16;
-    hop<H>(reinterpret_cast<const H*>(c.data_ptr()), reinterpret_cast<const H*>(d1.data_ptr()),
-           reinterpret_cast<const H*>(d3.data_ptr()), rows_at.data_ptr<int32_t>(), keys.data_ptr<int32_t>(),
-           a_rows.data_ptr<int64_t>(), cols.data_ptr<int32_t>(), reinterpret_cast<const H*>(next_d1.data_ptr()),
-           reinterpret_cast<const H*>(next_d2.data_ptr()), reinterpret_cast<H*>(out.data_ptr()), groups,
-           rows_per_group, m, static_cast<float>(blocked));
+    hop<at::Half>(c.data_ptr<at::Half>(), d1.data_ptr<at::Half>(), d3.data_ptr<at::Half>(), rows_at.data_ptr<int32_t>(),
+                  keys.data_ptr<int32_t>(), a_rows.data_ptr<int64_t>(), cols.data_ptr<int32_t>(),
+                  next_d1.data_ptr<at::Half>(), next_d2.data_ptr<at::Half>(), out.data_ptr<at::Half>(), groups,
+                  rows_per_group, m, static_cast<float>(blocked));
   } else {
     TORCH_CHECK(c.scalar_type() == at::kFloat, "ours_softmax_hop takes float16 or float32 scores");
     hop<float>(c.data_ptr<float>(), d1.data_ptr<float>(), d3.data_ptr<float>(), rows_at.data_ptr<int32_t>(),
