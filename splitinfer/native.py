@@ -252,6 +252,15 @@ def _built():
         return None
 
 
+def _module():
+    """The built extension; a RuntimeError where it cannot be built (set-up's choice of form then leaves its kernels
+    out, with a warning)."""
+    module = _built()
+    if module is None:
+        raise RuntimeError(f"{NAME} could not be built: {kernels.failed[NAME]}")
+    return module
+
+
 def offered(t: torch.Tensor) -> bool:
     """Whether the kernels are a form of a softmax of scores like `t`: where compiled kernels are on, in float16 or
     float32, unless they failed to build. They are built at their first call, in set-up's choice of form
@@ -265,23 +274,15 @@ def ours_softmax_hop(c5: torch.Tensor, d1: torch.Tensor, d3: torch.Tensor, rows_
     """The probabilities of ours' scores c5 [B, G, R, n, m], kept in their masks' order (unscaled by d1 [B, G, R, n]
     and d3 [B, G, m], keys at positions `keys` [B, G, m] past a row's position `rows_at` [B, G, R, n] hidden),
     protected for P·V: rows gathered by `a_rows` (flat over all rows), columns by `cols` [B, G, m], scaled by
-    next_d1 down the rows and next_d2 along them; into `out` (c5's shape, contiguous), which it returns. A
-    RuntimeError where the kernel cannot be built (set-up's choice then leaves this form out, with a warning)."""
+    next_d1 down the rows and next_d2 along them; into `out` (c5's shape, contiguous), which it returns."""
     from splitinfer.tee_ops import BLOCKED  # here: tee_ops imports this module
-    module = _built()
-    if module is None:
-        raise RuntimeError(f"{NAME} could not be built: {kernels.failed[NAME]}")
-    return module.ours_softmax_hop(c5, d1.contiguous(), d3.contiguous(), rows_at.contiguous(), keys.contiguous(),
-                                   a_rows, cols.to(torch.int32).contiguous(), next_d1.contiguous(),
-                                   next_d2.contiguous(), out, BLOCKED)
+    return _module().ours_softmax_hop(c5, d1.contiguous(), d3.contiguous(), rows_at.contiguous(), keys.contiguous(),
+                                      a_rows, cols.to(torch.int32).contiguous(), next_d1.contiguous(),
+                                      next_d2.contiguous(), out, BLOCKED)
 
 
 def softmax_blocks(scores: torch.Tensor, bias: torch.Tensor, out: torch.Tensor, batch: int, heads: int,
                    starts: tuple[int, ...]) -> torch.Tensor:
     """`tee_ops.CausalBlocks.softmax` of packed scores into `out` (both contiguous): each row's softmax with its row
-    of the [B, 1, n, n] bias, in one pass, every block in one call. A RuntimeError where the kernel cannot be
-    built."""
-    module = _built()
-    if module is None:
-        raise RuntimeError(f"{NAME} could not be built: {kernels.failed[NAME]}")
-    return module.softmax_blocks(scores, bias.contiguous(), out, batch, heads, list(starts))
+    of the [B, 1, n, n] bias, in one pass, every block in one call."""
+    return _module().softmax_blocks(scores, bias.contiguous(), out, batch, heads, list(starts))
