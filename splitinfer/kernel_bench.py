@@ -406,7 +406,7 @@ def hop_forms(preset: str, n: int, dtype: torch.dtype, device: torch.device, rep
         try:
             out[label] = timed(make(), repeat=repeat)
         except RuntimeError as e:
-            out[label] = f"failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+            out[label] = f"failed: {kernels.first_line(e)}"
     return out
 
 
@@ -514,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 forms = hop_forms(args.preset, n, DTYPES[args.dtype], hop, args.repeat)
             except RuntimeError as e:
-                forms = {"error": str(e).splitlines()[0] if str(e) else type(e).__name__}
+                forms = {"error": kernels.first_line(e)}
             results["hop_forms"][n] = forms
             for label, ms in forms.items():
                 print(f"{n:>5} hop, {label:<80} " + (f"{ms * 1e3:8.1f} µs" if isinstance(ms, float) else ms))

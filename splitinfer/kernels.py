@@ -81,7 +81,7 @@ def tee_kernel(fn: Callable | None = None, *, exact: bool = False, eager: Callab
                 compiled = Built(fn, {"emulate_precision_casts": True} if exact else None, unused)
             return _choose(fn, eager_form, compiled, args) if _state["choosing"] else compiled(*args)
         except Exception as e:  # compiling happens before any write, so the eager call starts afresh
-            failed[fn.__name__] = _first_line(e)
+            failed[fn.__name__] = first_line(e)
             print(f"warning: the TEE kernel {fn.__name__} runs eager: {failed[fn.__name__]}", file=sys.stderr)
             return eager_form(*args)
 
@@ -252,7 +252,7 @@ def on_one_thread(fn: Callable, args: tuple):
         torch.set_num_threads(threads)
 
 
-def _first_line(e: Exception) -> str:
+def first_line(e: Exception) -> str:
     """An exception's first line, at most 200 characters (its type's name where it has no message)."""
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
@@ -261,7 +261,8 @@ def pick(step: str, t: torch.Tensor, forms: dict[str, Callable[[], object]]) -> 
     """While `choosing` (set-up): each of a step's forms (calls of no arguments, on zeros of the inference's
     shapes) once as the inference would run it, so that the kernels inside are built and chosen, then each
     timed (`timed`), and the fastest kept for the step at `t`'s shape and dtype; a form that raises is left
-    out, with a warning. Returns the form in force there (`picked`)."""
+    out, with a warning. Returns the form in force there (`picked`), one of `forms`: the first where the one
+    picked is not among them."""
     if _state["choosing"]:
         working = {}
         for name, form in forms.items():
@@ -269,12 +270,13 @@ def pick(step: str, t: torch.Tensor, forms: dict[str, Callable[[], object]]) -> 
                 form()
                 working[name] = form
             except RuntimeError as e:  # an op this torch or CPU lacks: the form is left out, with a warning
-                print(f"warning: {step}'s {name} form is left out: {_first_line(e)}", file=sys.stderr)
+                print(f"warning: {step}'s {name} form is left out: {first_line(e)}", file=sys.stderr)
         times = _timed_forms(working)
         if times:
             picks[(step, tuple(t.shape), t.dtype)] = {**{f"{name}_ms": ms for name, ms in times.items()},
                                                       "runs": min(times, key=times.get)}
-    return picked(step, t, next(iter(forms)))
+    form = picked(step, t, next(iter(forms)))
+    return form if form in forms else next(iter(forms))
 
 
 def picked(step: str, t: torch.Tensor, default: str) -> str:

@@ -75,6 +75,19 @@ static inline float exp_nonpositive(float x) {
   return x < -87.0f ? 0.0f : p * two_n;
 }
 
+// p[j] = exp(p[j] - most) for a row of m whose largest value is `most` (found where p was written, in the same
+// pass): returns their sum, by which the row's softmax divides
+static inline float exp_below(float* p, int64_t m, float most) {
+  float sum = 0.0f;
+  #pragma omp simd reduction(+:sum)
+  for (int64_t j = 0; j < m; ++j) {
+    const float e = exp_nonpositive(p[j] - most);
+    p[j] = e;
+    sum += e;
+  }
+  return sum;
+}
+
 // out[r, j] = softmax(hide(c[src, :] / d1[src] / d3[g, :]))[cols[g, j]] * next_d1[r] * next_d2[g, j], src = a_rows[r],
 // g = r's group: rows_per_group rows of m scores each share the group's key scales, key positions and column order.
 // Rows begin to end; every argument a value, so that the compiler keeps them in registers across the stores
@@ -97,19 +110,13 @@ static void hop_rows(int64_t begin, int64_t end, const T* c, const T* d1, const 
     const int32_t* key = keys + g * m;
     const int32_t at = rows_at[src];
     const float inv_d1 = 1.0f / static_cast<float>(d1[src]);
-    #pragma omp simd
-    for (int64_t j = 0; j < m; ++j) p[j] = key[j] > at ? blocked : x[j] * inv_d1 * inv[j];
     float most = -3.0e38f;
     #pragma omp simd reduction(max:most)
-    for (int64_t j = 0; j < m; ++j) most = p[j] > most ? p[j] : most;
-    float sum = 0.0f;
-    #pragma omp simd reduction(+:sum)
     for (int64_t j = 0; j < m; ++j) {
-      const float e = exp_nonpositive(p[j] - most);
-      p[j] = e;
-      sum += e;
+      p[j] = key[j] > at ? blocked : x[j] * inv_d1 * inv[j];
+      most = p[j] > most ? p[j] : most;
     }
-    const float row_scale = static_cast<float>(next_d1[r]) / sum;
+    const float row_scale = static_cast<float>(next_d1[r]) / exp_below(p, m, most);
     const int32_t* col = cols + g * m;
     const float* col_scale = next_d2 + g * m;
     #pragma omp simd
@@ -155,14 +162,7 @@ static void block_rows(int64_t begin, int64_t end, const T* x, const T* bias, T*
       p[j] = s[j] + b[j];
       most = p[j] > most ? p[j] : most;
     }
-    float sum = 0.0f;
-    #pragma omp simd reduction(+:sum)
-    for (int64_t j = 0; j < m; ++j) {
-      const float e = exp_nonpositive(p[j] - most);
-      p[j] = e;
-      sum += e;
-    }
-    const float inv = 1.0f / sum;
+    const float inv = 1.0f / exp_below(p, m, most);
     #pragma omp simd
     for (int64_t j = 0; j < m; ++j) p[j] *= inv;
     store(out + offset[r] + local * m, p, m);
@@ -247,8 +247,7 @@ def _built():
                            functions=["ours_softmax_hop", "softmax_blocks"], extra_ldflags=["-fopenmp"], verbose=False,
                            extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"])
     except Exception as e:  # no compiler, no ninja, a failed build: the steps run instead
-        lines = str(e).strip().splitlines()
-        kernels.failed[NAME] = lines[-1] if lines else type(e).__name__
+        kernels.failed[NAME] = kernels.first_line(e)
         return None
 
 
