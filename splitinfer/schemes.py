@@ -375,7 +375,7 @@ class Matrix(Plain):
         positions = key_positions(m["keys_at"], attention_mask, blocks.padded)
         forms = {form: functools.partial(hop, self, c5, m, positions, v, name) for form, hop in SOFTMAX_FORMS.items()
                  if form != native.ONE_PASS or native.offered(c)}
-        return forms.get(kernels.pick(SOFTMAX_HOP, c, forms), forms[STEPS])()
+        return forms[kernels.pick(SOFTMAX_HOP, c, forms)]()
 
     def _softmax_steps(self, c5: torch.Tensor, m: dict[str, torch.Tensor], positions: torch.Tensor, v: torch.Tensor,
                        name: str) -> tuple:

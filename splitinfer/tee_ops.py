@@ -393,7 +393,7 @@ class CausalBlocks:
         forms = {BLOCKS: lambda: _softmax_blocks(scores, bias, out, self.batch, self.heads, self.starts, self.padded)}
         if native.offered(scores) and scores.is_contiguous() and out.is_contiguous():
             forms[native.ONE_PASS] = lambda: native.softmax_blocks(scores, bias, out, self.batch, self.heads, self.starts)
-        return forms.get(kernels.pick(SOFTMAX_BLOCKS, scores, forms), forms[BLOCKS])()
+        return forms[kernels.pick(SOFTMAX_BLOCKS, scores, forms)]()
 
     def softmax_block(self, r: int, block: torch.Tensor, bias: torch.Tensor, out: torch.Tensor) -> None:
         """masked_softmax of block r into `out`. Without padding the bias is zero left of the block's
