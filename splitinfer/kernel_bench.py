@@ -104,6 +104,9 @@ def layer_steps(preset: str, n: int, dtype: torch.dtype, compiled: bool, repeat:
         return sum(timed(lambda z, hop=hop: (one_call if fused else separate)(z, *hop), outputs[hop[0]].clone, repeat)
                    for hop in hops)
 
+    def rope_args() -> tuple:  # as `SplitLlama.rope_args` gives them: a fresh tensor for q and k at each call
+        return cos, sin, heads, torch.empty(q_and_k.shape, dtype=dtype)
+
     # the hop from the qkv projection to the scores (`SplitLlama.rope_hop`): qkv's answer recovered, RoPE on q and k,
     # the scores' operands protected, as the unfused engine's three calls or as one
     def rope_hop(scheme, qkv_secret, fused: bool) -> float:
@@ -114,9 +117,6 @@ def layer_steps(preset: str, n: int, dtype: torch.dtype, compiled: bool, repeat:
 
         def one_call(z):
             return scheme.rope_hop(z, qkv_secret, None, rotated_heads, rope_args(), "s")
-
-        def rope_args() -> tuple:  # as `SplitLlama.rope_args` gives them: a fresh tensor for q and k at each call
-            return cos, sin, heads, torch.empty(q_and_k.shape, dtype=dtype)
 
         return timed(one_call if fused else separate, outputs["qkv"].clone, repeat)
 
@@ -159,7 +159,15 @@ def layer_steps(preset: str, n: int, dtype: torch.dtype, compiled: bool, repeat:
                         lambda s: native.softmax_blocks(s, bias, out, 1, heads, blocks.starts), packed.clone, repeat),
                     "ours: softmax hop, one pass (C++)": timed(
                         lambda c: ours._softmax_one_pass(c.view(1, groups, heads // groups, n, n), m, positions, v, "p"),
-                        masked_scores.clone, repeat)}
+                        masked_scores.clone, repeat),
+                    "ours: both matmuls' masks, C++ permutations": (
+                        timed(lambda _: ours._permuted(q, k_t, "s"), repeat=repeat)
+                        + timed(lambda c: ours.recover_matmul(c, scores_secret), masked_scores.clone, repeat)
+                        + timed(lambda _: ours._permuted(probs, v, "p"), repeat=repeat)
+                        + timed(lambda c: ours.recover_matmul(c, attend_secret), masked_out.clone, repeat)),
+                    "ours: RoPE hop, C++ permutations": timed(
+                        lambda z: ours._rope_hop_one_pass(z, secrets["qkv"], None, rotated_heads, rope_args(), "s"),
+                        outputs["qkv"].clone, repeat)}
         except RuntimeError as e:  # they could not be built here
             print(f"warning: {e}", file=sys.stderr)
             return {}

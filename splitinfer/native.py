@@ -1,4 +1,5 @@
-"""Hand-written C++ kernels for the TEE's two softmaxes, which neither eager PyTorch nor inductor runs in one pass.
+"""Hand-written C++ kernels for the TEE's two softmaxes, which neither eager PyTorch nor inductor runs in one pass,
+and for ours' permutations of a matmul's operands and answer.
 
 - ours' softmax hop, where the scores come back in their masks' order (`schemes.Matrix.softmax_hop`). Its steps make
   five passes over the n² scores (unscale and hide, softmax, the probabilities' rows and columns gathered, the next
@@ -9,6 +10,9 @@
   scales, in float32 in the cache, rounded once.
 - the causal blocks' softmax of the plain split and otp (`tee_ops.CausalBlocks.softmax`): each row read once with
   its row of the bias, one exp a score, written once, every block in one call.
+- ours' masks on a matmul's operands (rows and columns permuted and scaled: `schemes._permute_scale`): one call an
+  operand where the steps make three (an `index_select` of the rows, an integer gather of the columns, the
+  scales), each row gathered and scaled in float32 and rounded once.
 
 Built with the machine's own compiler for its own CPU (`-march=native`: the TEE runs where it is built), once per
 source, machine and torch version (torch's extension cache, `TORCH_EXTENSIONS_DIR`), and only where compiled
@@ -208,6 +212,102 @@ torch::Tensor softmax_blocks(torch::Tensor x, torch::Tensor bias, torch::Tensor 
   return out;
 }
 
+// out[r, j] = x[rows[r], cols[g, j]] * row[r] * col[g, j], g = r / rows_per_group: one matmul operand's rows and
+// columns permuted and scaled by ours' masks. The row scale is row_scale's value at r, or its reciprocal
+// (`row_divides`); col holds the column scales as float32, made per call. Rows of x begin one stride apart, or at
+// offsets (a transposed view: `Rows`), their columns col_stride apart.
+struct Rows {
+  int64_t stride = 0;
+  std::vector<int64_t> offsets;  // where the rows are not one stride apart
+  int64_t at(int64_t row) const { return offsets.empty() ? row * stride : offsets[row]; }
+};
+
+// where each row of t (along its last dimension) begins: one stride apart (dimensions of size 1 aside), or else (a
+// transposed view) at offsets found by walking its leading dimensions
+static Rows rows_of(const torch::Tensor& t) {
+  Rows rows;
+  const int64_t dims = t.dim() - 1;
+  int64_t expected = -1;
+  bool even = true;
+  for (int64_t d = dims - 1; d >= 0; --d) {
+    if (t.size(d) == 1) continue;
+    if (expected < 0) rows.stride = t.stride(d);
+    else even = even && t.stride(d) == expected;
+    expected = t.stride(d) * t.size(d);
+  }
+  if (!even) {
+    rows.offsets.resize(t.numel() / t.size(-1));
+    for (int64_t i = 0; i < static_cast<int64_t>(rows.offsets.size()); ++i) {
+      int64_t rest = i, off = 0;
+      for (int64_t d = dims - 1; d >= 0; --d) {
+        off += (rest % t.size(d)) * t.stride(d);
+        rest /= t.size(d);
+      }
+      rows.offsets[i] = off;
+    }
+  }
+  return rows;
+}
+
+template <typename T>
+static void permute_rows(int64_t begin, int64_t end, const T* x, const Rows& x_rows, int64_t col_stride,
+                         const int64_t* rows, const int32_t* cols, const T* row_scale, bool row_divides,
+                         const float* col, T* out, int64_t rows_per_group, int64_t m) {
+  std::vector<T> picked(m);
+  std::vector<float> as_f(m), q(m);
+  for (int64_t r = begin; r < end; ++r) {
+    const int64_t g = r / rows_per_group;
+    const T* src = x + x_rows.at(rows[r]);
+    const int32_t* c = cols + g * m;
+    const float s = row_divides ? 1.0f / static_cast<float>(row_scale[r]) : static_cast<float>(row_scale[r]);
+    const float* cs = col + g * m;
+    float* o = q.data();
+    if (col_stride == 1) {  // the row converted whole, then gathered in float32 (vector gathers)
+      const float* v = as_float(src, as_f.data(), m);
+      #pragma omp simd
+      for (int64_t j = 0; j < m; ++j) o[j] = v[c[j]] * s * cs[j];
+    } else {
+      T* p = picked.data();
+      for (int64_t j = 0; j < m; ++j) p[j] = src[c[j] * col_stride];
+      const float* v = as_float(p, as_f.data(), m);
+      #pragma omp simd
+      for (int64_t j = 0; j < m; ++j) o[j] = v[j] * s * cs[j];
+    }
+    store(out + r * m, o, m);
+  }
+}
+
+torch::Tensor permute_scale(torch::Tensor x, torch::Tensor rows, torch::Tensor cols, torch::Tensor row_scale,
+                            torch::Tensor col_scale, torch::Tensor out, bool row_divides) {
+  TORCH_CHECK(x.device().is_cpu() && out.is_contiguous() && out.scalar_type() == x.scalar_type()
+              && row_scale.scalar_type() == x.scalar_type() && col_scale.scalar_type() == x.scalar_type()
+              && (x.scalar_type() == at::kHalf || x.scalar_type() == at::kFloat),
+              "permute_scale takes CPU tensors, all float16 or all float32, into a contiguous one");
+  TORCH_CHECK(rows.scalar_type() == at::kLong && cols.scalar_type() == at::kInt && rows.is_contiguous()
+              && cols.is_contiguous() && row_scale.is_contiguous() && col_scale.is_contiguous(),
+              "permute_scale: int64 rows, int32 columns, contiguous scales");
+  const int64_t m = x.size(-1), dest_rows = out.numel() / m, groups = cols.numel() / m;
+  TORCH_CHECK(rows.numel() == dest_rows && dest_rows % groups == 0 && col_scale.numel() == groups * m
+              && row_scale.numel() == dest_rows, "permute_scale: shapes do not match");
+  const Rows x_rows = rows_of(x);
+  const int64_t* row_at = rows.data_ptr<int64_t>();
+  const int32_t* c = cols.data_ptr<int32_t>();
+  const int64_t rows_per_group = dest_rows / groups, col_stride = x.stride(-1);
+  const torch::Tensor col_f = col_scale.to(at::kFloat).contiguous();  // a no-op in float32
+  const float* cs = col_f.data_ptr<float>();
+  at::parallel_for(0, dest_rows, 64, [=, &x_rows](int64_t begin, int64_t end) {
+    if (x.scalar_type() == at::kHalf) {
+      permute_rows<at::Half>(begin, end, x.data_ptr<at::Half>(), x_rows, col_stride, row_at, c,
+                             row_scale.data_ptr<at::Half>(), row_divides, cs, out.data_ptr<at::Half>(),
+                             rows_per_group, m);
+    } else {
+      permute_rows<float>(begin, end, x.data_ptr<float>(), x_rows, col_stride, row_at, c,
+                          row_scale.data_ptr<float>(), row_divides, cs, out.data_ptr<float>(), rows_per_group, m);
+    }
+  });
+  return out;
+}
+
 torch::Tensor ours_softmax_hop(torch::Tensor c, torch::Tensor d1, torch::Tensor d3, torch::Tensor rows_at,
                                torch::Tensor keys, torch::Tensor a_rows, torch::Tensor cols, torch::Tensor next_d1,
                                torch::Tensor next_d2, torch::Tensor out, double blocked) {
@@ -244,7 +344,8 @@ def _built():
         # a build per torch version, each against its own headers (a machine may hold two, as the VM does); OpenMP
         # for at::parallel_for (torch's own runtime, already loaded), which without it runs on one thread
         return load_inline(f"splitinfer_native_{re.sub(r'[^0-9a-zA-Z]', '_', torch.__version__)}", cpp_sources=SOURCE,
-                           functions=["ours_softmax_hop", "softmax_blocks"], extra_ldflags=["-fopenmp"], verbose=False,
+                           functions=["ours_softmax_hop", "softmax_blocks", "permute_scale"],
+                           extra_ldflags=["-fopenmp"], verbose=False,
                            extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"])
     except Exception as e:  # no compiler, no ninja, a failed build: the steps run instead
         kernels.failed[NAME] = kernels.first_line(e)
@@ -285,3 +386,12 @@ def softmax_blocks(scores: torch.Tensor, bias: torch.Tensor, out: torch.Tensor, 
     """`tee_ops.CausalBlocks.softmax` of packed scores into `out` (both contiguous): each row's softmax with its row
     of the [B, 1, n, n] bias, in one pass, every block in one call."""
     return _module().softmax_blocks(scores, bias.contiguous(), out, batch, heads, list(starts))
+
+
+def permute_scale(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, row_scale: torch.Tensor,
+                  col_scale: torch.Tensor, out: torch.Tensor, row_divides: bool = False) -> torch.Tensor:
+    """out[r, j] = x[rows[r], cols[g, j]] · row_scale[r] · col_scale[g, j] (÷ row_scale[r] where `row_divides`), into
+    `out` (contiguous), which it returns: x [..., m] (any strides) as rows of m, `rows` the flat source row of each
+    of out's rows, `cols` [..., G, m] each group's column order (int32), g = r's group (out's rows cut into G equal
+    runs), row_scale one value a row of out, col_scale [..., G, m]; all in x's dtype."""
+    return _module().permute_scale(x, rows, cols, row_scale.contiguous(), col_scale.contiguous(), out, row_divides)

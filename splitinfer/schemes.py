@@ -262,6 +262,8 @@ class Matrix(Plain):
         mask["cols_b"] = _col_index(mask["p3"], b)
         mask["cols_c"] = _col_index(mask["p3_inverse"], (*per_head[1:], n, m))
         mask["b_scale"] = (mask["d3"].float()[..., None, :] / mask["d2"].float()[..., None]).to(dtype)
+        # each group's column orders as the C++ kernels take them (`native.permute_scale`): int32 [B, G, m]
+        mask["a_columns"], mask["b_columns"] = mask["p2"].int(), mask["p3"].int()
         return mask
 
     @staticmethod
@@ -272,7 +274,8 @@ class Matrix(Plain):
         composite indices. Two gathers over the n² entries fewer per layer; the GPU still sees A under
         second's own fresh P₁', P₂', and B (v) is masked as before."""
         second["a_rows"] = _row_index(torch.gather(first["p1_inverse"], -1, second["p1"]))
-        second["cols_a"] = _col_index(torch.gather(first["p3_inverse"], -1, second["p2"]), second["cols_a"].shape)
+        columns = torch.gather(first["p3_inverse"], -1, second["p2"])
+        second["cols_a"], second["a_columns"] = _col_index(columns, second["cols_a"].shape), columns.int()
         # that order as the positions the causal mask compares (`scores_order`: int32, as `_hide_later_keys` and
         # `_unscale_hide` take them)
         first["rows_at"], first["keys_at"] = first["p1"].int(), first["p3"].int()
@@ -343,8 +346,31 @@ class Matrix(Plain):
         return (m["rows_at"], m["keys_at"]) if name in self.kept_order else None
 
     def protect_matmul(self, a, b, name):
-        return (*_permute_scale(kernels.as_chosen, a, b, *self._permute_args(name, a.dtype)),
+        """In the form set-up picked at a's shape: `_permute_scale`'s steps, or one C++ call an operand."""
+        return (*self._in_form(PROTECT_MATMUL, a,
+                               lambda: _permute_scale(kernels.as_chosen, a, b, *self._permute_args(name, a.dtype)),
+                               lambda: self._permuted(a, b, name)),
                 self._matmul_secret(name))
+
+    def _in_form(self, step: str, key: torch.Tensor, steps: Callable[[], object], one_pass: Callable[[], object]):
+        """`steps()`, or `one_pass()` (with `native`'s C++ kernels) where they are offered and set-up picked them
+        for `step` at key's shape (`kernels.pick`)."""
+        forms = {STEPS: steps, **({native.ONE_PASS: one_pass} if native.offered(key) else {})}
+        return forms[kernels.pick(step, key, forms)]()
+
+    def _permuted(self, a: torch.Tensor, b: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """What `_permute_scale` makes of matmul `name`'s operands, in one C++ call each (`native.permute_scale`):
+        A' = D₁P₁ A P₂D₂ and B' = D₂⁻¹P₂⁻¹ B P₃D₃."""
+        m = self.matmul_masks[name]
+        a_rows, _, d1, d2, b_rows, _, _, out_a, out_b = self._permute_args(name, a.dtype)
+        native.permute_scale(a, a_rows, m["a_columns"], d1, d2, out_a)
+        return out_a.view(a.shape), self._permuted_b(b, m, b_rows, d2, out_b)
+
+    @staticmethod
+    def _permuted_b(b: torch.Tensor, m: dict[str, torch.Tensor], rows: torch.Tensor, d2: torch.Tensor,
+                    out: torch.Tensor) -> torch.Tensor:
+        """B' = D₂⁻¹P₂⁻¹ B P₃D₃ in one C++ call (`native.permute_scale`), into `out`."""
+        return native.permute_scale(b, rows, m["b_columns"], d2, m["d3"], out, row_divides=True)
 
     def _permute_args(self, name: str, dtype: torch.dtype) -> tuple:
         """`_permute_scale`'s arguments after the operands: matmul `name`'s masks, and where its results go."""
@@ -357,15 +383,30 @@ class Matrix(Plain):
         return m, m["cols_b"].shape[1], name in self.kept_order
 
     def rope_hop(self, z, secret, bias, op, op_args, name):
-        """May overwrite `z`."""
+        """In the form set-up picked at z's shape: one TEE kernel (`_unmix_op_permute`), or `_rope_hop_one_pass`.
+        May overwrite `z`."""
         mask, in_shape, scale, n = secret
-        kept, a, b = fused(_unmix_op_permute, op)(_rows_of(z, scale), mask["woodbury_rows"], mask["a"], scale, n, bias,
-                                                  op_args, *self._permute_args(name, z.dtype))
-        return kept, a, b, self._matmul_secret(name)
+
+        def one_kernel():
+            return fused(_unmix_op_permute, op)(_rows_of(z, scale), mask["woodbury_rows"], mask["a"], scale, n, bias,
+                                                op_args, *self._permute_args(name, z.dtype))
+
+        return (*self._in_form(ROPE_HOP, z, one_kernel, lambda: self._rope_hop_one_pass(z, secret, bias, op, op_args,
+                                                                                        name)),
+                self._matmul_secret(name))
+
+    def _rope_hop_one_pass(self, z: torch.Tensor, secret: tuple, bias: torch.Tensor | None, op: Callable,
+                           op_args: tuple, name: str) -> tuple:
+        """The RoPE hop's recovery and op as kernels apart, the scores' operands protected by `native`'s C++
+        kernels (`_permuted`): (kept, a, b)."""
+        mask, in_shape, scale, n = secret
+        y = kernels.as_chosen(_unmix_rows)(_rows_of(z, scale), mask["woodbury_rows"], mask["a"], scale)[:, :n]
+        kept, (left, right) = op(kernels.as_chosen, y if bias is None else torch.add(y, bias), *op_args)
+        return kept, *self._permuted(left, right, name)
 
     def softmax_hop(self, c, secret, v, name, blocks, bias, attention_mask):
         """Where the scores stay in their masks' order (`_chain`), in the form set-up picked at c's shape
-        (`SOFTMAX_FORMS`): its steps, or the C++ kernel that takes them in one pass (`native`). Else the steps of
+        (`_in_form`): its steps, or the C++ kernel that takes them in one pass (`native`). Else the steps of
         `Plain.softmax_hop`. May overwrite `c`."""
         m, groups, keep_order = secret
         if not keep_order:
@@ -373,9 +414,8 @@ class Matrix(Plain):
         batch, heads, n, keys = c.shape
         c5 = c.view(batch, groups, heads // groups, n, keys)
         positions = key_positions(m["keys_at"], attention_mask, blocks.padded)
-        forms = {form: functools.partial(hop, self, c5, m, positions, v, name) for form, hop in SOFTMAX_FORMS.items()
-                 if form != native.ONE_PASS or native.offered(c)}
-        return forms[kernels.pick(SOFTMAX_HOP, c, forms)]()
+        return self._in_form(SOFTMAX_HOP, c, functools.partial(self._softmax_steps, c5, m, positions, v, name),
+                             functools.partial(self._softmax_one_pass, c5, m, positions, v, name))
 
     def _softmax_steps(self, c5: torch.Tensor, m: dict[str, torch.Tensor], positions: torch.Tensor, v: torch.Tensor,
                        name: str) -> tuple:
@@ -390,12 +430,13 @@ class Matrix(Plain):
                           v: torch.Tensor, name: str) -> tuple:
         """The softmax hop's probabilities in one pass over the scores (`native.ours_softmax_hop`), protected for
         P·V as protect_matmul would (its row and column gathers and scales); v protected as it does."""
-        a_rows, cols_a, d1, d2, b_rows, cols_b, b_scale, out_a, out_b = self._permute_args(name, c5.dtype)
-        # `cols_a` broadcasts each group's one column order over its rows and heads (`_col_index`)
-        a5 = native.ours_softmax_hop(c5, m["d1"], m["d3"], m["rows_at"], positions, a_rows, cols_a[:, :, 0, 0, :],
+        a_rows, _, d1, d2, b_rows, _, _, out_a, out_b = self._permute_args(name, c5.dtype)
+        following = self.matmul_masks[name]
+        a5 = native.ours_softmax_hop(c5, m["d1"], m["d3"], m["rows_at"], positions, a_rows, following["a_columns"],
                                      d1, d2, out_a)
         batch, groups, per_group, n, keys = c5.shape
-        return a5.view(batch, -1, n, keys), _permute(v, b_rows, cols_b, out_b).mul_(b_scale), self._matmul_secret(name)
+        return (a5.view(batch, -1, n, keys), self._permuted_b(v, following, b_rows, d2, out_b),
+                self._matmul_secret(name))
 
     def attend_hop(self, c, secret, product, op, op_args, name):
         """Overwrites `c`. P·V's product is never kept in the masks' order (`_chain`)."""
@@ -417,10 +458,11 @@ class Matrix(Plain):
         return _permute(c5, m["rows_p1_inverse"], m["cols_c"]).view(c.shape)
 
 
-# ours' softmax hop's forms, where the scores stay in their masks' order, one picked per shape in set-up (`kernels.pick`)
+# ours' steps that set-up picks a form of per shape (`kernels.pick`): its steps (or one TEE kernel, for a hop), or
+# `native`'s C++ kernels. The softmax hop's, where the scores stay in their masks' order
 SOFTMAX_HOP = "ours_softmax_hop"
+PROTECT_MATMUL, ROPE_HOP = "ours_protect_matmul", "ours_rope_hop"
 STEPS = "steps"
-SOFTMAX_FORMS = {STEPS: Matrix._softmax_steps, native.ONE_PASS: Matrix._softmax_one_pass}
 
 
 class Otp(Plain):

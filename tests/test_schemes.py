@@ -278,7 +278,8 @@ def test_softmax_hop_is_the_steps(scheme_cls, padded, compiled):
 def test_ours_softmax_hop_in_one_pass_is_its_steps(dtype, padded):
     """ours' softmax hop in one pass (`native.ours_softmax_hop`, C++: float32 throughout, rounded once) sends the
     GPU what its steps would: the probabilities under P·V's masks within rounding, with a zero exactly where the
-    steps' have one (every later and padding key); v's operand and the secret the very same."""
+    steps' have one (every later and padding key); v's operand within rounding (one C++ call,
+    `native.permute_scale`), and the secret the very same."""
     from splitinfer.tee_ops import CausalBlocks, key_positions
     heads, groups, n, k = 4, 2, 9, 5
     attention_mask = torch.tensor([[1] * n, [1] * 6 + [0] * 3] if padded else [[1] * n] * 2)
@@ -297,13 +298,36 @@ def test_ours_softmax_hop_in_one_pass_is_its_steps(dtype, padded):
     tolerance = {torch.float32: 1e-5, torch.float16: 2e-3}[dtype]
     torch.testing.assert_close(one_a, a, rtol=tolerance, atol=tolerance * a.abs().max().item())
     assert torch.equal(one_a == 0, a == 0) and (a == 0).sum() >= 2 * heads * n * (n - 1) // 2
-    assert torch.equal(one_b, b) and one_secret[0] is secret[0] and one_secret[1:] == secret[1:]
+    torch.testing.assert_close(one_b, b, rtol=tolerance, atol=0)
+    assert one_secret[0] is secret[0] and one_secret[1:] == secret[1:]
 
 
-def test_ours_softmax_hop_runs_its_steps_where_its_kernel_cannot_be_built(tiny_models, monkeypatch, capsys):
-    """Where the C++ kernel fails to build (no compiler, say), set-up leaves that form of ours' softmax hop out, with
-    a warning, the JSON's list of failed kernels says why, and the inference runs the steps, giving transformers'
-    logits."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_ours_matmul_masks_in_one_call_are_their_steps(dtype):
+    """ours' masks on a matmul's operands in one C++ call each (`native.permute_scale`) give what the steps give:
+    q as the engine has it (a view of the rotated heads), kᵀ a transposed view, the probabilities and v a strided
+    one, for two sequences: every value in the same place, within one rounding."""
+    from splitinfer import kernels
+    from splitinfer.schemes import _permute_scale
+    heads, groups, n, k = 4, 2, 9, 8
+    rotated = torch.randn(2, heads + groups, n, k).to(dtype)
+    q, k_t = rotated[:, :heads], rotated[:, heads:].transpose(-1, -2)
+    probs, v = torch.rand(2, heads, n, n).to(dtype), torch.randn(2, groups, 3 * n, k).to(dtype)[:, :, ::3]
+    scheme = Matrix(seed=4)
+    scheme.prepare({}, {"s": (q.shape, k_t.shape), "p": (probs.shape, v.shape)}, dtype=dtype)
+    tolerance = {torch.float32: 1e-6, torch.float16: 1e-3}[dtype]
+    for name, a, b in (("s", q, k_t), ("p", probs, v)):
+        steps = _permute_scale(kernels.as_chosen, a, b, *scheme._permute_args(name, dtype))
+        one_call = scheme._permuted(a, b, name)
+        for got, want in zip(one_call, steps):
+            assert got.shape == want.shape and got.dtype == dtype
+            torch.testing.assert_close(got, want, rtol=tolerance, atol=0)
+
+
+def test_ours_runs_its_steps_where_its_kernels_cannot_be_built(tiny_models, monkeypatch, capsys):
+    """Where the C++ kernels fail to build (no compiler, say), set-up leaves their form of ours' steps out (the
+    softmax hop, the matmul operands' masks, the RoPE hop), with a warning, the JSON's list of failed kernels says
+    why, and the inference runs the steps, giving transformers' logits."""
     from splitinfer import kernels, native
     from torch.utils import cpp_extension
 
@@ -324,9 +348,11 @@ def test_ours_softmax_hop_runs_its_steps_where_its_kernel_cannot_be_built(tiny_m
     finally:
         kernels.select(False)
     assert kernels.failed == {native.NAME: "Ninja is required to load C++ extensions"}
-    assert f"{schemes.SOFTMAX_HOP}'s {native.ONE_PASS} form is left out" in capsys.readouterr().err
-    (times,) = (v for k, v in kernels.chosen().items() if k.startswith(schemes.SOFTMAX_HOP))
-    assert times["runs"] == schemes.STEPS and f"{native.ONE_PASS}_ms" not in times
+    assert f"{native.ONE_PASS} form is left out: {native.NAME} could not be built" in capsys.readouterr().err
+    steps = (schemes.SOFTMAX_HOP, schemes.PROTECT_MATMUL, schemes.ROPE_HOP)
+    picked = {k: v for k, v in kernels.chosen().items() if k.startswith(steps)}
+    assert {k.split()[0] for k in picked} == set(steps)
+    assert all(v["runs"] == schemes.STEPS and f"{native.ONE_PASS}_ms" not in v for v in picked.values())
     assert compare(logits, reference_logits(model.config, model.state_dict, ids, mask))["rel_logit_error"] < 1e-4
 
 
