@@ -1,5 +1,5 @@
 """Hand-written C++ kernels for the TEE's two softmaxes, which neither eager PyTorch nor inductor runs in one pass,
-and for ours' permutations of a matmul's operands and answer.
+and for ours' permutations of a matmul's operands.
 
 - ours' softmax hop, where the scores come back in their masks' order (`schemes.Matrix.softmax_hop`). Its steps make
   five passes over the n² scores (unscale and hide, softmax, the probabilities' rows and columns gathered, the next
@@ -212,10 +212,7 @@ torch::Tensor softmax_blocks(torch::Tensor x, torch::Tensor bias, torch::Tensor 
   return out;
 }
 
-// out[r, j] = x[rows[r], cols[g, j]] * row[r] * col[g, j], g = r / rows_per_group: one matmul operand's rows and
-// columns permuted and scaled by ours' masks. The row scale is row_scale's value at r, or its reciprocal
-// (`row_divides`); col holds the column scales as float32, made per call. Rows of x begin one stride apart, or at
-// offsets (a transposed view: `Rows`), their columns col_stride apart.
+// where rows begin: one stride apart, or at offsets
 struct Rows {
   int64_t stride = 0;
   std::vector<int64_t> offsets;  // where the rows are not one stride apart
@@ -249,6 +246,10 @@ static Rows rows_of(const torch::Tensor& t) {
   return rows;
 }
 
+// out[r, j] = x[rows[r], cols[g, j]] * row[r] * col[g, j], g = r / rows_per_group: one matmul operand's rows and
+// columns permuted and scaled by ours' masks. The row scale is row_scale's value at r, or its reciprocal
+// (`row_divides`); col holds the column scales as float32, made per call. Rows of x begin one stride apart, or at
+// offsets (a transposed view: `Rows`), their columns col_stride apart.
 template <typename T>
 static void permute_rows(int64_t begin, int64_t end, const T* x, const Rows& x_rows, int64_t col_stride,
                          const int64_t* rows, const int32_t* cols, const T* row_scale, bool row_divides,
