@@ -507,8 +507,8 @@ class SplitLlama:
         product algorithms, and the causal blocks' gather index is built (where `pack` gathers), before the
         first inference; the rotary tables of n tokens and an unpadded batch's attention bias made (both kept);
         and where a masked scheme streams the tied table, the whole table once, so that the pinned host memory
-        its two blocks in flight land in is allocated; with `cuda_graphs`, one whole inference (its offline phase included), which
-        captures every GPU call's graph. Nothing of it is counted in an inference. Returns the milliseconds it
+        its two blocks in flight land in is allocated; with `cuda_graphs`, one whole inference (its offline phase
+        included), which captures every GPU call's graph. Nothing of it is counted in an inference. Returns the milliseconds it
         took. (On the H100 machine the first inference's GPU work took 72 ms, against 7 warm: eighth round,
         plain split, 128 tokens.) The TEE-only runner's attention form is chosen here too."""
         start = time.perf_counter()

@@ -545,8 +545,9 @@ def main(argv: list[str] | None = None) -> int:
         results["lengths"][n] = modes
         for step, compiled in modes["compiled"].items():
             eager = modes["eager"].get(step)  # none for a form offered only with compiled kernels
+            ratio = "" if eager is None or not compiled else f"  x{eager / compiled:.2f}"
             print(f"{n:>5} {step:<40} " + ("" if eager is None else f"eager {eager:8.3f} ms  ")
-                  + f"compiled {compiled:8.3f} ms" + ("" if eager is None or not compiled else f"  x{eager / compiled:.2f}"))
+                  + f"compiled {compiled:8.3f} ms{ratio}")
         write_json(args.out, results)
     kernels.select(False)
     del results["incomplete"]

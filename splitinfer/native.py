@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import re
 import sys
+from typing import Callable
 
 import torch
 
@@ -363,10 +364,20 @@ def _module():
 
 
 def offered(t: torch.Tensor) -> bool:
-    """Whether the kernels are a form of a softmax of scores like `t`: where compiled kernels are on, in float16 or
+    """Whether the kernels are a form of a step on tensors like `t`: where compiled kernels are on, in float16 or
     float32, unless they failed to build. They are built at their first call, in set-up's choice of form
     (`kernels.pick`)."""
     return kernels.on() and t.dtype in DTYPES and NAME not in kernels.failed
+
+
+def in_picked_form(step: str, key: torch.Tensor, forms: dict[str, Callable[[], object]],
+                   one_pass: Callable[[], object], usable: bool = True):
+    """What one of `step`'s forms (calls of no arguments) returns, or `one_pass` (with these kernels) where they are
+    offered for tensors like `key` (and `usable`): the one set-up picked at key's shape (`kernels.pick`), the first
+    of `forms` elsewhere."""
+    if usable and offered(key):
+        forms = {**forms, ONE_PASS: one_pass}
+    return forms[kernels.pick(step, key, forms)]()
 
 
 def ours_softmax_hop(c5: torch.Tensor, d1: torch.Tensor, d3: torch.Tensor, rows_at: torch.Tensor, keys: torch.Tensor,
@@ -374,11 +385,11 @@ def ours_softmax_hop(c5: torch.Tensor, d1: torch.Tensor, d3: torch.Tensor, rows_
                      out: torch.Tensor) -> torch.Tensor:
     """The probabilities of ours' scores c5 [B, G, R, n, m], kept in their masks' order (unscaled by d1 [B, G, R, n]
     and d3 [B, G, m], keys at positions `keys` [B, G, m] past a row's position `rows_at` [B, G, R, n] hidden),
-    protected for P·V: rows gathered by `a_rows` (flat over all rows), columns by `cols` [B, G, m], scaled by
+    protected for P·V: rows gathered by `a_rows` (flat over all rows), columns by `cols` [B, G, m] (int32), scaled by
     next_d1 down the rows and next_d2 along them; into `out` (c5's shape, contiguous), which it returns."""
     from splitinfer.tee_ops import BLOCKED  # here: tee_ops imports this module
     return _module().ours_softmax_hop(c5, d1.contiguous(), d3.contiguous(), rows_at.contiguous(), keys.contiguous(),
-                                      a_rows, cols.to(torch.int32).contiguous(), next_d1.contiguous(),
+                                      a_rows, cols.contiguous(), next_d1.contiguous(),
                                       next_d2.contiguous(), out, BLOCKED)
 
 

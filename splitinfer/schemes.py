@@ -347,16 +347,9 @@ class Matrix(Plain):
 
     def protect_matmul(self, a, b, name):
         """In the form set-up picked at a's shape: `_permute_scale`'s steps, or one C++ call an operand."""
-        return (*self._in_form(PROTECT_MATMUL, a,
-                               lambda: _permute_scale(kernels.as_chosen, a, b, *self._permute_args(name, a.dtype)),
-                               lambda: self._permuted(a, b, name)),
+        steps = {STEPS: lambda: _permute_scale(kernels.as_chosen, a, b, *self._permute_args(name, a.dtype))}
+        return (*native.in_picked_form(PROTECT_MATMUL, a, steps, lambda: self._permuted(a, b, name)),
                 self._matmul_secret(name))
-
-    def _in_form(self, step: str, key: torch.Tensor, steps: Callable[[], object], one_pass: Callable[[], object]):
-        """`steps()`, or `one_pass()` (with `native`'s C++ kernels) where they are offered and set-up picked them
-        for `step` at key's shape (`kernels.pick`)."""
-        forms = {STEPS: steps, **({native.ONE_PASS: one_pass} if native.offered(key) else {})}
-        return forms[kernels.pick(step, key, forms)]()
 
     def _permuted(self, a: torch.Tensor, b: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """What `_permute_scale` makes of matmul `name`'s operands, in one C++ call each (`native.permute_scale`):
@@ -391,9 +384,8 @@ class Matrix(Plain):
             return fused(_unmix_op_permute, op)(_rows_of(z, scale), mask["woodbury_rows"], mask["a"], scale, n, bias,
                                                 op_args, *self._permute_args(name, z.dtype))
 
-        return (*self._in_form(ROPE_HOP, z, one_kernel, lambda: self._rope_hop_one_pass(z, secret, bias, op, op_args,
-                                                                                        name)),
-                self._matmul_secret(name))
+        one_pass = functools.partial(self._rope_hop_one_pass, z, secret, bias, op, op_args, name)
+        return *native.in_picked_form(ROPE_HOP, z, {STEPS: one_kernel}, one_pass), self._matmul_secret(name)
 
     def _rope_hop_one_pass(self, z: torch.Tensor, secret: tuple, bias: torch.Tensor | None, op: Callable,
                            op_args: tuple, name: str) -> tuple:
@@ -406,7 +398,7 @@ class Matrix(Plain):
 
     def softmax_hop(self, c, secret, v, name, blocks, bias, attention_mask):
         """Where the scores stay in their masks' order (`_chain`), in the form set-up picked at c's shape
-        (`_in_form`): its steps, or the C++ kernel that takes them in one pass (`native`). Else the steps of
+        (`native.in_picked_form`): its steps, or the C++ kernel that takes them in one pass. Else the steps of
         `Plain.softmax_hop`. May overwrite `c`."""
         m, groups, keep_order = secret
         if not keep_order:
@@ -414,8 +406,9 @@ class Matrix(Plain):
         batch, heads, n, keys = c.shape
         c5 = c.view(batch, groups, heads // groups, n, keys)
         positions = key_positions(m["keys_at"], attention_mask, blocks.padded)
-        return self._in_form(SOFTMAX_HOP, c, functools.partial(self._softmax_steps, c5, m, positions, v, name),
-                             functools.partial(self._softmax_one_pass, c5, m, positions, v, name))
+        steps = functools.partial(self._softmax_steps, c5, m, positions, v, name)
+        return native.in_picked_form(SOFTMAX_HOP, c, {STEPS: steps},
+                                     functools.partial(self._softmax_one_pass, c5, m, positions, v, name))
 
     def _softmax_steps(self, c5: torch.Tensor, m: dict[str, torch.Tensor], positions: torch.Tensor, v: torch.Tensor,
                        name: str) -> tuple:

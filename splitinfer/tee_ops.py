@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from splitinfer import kernels, native
+from splitinfer import native
 from splitinfer.kernels import tee_kernel
 
 
@@ -390,10 +390,11 @@ class CausalBlocks:
         may overwrite the scores), into `out` where given: in the form set-up picked at the scores' shape, the
         TEE kernel `_softmax_blocks` or the C++ kernel that takes each row in one pass (`native.softmax_blocks`)."""
         out = torch.empty_like(scores) if out is None else out
-        forms = {BLOCKS: lambda: _softmax_blocks(scores, bias, out, self.batch, self.heads, self.starts, self.padded)}
-        if native.offered(scores) and scores.is_contiguous() and out.is_contiguous():
-            forms[native.ONE_PASS] = lambda: native.softmax_blocks(scores, bias, out, self.batch, self.heads, self.starts)
-        return forms[kernels.pick(SOFTMAX_BLOCKS, scores, forms)]()
+        return native.in_picked_form(
+            SOFTMAX_BLOCKS, scores,
+            {BLOCKS: lambda: _softmax_blocks(scores, bias, out, self.batch, self.heads, self.starts, self.padded)},
+            lambda: native.softmax_blocks(scores, bias, out, self.batch, self.heads, self.starts),
+            usable=scores.is_contiguous() and out.is_contiguous())
 
     def softmax_block(self, r: int, block: torch.Tensor, bias: torch.Tensor, out: torch.Tensor) -> None:
         """masked_softmax of block r into `out`. Without padding the bias is zero left of the block's
