@@ -34,7 +34,7 @@ from splitinfer.models import PRESETS
 from splitinfer.perf import parse_counts
 from splitinfer.files import write_json
 from splitinfer.results import environment_block
-from splitinfer.schemes import CROSS_FORMS, FLOAT32, INTEGER_DTYPES, Matrix, Otp
+from splitinfer.schemes import CROSS_FORMS, FLOAT32, INTEGER_DTYPES, Matrix, Otp, _rows_of
 from splitinfer.tee_ops import (CausalBlocks, RmsNorm, apply_rope, attention_bias, grouped_matmul, key_positions,
                                 masked_softmax, merge_heads, merged, residual_rms_norm, rms_norm, rotated_heads,
                                 silu_gate, softmax_in_order, split_heads)
@@ -148,6 +148,10 @@ def layer_steps(preset: str, n: int, dtype: torch.dtype, compiled: bool, repeat:
 
         return timed(one_call if fused else separate, answer.clone, repeat)
 
+    def linear_hop_args(z, source, op, args, target) -> tuple:  # as `Matrix.hop` gives `_linear_hop_one_pass` them
+        mask, _, scale, _ = secrets[source]
+        return _rows_of(z, scale), mask, scale, op, args, ours._mix_args(target, ours.linear_shapes[target][-1], dtype)
+
     # the softmaxes as `native`'s C++ kernels take them, in one pass (compiled kernels only: they are offered there,
     # ours' where its scores stay in their masks' order, and set-up picks them per shape)
     def one_pass() -> dict[str, float]:
@@ -167,7 +171,10 @@ def layer_steps(preset: str, n: int, dtype: torch.dtype, compiled: bool, repeat:
                         + timed(lambda c: ours.recover_matmul(c, attend_secret), masked_out.clone, repeat)),
                     "ours: RoPE hop, C++ permutations": timed(
                         lambda z: ours._rope_hop_one_pass(z, secrets["qkv"], None, rotated_heads, rope_args(), "s"),
-                        outputs["qkv"].clone, repeat)}
+                        outputs["qkv"].clone, repeat),
+                    "ours: 3 hops, one C++ call each": sum(
+                        timed(lambda z, hop=hop: ours._linear_hop_one_pass(*linear_hop_args(z, *hop)),
+                              outputs[hop[0]].clone, repeat) for hop in hops)}
         except RuntimeError as e:  # they could not be built here
             print(f"warning: {e}", file=sys.stderr)
             return {}

@@ -21,7 +21,8 @@ import torch
 
 from splitinfer import kernels, native
 from splitinfer.kernels import fused, tee_kernel
-from splitinfer.tee_ops import CausalBlocks, _hide_later_keys, grouped_matmul, key_positions, merged
+from splitinfer.tee_ops import (CausalBlocks, _hide_later_keys, gated, grouped_matmul, key_positions, merged,
+                                sum_and_norm)
 
 MaskShapes = dict[str, tuple[int, ...]]
 MatmulShapes = dict[str, tuple[tuple[int, ...], tuple[int, ...]]]
@@ -305,14 +306,37 @@ class Matrix(Plain):
         return y[:, :n].reshape(*in_shape[:-1], z.shape[-1])
 
     def hop(self, z, secret, bias, op, op_args, name):
-        """May overwrite `z`."""
+        """In the form set-up picked at z's shape for the op: one TEE kernel (`_unmix_op_mix`), or one C++ call
+        (`_linear_hop_one_pass`) where the op is SiLU·up or the residual sum's RMSNorm and neither a bias nor a
+        dummy row comes in. May overwrite `z`."""
         mask, in_shape, scale, n = secret
         if len(in_shape) != 3:  # the LM head's rows: no op comes after it
             raise ValueError(f"a fused hop takes [batch, n, width] answers, not {list(in_shape)}")
         width = self.linear_shapes[name][-1]
-        kept, mixed, next_scale = fused(_unmix_op_mix, op)(_rows_of(z, scale), mask["woodbury_rows"], mask["a"], scale,
-                                                           n, bias, op_args, *self._mix_args(name, width, z.dtype))
+        z3, mix_args = _rows_of(z, scale), self._mix_args(name, width, z.dtype)
+
+        def one_kernel():
+            return fused(_unmix_op_mix, op)(z3, mask["woodbury_rows"], mask["a"], scale, n, bias, op_args, *mix_args)
+
+        one_pass = functools.partial(self._linear_hop_one_pass, z3, mask, scale, op, op_args, mix_args)
+        usable = bias is None and mix_args[3] is None and op in (gated, sum_and_norm)
+        kept, mixed, next_scale = native.in_picked_form(f"{LINEAR_HOP}_{op.__name__}", z, {STEPS: one_kernel},
+                                                        one_pass, usable)
         return (kept, *self._mixed(mixed, next_scale, name, (*in_shape[:-1], width), n))
+
+    @staticmethod
+    def _linear_hop_one_pass(z3: torch.Tensor, mask: dict[str, torch.Tensor], scale: torch.Tensor, op: Callable,
+                             op_args: tuple, mix_args: tuple) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """`_unmix_op_mix`'s (kept, mixed, next scale) in one C++ call (`native.ours_linear_hop`), for SiLU·up
+        (`gated`) or the residual sum's RMSNorm (`sum_and_norm`), with no dummy rows."""
+        d, a_next, b_t_over_d, _, out = mix_args
+        norm = None if op is gated else op_args
+        width = z3.shape[-1] // 2 if norm is None else z3.shape[-1]
+        out = torch.empty(*d.shape, width, dtype=z3.dtype) if out is None else out
+        kept = torch.empty_like(out)  # SiLU·up, which nothing keeps; or the residual stream, which the layer keeps
+        next_scale = native.ours_linear_hop(z3, mask["woodbury_rows"], mask["a"], scale, norm, d, a_next, b_t_over_d,
+                                            out, kept)
+        return (None if norm is None else kept), out, next_scale
 
     def warm_kernels(self, linears, matmuls, outputs, dtype, softmax_of=None, hops=(), products=None,
                      attention=None) -> None:
@@ -455,6 +479,7 @@ class Matrix(Plain):
 # `native`'s C++ kernels. The softmax hop's, where the scores stay in their masks' order
 SOFTMAX_HOP = "ours_softmax_hop"
 PROTECT_MATMUL, ROPE_HOP = "ours_protect_matmul", "ours_rope_hop"
+LINEAR_HOP = "ours_hop"  # a hop between two linears, as its op names it: ours_hop_gated, ours_hop_sum_and_norm
 STEPS = "steps"
 
 

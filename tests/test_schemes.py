@@ -324,9 +324,47 @@ def test_ours_matmul_masks_in_one_call_are_their_steps(dtype):
             torch.testing.assert_close(got, want, rtol=tolerance, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("op_name", ["gated", "sum_and_norm"])
+def test_ours_linear_hop_in_one_call_is_its_steps(dtype, op_name):
+    """ours' hop between two linears in one C++ call (`native.ours_linear_hop`: float32 throughout) gives what its
+    steps give (`_unmix_op_mix`): the next linear's masked input, the mask's row scales and what the op keeps,
+    within rounding, for two sequences under rank-2 masks, across more rows than one thread's run."""
+    from splitinfer import kernels
+    from splitinfer.kernels import fused
+    from splitinfer.schemes import _rows_of, _unmix_op_mix
+    from splitinfer.tee_ops import RmsNorm, gated, sum_and_norm
+    n, d, inner = 13, 16, 24
+    gate_up = op_name == "gated"
+    op = gated if gate_up else sum_and_norm
+    width_in, width_out, next_width = (d, 2 * inner, inner) if gate_up else (d, d, d)
+    scheme = Matrix(seed=5, rank=2)
+    scheme.prepare({"before": (2, n, width_in), "after": (2, n, next_width)}, {}, dtype=dtype)
+    secret = scheme.protect_linear(torch.randn(2, n, width_in).to(dtype), "before")[1]
+    mask, _, scale, rows = secret
+    z = (torch.randn(2, n, width_out) * 3).to(dtype)
+    norm = RmsNorm.of(torch.rand(d) + 0.5, 1e-5)
+    op_args = () if gate_up else (torch.randn(2, n, d).to(dtype), norm.scaled, norm.eps_d)
+    mix_args = scheme._mix_args("after", next_width, dtype)
+    kept, mixed, next_scale = fused(_unmix_op_mix, op)(_rows_of(z.clone(), scale), mask["woodbury_rows"], mask["a"],
+                                                       scale, rows, None, op_args, *mix_args)  # overwrites z
+    mixed = mixed.clone()  # the one call writes the same buffer where there is one
+    one_kept, one_mixed, one_scale = scheme._linear_hop_one_pass(_rows_of(z, scale), mask, scale, op, op_args,
+                                                                 mix_args)
+    assert one_mixed.shape == mixed.shape and one_mixed.dtype == dtype
+    tolerance = {torch.float32: 1e-5, torch.float16: 4e-3}[dtype]
+    torch.testing.assert_close(one_mixed, mixed, rtol=tolerance, atol=tolerance * mixed.abs().max().item())
+    torch.testing.assert_close(one_scale, next_scale, rtol=tolerance, atol=0)
+    if gate_up:
+        assert kept is None and one_kept is None
+    else:
+        torch.testing.assert_close(one_kept, kept, rtol=tolerance, atol=tolerance * kept.abs().max().item())
+    assert not kernels.on()  # the steps ran eager
+
+
 def test_ours_runs_its_steps_where_its_kernels_cannot_be_built(tiny_models, monkeypatch, capsys):
     """Where the C++ kernels fail to build (no compiler, say), set-up leaves their form of ours' steps out (the
-    softmax hop, the matmul operands' masks, the RoPE hop), with a warning, the JSON's list of failed kernels says
+    softmax hop, the matmul operands' masks, the RoPE hop, the hops between two linears), with a warning, the JSON's list of failed kernels says
     why, and the inference runs the steps, giving transformers' logits."""
     from splitinfer import kernels, native
     from torch.utils import cpp_extension
@@ -349,7 +387,8 @@ def test_ours_runs_its_steps_where_its_kernels_cannot_be_built(tiny_models, monk
         kernels.select(False)
     assert kernels.failed == {native.NAME: "Ninja is required to load C++ extensions"}
     assert f"{native.ONE_PASS} form is left out: {native.NAME} could not be built" in capsys.readouterr().err
-    steps = (schemes.SOFTMAX_HOP, schemes.PROTECT_MATMUL, schemes.ROPE_HOP)
+    steps = (schemes.SOFTMAX_HOP, schemes.PROTECT_MATMUL, schemes.ROPE_HOP,
+             *(f"{schemes.LINEAR_HOP}_{op}" for op in ("gated", "sum_and_norm")))
     picked = {k: v for k, v in kernels.chosen().items() if k.startswith(steps)}
     assert {k.split()[0] for k in picked} == set(steps)
     assert all(v["runs"] == schemes.STEPS and f"{native.ONE_PASS}_ms" not in v for v in picked.values())
