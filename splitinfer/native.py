@@ -1,5 +1,5 @@
 """Hand-written C++ kernels for the TEE's two softmaxes, which neither eager PyTorch nor inductor runs in one pass,
-and for ours' permutations of a matmul's operands.
+for ours' permutations of a matmul's operands, and for ours' hops into a linear.
 
 - ours' softmax hop, where the scores come back in their masks' order (`schemes.Matrix.softmax_hop`). Its steps make
   five passes over the n² scores (unscale and hide, softmax, the probabilities' rows and columns gathered, the next
@@ -19,6 +19,9 @@ and for ours' permutations of a matmul's operands.
   tokens on the VM for SiLU's hop, more than ten times the plain split's SiLU. This one reads whole rows in three
   passes (the Woodbury column sums; each row recovered, its op, its mixing scale and its share of the mixing
   sums; each row mixed), on rows cut into one run a thread.
+- ours' hop from P·V to the o projection (`schemes.Matrix.attend_hop`): each head's rows unscaled and unpermuted,
+  the heads merged and mixed for o, in two passes (each output row gathered head by head, a source row prefetched
+  ahead; each row mixed).
 
 Built with the machine's own compiler for its own CPU (`-march=native`: the TEE runs where it is built), once per
 source, machine and torch version (torch's extension cache, `TORCH_EXTENSIONS_DIR`), and only where compiled
@@ -368,8 +371,8 @@ static inline float silu(float g) {
   return g * (g < 0.0f ? e : 1.0f) / (1.0f + e);
 }
 
-// ours' hop between two linears works on rows in groups of ROWS, a chunk of COLUMNS at a time: a group's chunks in
-// float32 stay in the core's first-level cache, and each running column sum is read and written once a group
+// ours' hops work on rows in groups of ROWS, a chunk of COLUMNS at a time: a group's chunks in float32 stay in the
+// core's first-level cache, and each running column sum is read and written once a group
 constexpr int64_t ROWS = 4, COLUMNS = 256;
 
 // acc[q, j0 + j] += Σ_i weights[q, r + i] · rows[i][j] for q < k, a chunk of m columns of a group's rows
@@ -397,16 +400,121 @@ static void sum_parts(std::vector<float>& sums, int64_t parts, int64_t width) {
   });
 }
 
-// one sequence of ours' hop between two linears (`ours_linear_hop`)
+// R rows cut into one run a thread, in whole groups (reading rows whole: a column block read down rows of a
+// power-of-two width would share the cache's sets)
+struct Runs {
+  int64_t rows, parts;
+  explicit Runs(int64_t r)
+      : rows(r), parts(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (r + ROWS - 1) / ROWS))) {}
+  int64_t first(int64_t p) const { return p == parts ? rows : (rows / ROWS * p / parts) * ROWS; }
+  template <typename F>
+  void each(const F& f) const {  // f(part, first row, end row) for every run, in parallel
+    at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) f(p, first(p), first(p + 1));
+    });
+  }
+};
+
+// ours' protect of the next linear's input (`_mix_rows`, no dummy rows) for one sequence, whose rows h a hop has
+// written into `kept` (T, D2 wide): each row at unit RMS (h·c, c = d/rms(h)), mixed, h·c + A'·(Bᵀ/D)·(h·c). Where
+// there is a `weight` (an RMSNorm's, times √D2), h is kept·weight/rms(kept), and the hop gives its 1/rms.
 template <typename T>
-struct LinearHop {
-  int64_t R, W, D2, k;
-  bool gated;
-  const T *z, *x;
-  const float *woodbury, *a, *scale, *d, *a_next, *bt, *weight;
-  float eps_d;
+struct Mix {
+  int64_t R, D2, k;
+  const float *d, *a_next, *bt, *weight;
   T *kept, *out;
   float* next_scale;
+
+  // columns j0 to j0 + m of row r of h, times c[r]
+  void input(int64_t r, int64_t j0, int64_t m, const float* c, float* h) const {
+    load(h, kept + r * D2 + j0, m);
+    const float cr = c[r];
+    if (weight == nullptr) {
+      #pragma omp simd
+      for (int64_t j = 0; j < m; ++j) h[j] *= cr;
+    } else {
+      const float* w = weight + j0;
+      #pragma omp simd
+      for (int64_t j = 0; j < m; ++j) h[j] *= w[j] * cr;
+    }
+  }
+
+  // a group of g rows from r, once the hop has written them: their scales c from their sums of squares (of h) and
+  // their norms' 1/rms (1 where there is no norm); their share of the column sums (Bᵀ/D)·diag(c)·h into acc
+  void group(int64_t r, int64_t g, const float* squares, const float* inv_rms, float* c, float* acc) const {
+    for (int64_t i = 0; i < g; ++i) {
+      const float next = d[r + i] / std::max(inv_rms[i] * std::sqrt(squares[i] / D2), 1e-12f);
+      next_scale[r + i] = next;
+      c[r + i] = inv_rms[i] * next;
+    }
+    float rows[ROWS][COLUMNS];
+    for (int64_t j0 = 0; j0 < D2; j0 += COLUMNS) {
+      const int64_t m = std::min(COLUMNS, D2 - j0);
+      for (int64_t i = 0; i < g; ++i) input(r + i, j0, m, c, rows[i]);
+      add_group(acc, D2, j0, bt, R, k, r, g, rows, m);
+    }
+  }
+
+  // rows r0 to r1 mixed, given the column sums `shared`
+  void rows(int64_t r0, int64_t r1, const float* shared, const float* c) const {
+    float h[COLUMNS];
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t j0 = 0; j0 < D2; j0 += COLUMNS) {
+        const int64_t m = std::min(COLUMNS, D2 - j0);
+        input(r, j0, m, c, h);
+        for (int64_t q = 0; q < k; ++q) {
+          const float aq = a_next[r * k + q];
+          const float* sh = shared + q * D2 + j0;
+          #pragma omp simd
+          for (int64_t j = 0; j < m; ++j) h[j] += aq * sh[j];
+        }
+        store(out + r * D2 + j0, h, m);
+      }
+  }
+
+  // the whole mix, once `produce(r0, r1, acc, c)` has written h's rows r0 to r1 and called `group` on them
+  template <typename F>
+  void run(const Runs& runs, std::vector<float>& sums, std::vector<float>& c, const F& produce) const {
+    std::fill(sums.begin(), sums.end(), 0.0f);
+    runs.each([&](int64_t p, int64_t r0, int64_t r1) { produce(r0, r1, sums.data() + p * k * D2, c.data()); });
+    sum_parts(sums, runs.parts, k * D2);
+    runs.each([&](int64_t, int64_t r0, int64_t r1) { rows(r0, r1, sums.data(), c.data()); });
+  }
+};
+
+template <typename T>
+static Mix<T> mix_of(int64_t s, int64_t R, int64_t D2, const torch::Tensor& d, const torch::Tensor& a_next,
+                     const torch::Tensor& bt, const float* weight, torch::Tensor& kept, torch::Tensor& out,
+                     torch::Tensor& next_scale) {
+  const int64_t k = a_next.size(-1);
+  return Mix<T>{R, D2, k, d.data_ptr<float>() + s * R, a_next.data_ptr<float>() + s * R * k,
+                bt.data_ptr<float>() + s * k * R, weight, kept.data_ptr<T>() + s * R * D2,
+                out.data_ptr<T>() + s * R * D2, next_scale.data_ptr<float>() + s * R};
+}
+
+static void check_mix(const torch::Tensor& d, const torch::Tensor& a_next, const torch::Tensor& bt,
+                      const torch::Tensor& out, const torch::Tensor& kept, const torch::Tensor& answer, int64_t S,
+                      int64_t R, int64_t D2) {
+  for (const auto& t : {d, a_next, bt, out, kept})
+    TORCH_CHECK(t.is_contiguous() && t.device().is_cpu(), "ours' hops take contiguous CPU tensors");
+  for (const auto& t : {d, a_next, bt}) TORCH_CHECK(t.scalar_type() == at::kFloat, "ours' hops: float32 masks");
+  TORCH_CHECK(out.scalar_type() == answer.scalar_type() && kept.scalar_type() == answer.scalar_type()
+              && (answer.scalar_type() == at::kHalf || answer.scalar_type() == at::kFloat),
+              "ours' hops take float16 or float32 answers, and write their dtype");
+  const int64_t k = a_next.size(-1);
+  TORCH_CHECK(d.numel() == S * R && a_next.numel() == S * R * k && bt.numel() == S * k * R && out.numel() == S * R * D2
+              && kept.numel() == S * R * D2, "ours' hops: the mix's shapes do not match");
+}
+
+// one sequence of ours' hop between two linears (`ours_linear_hop`): z unmixed, then SiLU·up or the residual sum
+template <typename T>
+struct LinearHop {
+  int64_t R, W, k;
+  bool gated;
+  const T *z, *x;
+  const float *woodbury, *a, *scale, *weight;
+  float eps_d;
+  Mix<T> mix;
 
   // the Woodbury column sums woodbury_rows · z (k×W) of rows r0 to r1, into acc
   void unmix_sums(int64_t r0, int64_t r1, float* acc) const {
@@ -435,147 +543,160 @@ struct LinearHop {
     for (int64_t j = 0; j < m; ++j) y[j] *= inv_scale;
   }
 
-  // rows r0 to r1 recovered, the op (kept), each row's scale c for the mix (its whole row known), and the mix's
-  // column sums (Bᵀ/D)·diag(c)·h (k×D2) into acc
-  void op_sums(int64_t r0, int64_t r1, const float* shared, float* acc, float* c) const {
-    float rows[ROWS][COLUMNS], up[COLUMNS];
+  // rows r0 to r1 recovered (given the Woodbury sums `shared`), the op, kept in T; then the mix's group step
+  void op_rows(int64_t r0, int64_t r1, const float* shared, float* acc, float* c) const {
+    const int64_t D2 = mix.D2;
+    float y[COLUMNS], up[COLUMNS];
     for (int64_t r = r0; r < r1; r += ROWS) {
       const int64_t g = std::min(ROWS, r1 - r);
-      float sum1[ROWS] = {0.0f, 0.0f, 0.0f, 0.0f}, sum2[ROWS] = {0.0f, 0.0f, 0.0f, 0.0f};
-      for (int64_t i = 0; i < g; ++i)  // a row at a time: fewer streams from memory at once
+      float squares[ROWS] = {0.0f, 0.0f, 0.0f, 0.0f}, inv_rms[ROWS] = {1.0f, 1.0f, 1.0f, 1.0f};
+      for (int64_t i = 0; i < g; ++i) {  // a row at a time: fewer streams from memory at once
+        float sum1 = 0.0f, sum2 = 0.0f;
         for (int64_t j0 = 0; j0 < D2; j0 += COLUMNS) {
           const int64_t m = std::min(COLUMNS, D2 - j0);
-          float* y = rows[i];
           recovered(r + i, j0, m, shared, y);
-          float s1 = 0.0f, s2 = 0.0f;
           if (gated) {  // SiLU(gate)·up, in T
             recovered(r + i, D2 + j0, m, shared, up);
             #pragma omp simd
             for (int64_t j = 0; j < m; ++j) y[j] = silu(y[j]) * up[j];
             rounded(y, m, z);
-            #pragma omp simd reduction(+:s2)
-            for (int64_t j = 0; j < m; ++j) s2 += y[j] * y[j];
+            #pragma omp simd reduction(+:sum2)
+            for (int64_t j = 0; j < m; ++j) sum2 += y[j] * y[j];
           } else {  // the residual sum, in T; its RMSNorm's sums
             const float* xr = load(up, x + (r + i) * W + j0, m);
             const float* w = weight + j0;
             #pragma omp simd
             for (int64_t j = 0; j < m; ++j) y[j] += xr[j];
             rounded(y, m, z);
-            #pragma omp simd reduction(+:s1, s2)
+            #pragma omp simd reduction(+:sum1, sum2)
             for (int64_t j = 0; j < m; ++j) {
-              s1 += y[j] * y[j];
-              s2 += y[j] * w[j] * y[j] * w[j];
+              sum1 += y[j] * y[j];
+              sum2 += y[j] * w[j] * y[j] * w[j];
             }
           }
-          store(kept + (r + i) * D2 + j0, y, m);
-          sum1[i] += s1;
-          sum2[i] += s2;
+          store(mix.kept + (r + i) * D2 + j0, y, m);
         }
-      // h (SiLU·up; or the sum times weight/rms) is mixed at unit RMS: h·c, c = d/rms(h) (with 1/rms for the norm)
-      for (int64_t i = 0; i < g; ++i) {
-        const float inv_rms = gated ? 1.0f : 1.0f / std::sqrt(eps_d + sum1[i]);
-        const float next = d[r + i] / std::max(inv_rms * std::sqrt(sum2[i] / D2), 1e-12f);
-        next_scale[r + i] = next;
-        c[r + i] = inv_rms * next;
+        squares[i] = sum2;
+        if (!gated) inv_rms[i] = 1.0f / std::sqrt(eps_d + sum1);
       }
-      for (int64_t j0 = 0; j0 < D2; j0 += COLUMNS) {
-        const int64_t m = std::min(COLUMNS, D2 - j0);
-        for (int64_t i = 0; i < g; ++i) mixed_input(r + i, j0, m, c, rows[i]);
-        add_group(acc, D2, j0, bt, R, k, r, g, rows, m);
-      }
+      mix.group(r, g, squares, inv_rms, c, acc);
     }
-  }
-
-  // columns j0 to j0 + m of row r of the op's result times c[r], as the mix takes it
-  void mixed_input(int64_t r, int64_t j0, int64_t m, const float* c, float* h) const {
-    load(h, kept + r * D2 + j0, m);
-    const float cr = c[r];
-    if (gated) {
-      #pragma omp simd
-      for (int64_t j = 0; j < m; ++j) h[j] *= cr;
-    } else {
-      const float* w = weight + j0;
-      #pragma omp simd
-      for (int64_t j = 0; j < m; ++j) h[j] *= w[j] * cr;
-    }
-  }
-
-  // rows r0 to r1 mixed: h·c + A'·shared
-  void mix(int64_t r0, int64_t r1, const float* shared, const float* c) const {
-    float h[COLUMNS];
-    for (int64_t r = r0; r < r1; ++r)
-      for (int64_t j0 = 0; j0 < D2; j0 += COLUMNS) {
-        const int64_t m = std::min(COLUMNS, D2 - j0);
-        mixed_input(r, j0, m, c, h);
-        for (int64_t q = 0; q < k; ++q) {
-          const float aq = a_next[r * k + q];
-          const float* sh = shared + q * D2 + j0;
-          #pragma omp simd
-          for (int64_t j = 0; j < m; ++j) h[j] += aq * sh[j];
-        }
-        store(out + r * D2 + j0, h, m);
-      }
   }
 };
 
 // ours' whole hop between two linears (`schemes.Matrix.hop`), unmix -> SiLU·up (`gated`) or residual + RMSNorm ->
 // mix, for the answer z [S, R, W]: the next linear's input into `out` [S, R, D2], what the op keeps (SiLU·up, or the
-// residual sum) into `kept` (out's shape); returns the next mask's row scale D·diag(1/rms) [S, R, 1]. Three passes,
-// each over rows cut into one run a thread, reading rows whole (a column block read down rows of a power-of-two
-// width would share the cache's sets): the Woodbury column sums of z; each row recovered, its op, its scale for the
+// residual sum) into `kept` (out's shape); returns the next mask's row scale D·diag(1/rms) [S, R, 1]. Three passes
+// over rows cut into one run a thread: the Woodbury column sums of z; each row recovered, its op, its scale for the
 // mix and its share of the mix's column sums; each row mixed.
 torch::Tensor ours_linear_hop(torch::Tensor z, torch::Tensor woodbury, torch::Tensor a, torch::Tensor scale,
                               bool gated, torch::Tensor x, torch::Tensor weight, double eps_d, torch::Tensor d,
                               torch::Tensor a_next, torch::Tensor bt, torch::Tensor out, torch::Tensor kept) {
-  for (const auto& t : {z, woodbury, a, scale, d, a_next, bt, out, kept})
-    TORCH_CHECK(t.is_contiguous() && t.device().is_cpu(), "ours_linear_hop takes contiguous CPU tensors");
-  for (const auto& t : {woodbury, a, scale, d, a_next, bt})
-    TORCH_CHECK(t.scalar_type() == at::kFloat, "ours_linear_hop: float32 masks");
-  TORCH_CHECK(out.scalar_type() == z.scalar_type() && kept.scalar_type() == z.scalar_type()
-              && (z.scalar_type() == at::kHalf || z.scalar_type() == at::kFloat),
-              "ours_linear_hop takes float16 or float32 answers, and writes their dtype");
   const int64_t S = z.size(0), R = z.size(1), W = z.size(2), k = a.size(-1), D2 = gated ? W / 2 : W;
-  TORCH_CHECK(woodbury.numel() == S * k * R && a.numel() == S * R * k && scale.numel() == S * R && d.numel() == S * R
-              && a_next.numel() == S * R * k && bt.numel() == S * k * R && out.numel() == S * R * D2
-              && kept.numel() == S * R * D2 && (!gated || W % 2 == 0), "ours_linear_hop: shapes do not match");
+  check_mix(d, a_next, bt, out, kept, z, S, R, D2);
+  for (const auto& t : {z, woodbury, a, scale})
+    TORCH_CHECK(t.is_contiguous() && t.device().is_cpu(), "ours_linear_hop takes contiguous CPU tensors");
+  for (const auto& t : {woodbury, a, scale})
+    TORCH_CHECK(t.scalar_type() == at::kFloat, "ours_linear_hop: float32 masks");
+  TORCH_CHECK(woodbury.numel() == S * k * R && a.numel() == S * R * k && scale.numel() == S * R
+              && (!gated || W % 2 == 0), "ours_linear_hop: shapes do not match");
   if (!gated)
     TORCH_CHECK(x.is_contiguous() && x.scalar_type() == z.scalar_type() && x.numel() == S * R * W
                 && weight.is_contiguous() && weight.scalar_type() == at::kFloat && weight.numel() == W,
                 "ours_linear_hop: the residual in z's dtype and layout, the norm's float32 weight");
   torch::Tensor next_scale = at::empty({S, R, 1}, d.options());
-  // rows cut into one run a thread, in whole groups
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (R + ROWS - 1) / ROWS));
-  auto first = [&](int64_t p) { return std::min(R, (R / ROWS * p / parts) * ROWS + (p == parts ? R : 0)); };
-  std::vector<float> sums(parts * k * W), c(R);
+  const Runs runs(R);
+  std::vector<float> sums(runs.parts * k * W), c(R);
   auto run = [&](auto* tag) {  // T: z's dtype
     using T = std::remove_pointer_t<decltype(tag)>;
+    const float* w = gated ? nullptr : weight.data_ptr<float>();
     for (int64_t s = 0; s < S; ++s) {
-      const LinearHop<T> hop{R, W, D2, k, gated, z.data_ptr<T>() + s * R * W,
-                             gated ? nullptr : x.data_ptr<T>() + s * R * W,
+      const LinearHop<T> hop{R, W, k, gated, z.data_ptr<T>() + s * R * W, gated ? nullptr : x.data_ptr<T>() + s * R * W,
                              woodbury.data_ptr<float>() + s * k * R, a.data_ptr<float>() + s * R * k,
-                             scale.data_ptr<float>() + s * R, d.data_ptr<float>() + s * R,
-                             a_next.data_ptr<float>() + s * R * k, bt.data_ptr<float>() + s * k * R,
-                             gated ? nullptr : weight.data_ptr<float>(), static_cast<float>(eps_d),
-                             kept.data_ptr<T>() + s * R * D2, out.data_ptr<T>() + s * R * D2,
-                             next_scale.data_ptr<float>() + s * R};
+                             scale.data_ptr<float>() + s * R, w, static_cast<float>(eps_d),
+                             mix_of<T>(s, R, D2, d, a_next, bt, w, kept, out, next_scale)};
       std::fill(sums.begin(), sums.end(), 0.0f);
-      at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t p = begin; p < end; ++p) hop.unmix_sums(first(p), first(p + 1), sums.data() + p * k * W);
-      });
-      sum_parts(sums, parts, k * W);
+      runs.each([&](int64_t p, int64_t r0, int64_t r1) { hop.unmix_sums(r0, r1, sums.data() + p * k * W); });
+      sum_parts(sums, runs.parts, k * W);
       const std::vector<float> shared(sums.begin(), sums.begin() + k * W);
-      std::fill(sums.begin(), sums.end(), 0.0f);
-      at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t p = begin; p < end; ++p)
-          hop.op_sums(first(p), first(p + 1), shared.data(), sums.data() + p * k * D2, c.data());
-      });
-      sum_parts(sums, parts, k * D2);
-      at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t p = begin; p < end; ++p) hop.mix(first(p), first(p + 1), sums.data(), c.data());
+      hop.mix.run(runs, sums, c, [&](int64_t r0, int64_t r1, float* acc, float* cs) {
+        hop.op_rows(r0, r1, shared.data(), acc, cs);
       });
     }
   };
   if (z.scalar_type() == at::kHalf) run(static_cast<at::Half*>(nullptr));
+  else run(static_cast<float*>(nullptr));
+  return next_scale;
+}
+
+// ours' hop from P·V to the o projection (`schemes.Matrix.attend_hop`) for the answer c [B, H, n, h]: each head's
+// rows unscaled (d1 [B, G, H/G, n], d3 [B, G, h]) and unpermuted (`rows`: each output row's flat source row,
+// `cols` [B, G, h] int32: each output column's source), the heads merged, and mixed for o (`Mix`): the next
+// linear's input into `out` [B, n, H·h], the merged heads into `kept`; returns the mix's row scale [B, n, 1]. Two
+// passes over output rows cut into one run a thread: each row gathered from its heads with its scale and share of
+// the mix's sums; each row mixed.
+torch::Tensor ours_attend_hop(torch::Tensor c, torch::Tensor rows, torch::Tensor cols, torch::Tensor d1,
+                              torch::Tensor d3, torch::Tensor d, torch::Tensor a_next, torch::Tensor bt,
+                              torch::Tensor out, torch::Tensor kept) {
+  const int64_t B = c.size(0), H = c.size(1), n = c.size(2), h = c.size(3), G = cols.size(1), k = a_next.size(-1);
+  check_mix(d, a_next, bt, out, kept, c, B, n, H * h);
+  for (const auto& t : {c, rows, cols, d1, d3})
+    TORCH_CHECK(t.is_contiguous() && t.device().is_cpu(), "ours_attend_hop takes contiguous CPU tensors");
+  TORCH_CHECK(rows.scalar_type() == at::kLong && cols.scalar_type() == at::kInt && d1.scalar_type() == c.scalar_type()
+              && d3.scalar_type() == c.scalar_type(),
+              "ours_attend_hop: int64 rows, int32 columns, scales in c's dtype");
+  TORCH_CHECK(H % G == 0 && h <= COLUMNS && rows.numel() == B * H * n && cols.numel() == B * G * h
+              && d1.numel() == B * H * n && d3.numel() == B * G * h, "ours_attend_hop: shapes do not match");
+  torch::Tensor next_scale = at::empty({B, n, 1}, d.options());
+  const Runs runs(n);
+  const int64_t D2 = H * h;
+  std::vector<float> sums(runs.parts * k * D2), cs(n), inv_d3(B * G * h);
+  const int32_t* col = cols.data_ptr<int32_t>();
+  auto run = [&](auto* tag) {  // T: c's dtype
+    using T = std::remove_pointer_t<decltype(tag)>;
+    const T* d3s = d3.data_ptr<T>();
+    for (int64_t i = 0; i < B * G * h; ++i)  // each output column's column scale, at its source
+      inv_d3[i] = 1.0f / static_cast<float>(d3s[(i / h) * h + col[i]]);
+    const T* cc = c.data_ptr<T>();
+    const T* d1s = d1.data_ptr<T>();
+    const int64_t* src_rows = rows.data_ptr<int64_t>();
+    for (int64_t b = 0; b < B; ++b) {
+      const Mix<T> mix = mix_of<T>(b, n, D2, d, a_next, bt, nullptr, kept, out, next_scale);
+      mix.run(runs, sums, cs, [&](int64_t r0, int64_t r1, float* acc, float* scales) {
+        // head by head, so that a head's source rows (its n rows, in a random order) stay in the cache
+        std::vector<float> squares(r1 - r0, 0.0f);
+        float source[COLUMNS], y[COLUMNS];
+        for (int64_t head = 0; head < H; ++head) {
+          const int64_t group = b * G + head / (H / G);
+          const int32_t* from = col + group * h;
+          const float* inv = inv_d3.data() + group * h;
+          const int64_t* head_rows = src_rows + (b * H + head) * n;
+          for (int64_t r = r0; r < r1; ++r) {
+            if (r + 4 < r1) {  // a source row ahead: they come in the masks' random order, which no prefetcher guesses
+              const char* ahead = reinterpret_cast<const char*>(cc + head_rows[r + 4] * h);
+              for (int64_t byte = 0; byte < h * static_cast<int64_t>(sizeof(T)); byte += 64)
+                __builtin_prefetch(ahead + byte);
+            }
+            const int64_t src = head_rows[r];
+            const float* v = as_float(cc + src * h, source, h);
+            const float inv_d1 = 1.0f / static_cast<float>(d1s[src]);
+            #pragma omp simd
+            for (int64_t j = 0; j < h; ++j) y[j] = v[from[j]] * inv_d1 * inv[j];
+            rounded(y, h, cc);  // the merged heads in T, as the o projection's input is
+            float sum = 0.0f;
+            #pragma omp simd reduction(+:sum)
+            for (int64_t j = 0; j < h; ++j) sum += y[j] * y[j];
+            squares[r - r0] += sum;
+            store(mix.kept + r * D2 + head * h, y, h);
+          }
+        }
+        const float inv_rms[ROWS] = {1.0f, 1.0f, 1.0f, 1.0f};
+        for (int64_t r = r0; r < r1; r += ROWS)
+          mix.group(r, std::min(ROWS, r1 - r), squares.data() + (r - r0), inv_rms, scales, acc);
+      });
+    }
+  };
+  if (c.scalar_type() == at::kHalf) run(static_cast<at::Half*>(nullptr));
   else run(static_cast<float*>(nullptr));
   return next_scale;
 }
@@ -592,7 +713,8 @@ def _built():
         # a build per torch version, each against its own headers (a machine may hold two, as the VM does); OpenMP
         # for at::parallel_for (torch's own runtime, already loaded), which without it runs on one thread
         return load_inline(f"splitinfer_native_{re.sub(r'[^0-9a-zA-Z]', '_', torch.__version__)}", cpp_sources=SOURCE,
-                           functions=["ours_softmax_hop", "softmax_blocks", "permute_scale", "ours_linear_hop"],
+                           functions=["ours_softmax_hop", "softmax_blocks", "permute_scale", "ours_linear_hop",
+                                      "ours_attend_hop"],
                            extra_ldflags=["-fopenmp"], verbose=False,
                            extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"])
     except Exception as e:  # no compiler, no ninja, a failed build: the steps run instead
@@ -669,3 +791,16 @@ def ours_linear_hop(z3: torch.Tensor, woodbury_rows: torch.Tensor, a: torch.Tens
     return _module().ours_linear_hop(z3.contiguous(), woodbury_rows.contiguous(), a.contiguous(), scale.contiguous(),
                                      norm is None, x.contiguous(), weight.contiguous(), float(eps_d), d.contiguous(),
                                      a_next.contiguous(), b_t_over_d.contiguous(), out, kept)
+
+
+def ours_attend_hop(c: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, d1: torch.Tensor, d3: torch.Tensor,
+                    d: torch.Tensor, a_next: torch.Tensor, b_t_over_d: torch.Tensor, out: torch.Tensor,
+                    kept: torch.Tensor) -> torch.Tensor:
+    """ours' hop from P·V to the o projection in one call (`schemes._unpermute_op_mix` with the heads merged, in
+    float32 throughout): the answer c [B, H, n, h] unscaled (d1 [B, G, H/G, n], d3 [B, G, h], in c's dtype) and
+    unpermuted (`rows`: each output row's flat source row, int64; `cols` [B, G, h]: each output column's source,
+    int32), its heads merged into `kept` [B, n, H·h], and mixed for o (`_mix_rows`: d [B, n], a_next [B, n, k],
+    b_t_over_d [B, k, n]) into `out` (kept's shape). Returns the mix's row scale [B, n, 1]."""
+    return _module().ours_attend_hop(c.contiguous(), rows.contiguous(), cols.contiguous(), d1.contiguous(),
+                                     d3.contiguous(), d.contiguous(), a_next.contiguous(), b_t_over_d.contiguous(),
+                                     out, kept)

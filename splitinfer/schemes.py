@@ -200,6 +200,7 @@ class Matrix(Plain):
         super().__init__(seed)
         self.rank, self.mix_scale = rank, mix_scale
         self.kept_order: set[str] = set()  # the matmuls whose products stay in their masks' order
+        self.scratch: dict[tuple, torch.Tensor] = {}  # `_scratch`'s buffers
         if rank > 1 or mix_scale != 1.0:
             self.encryption_scheme = self.encryption_scheme.replace("ABᵀ", f"ABᵀ, rank {rank}, mix scale {mix_scale:g}")
 
@@ -263,8 +264,10 @@ class Matrix(Plain):
         mask["cols_b"] = _col_index(mask["p3"], b)
         mask["cols_c"] = _col_index(mask["p3_inverse"], (*per_head[1:], n, m))
         mask["b_scale"] = (mask["d3"].float()[..., None, :] / mask["d2"].float()[..., None]).to(dtype)
-        # each group's column orders as the C++ kernels take them (`native.permute_scale`): int32 [B, G, m]
+        # each group's column orders as the C++ kernels take them (`native.permute_scale`, `native.ours_attend_hop`):
+        # int32 [B, G, m]
         mask["a_columns"], mask["b_columns"] = mask["p2"].int(), mask["p3"].int()
+        mask["c_columns"] = mask["p3_inverse"].int()
         return mask
 
     @staticmethod
@@ -281,7 +284,7 @@ class Matrix(Plain):
         # `_unscale_hide` take them)
         first["rows_at"], first["keys_at"] = first["p1"].int(), first["p3"].int()
         # the gathers they were for are gone
-        del first["rows_p1_inverse"], first["cols_c"], second["rows_p1"]
+        del first["rows_p1_inverse"], first["cols_c"], first["c_columns"], second["rows_p1"]
 
     def protect_linear(self, x, name):
         sequences, n = _sequences(x.shape)
@@ -324,8 +327,7 @@ class Matrix(Plain):
                                                         one_pass, usable)
         return (kept, *self._mixed(mixed, next_scale, name, (*in_shape[:-1], width), n))
 
-    @staticmethod
-    def _linear_hop_one_pass(z3: torch.Tensor, mask: dict[str, torch.Tensor], scale: torch.Tensor, op: Callable,
+    def _linear_hop_one_pass(self, z3: torch.Tensor, mask: dict[str, torch.Tensor], scale: torch.Tensor, op: Callable,
                              op_args: tuple, mix_args: tuple) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
         """`_unmix_op_mix`'s (kept, mixed, next scale) in one C++ call (`native.ours_linear_hop`), for SiLU·up
         (`gated`) or the residual sum's RMSNorm (`sum_and_norm`), with no dummy rows."""
@@ -333,7 +335,8 @@ class Matrix(Plain):
         norm = None if op is gated else op_args
         width = z3.shape[-1] // 2 if norm is None else z3.shape[-1]
         out = torch.empty(*d.shape, width, dtype=z3.dtype) if out is None else out
-        kept = torch.empty_like(out)  # SiLU·up, which nothing keeps; or the residual stream, which the layer keeps
+        # the residual stream, which the layer keeps; or SiLU·up, which nothing keeps
+        kept = self._scratch(out.shape, out.dtype) if norm is None else torch.empty_like(out)
         next_scale = native.ours_linear_hop(z3, mask["woodbury_rows"], mask["a"], scale, norm, d, a_next, b_t_over_d,
                                             out, kept)
         return (None if norm is None else kept), out, next_scale
@@ -456,14 +459,41 @@ class Matrix(Plain):
                 self._matmul_secret(name))
 
     def attend_hop(self, c, secret, product, op, op_args, name):
-        """Overwrites `c`. P·V's product is never kept in the masks' order (`_chain`)."""
+        """In the form set-up picked at c's shape: one TEE kernel (`_unpermute_op_mix`), or one C++ call
+        (`native.ours_attend_hop`) where the op merges the heads and no dummy row comes in. Overwrites `c`. P·V's
+        product is never kept in the masks' order (`_chain`)."""
         m, _, keep_order = secret
         if keep_order:
             raise ValueError("a product kept in its masks' order feeds a softmax, not a linear")
         shape = self.linear_shapes[name]
-        kept, mixed, scale = fused(_unpermute_op_mix, op)(c, m["d1"], m["d3"], m["rows_p1_inverse"], m["cols_c"], op_args,
-                                                          *self._mix_args(name, shape[-1], c.dtype))
+        mix_args = self._mix_args(name, shape[-1], c.dtype)
+
+        def one_kernel():
+            return fused(_unpermute_op_mix, op)(c, m["d1"], m["d3"], m["rows_p1_inverse"], m["cols_c"], op_args,
+                                                *mix_args)
+
+        one_pass = functools.partial(self._attend_hop_one_pass, c, m, mix_args)
+        kept, mixed, scale = native.in_picked_form(ATTEND_HOP, c, {STEPS: one_kernel}, one_pass,
+                                                   usable=op is merged and mix_args[3] is None)
         return (kept, *self._mixed(mixed, scale, name, shape, shape[-2]))
+
+    def _attend_hop_one_pass(self, c: torch.Tensor, m: dict[str, torch.Tensor], mix_args: tuple
+                             ) -> tuple[None, torch.Tensor, torch.Tensor]:
+        """`_unpermute_op_mix`'s (kept, mixed, next scale) for the merged heads, in one C++ call."""
+        d, a_next, b_t_over_d, _, out = mix_args
+        batch, heads, n, h = c.shape
+        out = torch.empty(batch, n, heads * h, dtype=c.dtype) if out is None else out
+        scale = native.ours_attend_hop(c, m["rows_p1_inverse"], m["c_columns"], m["d1"], m["d3"], d, a_next,
+                                       b_t_over_d, out, self._scratch(out.shape, out.dtype))
+        return None, out, scale
+
+    def _scratch(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A buffer that a C++ hop writes and reads back but nothing keeps (SiLU·up, the merged heads), one a shape
+        and dtype, kept across calls."""
+        key = (tuple(shape), dtype)
+        if key not in self.scratch:
+            self.scratch[key] = torch.empty(shape, dtype=dtype)
+        return self.scratch[key]
 
     def recover_matmul(self, c, secret, product=grouped_matmul):
         """Overwrites `c` (the GPU's answer, which nothing else holds) on the way."""
@@ -480,6 +510,7 @@ class Matrix(Plain):
 SOFTMAX_HOP = "ours_softmax_hop"
 PROTECT_MATMUL, ROPE_HOP = "ours_protect_matmul", "ours_rope_hop"
 LINEAR_HOP = "ours_hop"  # a hop between two linears, as its op names it: ours_hop_gated, ours_hop_sum_and_norm
+ATTEND_HOP = "ours_attend_hop"
 STEPS = "steps"
 
 

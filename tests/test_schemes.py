@@ -362,10 +362,37 @@ def test_ours_linear_hop_in_one_call_is_its_steps(dtype, op_name):
     assert not kernels.on()  # the steps ran eager
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_ours_attend_hop_in_one_call_is_its_steps(dtype):
+    """ours' hop from P·V to the o projection in one C++ call (`native.ours_attend_hop`: float32 throughout) gives
+    what its steps give (`_unpermute_op_mix` with the heads merged): o's masked input and its mask's row scales,
+    within rounding, for two sequences, under GQA."""
+    from splitinfer.kernels import fused
+    from splitinfer.schemes import _unpermute_op_mix
+    from splitinfer.tee_ops import merged
+    heads, groups, n, h = 4, 2, 11, 8
+    probs, v = torch.rand(2, heads, n, n).to(dtype), torch.randn(2, groups, n, h).to(dtype)
+    scheme = Matrix(seed=6, rank=2)
+    scheme.prepare({"o": (2, n, heads * h)}, {"p": (probs.shape, v.shape)}, dtype=dtype)
+    a, b, secret = scheme.protect_matmul(probs, v, "p")
+    c = (a.float() @ b.float().repeat_interleave(heads // groups, dim=1)).to(dtype)  # the GPU's answer
+    m = secret[0]
+    mix_args = scheme._mix_args("o", heads * h, dtype)
+    _, mixed, scale = fused(_unpermute_op_mix, merged)(c.clone(), m["d1"], m["d3"], m["rows_p1_inverse"], m["cols_c"],
+                                                       (), *mix_args)  # overwrites c
+    mixed = mixed.clone()
+    kept, one_mixed, one_scale = scheme._attend_hop_one_pass(c, m, mix_args)
+    assert kept is None and one_mixed.shape == mixed.shape == (2, n, heads * h) and one_mixed.dtype == dtype
+    tolerance = {torch.float32: 1e-5, torch.float16: 4e-3}[dtype]
+    torch.testing.assert_close(one_mixed, mixed, rtol=tolerance, atol=tolerance * mixed.abs().max().item())
+    torch.testing.assert_close(one_scale, scale, rtol=tolerance, atol=0)
+
+
 def test_ours_runs_its_steps_where_its_kernels_cannot_be_built(tiny_models, monkeypatch, capsys):
     """Where the C++ kernels fail to build (no compiler, say), set-up leaves their form of ours' steps out (the
-    softmax hop, the matmul operands' masks, the RoPE hop, the hops between two linears), with a warning, the JSON's list of failed kernels says
-    why, and the inference runs the steps, giving transformers' logits."""
+    softmax hop, the matmul operands' masks, the RoPE hop, the hops between two linears and from P·V), with a
+    warning, the JSON's list of failed kernels says why, and the inference runs the steps, giving transformers'
+    logits."""
     from splitinfer import kernels, native
     from torch.utils import cpp_extension
 
@@ -387,7 +414,7 @@ def test_ours_runs_its_steps_where_its_kernels_cannot_be_built(tiny_models, monk
         kernels.select(False)
     assert kernels.failed == {native.NAME: "Ninja is required to load C++ extensions"}
     assert f"{native.ONE_PASS} form is left out: {native.NAME} could not be built" in capsys.readouterr().err
-    steps = (schemes.SOFTMAX_HOP, schemes.PROTECT_MATMUL, schemes.ROPE_HOP,
+    steps = (schemes.SOFTMAX_HOP, schemes.PROTECT_MATMUL, schemes.ROPE_HOP, schemes.ATTEND_HOP,
              *(f"{schemes.LINEAR_HOP}_{op}" for op in ("gated", "sum_and_norm")))
     picked = {k: v for k, v in kernels.chosen().items() if k.startswith(steps)}
     assert {k.split()[0] for k in picked} == set(steps)
