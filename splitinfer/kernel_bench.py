@@ -169,7 +169,7 @@ def layer_steps(preset: str, n: int, dtype: torch.dtype, compiled: bool, repeat:
                         + timed(lambda c: ours.recover_matmul(c, scores_secret), masked_scores.clone, repeat)
                         + timed(lambda _: ours._permuted(probs, v, "p"), repeat=repeat)
                         + timed(lambda c: ours.recover_matmul(c, attend_secret), masked_out.clone, repeat)),
-                    "ours: RoPE hop, C++ permutations": timed(
+                    "ours: RoPE hop, C++ kernels": timed(
                         lambda z: ours._rope_hop_one_pass(z, secrets["qkv"], None, rotated_heads, rope_args(), "s"),
                         outputs["qkv"].clone, repeat),
                     "ours: 3 hops, one C++ call each": sum(

@@ -12,7 +12,11 @@ for ours' permutations of a matmul's operands, and for ours' hops into a linear.
   its row of the bias, one exp a score, written once, every block in one call.
 - ours' masks on a matmul's operands (rows and columns permuted and scaled: `schemes._permute_scale`): one call an
   operand where the steps make three (an `index_select` of the rows, an integer gather of the columns, the
-  scales), each row gathered and scaled in float32 and rounded once.
+  scales), each row gathered and scaled in float32 and rounded once, a source row prefetched ahead (on the VM,
+  q's and kᵀ's masks at 512 tokens after the caches were flushed: 1.39 ms without, 0.57 with).
+- the first half of ours' RoPE hop (`schemes.Matrix.rope_hop`): the qkv answer unmixed and q's and k's heads
+  rotated, in two passes (the Woodbury column sums; each row recovered a chunk of whole heads at a time and
+  rotated), before the operands' masks.
 - ours' hop between two linears (`schemes.Matrix.hop`): the answer unmixed, SiLU·up or the residual sum's RMSNorm,
   the result mixed for the next linear. Inductor's one kernel for it sums the Woodbury and mixing columns down
   rows of a power-of-two width (16384 values for gate/up), which share the cache's sets, and it took 9.2 ms at 512
@@ -270,6 +274,10 @@ static void permute_rows(int64_t begin, int64_t end, const T* x, const Rows& x_r
   std::vector<float> as_f(m), q(m);
   for (int64_t r = begin; r < end; ++r) {
     const int64_t g = r / rows_per_group;
+    if (col_stride == 1 && r + 4 < end) {  // a source row ahead: the masks' random row order hides it from the hardware
+      const char* ahead = reinterpret_cast<const char*>(x + x_rows.at(rows[r + 4]));
+      for (int64_t byte = 0; byte < m * static_cast<int64_t>(sizeof(T)); byte += 64) __builtin_prefetch(ahead + byte);
+    }
     const T* src = x + x_rows.at(rows[r]);
     const int32_t* c = cols + g * m;
     const float s = row_divides ? 1.0f / static_cast<float>(row_scale[r]) : static_cast<float>(row_scale[r]);
@@ -506,18 +514,16 @@ static void check_mix(const torch::Tensor& d, const torch::Tensor& a_next, const
               && kept.numel() == S * R * D2, "ours' hops: the mix's shapes do not match");
 }
 
-// one sequence of ours' hop between two linears (`ours_linear_hop`): z unmixed, then SiLU·up or the residual sum
+// ours' recovery of a linear's answer for one sequence (`_unmix_rows`): z [R, W], D⁻¹(z − A·G⁻¹BᵀD⁻¹·z) with the
+// rows' scales, given Woodbury's k×R rows G⁻¹BᵀD⁻¹ and A [R, k]
 template <typename T>
-struct LinearHop {
+struct Unmix {
   int64_t R, W, k;
-  bool gated;
-  const T *z, *x;
-  const float *woodbury, *a, *scale, *weight;
-  float eps_d;
-  Mix<T> mix;
+  const T* z;
+  const float *woodbury, *a, *scale;
 
-  // the Woodbury column sums woodbury_rows · z (k×W) of rows r0 to r1, into acc
-  void unmix_sums(int64_t r0, int64_t r1, float* acc) const {
+  // the Woodbury column sums woodbury · z (k×W) of rows r0 to r1, into acc
+  void sums(int64_t r0, int64_t r1, float* acc) const {
     float rows[ROWS][COLUMNS];
     for (int64_t r = r0; r < r1; r += ROWS) {
       const int64_t g = std::min(ROWS, r1 - r);
@@ -529,8 +535,16 @@ struct LinearHop {
     }
   }
 
-  // columns j0 to j0 + m of row r recovered, (z - A·shared) / scale, in float32
-  void recovered(int64_t r, int64_t j0, int64_t m, const float* shared, float* y) const {
+  // every row's column sums, a partial sum a run, added: the k×W `shared` that `row` takes
+  std::vector<float> shared(const Runs& runs, std::vector<float>& parts) const {
+    std::fill(parts.begin(), parts.end(), 0.0f);
+    runs.each([&](int64_t p, int64_t r0, int64_t r1) { sums(r0, r1, parts.data() + p * k * W); });
+    sum_parts(parts, runs.parts, k * W);
+    return std::vector<float>(parts.begin(), parts.begin() + k * W);
+  }
+
+  // columns j0 to j0 + m of row r recovered, in float32
+  void row(int64_t r, int64_t j0, int64_t m, const float* shared, float* y) const {
     load(y, z + r * W + j0, m);
     for (int64_t q = 0; q < k; ++q) {
       const float aq = a[r * k + q];
@@ -542,6 +556,38 @@ struct LinearHop {
     #pragma omp simd
     for (int64_t j = 0; j < m; ++j) y[j] *= inv_scale;
   }
+};
+
+template <typename T>
+static Unmix<T> unmix_of(int64_t s, const torch::Tensor& z, const torch::Tensor& woodbury, const torch::Tensor& a,
+                         const torch::Tensor& scale) {
+  const int64_t R = z.size(1), W = z.size(2), k = a.size(-1);
+  return Unmix<T>{R, W, k, z.data_ptr<T>() + s * R * W, woodbury.data_ptr<float>() + s * k * R,
+                  a.data_ptr<float>() + s * R * k, scale.data_ptr<float>() + s * R};
+}
+
+static void check_unmix(const torch::Tensor& z, const torch::Tensor& woodbury, const torch::Tensor& a,
+                        const torch::Tensor& scale) {
+  for (const auto& t : {z, woodbury, a, scale})
+    TORCH_CHECK(t.is_contiguous() && t.device().is_cpu(), "ours' hops take contiguous CPU tensors");
+  for (const auto& t : {woodbury, a, scale})
+    TORCH_CHECK(t.scalar_type() == at::kFloat, "ours' hops: float32 masks");
+  TORCH_CHECK(z.dim() == 3 && (z.scalar_type() == at::kHalf || z.scalar_type() == at::kFloat),
+              "ours' hops take float16 or float32 answers [S, R, W]");
+  const int64_t S = z.size(0), R = z.size(1), k = a.size(-1);
+  TORCH_CHECK(woodbury.numel() == S * k * R && a.numel() == S * R * k && scale.numel() == S * R,
+              "ours' hops: the recovery's shapes do not match");
+}
+
+// one sequence of ours' hop between two linears (`ours_linear_hop`): z unmixed, then SiLU·up or the residual sum
+template <typename T>
+struct LinearHop {
+  Unmix<T> unmix;
+  bool gated;
+  const T* x;
+  const float* weight;
+  float eps_d;
+  Mix<T> mix;
 
   // rows r0 to r1 recovered (given the Woodbury sums `shared`), the op, kept in T; then the mix's group step
   void op_rows(int64_t r0, int64_t r1, const float* shared, float* acc, float* c) const {
@@ -554,20 +600,20 @@ struct LinearHop {
         float sum1 = 0.0f, sum2 = 0.0f;
         for (int64_t j0 = 0; j0 < D2; j0 += COLUMNS) {
           const int64_t m = std::min(COLUMNS, D2 - j0);
-          recovered(r + i, j0, m, shared, y);
+          unmix.row(r + i, j0, m, shared, y);
           if (gated) {  // SiLU(gate)·up, in T
-            recovered(r + i, D2 + j0, m, shared, up);
+            unmix.row(r + i, D2 + j0, m, shared, up);
             #pragma omp simd
             for (int64_t j = 0; j < m; ++j) y[j] = silu(y[j]) * up[j];
-            rounded(y, m, z);
+            rounded(y, m, unmix.z);
             #pragma omp simd reduction(+:sum2)
             for (int64_t j = 0; j < m; ++j) sum2 += y[j] * y[j];
           } else {  // the residual sum, in T; its RMSNorm's sums
-            const float* xr = load(up, x + (r + i) * W + j0, m);
+            const float* xr = load(up, x + (r + i) * D2 + j0, m);
             const float* w = weight + j0;
             #pragma omp simd
             for (int64_t j = 0; j < m; ++j) y[j] += xr[j];
-            rounded(y, m, z);
+            rounded(y, m, unmix.z);
             #pragma omp simd reduction(+:sum1, sum2)
             for (int64_t j = 0; j < m; ++j) {
               sum1 += y[j] * y[j];
@@ -592,14 +638,10 @@ struct LinearHop {
 torch::Tensor ours_linear_hop(torch::Tensor z, torch::Tensor woodbury, torch::Tensor a, torch::Tensor scale,
                               bool gated, torch::Tensor x, torch::Tensor weight, double eps_d, torch::Tensor d,
                               torch::Tensor a_next, torch::Tensor bt, torch::Tensor out, torch::Tensor kept) {
+  check_unmix(z, woodbury, a, scale);
   const int64_t S = z.size(0), R = z.size(1), W = z.size(2), k = a.size(-1), D2 = gated ? W / 2 : W;
+  TORCH_CHECK(!gated || W % 2 == 0, "ours_linear_hop: gate and up take half the answer each");
   check_mix(d, a_next, bt, out, kept, z, S, R, D2);
-  for (const auto& t : {z, woodbury, a, scale})
-    TORCH_CHECK(t.is_contiguous() && t.device().is_cpu(), "ours_linear_hop takes contiguous CPU tensors");
-  for (const auto& t : {woodbury, a, scale})
-    TORCH_CHECK(t.scalar_type() == at::kFloat, "ours_linear_hop: float32 masks");
-  TORCH_CHECK(woodbury.numel() == S * k * R && a.numel() == S * R * k && scale.numel() == S * R
-              && (!gated || W % 2 == 0), "ours_linear_hop: shapes do not match");
   if (!gated)
     TORCH_CHECK(x.is_contiguous() && x.scalar_type() == z.scalar_type() && x.numel() == S * R * W
                 && weight.is_contiguous() && weight.scalar_type() == at::kFloat && weight.numel() == W,
@@ -611,14 +653,10 @@ torch::Tensor ours_linear_hop(torch::Tensor z, torch::Tensor woodbury, torch::Te
     using T = std::remove_pointer_t<decltype(tag)>;
     const float* w = gated ? nullptr : weight.data_ptr<float>();
     for (int64_t s = 0; s < S; ++s) {
-      const LinearHop<T> hop{R, W, k, gated, z.data_ptr<T>() + s * R * W, gated ? nullptr : x.data_ptr<T>() + s * R * W,
-                             woodbury.data_ptr<float>() + s * k * R, a.data_ptr<float>() + s * R * k,
-                             scale.data_ptr<float>() + s * R, w, static_cast<float>(eps_d),
+      const LinearHop<T> hop{unmix_of<T>(s, z, woodbury, a, scale), gated,
+                             gated ? nullptr : x.data_ptr<T>() + s * R * W, w, static_cast<float>(eps_d),
                              mix_of<T>(s, R, D2, d, a_next, bt, w, kept, out, next_scale)};
-      std::fill(sums.begin(), sums.end(), 0.0f);
-      runs.each([&](int64_t p, int64_t r0, int64_t r1) { hop.unmix_sums(r0, r1, sums.data() + p * k * W); });
-      sum_parts(sums, runs.parts, k * W);
-      const std::vector<float> shared(sums.begin(), sums.begin() + k * W);
+      const std::vector<float> shared = hop.unmix.shared(runs, sums);
       hop.mix.run(runs, sums, c, [&](int64_t r0, int64_t r1, float* acc, float* cs) {
         hop.op_rows(r0, r1, shared.data(), acc, cs);
       });
@@ -627,6 +665,60 @@ torch::Tensor ours_linear_hop(torch::Tensor z, torch::Tensor woodbury, torch::Te
   if (z.scalar_type() == at::kHalf) run(static_cast<at::Half*>(nullptr));
   else run(static_cast<float*>(nullptr));
   return next_scale;
+}
+
+// the first half of ours' RoPE hop (`schemes.Matrix.rope_hop`): the qkv projection's answer z [S, R, W] unmixed
+// (`_unmix_rows`), q's and k's heads rotated (`tee_ops.rotated_heads`: cos and sin [R, h], in z's dtype) into
+// `rotated` [S, H + G, R, h], v's heads into `v` [S, R, G·h], each head recovered, rotated and rounded once. Two
+// passes over rows cut into one run a thread: the Woodbury column sums; each row's heads.
+void ours_unmix_rope(torch::Tensor z, torch::Tensor woodbury, torch::Tensor a, torch::Tensor scale,
+                     torch::Tensor cos, torch::Tensor sin, torch::Tensor rotated, torch::Tensor v) {
+  check_unmix(z, woodbury, a, scale);
+  const int64_t S = z.size(0), R = z.size(1), W = z.size(2), k = a.size(-1), rotated_heads = rotated.size(1),
+                h = rotated.size(3), G = v.size(2) / h;
+  for (const auto& t : {cos, sin, rotated, v})
+    TORCH_CHECK(t.is_contiguous() && t.scalar_type() == z.scalar_type(), "ours_unmix_rope: contiguous, in z's dtype");
+  TORCH_CHECK(h % 2 == 0 && h <= COLUMNS && (rotated_heads + G) * h == W && rotated.numel() == S * rotated_heads * R * h
+              && v.numel() == S * R * G * h && cos.numel() == R * h && sin.numel() == R * h,
+              "ours_unmix_rope: shapes do not match");
+  const Runs runs(R);
+  std::vector<float> sums(runs.parts * k * W);
+  auto run = [&](auto* tag) {  // T: z's dtype
+    using T = std::remove_pointer_t<decltype(tag)>;
+    const T *cs = cos.data_ptr<T>(), *sn = sin.data_ptr<T>();
+    for (int64_t s = 0; s < S; ++s) {
+      const Unmix<T> unmix = unmix_of<T>(s, z, woodbury, a, scale);
+      const std::vector<float> shared = unmix.shared(runs, sums);
+      T* rot = rotated.data_ptr<T>() + s * rotated_heads * R * h;
+      T* vs = v.data_ptr<T>() + s * R * G * h;
+      runs.each([&](int64_t, int64_t r0, int64_t r1) {
+        float y[COLUMNS], c[COLUMNS], sine[COLUMNS], o[COLUMNS];
+        const int64_t half = h / 2, heads_a_chunk = COLUMNS / h;
+        for (int64_t r = r0; r < r1; ++r) {
+          load(c, cs + r * h, h);
+          load(sine, sn + r * h, h);
+          for (int64_t first = 0; first < rotated_heads + G; first += heads_a_chunk) {  // whole heads a chunk
+            const int64_t heads = std::min(heads_a_chunk, rotated_heads + G - first);
+            unmix.row(r, first * h, heads * h, shared.data(), y);
+            for (int64_t head = first; head < first + heads; ++head) {
+              const float* x = y + (head - first) * h;
+              if (head >= rotated_heads) {  // v's heads, as they are
+                store(vs + r * G * h + (head - rotated_heads) * h, x, h);
+                continue;
+              }
+              #pragma omp simd
+              for (int64_t j = 0; j < half; ++j) o[j] = x[j] * c[j] - x[j + half] * sine[j];
+              #pragma omp simd
+              for (int64_t j = half; j < h; ++j) o[j] = x[j] * c[j] + x[j - half] * sine[j];
+              store(rot + (head * R + r) * h, o, h);
+            }
+          }
+        }
+      });
+    }
+  };
+  if (z.scalar_type() == at::kHalf) run(static_cast<at::Half*>(nullptr));
+  else run(static_cast<float*>(nullptr));
 }
 
 // ours' hop from P·V to the o projection (`schemes.Matrix.attend_hop`) for the answer c [B, H, n, h]: each head's
@@ -714,7 +806,7 @@ def _built():
         # for at::parallel_for (torch's own runtime, already loaded), which without it runs on one thread
         return load_inline(f"splitinfer_native_{re.sub(r'[^0-9a-zA-Z]', '_', torch.__version__)}", cpp_sources=SOURCE,
                            functions=["ours_softmax_hop", "softmax_blocks", "permute_scale", "ours_linear_hop",
-                                      "ours_attend_hop"],
+                                      "ours_attend_hop", "ours_unmix_rope"],
                            extra_ldflags=["-fopenmp"], verbose=False,
                            extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"])
     except Exception as e:  # no compiler, no ninja, a failed build: the steps run instead
@@ -804,3 +896,12 @@ def ours_attend_hop(c: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, d1:
     return _module().ours_attend_hop(c.contiguous(), rows.contiguous(), cols.contiguous(), d1.contiguous(),
                                      d3.contiguous(), d.contiguous(), a_next.contiguous(), b_t_over_d.contiguous(),
                                      out, kept)
+
+
+def ours_unmix_rope(z3: torch.Tensor, woodbury_rows: torch.Tensor, a: torch.Tensor, scale: torch.Tensor,
+                    cos: torch.Tensor, sin: torch.Tensor, rotated: torch.Tensor, v: torch.Tensor) -> None:
+    """The first half of ours' RoPE hop in one call (`schemes._unmix_rows`, then `tee_ops.rotated_heads`, in float32
+    throughout): the qkv projection's answer z3 [S, R, W] unmixed, q's and k's heads rotated by cos and sin [R, h]
+    into `rotated` [S, H + G, R, h], v's heads into `v` [S, R, G·h] (both contiguous, in z3's dtype)."""
+    _module().ours_unmix_rope(z3.contiguous(), woodbury_rows.contiguous(), a.contiguous(), scale.contiguous(),
+                              cos.contiguous(), sin.contiguous(), rotated, v)

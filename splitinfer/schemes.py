@@ -22,7 +22,7 @@ import torch
 from splitinfer import kernels, native
 from splitinfer.kernels import fused, tee_kernel
 from splitinfer.tee_ops import (CausalBlocks, _hide_later_keys, gated, grouped_matmul, key_positions, merged,
-                                sum_and_norm)
+                                rotated_heads, split_heads, sum_and_norm)
 
 MaskShapes = dict[str, tuple[int, ...]]
 MatmulShapes = dict[str, tuple[tuple[int, ...], tuple[int, ...]]]
@@ -416,11 +416,20 @@ class Matrix(Plain):
 
     def _rope_hop_one_pass(self, z: torch.Tensor, secret: tuple, bias: torch.Tensor | None, op: Callable,
                            op_args: tuple, name: str) -> tuple:
-        """The RoPE hop's recovery and op as kernels apart, the scores' operands protected by `native`'s C++
-        kernels (`_permuted`): (kept, a, b)."""
+        """The RoPE hop in `native`'s C++ kernels: the recovery and RoPE in one call (`native.ours_unmix_rope`;
+        where a bias or a dummy row comes in, `_unmix_rows` and the op apart), the scores' operands protected by
+        `_permuted`: (kept, a, b)."""
         mask, in_shape, scale, n = secret
-        y = kernels.as_chosen(_unmix_rows)(_rows_of(z, scale), mask["woodbury_rows"], mask["a"], scale)[:, :n]
-        kept, (left, right) = op(kernels.as_chosen, y if bias is None else torch.add(y, bias), *op_args)
+        z3 = _rows_of(z, scale)
+        if bias is None and op is rotated_heads and z3.shape[1] == n:
+            cos, sin, heads, rotated = op_args
+            h = rotated.shape[-1]
+            v = torch.empty(z3.shape[0], n, z3.shape[-1] - rotated.shape[1] * h, dtype=z.dtype)
+            native.ours_unmix_rope(z3, mask["woodbury_rows"], mask["a"], scale, cos, sin, rotated, v)
+            kept, left, right = split_heads(v, h), rotated[:, :heads], rotated[:, heads:].transpose(-1, -2)
+        else:
+            y = kernels.as_chosen(_unmix_rows)(z3, mask["woodbury_rows"], mask["a"], scale)[:, :n]
+            kept, (left, right) = op(kernels.as_chosen, y if bias is None else torch.add(y, bias), *op_args)
         return kept, *self._permuted(left, right, name)
 
     def softmax_hop(self, c, secret, v, name, blocks, bias, attention_mask):

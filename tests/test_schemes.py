@@ -388,6 +388,38 @@ def test_ours_attend_hop_in_one_call_is_its_steps(dtype):
     torch.testing.assert_close(one_scale, scale, rtol=tolerance, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_ours_rope_hop_in_cpp_is_its_steps(dtype):
+    """ours' RoPE hop in `native`'s kernels (the recovery and RoPE in one call, `native.ours_unmix_rope`, then the
+    operands' masks) gives what its one TEE kernel gives (`_unmix_op_permute`): v, and the scores' two masked
+    operands, within rounding, for two sequences under GQA and a rank-2 mask."""
+    from splitinfer import kernels
+    from splitinfer.kernels import fused
+    from splitinfer.schemes import _rows_of, _unmix_op_permute
+    from splitinfer.tee_ops import rotated_heads
+    heads, groups, n, h = 4, 2, 10, 8
+    width = (heads + 2 * groups) * h
+    scheme = Matrix(seed=7, rank=2)
+    scheme.prepare({"qkv": (2, n, 16)}, {"s": ((2, heads, n, h), (2, groups, h, n))}, dtype=dtype)
+    secret = scheme.protect_linear(torch.randn(2, n, 16).to(dtype), "qkv")[1]
+    mask, _, scale, rows = secret
+    z = (torch.randn(2, n, width) * 2).to(dtype)
+    cos, sin = torch.rand(n, h).to(dtype), torch.rand(n, h).to(dtype)
+
+    def rope_args():
+        return cos, sin, heads, torch.empty(2, heads + groups, n, h, dtype=dtype)
+
+    steps = fused(_unmix_op_permute, rotated_heads)(_rows_of(z.clone(), scale), mask["woodbury_rows"], mask["a"], scale,
+                                                    rows, None, rope_args(), *scheme._permute_args("s", dtype))
+    steps = [t.clone() for t in steps]  # the one call writes the same operand buffers
+    one = scheme._rope_hop_one_pass(z, secret, None, rotated_heads, rope_args(), "s")
+    tolerance = {torch.float32: 1e-5, torch.float16: 4e-3}[dtype]
+    for got, want in zip(one, steps):
+        assert got.shape == want.shape and got.dtype == dtype
+        torch.testing.assert_close(got, want, rtol=tolerance, atol=tolerance * want.abs().max().item())
+    assert not kernels.on()  # the steps ran eager
+
+
 def test_ours_runs_its_steps_where_its_kernels_cannot_be_built(tiny_models, monkeypatch, capsys):
     """Where the C++ kernels fail to build (no compiler, say), set-up leaves their form of ours' steps out (the
     softmax hop, the matmul operands' masks, the RoPE hop, the hops between two linears and from P·V), with a
