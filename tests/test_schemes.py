@@ -420,6 +420,11 @@ def test_ours_rope_hop_in_cpp_is_its_steps(dtype):
     assert not kernels.on()  # the steps ran eager
 
 
+# ours' steps that set-up may run as `native`'s C++ kernels, as `kernels.chosen` names them
+OURS_CPP_STEPS = (schemes.SOFTMAX_HOP, schemes.PROTECT_MATMUL, schemes.ROPE_HOP, schemes.ATTEND_HOP,
+                  *(f"{schemes.LINEAR_HOP}_{op}" for op in ("gated", "sum_and_norm")))
+
+
 def test_ours_runs_its_steps_where_its_kernels_cannot_be_built(tiny_models, monkeypatch, capsys):
     """Where the C++ kernels fail to build (no compiler, say), set-up leaves their form of ours' steps out (the
     softmax hop, the matmul operands' masks, the RoPE hop, the hops between two linears and from P·V), with a
@@ -446,11 +451,34 @@ def test_ours_runs_its_steps_where_its_kernels_cannot_be_built(tiny_models, monk
         kernels.select(False)
     assert kernels.failed == {native.NAME: "Ninja is required to load C++ extensions"}
     assert f"{native.ONE_PASS} form is left out: {native.NAME} could not be built" in capsys.readouterr().err
-    steps = (schemes.SOFTMAX_HOP, schemes.PROTECT_MATMUL, schemes.ROPE_HOP, schemes.ATTEND_HOP,
-             *(f"{schemes.LINEAR_HOP}_{op}" for op in ("gated", "sum_and_norm")))
-    picked = {k: v for k, v in kernels.chosen().items() if k.startswith(steps)}
-    assert {k.split()[0] for k in picked} == set(steps)
+    picked = {k: v for k, v in kernels.chosen().items() if k.startswith(OURS_CPP_STEPS)}
+    assert {k.split()[0] for k in picked} == set(OURS_CPP_STEPS)
     assert all(v["runs"] == schemes.STEPS and f"{native.ONE_PASS}_ms" not in v for v in picked.values())
+    assert compare(logits, reference_logits(model.config, model.state_dict, ids, mask))["rel_logit_error"] < 1e-4
+
+
+def test_ours_runs_its_cpp_kernels_where_set_up_picks_them(tiny_models, monkeypatch):
+    """Set-up times both forms of each of ours' steps that a C++ kernel takes (every hop of a layer, the matmul
+    operands' masks), and an inference with every one of those kernels in force gives transformers' logits, for
+    two sequences, one padded."""
+    from splitinfer import kernels, native
+    monkeypatch.setattr(kernels, "picks", {})
+    model = load_model(tiny_models["gqa-tied"], torch.float32, CPU)
+    ids, mask = build_batch(model.tokenizer, ["Every kernel in C++.", "And a longer second prompt, padded."], 12, 2,
+                            True)
+    try:
+        engine = SplitLlama(model.config, model.state_dict, make_scheme("matrix", seed=1), CPU, torch.float32,
+                            compiled=True, fuse_hops=True)
+        engine.warm_kernels(*ids.shape)
+        picked = {k: v for k, v in kernels.chosen().items() if k.startswith(OURS_CPP_STEPS)}
+        assert {k.split()[0] for k in picked} == set(OURS_CPP_STEPS)
+        assert all(v[f"{native.ONE_PASS}_ms"] > 0 and v[f"{schemes.STEPS}_ms"] > 0 for v in picked.values())
+        for times in kernels.picks.values():
+            if f"{native.ONE_PASS}_ms" in times:
+                times["runs"] = native.ONE_PASS
+        logits = engine.timed_forward(ids, mask)[0]
+    finally:
+        kernels.select(False)
     assert compare(logits, reference_logits(model.config, model.state_dict, ids, mask))["rel_logit_error"] < 1e-4
 
 
