@@ -172,6 +172,9 @@ def layer_steps(preset: str, n: int, dtype: torch.dtype, compiled: bool, repeat:
                     "ours: RoPE hop, C++ kernels": timed(
                         lambda z: ours._rope_hop_one_pass(z, secrets["qkv"], None, rotated_heads, rope_args(), "s"),
                         outputs["qkv"].clone, repeat),
+                    "ours: P·V hop, one C++ call": timed(
+                        lambda c: ours._attend_hop_one_pass(c, attend_secret[0], ours._mix_args(
+                            "o", ours.linear_shapes["o"][-1], dtype)), masked_out.clone, repeat),
                     "ours: 3 hops, one C++ call each": sum(
                         timed(lambda z, hop=hop: ours._linear_hop_one_pass(*linear_hop_args(z, *hop)),
                               outputs[hop[0]].clone, repeat) for hop in hops)}

@@ -159,6 +159,7 @@ def test_kernel_bench_times_each_step_both_ways(tmp_path, capsys):
                                                             "plain, otp: softmax of the causal blocks, one pass (C++)",
                                                             "ours: both matmuls' masks, C++ permutations",
                                                             "ours: RoPE hop, C++ kernels",
+                                                            "ours: P·V hop, one C++ call",
                                                             "ours: 3 hops, one C++ call each"}
     assert len(steps["eager"]) == 29
     assert {"ours: 3 hops, fused", "otp: 3 hops, separate steps", "ours: softmax hop, fused",
