@@ -383,7 +383,8 @@ static inline float silu(float g) {
 // core's first-level cache, and each running column sum is read and written once a group
 constexpr int64_t ROWS = 4, COLUMNS = 256;
 
-// acc[q, j0 + j] += Σ_i weights[q, r + i] · rows[i][j] for q < k, a chunk of m columns of a group's rows
+// acc[q, j0 + j] += Σ_i weights[q, r + i] · rows[i][j] for q < k, a chunk of m columns of a group's g rows (a short
+// group's missing rows weigh 0, so that every group adds in one loop of four terms)
 static inline void add_group(float* acc, int64_t width, int64_t j0, const float* weights, int64_t stride, int64_t k,
                              int64_t r, int64_t g, float (*rows)[COLUMNS], int64_t m) {
   for (int64_t q = 0; q < k; ++q) {
