@@ -5,6 +5,7 @@ runs every linear op. A scheme protects what crosses; `plain` protects nothing.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import itertools
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig
 
-from splitinfer import kernels
+from splitinfer import kernels, native
 from splitinfer.boundary import Boundary
 from splitinfer.graphs import CallGraphs
 from splitinfer.inputs import last_positions
@@ -271,7 +272,7 @@ class SplitLlama:
                  triangle: bool = True, block_rows: int | None = None, overlap: bool = False,
                  resident_embedding: bool = False, compiled: bool = False, choose_kernels: bool = True,
                  attention: str | None = None, fuse_hops: bool | str = False, cuda_graphs: bool | str = False,
-                 kept_buffers: bool = True, copy_streams: int = 1):
+                 kept_buffers: bool = True, copy_streams: int = 1, native_kernels: bool = True):
         """`pinned` and `triangle` (the scores' causal block triangle) exist to be switched off for ablations;
         `block_rows` sets the triangle's least rows per block (tee_ops.ROWS unless given), to compare sizes.
         `overlap` makes the plain split's two largest hops (scores -> softmax -> probabilities, gate/up ->
@@ -301,6 +302,8 @@ class SplitLlama:
         kept per hop holds more than the pinned cache's blocks, which hops of one size share.
         `copy_streams` above one cuts each copy to the GPU of a MiB or more into as many slices, each on a stream of
         its own (`Boundary._in_slices`), to measure whether that speeds the copies of what the TEE has just written.
+        `native_kernels` off runs no step in `native`'s C++ kernels, whatever set-up picked (`native.left_out`), to
+        measure what they save.
         `attention` pins the TEE-only runner's form of attention (one of ATTENTION_FORMS); unset, set-up times
         each on this CPU and keeps the fastest (`choose_attention`). Split engines have none: their scores cross."""
         if attention not in (None, *ATTENTION_FORMS):
@@ -308,7 +311,7 @@ class SplitLlama:
         self.config, self.scheme, self.dtype, self.triangle, self.block_rows = config, scheme, dtype, triangle, block_rows
         self.resident_embedding = resident_embedding
         self.allocator = keep_freed_memory()
-        self.compiled, self.choose_kernels = compiled, choose_kernels
+        self.compiled, self.choose_kernels, self.native_kernels = compiled, choose_kernels, native_kernels
         # the mode in force (`kernels.select`), set by `warm_kernels` or an inference: not here, so that the
         # compiler's first start in the process counts as building the kernels
         self.kernels: str | None = None
@@ -890,7 +893,7 @@ class SplitLlama:
                 with self.metrics.time("offline", "masks"):
                     mask_bytes = self.scheme.prepare(*self.mask_shapes(*ids.shape), self.weight_for_tee, self.dtype,
                                                      softmax_of=self.softmax_of())
-            with self.metrics.total():
+            with self.metrics.total(), contextlib.nullcontext() if self.native_kernels else native.left_out():
                 logits = self.forward(ids, attention_mask)
         finally:
             self.metrics.instrumented = True

@@ -35,6 +35,7 @@ JSON lists why (`tee_kernels_failed`), and the other forms run.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
 import sys
@@ -824,11 +825,25 @@ def _module():
     return module
 
 
+_left_out = [False]  # within `left_out`
+
+
+@contextlib.contextmanager
+def left_out():
+    """Within: the kernels are a form of no step, so every step runs the form set-up picked among the others (an
+    engine timed without them: `SplitLlama(native_kernels=False)`). Set-up's picks stay as they are."""
+    _left_out[0] = True
+    try:
+        yield
+    finally:
+        _left_out[0] = False
+
+
 def offered(t: torch.Tensor) -> bool:
     """Whether the kernels are a form of a step on tensors like `t`: where compiled kernels are on, in float16 or
-    float32, unless they failed to build. They are built at their first call, in set-up's choice of form
-    (`kernels.pick`)."""
-    return kernels.on() and t.dtype in DTYPES and NAME not in kernels.failed
+    float32, unless they failed to build or are `left_out`. They are built at their first call, in set-up's choice
+    of form (`kernels.pick`)."""
+    return kernels.on() and t.dtype in DTYPES and NAME not in kernels.failed and not _left_out[0]
 
 
 def in_picked_form(step: str, key: torch.Tensor, forms: dict[str, Callable[[], object]],

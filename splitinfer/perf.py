@@ -77,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-kernel-variants", action="store_true",
                    help="with compiled kernels, skip the plain split and ours with eager kernels (*_eager_kernels) "
                         "and with compiled kernels at every shape (*_all_compiled: no per-shape choice in set-up)")
+    p.add_argument("--without-cpp", action="store_true",
+                   help="with compiled kernels, also time each split runner with the C++ kernels left out "
+                        "(*_no_cpp_kernels: each step in its other form), round by round with the runners: what "
+                        "they save")
     p.add_argument("--no-fused-hops", action="store_true",
                    help="with compiled kernels, skip ours and otp with fused hops (*_fused_hops: each of the TEE's "
                         "hops as one call), and keep them off in the runners as they ship (else as tee_gpu/config.py "
@@ -201,7 +205,8 @@ def spread(runs: list[float]) -> dict:
 
 
 FRESH_BUFFERS, COPY_STREAMS = "_fresh_buffers", "_copy_streams"  # the plain split's variants of its copies
-IN_TURN = (FRESH_BUFFERS, COPY_STREAMS)  # the variants timed in turn with the runners (`variants`, `measure`)
+NO_CPP = "_no_cpp_kernels"  # a runner with `native`'s C++ kernels left out
+IN_TURN = (FRESH_BUFFERS, COPY_STREAMS, NO_CPP)  # the variants timed in turn with the runners (`variants`, `measure`)
 
 
 def interleave(timers: dict[str, CallTimer | EngineTimer], repeat: int) -> None:
@@ -214,7 +219,7 @@ def interleave(timers: dict[str, CallTimer | EngineTimer], repeat: int) -> None:
 
 def variants(overlap: bool, ablations: bool, thread_sweep: str | None, kernel_variants: bool = False,
              fused_hops: bool = False, cuda_graphs: bool = False, shipped: dict | None = None,
-             fresh_buffers: bool = False) -> list[tuple[str, str, dict, int | None]]:
+             fresh_buffers: bool = False, without_cpp: bool = False) -> list[tuple[str, str, dict, int | None]]:
     """(label, scheme, engine options, threads) of every split engine to time: the three runners as they
     ship (`shipped`: the options set-up may choose, as tee_gpu/config.py sets them); the plain split with copies overlapping the TEE's work (`overlap`: on CUDA; off by default, as
     it measured slower on the H100 machine); ablations on the same machine (`ablations`: on CUDA): the
@@ -227,7 +232,8 @@ def variants(overlap: bool, ablations: bool, thread_sweep: str | None, kernel_va
     can become one call); each runner with its GPU calls replayed from CUDA graphs (`cuda_graphs`: on CUDA,
     first among the variants), and ours and otp with both; the plain split with a fresh pinned buffer for every
     copy instead of buffers kept from hop to hop, and with its copies to the GPU cut into two slices on two streams
-    (`fresh_buffers`: on CUDA; timed in turn with the runners, see `measure`); and each runner at each thread count
+    (`fresh_buffers`: on CUDA; timed in turn with the runners, see `measure`); each runner with `native`'s C++
+    kernels left out (`without_cpp`: what they save, with compiled kernels); and each runner at each thread count
     of the sweep. Those three name both options set-up may choose, each on or off; every other variant takes what
     set-up chose for its runner at its length (`measure`)."""
     out = [(method, scheme, dict(shipped or {}), None) for method, scheme in RUNNERS.items()]
@@ -255,6 +261,8 @@ def variants(overlap: bool, ablations: bool, thread_sweep: str | None, kernel_va
         for method in ("optimized", "ours"):
             out += [(f"{method}_eager_kernels", RUNNERS[method], {"compiled": False}, None),
                     (f"{method}_all_compiled", RUNNERS[method], {"choose_kernels": False}, None)]
+    if without_cpp:
+        out += [(f"{method}{NO_CPP}", scheme, {"native_kernels": False}, None) for method, scheme in RUNNERS.items()]
     for threads in parse_counts(thread_sweep, "--thread-sweep"):
         out += [(f"{method}_threads{threads}", scheme, {}, threads) for method, scheme in RUNNERS.items()]
     return out
@@ -359,7 +367,8 @@ def measure(args, results: dict) -> None:
                               compiled and not (args.no_fused_hops or args.no_option_variants),
                               cuda and not (args.no_cuda_graphs or args.no_option_variants),
                               shipped_options(args.no_cuda_graphs, args.no_fused_hops),
-                              fresh_buffers=cuda and not args.no_buffer_variants)
+                              fresh_buffers=cuda and not args.no_buffer_variants,
+                              without_cpp=compiled and args.without_cpp)
     prompts = read_prompts(DEFAULT_PROMPTS)
     progress(f"loading {args.model} ({dtype_name}; TEE-only {tee_name})")
     model = load_model(args.model, dtype, gpu_device)
@@ -438,8 +447,9 @@ def measure(args, results: dict) -> None:
     # The runners as they ship and the baselines at every length first, then the variants: a run cut by its
     # budget keeps the headline ratios at every length (the tenth round lost the 512-token baselines). Then each
     # variant at every length in turn, in `variants`' order, the most wanted first: a cut run has those at
-    # every length. The variants of the plain split's copies are timed in turn with the runners, round by round:
-    # what keeping the buffers saves is a few percent, under the host's drift from one group to the next
+    # every length. The variants of the plain split's copies, and the runners without the C++ kernels, are timed in
+    # turn with the runners, round by round: what keeping the buffers saves is a few percent, under the host's drift
+    # from one group to the next
     shipped = [v for v in split_variants if v[0] in RUNNERS or v[0].endswith(IN_TURN)]
     for n in lengths:
         if args.one_at_a_time:
@@ -511,6 +521,9 @@ def ratios(row: dict) -> dict:
             out[f"{method}_eager_over_compiled_kernels"] = row[f"{method}_eager_kernels"]["median_ms"] / row[method]["median_ms"]
         if f"{method}_all_compiled" in row:
             out[f"{method}_all_compiled_over_chosen"] = row[f"{method}_all_compiled"]["median_ms"] / row[method]["median_ms"]
+    for method in RUNNERS:
+        if method + NO_CPP in row:
+            out[f"{method}{NO_CPP}_over_with"] = row[method + NO_CPP]["median_ms"] / row[method]["median_ms"]
     for method, ratio in (("ours", "ours_fused_hops_over_plain"), ("otp", "otp_fused_hops_online_over_plain")):
         if f"{method}_fused_hops" in row:
             out[ratio] = row[f"{method}_fused_hops"]["median_ms"] / plain

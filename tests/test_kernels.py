@@ -153,8 +153,7 @@ def test_kernel_bench_times_each_step_both_ways(tmp_path, capsys):
                               "--round-trip-device", "cpu", "--out", str(out)]) == 0
     results = json.loads(out.read_text())
     steps = results["lengths"]["4"]
-    # the C++ kernels (the softmaxes in one pass, ours' permutations and hops between linears) are offered with
-    # compiled kernels only
+    # the C++ kernels (the softmaxes in one pass, ours' permutations and hops) are offered with compiled kernels only
     assert set(steps["compiled"]) - set(steps["eager"]) == {"ours: softmax hop, one pass (C++)",
                                                             "plain, otp: softmax of the causal blocks, one pass (C++)",
                                                             "ours: both matmuls' masks, C++ permutations",

@@ -482,6 +482,33 @@ def test_ours_runs_its_cpp_kernels_where_set_up_picks_them(tiny_models, monkeypa
     assert compare(logits, reference_logits(model.config, model.state_dict, ids, mask))["rel_logit_error"] < 1e-4
 
 
+def test_an_engine_without_cpp_kernels_runs_none(tiny_models, monkeypatch):
+    """`SplitLlama(native_kernels=False)` runs every step in its other form, whatever set-up picked (here the C++
+    form everywhere), giving transformers' logits; set-up's picks and the kernels' offer are as they were after."""
+    from splitinfer import kernels, native
+    monkeypatch.setattr(kernels, "picks", {})
+    model = load_model(tiny_models["gqa-tied"], torch.float32, CPU)
+    ids, mask = build_batch(model.tokenizer, ["Without the C++ kernels."], 8, 1, False)
+    try:
+        engine = SplitLlama(model.config, model.state_dict, make_scheme("matrix", seed=1), CPU, torch.float32,
+                            compiled=True, fuse_hops=True, native_kernels=False)
+        engine.warm_kernels(*ids.shape)
+        for times in kernels.picks.values():
+            if f"{native.ONE_PASS}_ms" in times:
+                times["runs"] = native.ONE_PASS
+        picks = {k: dict(v) for k, v in kernels.picks.items()}
+
+        def no_kernels():
+            raise AssertionError("a C++ kernel ran")
+
+        monkeypatch.setattr(native, "_module", no_kernels)
+        logits = engine.timed_forward(ids, mask)[0]
+        assert native.offered(torch.zeros(1)) and kernels.picks == picks
+    finally:
+        kernels.select(False)
+    assert compare(logits, reference_logits(model.config, model.state_dict, ids, mask))["rel_logit_error"] < 1e-4
+
+
 @pytest.mark.parametrize("scheme_cls", [Matrix, Otp])
 @pytest.mark.parametrize("bias, dtype, compiled", [(False, torch.float32, False), (True, torch.float32, False),
                                                    (True, torch.float32, True), (False, torch.float16, True)],

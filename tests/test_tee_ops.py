@@ -173,6 +173,13 @@ def test_perf_counts_and_variants():
     assert perf.shipped_options(True, False) == {"cuda_graphs": False, "fuse_hops": "auto"}
     hops_only = perf.variants(overlap=False, ablations=False, thread_sweep=None, fused_hops=True)
     assert [v[0] for v in hops_only] == ["optimized", "ours", "otp", "ours_fused_hops", "otp_fused_hops"]
+    # each runner without the C++ kernels, timed in turn with the runners; its ratio to the runner
+    without = perf.variants(overlap=False, ablations=False, thread_sweep=None, without_cpp=True)[3:]
+    assert [v[0] for v in without] == ["optimized_no_cpp_kernels", "ours_no_cpp_kernels", "otp_no_cpp_kernels"]
+    assert all(v[2] == {"native_kernels": False} and v[0].endswith(perf.IN_TURN) for v in without)
+    row = {m: {"median_ms": ms, "first_ms": ms} for m, ms in (("optimized", 40.0), ("ours", 80.0), ("otp", 90.0),
+                                                               ("ours_no_cpp_kernels", 100.0))}
+    assert perf.ratios(row)["ours_no_cpp_kernels_over_with"] == 1.25
 
 
 def test_perf_ratios_with_cuda_graphs():

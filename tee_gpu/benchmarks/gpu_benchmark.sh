@@ -57,6 +57,9 @@
 #                 table) and the plain split with overlapped copies, after a smoke test of
 #                 --overlap in a process of its own (a CUDA error can poison the process it happens in).
 #                 On one H100 (eighth round) they made the comparison 225 s instead of about 100.
+#   WITHOUT_CPP=1 the comparison also times each split runner with the TEE's C++ kernels left out
+#                 (*_no_cpp_kernels, round by round with the runners; perf --without-cpp): what they save, in one
+#                 process (three more engines at each length)
 #   BASELINE=DIR  perf_baseline.json: the split runners of an older commit's tree (e.g. `git archive REF
 #                 splitinfer tee_gpu tee_only_llama | tar -x -C DIR`), timed the same way right after perf,
 #                 for a before/after on one machine (about 90 s)
@@ -158,7 +161,7 @@ if wants perf; then
   step "in-process comparison: split runners, TEE-only (bfloat16), transformers on CPU and GPU"
   within 60 330 python -m splitinfer.perf --model "$model" --lengths "$lengths" --dtype float16 --tee-dtype bfloat16 \
     "${counts[@]}" ${thread_sweep:+--thread-sweep "$thread_sweep"} $no_overlap $no_ablations $no_graphs --profile $kernels \
-    $variant_flags \
+    $variant_flags ${WITHOUT_CPP:+--without-cpp} \
     --out-dir "$work/perf" || true
   cp "$work/perf/perf.json" "$out/perf.json" 2>/dev/null || true
   cp "$work/perf/perf.csv" "$out/perf.csv" 2>/dev/null || true
