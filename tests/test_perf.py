@@ -100,7 +100,7 @@ def test_ratios_and_logits_against_the_plain_split(tiny_models, tmp_path, capsys
 def test_a_failing_variant_is_recorded_and_the_rest_still_run(tiny_models, tmp_path, monkeypatch, capsys):
     """One ablation failing on a lent GPU must not cost the whole comparison."""
     monkeypatch.setattr(perf, "variants", lambda overlap, ablations, sweep, kernel_variants=False, fused_hops=False, cuda_graphs=False, shipped=None,
-                        fresh_buffers=False: [
+                        fresh_buffers=False, without_cpp=False: [
         ("optimized", "plain", {}, None), ("ours", "matrix", {}, None), ("otp", "otp", {}, None),
         ("optimized_overlap", "plain", {"overlap": True}, None), ("optimized_threads1", "plain", {}, 1)])
     monkeypatch.setattr(perf, "SplitLlama", failing_engine(
@@ -122,7 +122,7 @@ def test_the_headline_comes_first_at_every_length(tiny_models, tmp_path, monkeyp
     """The runners as they ship and the baselines run at every length before any variant, so a run stopped
     by its budget among the variants still has the ratios the targets are stated in, at every length."""
     monkeypatch.setattr(perf, "variants", lambda overlap, ablations, sweep, kernel_variants=False, fused_hops=False, cuda_graphs=False, shipped=None,
-                        fresh_buffers=False: [
+                        fresh_buffers=False, without_cpp=False: [
         ("optimized", "plain", {}, None), ("ours", "matrix", {}, None), ("otp", "otp", {}, None),
         ("optimized_full_scores", "plain", {"triangle": False}, None)])
 
