@@ -81,6 +81,22 @@ static inline void store(at::Half* out, const float* x, int64_t m) {
 }
 static inline void store(float* out, const float* x, int64_t m) { std::memcpy(out, x, m * sizeof(float)); }
 
+// a row of m values fetched into the cache ahead of its use: ours' rows are read in its masks' random order, which no
+// hardware prefetcher guesses (on the VM, q's and kᵀ's masks at 512 tokens after the caches were flushed took 1.39
+// ms without, 0.57 with)
+template <typename T>
+static inline void prefetch_row(const T* row, int64_t m) {
+  const char* bytes = reinterpret_cast<const char*>(row);
+  for (int64_t byte = 0; byte < m * static_cast<int64_t>(sizeof(T)); byte += 64) __builtin_prefetch(bytes + byte);
+}
+
+// f(T*) for the tensor's dtype T, float16 or float32 (a null pointer: only its type counts)
+template <typename F>
+static void in_dtype(const torch::Tensor& t, const F& f) {
+  if (t.scalar_type() == at::kHalf) f(static_cast<at::Half*>(nullptr));
+  else f(static_cast<float*>(nullptr));
+}
+
 // exp(x) for x <= 0, in vector registers: 2^n 2^f, 2^f by its series to degree 6 (relative error under 2e-7,
 // against float16's 5e-4); 0 below -87, where float32's own exp underflows, so that a hidden key weighs exactly 0
 #pragma omp declare simd
@@ -122,10 +138,7 @@ static void hop_rows(int64_t begin, int64_t end, const T* c, const T* d1, const 
   float* q = permuted.data();
   for (int64_t r = begin; r < end; ++r) {
     const int64_t g = r / rows_per_group, src = a_rows[r];
-    if (r + 2 < end) {  // the source row after next: rows come in the masks' random order, which no prefetcher guesses
-      const char* ahead = reinterpret_cast<const char*>(c + a_rows[r + 2] * m);
-      for (int64_t byte = 0; byte < m * static_cast<int64_t>(sizeof(T)); byte += 64) __builtin_prefetch(ahead + byte);
-    }
+    if (r + 2 < end) prefetch_row(c + a_rows[r + 2] * m, m);  // the source row after next
     const float* x = as_float(c + src * m, row.data(), m);
     const float* inv = inv_d3 + g * m;
     const int32_t* key = keys + g * m;
@@ -275,10 +288,7 @@ static void permute_rows(int64_t begin, int64_t end, const T* x, const Rows& x_r
   std::vector<float> as_f(m), q(m);
   for (int64_t r = begin; r < end; ++r) {
     const int64_t g = r / rows_per_group;
-    if (col_stride == 1 && r + 4 < end) {  // a source row ahead: the masks' random row order hides it from the hardware
-      const char* ahead = reinterpret_cast<const char*>(x + x_rows.at(rows[r + 4]));
-      for (int64_t byte = 0; byte < m * static_cast<int64_t>(sizeof(T)); byte += 64) __builtin_prefetch(ahead + byte);
-    }
+    if (col_stride == 1 && r + 4 < end) prefetch_row(x + x_rows.at(rows[r + 4]), m);
     const T* src = x + x_rows.at(rows[r]);
     const int32_t* c = cols + g * m;
     const float s = row_divides ? 1.0f / static_cast<float>(row_scale[r]) : static_cast<float>(row_scale[r]);
@@ -317,15 +327,13 @@ torch::Tensor permute_scale(torch::Tensor x, torch::Tensor rows, torch::Tensor c
   const int64_t rows_per_group = dest_rows / groups, col_stride = x.stride(-1);
   const torch::Tensor col_f = col_scale.to(at::kFloat).contiguous();  // a no-op in float32
   const float* cs = col_f.data_ptr<float>();
-  at::parallel_for(0, dest_rows, 64, [=, &x_rows](int64_t begin, int64_t end) {
-    if (x.scalar_type() == at::kHalf) {
-      permute_rows<at::Half>(begin, end, x.data_ptr<at::Half>(), x_rows, col_stride, row_at, c,
-                             row_scale.data_ptr<at::Half>(), row_divides, cs, out.data_ptr<at::Half>(),
-                             rows_per_group, m);
-    } else {
-      permute_rows<float>(begin, end, x.data_ptr<float>(), x_rows, col_stride, row_at, c,
-                          row_scale.data_ptr<float>(), row_divides, cs, out.data_ptr<float>(), rows_per_group, m);
-    }
+  in_dtype(x, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    const T *xs = x.data_ptr<T>(), *scales = row_scale.data_ptr<T>();
+    T* os = out.data_ptr<T>();
+    at::parallel_for(0, dest_rows, 64, [&](int64_t begin, int64_t end) {
+      permute_rows<T>(begin, end, xs, x_rows, col_stride, row_at, c, scales, row_divides, cs, os, rows_per_group, m);
+    });
   });
   return out;
 }
@@ -651,7 +659,7 @@ torch::Tensor ours_linear_hop(torch::Tensor z, torch::Tensor woodbury, torch::Te
   torch::Tensor next_scale = at::empty({S, R, 1}, d.options());
   const Runs runs(R);
   std::vector<float> sums(runs.parts * k * W), c(R);
-  auto run = [&](auto* tag) {  // T: z's dtype
+  in_dtype(z, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     const float* w = gated ? nullptr : weight.data_ptr<float>();
     for (int64_t s = 0; s < S; ++s) {
@@ -663,9 +671,7 @@ torch::Tensor ours_linear_hop(torch::Tensor z, torch::Tensor woodbury, torch::Te
         hop.op_rows(r0, r1, shared.data(), acc, cs);
       });
     }
-  };
-  if (z.scalar_type() == at::kHalf) run(static_cast<at::Half*>(nullptr));
-  else run(static_cast<float*>(nullptr));
+  });
   return next_scale;
 }
 
@@ -685,7 +691,7 @@ void ours_unmix_rope(torch::Tensor z, torch::Tensor woodbury, torch::Tensor a, t
               "ours_unmix_rope: shapes do not match");
   const Runs runs(R);
   std::vector<float> sums(runs.parts * k * W);
-  auto run = [&](auto* tag) {  // T: z's dtype
+  in_dtype(z, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     const T *cs = cos.data_ptr<T>(), *sn = sin.data_ptr<T>();
     for (int64_t s = 0; s < S; ++s) {
@@ -718,9 +724,7 @@ void ours_unmix_rope(torch::Tensor z, torch::Tensor woodbury, torch::Tensor a, t
         }
       });
     }
-  };
-  if (z.scalar_type() == at::kHalf) run(static_cast<at::Half*>(nullptr));
-  else run(static_cast<float*>(nullptr));
+  });
 }
 
 // ours' hop from P·V to the o projection (`schemes.Matrix.attend_hop`) for the answer c [B, H, n, h]: each head's
@@ -746,7 +750,7 @@ torch::Tensor ours_attend_hop(torch::Tensor c, torch::Tensor rows, torch::Tensor
   const int64_t D2 = H * h;
   std::vector<float> sums(runs.parts * k * D2), cs(n), inv_d3(B * G * h);
   const int32_t* col = cols.data_ptr<int32_t>();
-  auto run = [&](auto* tag) {  // T: c's dtype
+  in_dtype(c, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     const T* d3s = d3.data_ptr<T>();
     for (int64_t i = 0; i < B * G * h; ++i)  // each output column's column scale, at its source
@@ -766,11 +770,7 @@ torch::Tensor ours_attend_hop(torch::Tensor c, torch::Tensor rows, torch::Tensor
           const float* inv = inv_d3.data() + group * h;
           const int64_t* head_rows = src_rows + (b * H + head) * n;
           for (int64_t r = r0; r < r1; ++r) {
-            if (r + 4 < r1) {  // a source row ahead: they come in the masks' random order, which no prefetcher guesses
-              const char* ahead = reinterpret_cast<const char*>(cc + head_rows[r + 4] * h);
-              for (int64_t byte = 0; byte < h * static_cast<int64_t>(sizeof(T)); byte += 64)
-                __builtin_prefetch(ahead + byte);
-            }
+            if (r + 4 < r1) prefetch_row(cc + head_rows[r + 4] * h, h);
             const int64_t src = head_rows[r];
             const float* v = as_float(cc + src * h, source, h);
             const float inv_d1 = 1.0f / static_cast<float>(d1s[src]);
@@ -789,9 +789,7 @@ torch::Tensor ours_attend_hop(torch::Tensor c, torch::Tensor rows, torch::Tensor
           mix.group(r, std::min(ROWS, r1 - r), squares.data() + (r - r0), inv_rms, scales, acc);
       });
     }
-  };
-  if (c.scalar_type() == at::kHalf) run(static_cast<at::Half*>(nullptr));
-  else run(static_cast<float*>(nullptr));
+  });
   return next_scale;
 }
 """

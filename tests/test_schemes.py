@@ -425,6 +425,14 @@ OURS_CPP_STEPS = (schemes.SOFTMAX_HOP, schemes.PROTECT_MATMUL, schemes.ROPE_HOP,
                   *(f"{schemes.LINEAR_HOP}_{op}" for op in ("gated", "sum_and_norm")))
 
 
+def run_cpp_forms() -> None:
+    """Every step that set-up timed a C++ form of runs that form from now on, whatever it picked."""
+    from splitinfer import kernels, native
+    for times in kernels.picks.values():
+        if f"{native.ONE_PASS}_ms" in times:
+            times["runs"] = native.ONE_PASS
+
+
 def test_ours_runs_its_steps_where_its_kernels_cannot_be_built(tiny_models, monkeypatch, capsys):
     """Where the C++ kernels fail to build (no compiler, say), set-up leaves their form of ours' steps out (the
     softmax hop, the matmul operands' masks, the RoPE hop, the hops between two linears and from P·V), with a
@@ -473,9 +481,7 @@ def test_ours_runs_its_cpp_kernels_where_set_up_picks_them(tiny_models, monkeypa
         picked = {k: v for k, v in kernels.chosen().items() if k.startswith(OURS_CPP_STEPS)}
         assert {k.split()[0] for k in picked} == set(OURS_CPP_STEPS)
         assert all(v[f"{native.ONE_PASS}_ms"] > 0 and v[f"{schemes.STEPS}_ms"] > 0 for v in picked.values())
-        for times in kernels.picks.values():
-            if f"{native.ONE_PASS}_ms" in times:
-                times["runs"] = native.ONE_PASS
+        run_cpp_forms()
         logits = engine.timed_forward(ids, mask)[0]
     finally:
         kernels.select(False)
@@ -493,9 +499,7 @@ def test_an_engine_without_cpp_kernels_runs_none(tiny_models, monkeypatch):
         engine = SplitLlama(model.config, model.state_dict, make_scheme("matrix", seed=1), CPU, torch.float32,
                             compiled=True, fuse_hops=True, native_kernels=False)
         engine.warm_kernels(*ids.shape)
-        for times in kernels.picks.values():
-            if f"{native.ONE_PASS}_ms" in times:
-                times["runs"] = native.ONE_PASS
+        run_cpp_forms()
         picks = {k: dict(v) for k, v in kernels.picks.items()}
 
         def no_kernels():
