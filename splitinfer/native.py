@@ -48,11 +48,13 @@ from splitinfer import kernels
 NAME = "splitinfer.native (C++)"  # as `kernels.failed` and the warnings name the kernels
 DTYPES = (torch.float16, torch.float32)
 ONE_PASS = "one_pass"  # the kernels' form, where set-up picks between forms (`kernels.pick`)
+ONE_PASS_ONE_THREAD = "one_pass_one_thread"  # that form with torch's other threads left waiting
 
 SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include <omp.h>
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -406,16 +408,29 @@ static inline void add_group(float* acc, int64_t width, int64_t j0, const float*
   }
 }
 
-// sums[0, :] += sums[p, :] for parts p, a row of `width`
-static void sum_parts(std::vector<float>& sums, int64_t parts, int64_t width) {
-  at::parallel_for(0, width, 2048, [&](int64_t begin, int64_t end) {
-    for (int64_t p = 1; p < parts; ++p) {
-      const float* from = sums.data() + p * width;
-      float* into = sums.data();
-      #pragma omp simd
-      for (int64_t j = begin; j < end; ++j) into[j] += from[j];
+// one thread's place in a team that runs a kernel's passes (`in_team`): the whole team, or one thread alone
+struct Member {
+  int64_t thread, threads;
+  void sync() const {  // every thread of the team waits here for the rest
+    if (threads > 1) {
+      #pragma omp barrier
     }
-  });
+  }
+};
+
+// body(member) on every thread of one OpenMP team of torch's threads, its passes apart by `Member::sync`, rather than a
+// team started for each pass (`at::parallel_for`): on the thirtieth round's H100 host a start took 50-130 µs (a
+// compiled RMSNorm at 128 tokens, one pass, 0.05-0.13 ms on 16 threads), and ours' hop between linears made five. No
+// thread count is given to OpenMP, as torch gives none: a smaller team would end the pool's other threads. Where
+// torch runs on one thread, or already in a team, body runs here alone.
+template <typename F>
+static void in_team(const F& body) {
+  if (at::get_num_threads() == 1 || at::in_parallel_region()) {
+    body(Member{0, 1});
+    return;
+  }
+  #pragma omp parallel
+  body(Member{omp_get_thread_num(), omp_get_num_threads()});
 }
 
 // R rows cut into one run a thread, in whole groups (reading rows whole: a column block read down rows of a
@@ -426,10 +441,20 @@ struct Runs {
       : rows(r), parts(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (r + ROWS - 1) / ROWS))) {}
   int64_t first(int64_t p) const { return p == parts ? rows : (rows / ROWS * p / parts) * ROWS; }
   template <typename F>
-  void each(const F& f) const {  // f(part, first row, end row) for every run, in parallel
-    at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t p = begin; p < end; ++p) f(p, first(p), first(p + 1));
-    });
+  void each(const Member& me, const F& f) const {  // f(part, first row, end row) for each of `me`'s runs
+    for (int64_t p = me.thread; p < parts; p += me.threads) f(p, first(p), first(p + 1));
+  }
+  // sums[0, :] += sums[p, :] for every part p, a row of `width`: once every thread has written its part, `me`'s
+  // slice of the columns; then every thread waits for the whole row
+  void add_parts(const Member& me, float* sums, int64_t width) const {
+    me.sync();
+    const int64_t begin = width * me.thread / me.threads, end = width * (me.thread + 1) / me.threads;
+    for (int64_t p = 1; p < parts; ++p) {
+      const float* from = sums + p * width;
+      #pragma omp simd
+      for (int64_t j = begin; j < end; ++j) sums[j] += from[j];
+    }
+    me.sync();
   }
 };
 
@@ -490,13 +515,17 @@ struct Mix {
       }
   }
 
-  // the whole mix, once `produce(r0, r1, acc, c)` has written h's rows r0 to r1 and called `group` on them
+  // `me`'s part of the whole mix, once `produce(r0, r1, acc, c)` has written h's rows r0 to r1 and called `group` on
+  // them: sums holds a k·D2 row for each run
   template <typename F>
-  void run(const Runs& runs, std::vector<float>& sums, std::vector<float>& c, const F& produce) const {
-    std::fill(sums.begin(), sums.end(), 0.0f);
-    runs.each([&](int64_t p, int64_t r0, int64_t r1) { produce(r0, r1, sums.data() + p * k * D2, c.data()); });
-    sum_parts(sums, runs.parts, k * D2);
-    runs.each([&](int64_t, int64_t r0, int64_t r1) { rows(r0, r1, sums.data(), c.data()); });
+  void run(const Member& me, const Runs& runs, float* sums, float* c, const F& produce) const {
+    runs.each(me, [&](int64_t p, int64_t r0, int64_t r1) {
+      float* acc = sums + p * k * D2;
+      std::fill(acc, acc + k * D2, 0.0f);
+      produce(r0, r1, acc, c);
+    });
+    runs.add_parts(me, sums, k * D2);
+    runs.each(me, [&](int64_t, int64_t r0, int64_t r1) { rows(r0, r1, sums, c); });
   }
 };
 
@@ -545,12 +574,16 @@ struct Unmix {
     }
   }
 
-  // every row's column sums, a partial sum a run, added: the k×W `shared` that `row` takes
-  std::vector<float> shared(const Runs& runs, std::vector<float>& parts) const {
-    std::fill(parts.begin(), parts.end(), 0.0f);
-    runs.each([&](int64_t p, int64_t r0, int64_t r1) { sums(r0, r1, parts.data() + p * k * W); });
-    sum_parts(parts, runs.parts, k * W);
-    return std::vector<float>(parts.begin(), parts.begin() + k * W);
+  // `me`'s part of every row's column sums, a partial sum a run (parts: a k·W row each), added: the k×W `shared`
+  // that `row` takes, at the front of `parts`
+  const float* shared(const Member& me, const Runs& runs, float* parts) const {
+    runs.each(me, [&](int64_t p, int64_t r0, int64_t r1) {
+      float* acc = parts + p * k * W;
+      std::fill(acc, acc + k * W, 0.0f);
+      sums(r0, r1, acc);
+    });
+    runs.add_parts(me, parts, k * W);
+    return parts;
   }
 
   // columns j0 to j0 + m of row r recovered, in float32
@@ -658,19 +691,22 @@ torch::Tensor ours_linear_hop(torch::Tensor z, torch::Tensor woodbury, torch::Te
                 "ours_linear_hop: the residual in z's dtype and layout, the norm's float32 weight");
   torch::Tensor next_scale = at::empty({S, R, 1}, d.options());
   const Runs runs(R);
-  std::vector<float> sums(runs.parts * k * W), c(R);
+  std::vector<float> unmix_sums(runs.parts * k * W), mix_sums(runs.parts * k * D2), c(R);
   in_dtype(z, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     const float* w = gated ? nullptr : weight.data_ptr<float>();
-    for (int64_t s = 0; s < S; ++s) {
-      const LinearHop<T> hop{unmix_of<T>(s, z, woodbury, a, scale), gated,
-                             gated ? nullptr : x.data_ptr<T>() + s * R * W, w, static_cast<float>(eps_d),
-                             mix_of<T>(s, R, D2, d, a_next, bt, w, kept, out, next_scale)};
-      const std::vector<float> shared = hop.unmix.shared(runs, sums);
-      hop.mix.run(runs, sums, c, [&](int64_t r0, int64_t r1, float* acc, float* cs) {
-        hop.op_rows(r0, r1, shared.data(), acc, cs);
-      });
-    }
+    in_team([&](const Member& me) {
+      for (int64_t s = 0; s < S; ++s) {
+        const LinearHop<T> hop{unmix_of<T>(s, z, woodbury, a, scale), gated,
+                               gated ? nullptr : x.data_ptr<T>() + s * R * W, w, static_cast<float>(eps_d),
+                               mix_of<T>(s, R, D2, d, a_next, bt, w, kept, out, next_scale)};
+        const float* shared = hop.unmix.shared(me, runs, unmix_sums.data());
+        hop.mix.run(me, runs, mix_sums.data(), c.data(), [&](int64_t r0, int64_t r1, float* acc, float* cs) {
+          hop.op_rows(r0, r1, shared, acc, cs);
+        });
+        me.sync();  // the sums' rows are the next sequence's
+      }
+    });
   });
   return next_scale;
 }
@@ -694,36 +730,39 @@ void ours_unmix_rope(torch::Tensor z, torch::Tensor woodbury, torch::Tensor a, t
   in_dtype(z, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     const T *cs = cos.data_ptr<T>(), *sn = sin.data_ptr<T>();
-    for (int64_t s = 0; s < S; ++s) {
-      const Unmix<T> unmix = unmix_of<T>(s, z, woodbury, a, scale);
-      const std::vector<float> shared = unmix.shared(runs, sums);
-      T* rot = rotated.data_ptr<T>() + s * rotated_heads * R * h;
-      T* vs = v.data_ptr<T>() + s * R * G * h;
-      runs.each([&](int64_t, int64_t r0, int64_t r1) {
-        float y[COLUMNS], c[COLUMNS], sine[COLUMNS], o[COLUMNS];
-        const int64_t half = h / 2, heads_a_chunk = COLUMNS / h;
-        for (int64_t r = r0; r < r1; ++r) {
-          load(c, cs + r * h, h);
-          load(sine, sn + r * h, h);
-          for (int64_t first = 0; first < rotated_heads + G; first += heads_a_chunk) {  // whole heads a chunk
-            const int64_t heads = std::min(heads_a_chunk, rotated_heads + G - first);
-            unmix.row(r, first * h, heads * h, shared.data(), y);
-            for (int64_t head = first; head < first + heads; ++head) {
-              const float* x = y + (head - first) * h;
-              if (head >= rotated_heads) {  // v's heads, as they are
-                store(vs + r * G * h + (head - rotated_heads) * h, x, h);
-                continue;
+    in_team([&](const Member& me) {
+      for (int64_t s = 0; s < S; ++s) {
+        const Unmix<T> unmix = unmix_of<T>(s, z, woodbury, a, scale);
+        const float* shared = unmix.shared(me, runs, sums.data());
+        T* rot = rotated.data_ptr<T>() + s * rotated_heads * R * h;
+        T* vs = v.data_ptr<T>() + s * R * G * h;
+        runs.each(me, [&](int64_t, int64_t r0, int64_t r1) {
+          float y[COLUMNS], c[COLUMNS], sine[COLUMNS], o[COLUMNS];
+          const int64_t half = h / 2, heads_a_chunk = COLUMNS / h;
+          for (int64_t r = r0; r < r1; ++r) {
+            load(c, cs + r * h, h);
+            load(sine, sn + r * h, h);
+            for (int64_t first = 0; first < rotated_heads + G; first += heads_a_chunk) {  // whole heads a chunk
+              const int64_t heads = std::min(heads_a_chunk, rotated_heads + G - first);
+              unmix.row(r, first * h, heads * h, shared, y);
+              for (int64_t head = first; head < first + heads; ++head) {
+                const float* x = y + (head - first) * h;
+                if (head >= rotated_heads) {  // v's heads, as they are
+                  store(vs + r * G * h + (head - rotated_heads) * h, x, h);
+                  continue;
+                }
+                #pragma omp simd
+                for (int64_t j = 0; j < half; ++j) o[j] = x[j] * c[j] - x[j + half] * sine[j];
+                #pragma omp simd
+                for (int64_t j = half; j < h; ++j) o[j] = x[j] * c[j] + x[j - half] * sine[j];
+                store(rot + (head * R + r) * h, o, h);
               }
-              #pragma omp simd
-              for (int64_t j = 0; j < half; ++j) o[j] = x[j] * c[j] - x[j + half] * sine[j];
-              #pragma omp simd
-              for (int64_t j = half; j < h; ++j) o[j] = x[j] * c[j] + x[j - half] * sine[j];
-              store(rot + (head * R + r) * h, o, h);
             }
           }
-        }
-      });
-    }
+        });
+        me.sync();  // the sums' rows are the next sequence's
+      }
+    });
   });
 }
 
@@ -758,37 +797,40 @@ torch::Tensor ours_attend_hop(torch::Tensor c, torch::Tensor rows, torch::Tensor
     const T* cc = c.data_ptr<T>();
     const T* d1s = d1.data_ptr<T>();
     const int64_t* src_rows = rows.data_ptr<int64_t>();
-    for (int64_t b = 0; b < B; ++b) {
-      const Mix<T> mix = mix_of<T>(b, n, D2, d, a_next, bt, nullptr, kept, out, next_scale);
-      mix.run(runs, sums, cs, [&](int64_t r0, int64_t r1, float* acc, float* scales) {
-        // head by head, so that a head's source rows (its n rows, in a random order) stay in the cache
-        std::vector<float> squares(r1 - r0, 0.0f);
-        float source[COLUMNS], y[COLUMNS];
-        for (int64_t head = 0; head < H; ++head) {
-          const int64_t group = b * G + head / (H / G);
-          const int32_t* from = col + group * h;
-          const float* inv = inv_d3.data() + group * h;
-          const int64_t* head_rows = src_rows + (b * H + head) * n;
-          for (int64_t r = r0; r < r1; ++r) {
-            if (r + 4 < r1) prefetch_row(cc + head_rows[r + 4] * h, h);
-            const int64_t src = head_rows[r];
-            const float* v = as_float(cc + src * h, source, h);
-            const float inv_d1 = 1.0f / static_cast<float>(d1s[src]);
-            #pragma omp simd
-            for (int64_t j = 0; j < h; ++j) y[j] = v[from[j]] * inv_d1 * inv[j];
-            rounded(y, h, cc);  // the merged heads in T, as the o projection's input is
-            float sum = 0.0f;
-            #pragma omp simd reduction(+:sum)
-            for (int64_t j = 0; j < h; ++j) sum += y[j] * y[j];
-            squares[r - r0] += sum;
-            store(mix.kept + r * D2 + head * h, y, h);
+    in_team([&](const Member& me) {
+      for (int64_t b = 0; b < B; ++b) {
+        const Mix<T> mix = mix_of<T>(b, n, D2, d, a_next, bt, nullptr, kept, out, next_scale);
+        mix.run(me, runs, sums.data(), cs.data(), [&](int64_t r0, int64_t r1, float* acc, float* scales) {
+          // head by head, so that a head's source rows (its n rows, in a random order) stay in the cache
+          std::vector<float> squares(r1 - r0, 0.0f);
+          float source[COLUMNS], y[COLUMNS];
+          for (int64_t head = 0; head < H; ++head) {
+            const int64_t group = b * G + head / (H / G);
+            const int32_t* from = col + group * h;
+            const float* inv = inv_d3.data() + group * h;
+            const int64_t* head_rows = src_rows + (b * H + head) * n;
+            for (int64_t r = r0; r < r1; ++r) {
+              if (r + 4 < r1) prefetch_row(cc + head_rows[r + 4] * h, h);
+              const int64_t src = head_rows[r];
+              const float* v = as_float(cc + src * h, source, h);
+              const float inv_d1 = 1.0f / static_cast<float>(d1s[src]);
+              #pragma omp simd
+              for (int64_t j = 0; j < h; ++j) y[j] = v[from[j]] * inv_d1 * inv[j];
+              rounded(y, h, cc);  // the merged heads in T, as the o projection's input is
+              float sum = 0.0f;
+              #pragma omp simd reduction(+:sum)
+              for (int64_t j = 0; j < h; ++j) sum += y[j] * y[j];
+              squares[r - r0] += sum;
+              store(mix.kept + r * D2 + head * h, y, h);
+            }
           }
-        }
-        const float inv_rms[ROWS] = {1.0f, 1.0f, 1.0f, 1.0f};
-        for (int64_t r = r0; r < r1; r += ROWS)
-          mix.group(r, std::min(ROWS, r1 - r), squares.data() + (r - r0), inv_rms, scales, acc);
-      });
-    }
+          const float inv_rms[ROWS] = {1.0f, 1.0f, 1.0f, 1.0f};
+          for (int64_t r = r0; r < r1; r += ROWS)
+            mix.group(r, std::min(ROWS, r1 - r), squares.data() + (r - r0), inv_rms, scales, acc);
+        });
+        me.sync();  // the sums' rows are the next sequence's
+      }
+    });
   });
   return next_scale;
 }
@@ -847,10 +889,16 @@ def offered(t: torch.Tensor) -> bool:
 def in_picked_form(step: str, key: torch.Tensor, forms: dict[str, Callable[[], object]],
                    one_pass: Callable[[], object], usable: bool = True):
     """What one of `step`'s forms (calls of no arguments) returns, or `one_pass` (with these kernels) where they are
-    offered for tensors like `key` (and `usable`): the one set-up picked at key's shape (`kernels.pick`), the first
-    of `forms` elsewhere."""
+    offered for tensors like `key` (and `usable`), on torch's threads or on one (`kernels.on_one_thread`): the one
+    set-up picked at key's shape (`kernels.pick`), the first of `forms` elsewhere.
+
+    One thread, not a few: `at::parallel_for` starts every thread of torch's OpenMP pool whatever the work, and runs
+    inline on one. A count between would make the pool end its other threads, which the next call on all of them
+    starts anew (on the VM, a call on 2 of 8 threads ended 6, and 8 then started 6 new ones)."""
     if usable and offered(key):
         forms = {**forms, ONE_PASS: one_pass}
+        if torch.get_num_threads() > 1:
+            forms[ONE_PASS_ONE_THREAD] = functools.partial(kernels.on_one_thread, one_pass, ())
     return forms[kernels.pick(step, key, forms)]()
 
 

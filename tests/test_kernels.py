@@ -501,6 +501,21 @@ def test_fused_hops_compile_to_one_call_each(tiny_models, scheme, monkeypatch):
     assert compiled_calls[True] < compiled_calls[False]
 
 
+def test_a_cpp_form_is_also_offered_on_one_thread(monkeypatch, two_threads):
+    """`native.in_picked_form` offers set-up the C++ form on torch's threads and, where there are several, on one:
+    run so, the call sees one thread, and the count is back to two after. On one thread there is no second form."""
+    from splitinfer import native
+    offered = []
+    monkeypatch.setattr(native, "offered", lambda t: True)
+    monkeypatch.setattr(kernels, "pick", lambda step, t, forms: (offered.append(list(forms)), native.ONE_PASS_ONE_THREAD
+                                                                  if native.ONE_PASS_ONE_THREAD in forms else "steps")[1])
+    assert native.in_picked_form("step", torch.ones(3), {"steps": lambda: 0}, torch.get_num_threads) == 1
+    assert torch.get_num_threads() == 2 and offered == [["steps", native.ONE_PASS, native.ONE_PASS_ONE_THREAD]]
+    torch.set_num_threads(1)
+    assert native.in_picked_form("step", torch.ones(3), {"steps": lambda: 0}, torch.get_num_threads) == 0
+    assert offered[-1] == ["steps", native.ONE_PASS]
+
+
 def test_set_up_picks_the_faster_form_of_a_step(monkeypatch, capsys):
     """`kernels.pick`: inside `choosing`, each form of a step runs once (its kernels built and chosen), then is
     timed, and the fastest is kept for that shape and dtype; outside, `picked` gives it where compiled kernels

@@ -425,12 +425,13 @@ OURS_CPP_STEPS = (schemes.SOFTMAX_HOP, schemes.PROTECT_MATMUL, schemes.ROPE_HOP,
                   *(f"{schemes.LINEAR_HOP}_{op}" for op in ("gated", "sum_and_norm")))
 
 
-def run_cpp_forms() -> None:
-    """Every step that set-up timed a C++ form of runs that form from now on, whatever it picked."""
+def run_cpp_forms(form: str = "one_pass") -> None:
+    """Every step that set-up timed a C++ form of runs `form` (the C++ form on torch's threads, or on one:
+    `native.ONE_PASS_ONE_THREAD`) from now on, whatever it picked."""
     from splitinfer import kernels, native
     for times in kernels.picks.values():
         if f"{native.ONE_PASS}_ms" in times:
-            times["runs"] = native.ONE_PASS
+            times["runs"] = form
 
 
 def test_ours_runs_its_steps_where_its_kernels_cannot_be_built(tiny_models, monkeypatch, capsys):
@@ -465,12 +466,15 @@ def test_ours_runs_its_steps_where_its_kernels_cannot_be_built(tiny_models, monk
     assert compare(logits, reference_logits(model.config, model.state_dict, ids, mask))["rel_logit_error"] < 1e-4
 
 
-def test_ours_runs_its_cpp_kernels_where_set_up_picks_them(tiny_models, monkeypatch):
+@pytest.mark.parametrize("threads", [2, 1])
+def test_ours_runs_its_cpp_kernels_where_set_up_picks_them(tiny_models, monkeypatch, threads):
     """Set-up times both forms of each of ours' steps that a C++ kernel takes (every hop of a layer, the matmul
-    operands' masks), and an inference with every one of those kernels in force gives transformers' logits, for
-    two sequences, one padded."""
+    operands' masks), the C++ form on torch's two threads and on one, and an inference with every one of those
+    kernels in force on either count gives transformers' logits, for two sequences, one padded."""
     from splitinfer import kernels, native
     monkeypatch.setattr(kernels, "picks", {})
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(2)
     model = load_model(tiny_models["gqa-tied"], torch.float32, CPU)
     ids, mask = build_batch(model.tokenizer, ["Every kernel in C++.", "And a longer second prompt, padded."], 12, 2,
                             True)
@@ -480,11 +484,17 @@ def test_ours_runs_its_cpp_kernels_where_set_up_picks_them(tiny_models, monkeypa
         engine.warm_kernels(*ids.shape)
         picked = {k: v for k, v in kernels.chosen().items() if k.startswith(OURS_CPP_STEPS)}
         assert {k.split()[0] for k in picked} == set(OURS_CPP_STEPS)
-        assert all(v[f"{native.ONE_PASS}_ms"] > 0 and v[f"{schemes.STEPS}_ms"] > 0 for v in picked.values())
-        run_cpp_forms()
+        assert all(v[f"{native.ONE_PASS}_ms"] > 0 and v[f"{schemes.STEPS}_ms"] > 0
+                   and v[f"{native.ONE_PASS_ONE_THREAD}_ms"] > 0 for v in picked.values())
+        run_cpp_forms(native.ONE_PASS if threads == 2 else native.ONE_PASS_ONE_THREAD)
+        counts, on_one_thread = [], kernels.on_one_thread
+        monkeypatch.setattr(kernels, "on_one_thread",  # a C++ call on one thread takes no arguments, an eager op some
+                            lambda fn, args: (args or counts.append(fn), on_one_thread(fn, args))[1])
         logits = engine.timed_forward(ids, mask)[0]
     finally:
         kernels.select(False)
+        torch.set_num_threads(torch_threads)
+    assert len(counts) == 0 if threads == 2 else len(counts) >= len(picked)
     assert compare(logits, reference_logits(model.config, model.state_dict, ids, mask))["rel_logit_error"] < 1e-4
 
 
