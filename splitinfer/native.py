@@ -10,13 +10,14 @@ for ours' permutations of a matmul's operands, and for ours' hops into a linear.
   scales, in float32 in the cache, rounded once.
 - the causal blocks' softmax of the plain split and otp (`tee_ops.CausalBlocks.softmax`): each row read once with
   its row of the bias, one exp a score, written once, every block in one call.
-- ours' masks on a matmul's operands (rows and columns permuted and scaled: `schemes._permute_scale`): one call an
-  operand where the steps make three (an `index_select` of the rows, an integer gather of the columns, the
-  scales), each row gathered and scaled in float32 and rounded once, a source row prefetched ahead (on the VM,
-  q's and kᵀ's masks at 512 tokens after the caches were flushed: 1.39 ms without, 0.57 with).
+- ours' masks on a matmul's operands (rows and columns permuted and scaled: `schemes._permute_scale`): both
+  operands in one call where the steps make three an operand (an `index_select` of the rows, an integer gather of
+  the columns, the scales), each row gathered and scaled in float32 and rounded once, a source row prefetched
+  ahead (on the VM, q's and kᵀ's masks at 512 tokens after the caches were flushed: 1.39 ms without, 0.57 with).
+  The softmax hop's kernel takes v's in the same call, and the RoPE hop's q's and kᵀ's.
 - the first half of ours' RoPE hop (`schemes.Matrix.rope_hop`): the qkv answer unmixed and q's and k's heads
   rotated, in two passes (the Woodbury column sums; each row recovered a chunk of whole heads at a time and
-  rotated), before the operands' masks.
+  rotated), then the operands' masks.
 - ours' hop between two linears (`schemes.Matrix.hop`): the answer unmixed, SiLU·up or the residual sum's RMSNorm,
   the result mixed for the next linear. Inductor's one kernel for it sums the Woodbury and mixing columns down
   rows of a power-of-two width (16384 values for gate/up), which share the cache's sets, and it took 9.2 ms at 512
@@ -26,6 +27,10 @@ for ours' permutations of a matmul's operands, and for ours' hops into a linear.
 - ours' hop from P·V to the o projection (`schemes.Matrix.attend_hop`): each head's rows unscaled and unpermuted,
   the heads merged and mixed for o, in two passes (each output row gathered head by head, a source row prefetched
   ahead; each row mixed).
+
+Each call starts one team of torch's threads (`in_team`), its passes apart by barriers: on the thirtieth round's H100
+host a team's start cost about 45 µs. ours' C++ forms started 20 teams a layer, now 6 (on the VM, a 2-layer 1B-shape
+inference with every C++ form in force started 59, now 31, the GPU's stand-in included).
 
 Built with the machine's own compiler for its own CPU (`-march=native`: the TEE runs where it is built), once per
 source, machine and torch version (torch's extension cache, `TORCH_EXTENSIONS_DIR`), and only where compiled
@@ -99,6 +104,33 @@ static void in_dtype(const torch::Tensor& t, const F& f) {
   else f(static_cast<float*>(nullptr));
 }
 
+// one thread's place in a team that runs a kernel's passes (`in_team`): the whole team, or one thread alone
+struct Member {
+  int64_t thread, threads;
+  void sync() const {  // every thread of the team waits here for the rest
+    if (threads > 1) {
+      #pragma omp barrier
+    }
+  }
+  int64_t first(int64_t n) const { return n * thread / threads; }  // this thread's share of n items: first to last
+  int64_t last(int64_t n) const { return n * (thread + 1) / threads; }
+};
+
+// body(member) on every thread of one OpenMP team of torch's threads, its passes apart by `Member::sync`, rather than a
+// team started for each pass (`at::parallel_for`): on the thirtieth round's H100 host a start took 50-130 µs (a
+// compiled RMSNorm at 128 tokens, one pass, 0.05-0.13 ms on 16 threads), and ours' hop between linears made five. No
+// thread count is given to OpenMP, as torch gives none: a smaller team would end the pool's other threads. Where
+// torch runs on one thread, or already in a team, body runs here alone.
+template <typename F>
+static void in_team(const F& body) {
+  if (at::get_num_threads() == 1 || at::in_parallel_region()) {
+    body(Member{0, 1});
+    return;
+  }
+  #pragma omp parallel
+  body(Member{omp_get_thread_num(), omp_get_num_threads()});
+}
+
 // exp(x) for x <= 0, in vector registers: 2^n 2^f, 2^f by its series to degree 6 (relative error under 2e-7,
 // against float16's 5e-4); 0 below -87, where float32's own exp underflows, so that a hidden key weighs exactly 0
 #pragma omp declare simd
@@ -125,6 +157,122 @@ static inline float exp_below(float* p, int64_t m, float most) {
     sum += e;
   }
   return sum;
+}
+
+// where rows begin: one stride apart, or at offsets
+struct Rows {
+  int64_t stride = 0;
+  std::vector<int64_t> offsets;  // where the rows are not one stride apart
+  int64_t at(int64_t row) const { return offsets.empty() ? row * stride : offsets[row]; }
+};
+
+// where each row of t (along its last dimension) begins: one stride apart (dimensions of size 1 aside), or else (a
+// transposed view) at offsets found by walking its leading dimensions
+static Rows rows_of(const torch::Tensor& t) {
+  Rows rows;
+  const int64_t dims = t.dim() - 1;
+  int64_t expected = -1;
+  bool even = true;
+  for (int64_t d = dims - 1; d >= 0; --d) {
+    if (t.size(d) == 1) continue;
+    if (expected < 0) rows.stride = t.stride(d);
+    else even = even && t.stride(d) == expected;
+    expected = t.stride(d) * t.size(d);
+  }
+  if (!even) {
+    rows.offsets.resize(t.numel() / t.size(-1));
+    for (int64_t i = 0; i < static_cast<int64_t>(rows.offsets.size()); ++i) {
+      int64_t rest = i, off = 0;
+      for (int64_t d = dims - 1; d >= 0; --d) {
+        off += (rest % t.size(d)) * t.stride(d);
+        rest /= t.size(d);
+      }
+      rows.offsets[i] = off;
+    }
+  }
+  return rows;
+}
+
+// out[r, j] = x[rows[r], cols[g, j]] * row[r] * col[g, j], g = r / rows_per_group: one matmul operand's rows and
+// columns permuted and scaled by ours' masks. The row scale is row_scale's value at r, or its reciprocal
+// (`row_divides`); col holds the column scales as float32, made per call. Rows of x begin one stride apart, or at
+// offsets (a transposed view: `Rows`), their columns col_stride apart.
+template <typename T>
+static void permute_rows(int64_t begin, int64_t end, const T* x, const Rows& x_rows, int64_t col_stride,
+                         const int64_t* rows, const int32_t* cols, const T* row_scale, bool row_divides,
+                         const float* col, T* out, int64_t rows_per_group, int64_t m) {
+  std::vector<T> picked(m);
+  std::vector<float> as_f(m), q(m);
+  for (int64_t r = begin; r < end; ++r) {
+    const int64_t g = r / rows_per_group;
+    if (col_stride == 1 && r + 4 < end) prefetch_row(x + x_rows.at(rows[r + 4]), m);
+    const T* src = x + x_rows.at(rows[r]);
+    const int32_t* c = cols + g * m;
+    const float s = row_divides ? 1.0f / static_cast<float>(row_scale[r]) : static_cast<float>(row_scale[r]);
+    const float* cs = col + g * m;
+    float* o = q.data();
+    if (col_stride == 1) {  // the row converted whole, then gathered in float32 (vector gathers)
+      const float* v = as_float(src, as_f.data(), m);
+      #pragma omp simd
+      for (int64_t j = 0; j < m; ++j) o[j] = v[c[j]] * s * cs[j];
+    } else {
+      T* p = picked.data();
+      for (int64_t j = 0; j < m; ++j) p[j] = src[c[j] * col_stride];
+      const float* v = as_float(p, as_f.data(), m);
+      #pragma omp simd
+      for (int64_t j = 0; j < m; ++j) o[j] = v[j] * s * cs[j];
+    }
+    store(out + r * m, o, m);
+  }
+}
+
+// matmul operands' masks (`permute_rows`) made before a team runs them (`run`): six tensors a job in turn (x, its
+// destination rows' sources, each group's column order, the row scale, the column scale, out) and whether each job's
+// row scale divides. A hop's kernel runs them in its own team: the RoPE hop's for q and kᵀ, the softmax hop's for v.
+struct Permutes {
+  struct Job {
+    torch::Tensor x, rows, cols, row_scale, col, out;
+    bool row_divides;
+    Rows x_rows;
+  };
+  std::vector<Job> jobs;
+
+  Permutes(const std::vector<torch::Tensor>& t, const std::vector<bool>& divides) {
+    TORCH_CHECK(t.size() == 6 * divides.size(), "permute_scale: six tensors a job");
+    for (size_t i = 0; i < divides.size(); ++i) {
+      const torch::Tensor &x = t[6 * i], &rows = t[6 * i + 1], &cols = t[6 * i + 2], &row_scale = t[6 * i + 3],
+                          &col_scale = t[6 * i + 4], &out = t[6 * i + 5];
+      TORCH_CHECK(x.device().is_cpu() && out.is_contiguous() && out.scalar_type() == x.scalar_type()
+                  && row_scale.scalar_type() == x.scalar_type() && col_scale.scalar_type() == x.scalar_type()
+                  && (x.scalar_type() == at::kHalf || x.scalar_type() == at::kFloat),
+                  "permute_scale takes CPU tensors, all float16 or all float32, into a contiguous one");
+      TORCH_CHECK(rows.scalar_type() == at::kLong && cols.scalar_type() == at::kInt && rows.is_contiguous()
+                  && cols.is_contiguous() && row_scale.is_contiguous() && col_scale.is_contiguous(),
+                  "permute_scale: int64 rows, int32 columns, contiguous scales");
+      const int64_t m = x.size(-1), dest_rows = out.numel() / m, groups = cols.numel() / m;
+      TORCH_CHECK(rows.numel() == dest_rows && dest_rows % groups == 0 && col_scale.numel() == groups * m
+                  && row_scale.numel() == dest_rows, "permute_scale: shapes do not match");
+      // the column scales as float32, made here (a no-op in float32)
+      jobs.push_back(Job{x, rows, cols, row_scale, col_scale.to(at::kFloat).contiguous(), out, divides[i], rows_of(x)});
+    }
+  }
+
+  void run(const Member& me) const {  // me's share of each job's rows
+    for (const Job& job : jobs) {
+      const int64_t m = job.x.size(-1), dest_rows = job.out.numel() / m, groups = job.cols.numel() / m;
+      in_dtype(job.x, [&](auto* tag) {
+        using T = std::remove_pointer_t<decltype(tag)>;
+        permute_rows<T>(me.first(dest_rows), me.last(dest_rows), job.x.data_ptr<T>(), job.x_rows, job.x.stride(-1),
+                        job.rows.data_ptr<int64_t>(), job.cols.data_ptr<int32_t>(), job.row_scale.data_ptr<T>(),
+                        job.row_divides, job.col.data_ptr<float>(), job.out.data_ptr<T>(), dest_rows / groups, m);
+      });
+    }
+  }
+};
+
+void permute_scales(std::vector<torch::Tensor> tensors, std::vector<bool> divides) {
+  const Permutes permutes(tensors, divides);
+  in_team([&](const Member& me) { permutes.run(me); });
 }
 
 // out[r, j] = softmax(hide(c[src, :] / d1[src] / d3[g, :]))[cols[g, j]] * next_d1[r] * next_d2[g, j], src = a_rows[r],
@@ -164,7 +312,7 @@ static void hop_rows(int64_t begin, int64_t end, const T* c, const T* d1, const 
 template <typename T>
 static void hop(const T* c, const T* d1, const T* d3, const int32_t* rows_at, const int32_t* keys,
                 const int64_t* a_rows, const int32_t* cols, const T* next_d1, const T* next_d2, T* out,
-                int64_t groups, int64_t rows_per_group, int64_t m, float blocked) {
+                int64_t groups, int64_t rows_per_group, int64_t m, float blocked, const Permutes& permutes) {
   std::vector<float> inv_d3(groups * m), d2(groups * m);
   for (int64_t i = 0; i < groups * m; ++i) {
     inv_d3[i] = 1.0f / static_cast<float>(d3[i]);
@@ -172,8 +320,11 @@ static void hop(const T* c, const T* d1, const T* d3, const int32_t* rows_at, co
   }
   const float* inv = inv_d3.data();
   const float* scales = d2.data();
-  at::parallel_for(0, groups * rows_per_group, 16, [=](int64_t begin, int64_t end) {
-    hop_rows<T>(begin, end, c, d1, inv, rows_at, keys, a_rows, cols, next_d1, scales, out, rows_per_group, m, blocked);
+  const int64_t rows = groups * rows_per_group;
+  in_team([&](const Member& me) {
+    hop_rows<T>(me.first(rows), me.last(rows), c, d1, inv, rows_at, keys, a_rows, cols, next_d1, scales, out,
+                rows_per_group, m, blocked);
+    permutes.run(me);
   });
 }
 
@@ -244,105 +395,11 @@ torch::Tensor softmax_blocks(torch::Tensor x, torch::Tensor bias, torch::Tensor 
   return out;
 }
 
-// where rows begin: one stride apart, or at offsets
-struct Rows {
-  int64_t stride = 0;
-  std::vector<int64_t> offsets;  // where the rows are not one stride apart
-  int64_t at(int64_t row) const { return offsets.empty() ? row * stride : offsets[row]; }
-};
-
-// where each row of t (along its last dimension) begins: one stride apart (dimensions of size 1 aside), or else (a
-// transposed view) at offsets found by walking its leading dimensions
-static Rows rows_of(const torch::Tensor& t) {
-  Rows rows;
-  const int64_t dims = t.dim() - 1;
-  int64_t expected = -1;
-  bool even = true;
-  for (int64_t d = dims - 1; d >= 0; --d) {
-    if (t.size(d) == 1) continue;
-    if (expected < 0) rows.stride = t.stride(d);
-    else even = even && t.stride(d) == expected;
-    expected = t.stride(d) * t.size(d);
-  }
-  if (!even) {
-    rows.offsets.resize(t.numel() / t.size(-1));
-    for (int64_t i = 0; i < static_cast<int64_t>(rows.offsets.size()); ++i) {
-      int64_t rest = i, off = 0;
-      for (int64_t d = dims - 1; d >= 0; --d) {
-        off += (rest % t.size(d)) * t.stride(d);
-        rest /= t.size(d);
-      }
-      rows.offsets[i] = off;
-    }
-  }
-  return rows;
-}
-
-// out[r, j] = x[rows[r], cols[g, j]] * row[r] * col[g, j], g = r / rows_per_group: one matmul operand's rows and
-// columns permuted and scaled by ours' masks. The row scale is row_scale's value at r, or its reciprocal
-// (`row_divides`); col holds the column scales as float32, made per call. Rows of x begin one stride apart, or at
-// offsets (a transposed view: `Rows`), their columns col_stride apart.
-template <typename T>
-static void permute_rows(int64_t begin, int64_t end, const T* x, const Rows& x_rows, int64_t col_stride,
-                         const int64_t* rows, const int32_t* cols, const T* row_scale, bool row_divides,
-                         const float* col, T* out, int64_t rows_per_group, int64_t m) {
-  std::vector<T> picked(m);
-  std::vector<float> as_f(m), q(m);
-  for (int64_t r = begin; r < end; ++r) {
-    const int64_t g = r / rows_per_group;
-    if (col_stride == 1 && r + 4 < end) prefetch_row(x + x_rows.at(rows[r + 4]), m);
-    const T* src = x + x_rows.at(rows[r]);
-    const int32_t* c = cols + g * m;
-    const float s = row_divides ? 1.0f / static_cast<float>(row_scale[r]) : static_cast<float>(row_scale[r]);
-    const float* cs = col + g * m;
-    float* o = q.data();
-    if (col_stride == 1) {  // the row converted whole, then gathered in float32 (vector gathers)
-      const float* v = as_float(src, as_f.data(), m);
-      #pragma omp simd
-      for (int64_t j = 0; j < m; ++j) o[j] = v[c[j]] * s * cs[j];
-    } else {
-      T* p = picked.data();
-      for (int64_t j = 0; j < m; ++j) p[j] = src[c[j] * col_stride];
-      const float* v = as_float(p, as_f.data(), m);
-      #pragma omp simd
-      for (int64_t j = 0; j < m; ++j) o[j] = v[j] * s * cs[j];
-    }
-    store(out + r * m, o, m);
-  }
-}
-
-torch::Tensor permute_scale(torch::Tensor x, torch::Tensor rows, torch::Tensor cols, torch::Tensor row_scale,
-                            torch::Tensor col_scale, torch::Tensor out, bool row_divides) {
-  TORCH_CHECK(x.device().is_cpu() && out.is_contiguous() && out.scalar_type() == x.scalar_type()
-              && row_scale.scalar_type() == x.scalar_type() && col_scale.scalar_type() == x.scalar_type()
-              && (x.scalar_type() == at::kHalf || x.scalar_type() == at::kFloat),
-              "permute_scale takes CPU tensors, all float16 or all float32, into a contiguous one");
-  TORCH_CHECK(rows.scalar_type() == at::kLong && cols.scalar_type() == at::kInt && rows.is_contiguous()
-              && cols.is_contiguous() && row_scale.is_contiguous() && col_scale.is_contiguous(),
-              "permute_scale: int64 rows, int32 columns, contiguous scales");
-  const int64_t m = x.size(-1), dest_rows = out.numel() / m, groups = cols.numel() / m;
-  TORCH_CHECK(rows.numel() == dest_rows && dest_rows % groups == 0 && col_scale.numel() == groups * m
-              && row_scale.numel() == dest_rows, "permute_scale: shapes do not match");
-  const Rows x_rows = rows_of(x);
-  const int64_t* row_at = rows.data_ptr<int64_t>();
-  const int32_t* c = cols.data_ptr<int32_t>();
-  const int64_t rows_per_group = dest_rows / groups, col_stride = x.stride(-1);
-  const torch::Tensor col_f = col_scale.to(at::kFloat).contiguous();  // a no-op in float32
-  const float* cs = col_f.data_ptr<float>();
-  in_dtype(x, [&](auto* tag) {
-    using T = std::remove_pointer_t<decltype(tag)>;
-    const T *xs = x.data_ptr<T>(), *scales = row_scale.data_ptr<T>();
-    T* os = out.data_ptr<T>();
-    at::parallel_for(0, dest_rows, 64, [&](int64_t begin, int64_t end) {
-      permute_rows<T>(begin, end, xs, x_rows, col_stride, row_at, c, scales, row_divides, cs, os, rows_per_group, m);
-    });
-  });
-  return out;
-}
-
 torch::Tensor ours_softmax_hop(torch::Tensor c, torch::Tensor d1, torch::Tensor d3, torch::Tensor rows_at,
                                torch::Tensor keys, torch::Tensor a_rows, torch::Tensor cols, torch::Tensor next_d1,
-                               torch::Tensor next_d2, torch::Tensor out, double blocked) {
+                               torch::Tensor next_d2, torch::Tensor out, double blocked,
+                               std::vector<torch::Tensor> permute, std::vector<bool> divides) {
+  const Permutes permutes(permute, divides);
   for (const auto& t : {c, d1, d3, rows_at, keys, a_rows, cols, next_d1, next_d2, out})
     TORCH_CHECK(t.is_contiguous() && t.device().is_cpu(), "ours_softmax_hop takes contiguous CPU tensors");
   TORCH_CHECK(rows_at.scalar_type() == at::kInt && keys.scalar_type() == at::kInt && cols.scalar_type() == at::kInt
@@ -354,12 +411,13 @@ torch::Tensor ours_softmax_hop(torch::Tensor c, torch::Tensor d1, torch::Tensor 
     hop<at::Half>(c.data_ptr<at::Half>(), d1.data_ptr<at::Half>(), d3.data_ptr<at::Half>(), rows_at.data_ptr<int32_t>(),
                   keys.data_ptr<int32_t>(), a_rows.data_ptr<int64_t>(), cols.data_ptr<int32_t>(),
                   next_d1.data_ptr<at::Half>(), next_d2.data_ptr<at::Half>(), out.data_ptr<at::Half>(), groups,
-                  rows_per_group, m, static_cast<float>(blocked));
+                  rows_per_group, m, static_cast<float>(blocked), permutes);
   } else {
     TORCH_CHECK(c.scalar_type() == at::kFloat, "ours_softmax_hop takes float16 or float32 scores");
     hop<float>(c.data_ptr<float>(), d1.data_ptr<float>(), d3.data_ptr<float>(), rows_at.data_ptr<int32_t>(),
                keys.data_ptr<int32_t>(), a_rows.data_ptr<int64_t>(), cols.data_ptr<int32_t>(), next_d1.data_ptr<float>(),
-               next_d2.data_ptr<float>(), out.data_ptr<float>(), groups, rows_per_group, m, static_cast<float>(blocked));
+               next_d2.data_ptr<float>(), out.data_ptr<float>(), groups, rows_per_group, m, static_cast<float>(blocked),
+               permutes);
   }
   return out;
 }
@@ -408,31 +466,6 @@ static inline void add_group(float* acc, int64_t width, int64_t j0, const float*
   }
 }
 
-// one thread's place in a team that runs a kernel's passes (`in_team`): the whole team, or one thread alone
-struct Member {
-  int64_t thread, threads;
-  void sync() const {  // every thread of the team waits here for the rest
-    if (threads > 1) {
-      #pragma omp barrier
-    }
-  }
-};
-
-// body(member) on every thread of one OpenMP team of torch's threads, its passes apart by `Member::sync`, rather than a
-// team started for each pass (`at::parallel_for`): on the thirtieth round's H100 host a start took 50-130 µs (a
-// compiled RMSNorm at 128 tokens, one pass, 0.05-0.13 ms on 16 threads), and ours' hop between linears made five. No
-// thread count is given to OpenMP, as torch gives none: a smaller team would end the pool's other threads. Where
-// torch runs on one thread, or already in a team, body runs here alone.
-template <typename F>
-static void in_team(const F& body) {
-  if (at::get_num_threads() == 1 || at::in_parallel_region()) {
-    body(Member{0, 1});
-    return;
-  }
-  #pragma omp parallel
-  body(Member{omp_get_thread_num(), omp_get_num_threads()});
-}
-
 // R rows cut into one run a thread, in whole groups (reading rows whole: a column block read down rows of a
 // power-of-two width would share the cache's sets)
 struct Runs {
@@ -448,7 +481,7 @@ struct Runs {
   // slice of the columns; then every thread waits for the whole row
   void add_parts(const Member& me, float* sums, int64_t width) const {
     me.sync();
-    const int64_t begin = width * me.thread / me.threads, end = width * (me.thread + 1) / me.threads;
+    const int64_t begin = me.first(width), end = me.last(width);
     for (int64_t p = 1; p < parts; ++p) {
       const float* from = sums + p * width;
       #pragma omp simd
@@ -716,8 +749,10 @@ torch::Tensor ours_linear_hop(torch::Tensor z, torch::Tensor woodbury, torch::Te
 // `rotated` [S, H + G, R, h], v's heads into `v` [S, R, G·h], each head recovered, rotated and rounded once. Two
 // passes over rows cut into one run a thread: the Woodbury column sums; each row's heads.
 void ours_unmix_rope(torch::Tensor z, torch::Tensor woodbury, torch::Tensor a, torch::Tensor scale,
-                     torch::Tensor cos, torch::Tensor sin, torch::Tensor rotated, torch::Tensor v) {
+                     torch::Tensor cos, torch::Tensor sin, torch::Tensor rotated, torch::Tensor v,
+                     std::vector<torch::Tensor> permute, std::vector<bool> divides) {
   check_unmix(z, woodbury, a, scale);
+  const Permutes permutes(permute, divides);
   const int64_t S = z.size(0), R = z.size(1), W = z.size(2), k = a.size(-1), rotated_heads = rotated.size(1),
                 h = rotated.size(3), G = v.size(2) / h;
   for (const auto& t : {cos, sin, rotated, v})
@@ -760,8 +795,9 @@ void ours_unmix_rope(torch::Tensor z, torch::Tensor woodbury, torch::Tensor a, t
             }
           }
         });
-        me.sync();  // the sums' rows are the next sequence's
+        me.sync();  // the sums' rows are the next sequence's; every head rotated, for the permutations
       }
+      permutes.run(me);
     });
   });
 }
@@ -847,7 +883,7 @@ def _built():
         # a build per torch version, each against its own headers (a machine may hold two, as the VM does); OpenMP
         # for at::parallel_for (torch's own runtime, already loaded), which without it runs on one thread
         return load_inline(f"splitinfer_native_{re.sub(r'[^0-9a-zA-Z]', '_', torch.__version__)}", cpp_sources=SOURCE,
-                           functions=["ours_softmax_hop", "softmax_blocks", "permute_scale", "ours_linear_hop",
+                           functions=["ours_softmax_hop", "softmax_blocks", "permute_scales", "ours_linear_hop",
                                       "ours_attend_hop", "ours_unmix_rope"],
                            extra_ldflags=["-fopenmp"], verbose=False,
                            extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"])
@@ -904,15 +940,16 @@ def in_picked_form(step: str, key: torch.Tensor, forms: dict[str, Callable[[], o
 
 def ours_softmax_hop(c5: torch.Tensor, d1: torch.Tensor, d3: torch.Tensor, rows_at: torch.Tensor, keys: torch.Tensor,
                      a_rows: torch.Tensor, cols: torch.Tensor, next_d1: torch.Tensor, next_d2: torch.Tensor,
-                     out: torch.Tensor) -> torch.Tensor:
+                     out: torch.Tensor, *permutes: tuple) -> torch.Tensor:
     """The probabilities of ours' scores c5 [B, G, R, n, m], kept in their masks' order (unscaled by d1 [B, G, R, n]
     and d3 [B, G, m], keys at positions `keys` [B, G, m] past a row's position `rows_at` [B, G, R, n] hidden),
     protected for P·V: rows gathered by `a_rows` (flat over all rows), columns by `cols` [B, G, m] (int32), scaled by
-    next_d1 down the rows and next_d2 along them; into `out` (c5's shape, contiguous), which it returns."""
+    next_d1 down the rows and next_d2 along them; into `out` (c5's shape, contiguous), which it returns. In the
+    same call, `permute_scale` of each of `permutes` (P·V's other operand)."""
     from splitinfer.tee_ops import BLOCKED  # here: tee_ops imports this module
     return _module().ours_softmax_hop(c5, d1.contiguous(), d3.contiguous(), rows_at.contiguous(), keys.contiguous(),
                                       a_rows, cols.contiguous(), next_d1.contiguous(),
-                                      next_d2.contiguous(), out, BLOCKED)
+                                      next_d2.contiguous(), out, BLOCKED, *_permute_lists(permutes))
 
 
 def softmax_blocks(scores: torch.Tensor, bias: torch.Tensor, out: torch.Tensor, batch: int, heads: int,
@@ -928,7 +965,22 @@ def permute_scale(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, row_s
     `out` (contiguous), which it returns: x [..., m] (any strides) as rows of m, `rows` the flat source row of each
     of out's rows, `cols` [..., G, m] each group's column order (int32), g = r's group (out's rows cut into G equal
     runs), row_scale one value a row of out, col_scale [..., G, m]; all in x's dtype."""
-    return _module().permute_scale(x, rows, cols, row_scale.contiguous(), col_scale.contiguous(), out, row_divides)
+    permute_scales((x, rows, cols, row_scale, col_scale, out, row_divides))
+    return out
+
+
+def permute_scales(*jobs: tuple) -> None:
+    """`permute_scale` of each job, its arguments in turn, in one call: every job's rows cut among one team of
+    threads."""
+    _module().permute_scales(*_permute_lists(jobs))
+
+
+def _permute_lists(jobs: tuple[tuple, ...]) -> tuple[list[torch.Tensor], list[bool]]:
+    """`permute_scale` jobs as the C++ kernels take them: six tensors a job, and whether each one's row scale
+    divides."""
+    tensors = [t for x, rows, cols, row_scale, col_scale, out, _ in jobs
+               for t in (x, rows, cols, row_scale.contiguous(), col_scale.contiguous(), out)]
+    return tensors, [bool(job[-1]) for job in jobs]
 
 
 def ours_linear_hop(z3: torch.Tensor, woodbury_rows: torch.Tensor, a: torch.Tensor, scale: torch.Tensor,
@@ -961,9 +1013,11 @@ def ours_attend_hop(c: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, d1:
 
 
 def ours_unmix_rope(z3: torch.Tensor, woodbury_rows: torch.Tensor, a: torch.Tensor, scale: torch.Tensor,
-                    cos: torch.Tensor, sin: torch.Tensor, rotated: torch.Tensor, v: torch.Tensor) -> None:
+                    cos: torch.Tensor, sin: torch.Tensor, rotated: torch.Tensor, v: torch.Tensor,
+                    *permutes: tuple) -> None:
     """The first half of ours' RoPE hop in one call (`schemes._unmix_rows`, then `tee_ops.rotated_heads`, in float32
     throughout): the qkv projection's answer z3 [S, R, W] unmixed, q's and k's heads rotated by cos and sin [R, h]
-    into `rotated` [S, H + G, R, h], v's heads into `v` [S, R, G·h] (both contiguous, in z3's dtype)."""
+    into `rotated` [S, H + G, R, h], v's heads into `v` [S, R, G·h] (both contiguous, in z3's dtype). Then, in the
+    same call, `permute_scale` of each of `permutes` (the scores' operands, views of `rotated`)."""
     _module().ours_unmix_rope(z3.contiguous(), woodbury_rows.contiguous(), a.contiguous(), scale.contiguous(),
-                              cos.contiguous(), sin.contiguous(), rotated, v)
+                              cos.contiguous(), sin.contiguous(), rotated, v, *_permute_lists(permutes))

@@ -379,18 +379,23 @@ class Matrix(Plain):
                 self._matmul_secret(name))
 
     def _permuted(self, a: torch.Tensor, b: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """What `_permute_scale` makes of matmul `name`'s operands, in one C++ call each (`native.permute_scale`):
+        """What `_permute_scale` makes of matmul `name`'s operands, in one C++ call (`native.permute_scales`):
         A' = D₁P₁ A P₂D₂ and B' = D₂⁻¹P₂⁻¹ B P₃D₃."""
-        m = self.matmul_masks[name]
-        a_rows, _, d1, d2, b_rows, _, _, out_a, out_b = self._permute_args(name, a.dtype)
-        native.permute_scale(a, a_rows, m["a_columns"], d1, d2, out_a)
-        return out_a.view(a.shape), self._permuted_b(b, m, b_rows, d2, out_b)
+        jobs, results = self._permute_jobs(a, b, name)
+        native.permute_scales(*jobs)
+        return results
 
-    @staticmethod
-    def _permuted_b(b: torch.Tensor, m: dict[str, torch.Tensor], rows: torch.Tensor, d2: torch.Tensor,
-                    out: torch.Tensor) -> torch.Tensor:
-        """B' = D₂⁻¹P₂⁻¹ B P₃D₃ in one C++ call (`native.permute_scale`), into `out`."""
-        return native.permute_scale(b, rows, m["b_columns"], d2, m["d3"], out, row_divides=True)
+    def _permute_jobs(self, a: torch.Tensor | None, b: torch.Tensor, name: str, args: tuple | None = None
+                      ) -> tuple[list[tuple], tuple]:
+        """`native.permute_scale`'s arguments for matmul `name`'s operands (A' = D₁P₁ A P₂D₂, B' = D₂⁻¹P₂⁻¹ B P₃D₃;
+        B's alone where a is None), and the results they write, for a C++ call to run them; from `_permute_args`'
+        (given, or made here)."""
+        m = self.matmul_masks[name]
+        a_rows, _, d1, d2, b_rows, _, _, out_a, out_b = args or self._permute_args(name, b.dtype)
+        b_job = (b, b_rows, m["b_columns"], d2, m["d3"], out_b, True)
+        if a is None:
+            return [b_job], (out_b,)
+        return [(a, a_rows, m["a_columns"], d1, d2, out_a, False), b_job], (out_a.view(a.shape), out_b)
 
     def _permute_args(self, name: str, dtype: torch.dtype) -> tuple:
         """`_permute_scale`'s arguments after the operands: matmul `name`'s masks, and where its results go."""
@@ -425,11 +430,11 @@ class Matrix(Plain):
             cos, sin, heads, rotated = op_args
             h = rotated.shape[-1]
             v = torch.empty(z3.shape[0], n, z3.shape[-1] - rotated.shape[1] * h, dtype=z.dtype)
-            native.ours_unmix_rope(z3, mask["woodbury_rows"], mask["a"], scale, cos, sin, rotated, v)
-            kept, left, right = split_heads(v, h), rotated[:, :heads], rotated[:, heads:].transpose(-1, -2)
-        else:
-            y = kernels.as_chosen(_unmix_rows)(z3, mask["woodbury_rows"], mask["a"], scale)[:, :n]
-            kept, (left, right) = op(kernels.as_chosen, y if bias is None else torch.add(y, bias), *op_args)
+            jobs, masked = self._permute_jobs(rotated[:, :heads], rotated[:, heads:].transpose(-1, -2), name)
+            native.ours_unmix_rope(z3, mask["woodbury_rows"], mask["a"], scale, cos, sin, rotated, v, *jobs)
+            return split_heads(v, h), *masked
+        y = kernels.as_chosen(_unmix_rows)(z3, mask["woodbury_rows"], mask["a"], scale)[:, :n]
+        kept, (left, right) = op(kernels.as_chosen, y if bias is None else torch.add(y, bias), *op_args)
         return kept, *self._permuted(left, right, name)
 
     def softmax_hop(self, c, secret, v, name, blocks, bias, attention_mask):
@@ -458,14 +463,15 @@ class Matrix(Plain):
     def _softmax_one_pass(self, c5: torch.Tensor, m: dict[str, torch.Tensor], positions: torch.Tensor,
                           v: torch.Tensor, name: str) -> tuple:
         """The softmax hop's probabilities in one pass over the scores (`native.ours_softmax_hop`), protected for
-        P·V as protect_matmul would (its row and column gathers and scales); v protected as it does."""
-        a_rows, _, d1, d2, b_rows, _, _, out_a, out_b = self._permute_args(name, c5.dtype)
-        following = self.matmul_masks[name]
-        a5 = native.ours_softmax_hop(c5, m["d1"], m["d3"], m["rows_at"], positions, a_rows, following["a_columns"],
-                                     d1, d2, out_a)
+        P·V as protect_matmul would (its row and column gathers and scales); v protected as it does, in the same
+        call."""
+        args = self._permute_args(name, c5.dtype)
+        a_rows, _, d1, d2, _, _, _, out_a, _ = args
+        v_jobs, (masked_v,) = self._permute_jobs(None, v, name, args)
+        a5 = native.ours_softmax_hop(c5, m["d1"], m["d3"], m["rows_at"], positions, a_rows,
+                                     self.matmul_masks[name]["a_columns"], d1, d2, out_a, *v_jobs)
         batch, groups, per_group, n, keys = c5.shape
-        return (a5.view(batch, -1, n, keys), self._permuted_b(v, following, b_rows, d2, out_b),
-                self._matmul_secret(name))
+        return a5.view(batch, -1, n, keys), masked_v, self._matmul_secret(name)
 
     def attend_hop(self, c, secret, product, op, op_args, name):
         """In the form set-up picked at c's shape: one TEE kernel (`_unpermute_op_mix`), or one C++ call

@@ -278,8 +278,8 @@ def test_softmax_hop_is_the_steps(scheme_cls, padded, compiled):
 def test_ours_softmax_hop_in_one_pass_is_its_steps(dtype, padded):
     """ours' softmax hop in one pass (`native.ours_softmax_hop`, C++: float32 throughout, rounded once) sends the
     GPU what its steps would: the probabilities under P·V's masks within rounding, with a zero exactly where the
-    steps' have one (every later and padding key); v's operand within rounding (one C++ call,
-    `native.permute_scale`), and the secret the very same."""
+    steps' have one (every later and padding key); v's operand within rounding (`native.permute_scale`'s, in the
+    same call), and the secret the very same."""
     from splitinfer.tee_ops import CausalBlocks, key_positions
     heads, groups, n, k = 4, 2, 9, 5
     attention_mask = torch.tensor([[1] * n, [1] * 6 + [0] * 3] if padded else [[1] * n] * 2)
@@ -304,7 +304,7 @@ def test_ours_softmax_hop_in_one_pass_is_its_steps(dtype, padded):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_ours_matmul_masks_in_one_call_are_their_steps(dtype):
-    """ours' masks on a matmul's operands in one C++ call each (`native.permute_scale`) give what the steps give:
+    """ours' masks on a matmul's operands in one C++ call (`native.permute_scales`) give what the steps give:
     q as the engine has it (a view of the rotated heads), kᵀ a transposed view, the probabilities and v a strided
     one, for two sequences: every value in the same place, within one rounding."""
     from splitinfer import kernels
@@ -390,8 +390,8 @@ def test_ours_attend_hop_in_one_call_is_its_steps(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_ours_rope_hop_in_cpp_is_its_steps(dtype):
-    """ours' RoPE hop in `native`'s kernels (the recovery and RoPE in one call, `native.ours_unmix_rope`, then the
-    operands' masks) gives what its one TEE kernel gives (`_unmix_op_permute`): v, and the scores' two masked
+    """ours' RoPE hop in `native`'s kernels (the recovery, RoPE and the operands' masks in one call,
+    `native.ours_unmix_rope`) gives what its one TEE kernel gives (`_unmix_op_permute`): v, and the scores' two masked
     operands, within rounding, for two sequences under GQA and a rank-2 mask."""
     from splitinfer import kernels
     from splitinfer.kernels import fused
