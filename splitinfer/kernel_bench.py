@@ -237,7 +237,7 @@ def fixed_costs(d: int, dtype: torch.dtype, threads: list[int], repeat: int, hop
     H100 machine a TEE op cost 100-170 µs at 128 tokens, against about 40 on the 2-core VM). With more than
     one thread, the RMSNorm's kernel is also timed built with one (inductor's cpp.threads: fused, and waking
     no thread), whatever the count. With `hop`, also straight after a round trip to that device, as the
-    engine's TEE ops come (`round_trip`)."""
+    engine's TEE ops come (`round_trip`). Last, an OpenMP team that does nothing, after each wait (`empty_teams`)."""
     tiny, x, branch = torch.randn(8).to(dtype), torch.randn(1, 128, d).to(dtype), torch.randn(1, 128, d).to(dtype)
     norm = RmsNorm.of(torch.rand(d).to(dtype) + 0.5, 1e-5)
     scaled, eps_d, out = norm.scaled[:8], norm.eps_d, torch.empty(8, dtype=dtype)
@@ -263,10 +263,27 @@ def fixed_costs(d: int, dtype: torch.dtype, threads: list[int], repeat: int, hop
                         lambda _: on_one(x, branch, norm.scaled, norm.eps_d, torch.empty_like(x)),
                         before or (lambda: None), repeat=repeat, wait_s=wait_s)
             row["an eager add of 8 values"] = timed(lambda _: torch.add(tiny, tiny, out=out), repeat=repeat)
+            row.update(empty_teams(waits, repeat))
     finally:
         torch.set_num_threads(default)
         kernels.select(False)
     return costs
+
+
+def empty_teams(waits: list[tuple[str, float, Callable[[], None] | None]], repeat: int) -> dict[str, float]:
+    """ms of one OpenMP team of every torch thread that does nothing (`native.empty_team`: as each C++ kernel call
+    starts one), after each of `waits`, and with 4 barriers inside (as a kernel's passes wait for each other); none
+    where the C++ kernels cannot be built."""
+    try:
+        row = {f"an empty team of every thread (C++){label}": timed(lambda _: native.empty_team(),
+                                                                    before or (lambda: None), repeat=repeat,
+                                                                    wait_s=wait_s)
+               for label, wait_s, before in waits}
+        row["an empty team of every thread (C++), 4 barriers"] = timed(lambda _: native.empty_team(4), repeat=repeat)
+        return row
+    except RuntimeError as e:  # they could not be built here
+        print(f"warning: {e}", file=sys.stderr)
+        return {}
 
 
 def product_rates(preset: str, repeat: int, n: int = 512) -> dict[str, float]:

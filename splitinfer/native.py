@@ -466,6 +466,14 @@ static inline void add_group(float* acc, int64_t width, int64_t j0, const float*
   }
 }
 
+// one team of torch's threads that does nothing but wait `barriers` times: what a team costs this CPU
+// (`kernel_bench`'s fixed costs)
+void empty_team(int64_t barriers) {
+  in_team([&](const Member& me) {
+    for (int64_t i = 0; i < barriers; ++i) me.sync();
+  });
+}
+
 // R rows cut into one run a thread, in whole groups (reading rows whole: a column block read down rows of a
 // power-of-two width would share the cache's sets)
 struct Runs {
@@ -884,7 +892,7 @@ def _built():
         # for at::parallel_for (torch's own runtime, already loaded), which without it runs on one thread
         return load_inline(f"splitinfer_native_{re.sub(r'[^0-9a-zA-Z]', '_', torch.__version__)}", cpp_sources=SOURCE,
                            functions=["ours_softmax_hop", "softmax_blocks", "permute_scales", "ours_linear_hop",
-                                      "ours_attend_hop", "ours_unmix_rope"],
+                                      "ours_attend_hop", "ours_unmix_rope", "empty_team"],
                            extra_ldflags=["-fopenmp"], verbose=False,
                            extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"])
     except Exception as e:  # no compiler, no ninja, a failed build: the steps run instead
@@ -1021,3 +1029,8 @@ def ours_unmix_rope(z3: torch.Tensor, woodbury_rows: torch.Tensor, a: torch.Tens
     same call, `permute_scale` of each of `permutes` (the scores' operands, views of `rotated`)."""
     _module().ours_unmix_rope(z3.contiguous(), woodbury_rows.contiguous(), a.contiguous(), scale.contiguous(),
                               cos.contiguous(), sin.contiguous(), rotated, v, *_permute_lists(permutes))
+
+
+def empty_team(barriers: int = 0) -> None:
+    """One team of torch's threads that only waits at `barriers` barriers: what starting a team costs (`in_team`)."""
+    _module().empty_team(barriers)

@@ -165,8 +165,11 @@ def test_kernel_bench_times_each_step_both_ways(tmp_path, capsys):
             "otp: RoPE hop, fused"} <= set(steps["compiled"])
     costs = results["fixed_costs"]
     assert set(costs) == {"1", "2"} and all(min(row.values()) > 0 for row in costs.values())
-    # on two threads, the RMSNorm's kernel built on one too, after each wait
-    assert len(costs["1"]) == 13 and len(costs["2"]) == 18
+    # on two threads, the RMSNorm's kernel built on one too, after each wait; an empty team after each, and with
+    # barriers
+    assert len(costs["1"]) == 19 and len(costs["2"]) == 24
+    assert {"an empty team of every thread (C++), after 2 ms idle", "an empty team of every thread (C++), 4 barriers",
+            "an empty team of every thread (C++), straight after a round trip to cpu"} <= set(costs["2"])
     assert "RMSNorm with the residual add, 128 tokens, compiled on one thread, after 30 ms idle" in costs["2"]
     assert "RMSNorm with the residual add, 128 tokens, compiled, straight after a round trip to cpu" in \
         results["fixed_costs"]["1"]
@@ -196,7 +199,7 @@ def test_kernel_bench_fixed_costs_under_a_wait_policy(tmp_path, monkeypatch):
     results = json.loads(out.read_text())
     assert set(results["fixed_costs_by_wait_policy"]) == {"PASSIVE"} and results["lengths"] == {}
     row = results["fixed_costs_by_wait_policy"]["PASSIVE"]["1"]
-    assert min(row.values()) > 0 and sum("round trip to cpu" in step for step in row) == 2  # the flag goes along
+    assert min(row.values()) > 0 and sum("round trip to cpu" in step for step in row) == 3  # the flag goes along
     monkeypatch.setattr(kernel_bench.sys, "executable", "false")
     assert kernel_bench.main(["--lengths", "", "--repeat", "1", "--threads", "1", "--wait-policies", "ACTIVE",
                               "--out", str(out)]) == 0
