@@ -292,7 +292,7 @@ class SplitLlama:
         `cuda_graphs` replays each of the GPU's calls from a CUDA graph (`splitinfer.graphs`), captured in set-up
         (`warm_device`): one launch where a linear makes several host calls, and an attention matmul more. Only
         on CUDA (elsewhere it warns and does nothing); set-up kept them for every runner on the H100 machine of the
-        twenty-sixth round (tee_gpu/README.md). Both are off here by
+        twenty-sixth round (tee_gpu/ROUNDS.md). Both are off here by
         default; the runners leave both to set-up (tee_gpu/config.py). Either may be AUTO: off until
         `choose_configuration` times each way in set-up and keeps the faster; graphs only on CUDA, fused hops only
         for a masked scheme with compiled kernels (elsewhere AUTO is off, untimed).

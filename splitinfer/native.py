@@ -4,7 +4,7 @@ for ours' permutations of a matmul's operands, and for ours' hops into a linear.
 - ours' softmax hop, where the scores come back in their masks' order (`schemes.Matrix.softmax_hop`). Its steps make
   five passes over the n² scores (unscale and hide, softmax, the probabilities' rows and columns gathered, the next
   masks' scales); inductor's one kernel for them kept a float32 copy of the scores and took each exp twice
-  (tee_gpu/README.md, "Twenty-ninth round"). This one takes an output row at a time: it reads its source row once
+  (tee_gpu/ROUNDS.md, "Twenty-ninth round"). This one takes an output row at a time: it reads its source row once
   (prefetching the one after next, which the masks' random row order hides from the hardware), unscales and hides
   it, takes the softmax with one exp a score, and writes the row in the next matmul's column order with its
   scales, in float32 in the cache, rounded once.
