@@ -238,20 +238,20 @@ struct Permutes {
   std::vector<Job> jobs;
 
   Permutes(const std::vector<torch::Tensor>& t, const std::vector<bool>& divides) {
-    TORCH_CHECK(t.size() == 6 * divides.size(), "permute_scale: six tensors a job");
+    TORCH_CHECK(t.size() == 6 * divides.size(), "permute_scales: six tensors a job");
     for (size_t i = 0; i < divides.size(); ++i) {
       const torch::Tensor &x = t[6 * i], &rows = t[6 * i + 1], &cols = t[6 * i + 2], &row_scale = t[6 * i + 3],
                           &col_scale = t[6 * i + 4], &out = t[6 * i + 5];
       TORCH_CHECK(x.device().is_cpu() && out.is_contiguous() && out.scalar_type() == x.scalar_type()
                   && row_scale.scalar_type() == x.scalar_type() && col_scale.scalar_type() == x.scalar_type()
                   && (x.scalar_type() == at::kHalf || x.scalar_type() == at::kFloat),
-                  "permute_scale takes CPU tensors, all float16 or all float32, into a contiguous one");
+                  "permute_scales takes CPU tensors, all float16 or all float32, into a contiguous one");
       TORCH_CHECK(rows.scalar_type() == at::kLong && cols.scalar_type() == at::kInt && rows.is_contiguous()
                   && cols.is_contiguous() && row_scale.is_contiguous() && col_scale.is_contiguous(),
-                  "permute_scale: int64 rows, int32 columns, contiguous scales");
+                  "permute_scales: int64 rows, int32 columns, contiguous scales");
       const int64_t m = x.size(-1), dest_rows = out.numel() / m, groups = cols.numel() / m;
       TORCH_CHECK(rows.numel() == dest_rows && dest_rows % groups == 0 && col_scale.numel() == groups * m
-                  && row_scale.numel() == dest_rows, "permute_scale: shapes do not match");
+                  && row_scale.numel() == dest_rows, "permute_scales: shapes do not match");
       // the column scales as float32, made here (a no-op in float32)
       jobs.push_back(Job{x, rows, cols, row_scale, col_scale.to(at::kFloat).contiguous(), out, divides[i], rows_of(x)});
     }
@@ -953,7 +953,7 @@ def ours_softmax_hop(c5: torch.Tensor, d1: torch.Tensor, d3: torch.Tensor, rows_
     and d3 [B, G, m], keys at positions `keys` [B, G, m] past a row's position `rows_at` [B, G, R, n] hidden),
     protected for P·V: rows gathered by `a_rows` (flat over all rows), columns by `cols` [B, G, m] (int32), scaled by
     next_d1 down the rows and next_d2 along them; into `out` (c5's shape, contiguous), which it returns. In the
-    same call, `permute_scale` of each of `permutes` (P·V's other operand)."""
+    same call, each of `permutes` (`permute_scales`' jobs: P·V's other operand)."""
     from splitinfer.tee_ops import BLOCKED  # here: tee_ops imports this module
     return _module().ours_softmax_hop(c5, d1.contiguous(), d3.contiguous(), rows_at.contiguous(), keys.contiguous(),
                                       a_rows, cols.contiguous(), next_d1.contiguous(),
@@ -967,24 +967,17 @@ def softmax_blocks(scores: torch.Tensor, bias: torch.Tensor, out: torch.Tensor, 
     return _module().softmax_blocks(scores, bias.contiguous(), out, batch, heads, list(starts))
 
 
-def permute_scale(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, row_scale: torch.Tensor,
-                  col_scale: torch.Tensor, out: torch.Tensor, row_divides: bool = False) -> torch.Tensor:
-    """out[r, j] = x[rows[r], cols[g, j]] · row_scale[r] · col_scale[g, j] (÷ row_scale[r] where `row_divides`), into
-    `out` (contiguous), which it returns: x [..., m] (any strides) as rows of m, `rows` the flat source row of each
-    of out's rows, `cols` [..., G, m] each group's column order (int32), g = r's group (out's rows cut into G equal
-    runs), row_scale one value a row of out, col_scale [..., G, m]; all in x's dtype."""
-    permute_scales((x, rows, cols, row_scale, col_scale, out, row_divides))
-    return out
-
-
 def permute_scales(*jobs: tuple) -> None:
-    """`permute_scale` of each job, its arguments in turn, in one call: every job's rows cut among one team of
-    threads."""
+    """ours' masks on matmul operands, in one call: every job's rows cut among one team of threads. A job is (x, rows,
+    cols, row_scale, col_scale, out, row_divides): out[r, j] = x[rows[r], cols[g, j]] · row_scale[r] · col_scale[g, j]
+    (÷ row_scale[r] where `row_divides`), into `out` (contiguous): x [..., m] (any strides) as rows of m, `rows` the
+    flat source row of each of out's rows, `cols` [..., G, m] each group's column order (int32), g = r's group (out's
+    rows cut into G equal runs), row_scale one value a row of out, col_scale [..., G, m]; all in x's dtype."""
     _module().permute_scales(*_permute_lists(jobs))
 
 
 def _permute_lists(jobs: tuple[tuple, ...]) -> tuple[list[torch.Tensor], list[bool]]:
-    """`permute_scale` jobs as the C++ kernels take them: six tensors a job, and whether each one's row scale
+    """`permute_scales` jobs as the C++ kernels take them: six tensors a job, and whether each one's row scale
     divides."""
     tensors = [t for x, rows, cols, row_scale, col_scale, out, _ in jobs
                for t in (x, rows, cols, row_scale.contiguous(), col_scale.contiguous(), out)]
@@ -1026,7 +1019,7 @@ def ours_unmix_rope(z3: torch.Tensor, woodbury_rows: torch.Tensor, a: torch.Tens
     """The first half of ours' RoPE hop in one call (`schemes._unmix_rows`, then `tee_ops.rotated_heads`, in float32
     throughout): the qkv projection's answer z3 [S, R, W] unmixed, q's and k's heads rotated by cos and sin [R, h]
     into `rotated` [S, H + G, R, h], v's heads into `v` [S, R, G·h] (both contiguous, in z3's dtype). Then, in the
-    same call, `permute_scale` of each of `permutes` (the scores' operands, views of `rotated`)."""
+    same call, each of `permutes` (`permute_scales`' jobs: the scores' operands, views of `rotated`)."""
     _module().ours_unmix_rope(z3.contiguous(), woodbury_rows.contiguous(), a.contiguous(), scale.contiguous(),
                               cos.contiguous(), sin.contiguous(), rotated, v, *_permute_lists(permutes))
 

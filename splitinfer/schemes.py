@@ -264,7 +264,7 @@ class Matrix(Plain):
         mask["cols_b"] = _col_index(mask["p3"], b)
         mask["cols_c"] = _col_index(mask["p3_inverse"], (*per_head[1:], n, m))
         mask["b_scale"] = (mask["d3"].float()[..., None, :] / mask["d2"].float()[..., None]).to(dtype)
-        # each group's column orders as the C++ kernels take them (`native.permute_scale`, `native.ours_attend_hop`):
+        # each group's column orders as the C++ kernels take them (`native.permute_scales`, `native.ours_attend_hop`):
         # int32 [B, G, m]
         mask["a_columns"], mask["b_columns"] = mask["p2"].int(), mask["p3"].int()
         mask["c_columns"] = mask["p3_inverse"].int()
@@ -387,7 +387,7 @@ class Matrix(Plain):
 
     def _permute_jobs(self, a: torch.Tensor | None, b: torch.Tensor, name: str, args: tuple | None = None
                       ) -> tuple[list[tuple], tuple]:
-        """`native.permute_scale`'s arguments for matmul `name`'s operands (A' = D₁P₁ A P₂D₂, B' = D₂⁻¹P₂⁻¹ B P₃D₃;
+        """`native.permute_scales`' jobs for matmul `name`'s operands (A' = D₁P₁ A P₂D₂, B' = D₂⁻¹P₂⁻¹ B P₃D₃;
         B's alone where a is None), and the results they write, for a C++ call to run them; from `_permute_args`'
         (given, or made here)."""
         m = self.matmul_masks[name]

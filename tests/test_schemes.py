@@ -278,7 +278,7 @@ def test_softmax_hop_is_the_steps(scheme_cls, padded, compiled):
 def test_ours_softmax_hop_in_one_pass_is_its_steps(dtype, padded):
     """ours' softmax hop in one pass (`native.ours_softmax_hop`, C++: float32 throughout, rounded once) sends the
     GPU what its steps would: the probabilities under P·V's masks within rounding, with a zero exactly where the
-    steps' have one (every later and padding key); v's operand within rounding (`native.permute_scale`'s, in the
+    steps' have one (every later and padding key); v's operand within rounding (`native.permute_scales`' job, in the
     same call), and the secret the very same."""
     from splitinfer.tee_ops import CausalBlocks, key_positions
     heads, groups, n, k = 4, 2, 9, 5
