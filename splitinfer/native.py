@@ -381,16 +381,14 @@ torch::Tensor softmax_blocks(torch::Tensor x, torch::Tensor bias, torch::Tensor 
     while (target >= offset[r + 1]) ++r;
     split[t] = first_row[r] + (target - offset[r]) / starts[r + 1];
   }
-  at::parallel_for(0, parts, 1, [=, &split, &first_row, &offset, &starts](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      if (x.scalar_type() == at::kHalf) {
-        block_rows<at::Half>(split[t], split[t + 1], x.data_ptr<at::Half>(), bias.data_ptr<at::Half>(),
-                             out.data_ptr<at::Half>(), starts, first_row, offset, heads);
-      } else {
-        block_rows<float>(split[t], split[t + 1], x.data_ptr<float>(), bias.data_ptr<float>(), out.data_ptr<float>(),
-                          starts, first_row, offset, heads);
-      }
-    }
+  in_dtype(x, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    const T *xs = x.data_ptr<T>(), *bs = bias.data_ptr<T>();
+    T* os = out.data_ptr<T>();
+    at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t)
+        block_rows<T>(split[t], split[t + 1], xs, bs, os, starts, first_row, offset, heads);
+    });
   });
   return out;
 }
@@ -407,18 +405,14 @@ torch::Tensor ours_softmax_hop(torch::Tensor c, torch::Tensor d1, torch::Tensor 
   const int64_t m = c.size(-1), groups = d3.numel() / m, rows_per_group = c.numel() / m / groups;
   TORCH_CHECK(out.numel() == c.numel() && a_rows.numel() == c.numel() / m && cols.numel() == groups * m,
               "ours_softmax_hop: shapes do not match");
-  if (c.scalar_type() == at::kHalf) {
-    hop<at::Half>(c.data_ptr<at::Half>(), d1.data_ptr<at::Half>(), d3.data_ptr<at::Half>(), rows_at.data_ptr<int32_t>(),
-                  keys.data_ptr<int32_t>(), a_rows.data_ptr<int64_t>(), cols.data_ptr<int32_t>(),
-                  next_d1.data_ptr<at::Half>(), next_d2.data_ptr<at::Half>(), out.data_ptr<at::Half>(), groups,
-                  rows_per_group, m, static_cast<float>(blocked), permutes);
-  } else {
-    TORCH_CHECK(c.scalar_type() == at::kFloat, "ours_softmax_hop takes float16 or float32 scores");
-    hop<float>(c.data_ptr<float>(), d1.data_ptr<float>(), d3.data_ptr<float>(), rows_at.data_ptr<int32_t>(),
-               keys.data_ptr<int32_t>(), a_rows.data_ptr<int64_t>(), cols.data_ptr<int32_t>(), next_d1.data_ptr<float>(),
-               next_d2.data_ptr<float>(), out.data_ptr<float>(), groups, rows_per_group, m, static_cast<float>(blocked),
-               permutes);
-  }
+  TORCH_CHECK(c.scalar_type() == at::kHalf || c.scalar_type() == at::kFloat,
+              "ours_softmax_hop takes float16 or float32 scores");
+  in_dtype(c, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    hop<T>(c.data_ptr<T>(), d1.data_ptr<T>(), d3.data_ptr<T>(), rows_at.data_ptr<int32_t>(), keys.data_ptr<int32_t>(),
+           a_rows.data_ptr<int64_t>(), cols.data_ptr<int32_t>(), next_d1.data_ptr<T>(), next_d2.data_ptr<T>(),
+           out.data_ptr<T>(), groups, rows_per_group, m, static_cast<float>(blocked), permutes);
+  });
   return out;
 }
 
