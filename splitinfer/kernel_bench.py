@@ -159,7 +159,14 @@ def layer_steps(preset: str, n: int, dtype: torch.dtype, compiled: bool, repeat:
         positions = key_positions(m["keys_at"], mask, whole.padded)
         out = torch.empty_like(packed)
         try:
-            return {"plain, otp: softmax of the causal blocks, one pass (C++)": timed(
+            return {"plain: 2 x RMSNorm with the residual add (C++)": 2 * timed(
+                        lambda _: native.rms_norm(x, branch, norm.scaled, norm.eps_d, torch.empty_like(x)),
+                        repeat=repeat),
+                    "plain: RoPE on q and k (C++)": timed(lambda _: native.rope(q_and_k, cos, sin, rotated),
+                                                          repeat=repeat),
+                    "plain: SiLU·up (C++)": timed(lambda _: native.silu_gate(gate_up, torch.empty_like(inputs["down"])),
+                                                  repeat=repeat),
+                    "plain, otp: softmax of the causal blocks, one pass (C++)": timed(
                         lambda s: native.softmax_blocks(s, bias, out, 1, heads, blocks.starts), packed.clone, repeat),
                     "ours: softmax hop, one pass (C++)": timed(
                         lambda c: ours._softmax_one_pass(c.view(1, groups, heads // groups, n, n), m, positions, v, "p"),
@@ -237,7 +244,8 @@ def fixed_costs(d: int, dtype: torch.dtype, threads: list[int], repeat: int, hop
     H100 machine a TEE op cost 100-170 µs at 128 tokens, against about 40 on the 2-core VM). With more than
     one thread, the RMSNorm's kernel is also timed built with one (inductor's cpp.threads: fused, and waking
     no thread), whatever the count. With `hop`, also straight after a round trip to that device, as the
-    engine's TEE ops come (`round_trip`). Last, an OpenMP team that does nothing, after each wait (`empty_teams`)."""
+    engine's TEE ops come (`round_trip`). Last, the RMSNorm as one C++ call and an OpenMP team that does nothing,
+    after each wait (`cpp_calls`)."""
     tiny, x, branch = torch.randn(8).to(dtype), torch.randn(1, 128, d).to(dtype), torch.randn(1, 128, d).to(dtype)
     norm = RmsNorm.of(torch.rand(d).to(dtype) + 0.5, 1e-5)
     scaled, eps_d, out = norm.scaled[:8], norm.eps_d, torch.empty(8, dtype=dtype)
@@ -263,22 +271,33 @@ def fixed_costs(d: int, dtype: torch.dtype, threads: list[int], repeat: int, hop
                         lambda _: on_one(x, branch, norm.scaled, norm.eps_d, torch.empty_like(x)),
                         before or (lambda: None), repeat=repeat, wait_s=wait_s)
             row["an eager add of 8 values"] = timed(lambda _: torch.add(tiny, tiny, out=out), repeat=repeat)
-            row.update(empty_teams(waits, repeat))
+            row.update(cpp_calls(waits, repeat, x, branch, norm))
     finally:
         torch.set_num_threads(default)
         kernels.select(False)
     return costs
 
 
-def empty_teams(waits: list[tuple[str, float, Callable[[], None] | None]], repeat: int) -> dict[str, float]:
-    """ms of one OpenMP team of every torch thread that does nothing (`native.empty_team`: as each C++ kernel call
-    starts one), after each of `waits`, and with 4 barriers inside (as a kernel's passes wait for each other); none
-    where the C++ kernels cannot be built."""
+def cpp_calls(waits: list[tuple[str, float, Callable[[], None] | None]], repeat: int, x: torch.Tensor,
+              branch: torch.Tensor, norm: RmsNorm) -> dict[str, float]:
+    """ms of `fixed_costs`' RMSNorm as one C++ call (`native.rms_norm`: one team of every torch thread), and with
+    more than one thread as that call on one (`kernels.on_one_thread`), after each of `waits`; of one OpenMP team
+    that does nothing (`native.empty_team`: as each C++ kernel call starts one), after each, and with 4 barriers
+    inside (as a kernel's passes wait for each other). None where the C++ kernels cannot be built."""
+    def rms_norm_call(_) -> None:
+        native.rms_norm(x, branch, norm.scaled, norm.eps_d, torch.empty_like(x))
+
+    forms = {"C++": rms_norm_call}
+    if torch.get_num_threads() > 1:
+        forms["C++ on one thread"] = lambda _: kernels.on_one_thread(rms_norm_call, (None,))
     try:
-        row = {f"an empty team of every thread (C++){label}": timed(lambda _: native.empty_team(),
-                                                                    before or (lambda: None), repeat=repeat,
-                                                                    wait_s=wait_s)
-               for label, wait_s, before in waits}
+        row = {f"RMSNorm with the residual add, 128 tokens, {form}{label}": timed(
+                   call, before or (lambda: None), repeat=repeat, wait_s=wait_s)
+               for form, call in forms.items() for label, wait_s, before in waits}
+        row.update({f"an empty team of every thread (C++){label}": timed(lambda _: native.empty_team(),
+                                                                         before or (lambda: None), repeat=repeat,
+                                                                         wait_s=wait_s)
+                    for label, wait_s, before in waits})
         row["an empty team of every thread (C++), 4 barriers"] = timed(lambda _: native.empty_team(4), repeat=repeat)
         return row
     except RuntimeError as e:  # they could not be built here

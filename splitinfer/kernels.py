@@ -210,6 +210,11 @@ def choosing(on: bool = True) -> Iterator[None]:
         _state["choosing"] = was
 
 
+def choosing_now() -> bool:
+    """Whether kernels are being chosen (inside `choosing`: set-up)."""
+    return _state["choosing"]
+
+
 def _choose(fn: Callable, eager: Callable, compiled: Built, args: tuple):
     """Build `compiled` (kernel `fn`), time it, `eager`, and with more than one torch thread `eager` on one
     thread (`on_one_thread`), on `args` (`timed`); keep the fastest for this shape; its result."""

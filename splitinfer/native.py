@@ -658,6 +658,118 @@ static void check_unmix(const torch::Tensor& z, const torch::Tensor& woodbury, c
 }
 
 // one sequence of ours' hop between two linears (`ours_linear_hop`): z unmixed, then SiLU·up or the residual sum
+// The plain split's three small TEE ops, each one call and one team where inductor's kernel is a compiled call and the
+// eager ops three to eight (`tee_ops.RmsNorm.after`, `tee_ops.silu_gate`, `tee_ops.apply_rope`): rows cut among the
+// team's threads, each row in float32 and rounded once.
+
+// (x + branch, where there is one, rounded to x's dtype) and its RMSNorm total·scaled/√(‖total‖² + eps_d), rows of d
+// values; the sum into `total` (x's shape, unless no branch)
+void rms_norm_rows(torch::Tensor x, c10::optional<torch::Tensor> branch, torch::Tensor scaled, torch::Tensor eps_d,
+                   torch::Tensor out, c10::optional<torch::Tensor> total) {
+  const int64_t d = x.size(-1), rows = x.numel() / d;
+  TORCH_CHECK(branch.has_value() == total.has_value(), "rms_norm_rows: a branch and its sum, or neither");
+  std::vector<torch::Tensor> same = {x, out};
+  if (branch) same.insert(same.end(), {*branch, *total});
+  for (const auto& t : same)
+    TORCH_CHECK(t.is_contiguous() && t.scalar_type() == x.scalar_type() && t.numel() == x.numel(),
+                "rms_norm_rows: contiguous tensors of x's shape and dtype");
+  TORCH_CHECK(scaled.is_contiguous() && scaled.scalar_type() == at::kFloat && scaled.numel() == d
+              && eps_d.scalar_type() == at::kFloat && eps_d.numel() == 1, "rms_norm_rows: a float32 weight of d, eps");
+  const float eps = eps_d.data_ptr<float>()[0];
+  in_dtype(x, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    const T *xs = x.data_ptr<T>(), *bs = branch ? branch->data_ptr<T>() : nullptr;
+    T *os = out.data_ptr<T>(), *ts = total ? total->data_ptr<T>() : nullptr;
+    const float* w = scaled.data_ptr<float>();
+    in_team([&](const Member& me) {
+      std::vector<float> y(d), u(d);
+      for (int64_t r = me.first(rows); r < me.last(rows); ++r) {
+        const float* v = as_float(xs + r * d, y.data(), d);
+        if (bs != nullptr) {
+          const float* b = as_float(bs + r * d, u.data(), d);
+          #pragma omp simd
+          for (int64_t j = 0; j < d; ++j) y[j] = v[j] + b[j];
+          rounded(y.data(), d, xs);
+          store(ts + r * d, y.data(), d);
+          v = y.data();
+        }
+        float sum = 0.0f;
+        #pragma omp simd reduction(+:sum)
+        for (int64_t j = 0; j < d; ++j) sum += v[j] * v[j];
+        const float inv = 1.0f / std::sqrt(sum + eps);
+        #pragma omp simd
+        for (int64_t j = 0; j < d; ++j) u[j] = v[j] * inv * w[j];
+        store(os + r * d, u.data(), d);
+      }
+    });
+  });
+}
+
+// SiLU(gate)·up of gate_up [..., 2m] (gate, then up) into out [..., m], a chunk of a row at a time
+void silu_gate_rows(torch::Tensor gate_up, torch::Tensor out) {
+  const int64_t m = out.size(-1), rows = out.numel() / std::max<int64_t>(1, m);
+  TORCH_CHECK(gate_up.is_contiguous() && out.is_contiguous() && gate_up.scalar_type() == out.scalar_type()
+              && gate_up.numel() == 2 * out.numel(), "silu_gate_rows: contiguous, gate_up twice out's width, one dtype");
+  in_dtype(out, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    const T* gu = gate_up.data_ptr<T>();
+    T* os = out.data_ptr<T>();
+    in_team([&](const Member& me) {
+      float g[COLUMNS], u[COLUMNS], y[COLUMNS];
+      for (int64_t r = me.first(rows); r < me.last(rows); ++r) {
+        for (int64_t j0 = 0; j0 < m; j0 += COLUMNS) {
+          const int64_t c = std::min(COLUMNS, m - j0);
+          const float* gs = as_float(gu + r * 2 * m + j0, g, c);
+          const float* us = as_float(gu + r * 2 * m + m + j0, u, c);
+          #pragma omp simd
+          for (int64_t j = 0; j < c; ++j) y[j] = silu(gs[j]) * us[j];
+          store(os + r * m + j0, y, c);
+        }
+      }
+    });
+  });
+}
+
+// RoPE of x [B, heads, n, h] (any strides along its first three dimensions: a view of the heads of [B, n, heads·h])
+// by cos and sin [n, h] into out (x's shape, contiguous): x·cos + rotate_half(x)·sin
+void rope_rows(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, torch::Tensor out) {
+  TORCH_CHECK(x.dim() == 4 && x.stride(3) == 1 && out.is_contiguous() && cos.is_contiguous() && sin.is_contiguous(),
+              "rope_rows: x [B, heads, n, h] with h contiguous, the rest contiguous");
+  const int64_t heads = x.size(1), n = x.size(2), h = x.size(3), rows = x.numel() / h, half = h / 2;
+  for (const auto& t : {cos, sin, out})
+    TORCH_CHECK(t.scalar_type() == x.scalar_type(), "rope_rows: one dtype");
+  TORCH_CHECK(h % 2 == 0 && h <= COLUMNS && out.numel() == x.numel() && cos.numel() == n * h && sin.numel() == n * h,
+              "rope_rows: shapes do not match");
+  const int64_t s0 = x.stride(0), s1 = x.stride(1), s2 = x.stride(2);
+  in_dtype(x, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    const T *xs = x.data_ptr<T>(), *cs = cos.data_ptr<T>(), *sn = sin.data_ptr<T>();
+    T* os = out.data_ptr<T>();
+    // the tables in float32, converted once a call, not once a head (float32 tables are read as they are)
+    std::vector<float> tables(std::is_same<T, float>::value ? 0 : 2 * n * h);
+    in_team([&](const Member& me) {
+      for (int64_t i = me.first(n); tables.size() && i < me.last(n); ++i) {
+        as_float(cs + i * h, tables.data() + i * h, h);
+        as_float(sn + i * h, tables.data() + (n + i) * h, h);
+      }
+      me.sync();
+      const float* cf = tables.size() ? tables.data() : reinterpret_cast<const float*>(cs);
+      const float* sf = tables.size() ? tables.data() + n * h : reinterpret_cast<const float*>(sn);
+      float a[COLUMNS], o[COLUMNS];
+      for (int64_t r = me.first(rows); r < me.last(rows); ++r) {
+        const int64_t i = r % n, head = r / n % heads, b = r / n / heads;
+        const float* v = as_float(xs + b * s0 + head * s1 + i * s2, a, h);
+        const float *cr = cf + i * h, *sr = sf + i * h;
+        #pragma omp simd
+        for (int64_t j = 0; j < half; ++j) o[j] = v[j] * cr[j] - v[j + half] * sr[j];
+        #pragma omp simd
+        for (int64_t j = half; j < h; ++j) o[j] = v[j] * cr[j] + v[j - half] * sr[j];
+        store(os + r * h, o, h);
+      }
+    });
+  });
+}
+
 template <typename T>
 struct LinearHop {
   Unmix<T> unmix;
@@ -886,7 +998,8 @@ def _built():
         # for at::parallel_for (torch's own runtime, already loaded), which without it runs on one thread
         return load_inline(f"splitinfer_native_{re.sub(r'[^0-9a-zA-Z]', '_', torch.__version__)}", cpp_sources=SOURCE,
                            functions=["ours_softmax_hop", "softmax_blocks", "permute_scales", "ours_linear_hop",
-                                      "ours_attend_hop", "ours_unmix_rope", "empty_team"],
+                                      "ours_attend_hop", "ours_unmix_rope", "empty_team", "rms_norm_rows",
+                                      "silu_gate_rows", "rope_rows"],
                            extra_ldflags=["-fopenmp"], verbose=False,
                            extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"])
     except Exception as e:  # no compiler, no ninja, a failed build: the steps run instead
@@ -932,8 +1045,19 @@ def in_picked_form(step: str, key: torch.Tensor, forms: dict[str, Callable[[], o
 
     One thread, not a few: `at::parallel_for` starts every thread of torch's OpenMP pool whatever the work, and runs
     inline on one. A count between would make the pool end its other threads, which the next call on all of them
-    starts anew (on the VM, a call on 2 of 8 threads ended 6, and 8 then started 6 new ones)."""
-    if usable and offered(key):
+    starts anew (on the VM, a call on 2 of 8 threads ended 6, and 8 then started 6 new ones).
+
+    Outside set-up the pick is only looked up: the plain split makes 81 such calls an inference, and building the
+    forms for `kernels.pick` took 4 µs of each on the VM."""
+    offer = usable and offered(key)
+    if not kernels.choosing_now():
+        form = kernels.picked(step, key, "") if offer else ""
+        if form == ONE_PASS:
+            return one_pass()
+        if form == ONE_PASS_ONE_THREAD:
+            return kernels.on_one_thread(one_pass, ())
+        return (forms[form] if form in forms else next(iter(forms.values())))()
+    if offer:
         forms = {**forms, ONE_PASS: one_pass}
         if torch.get_num_threads() > 1:
             forms[ONE_PASS_ONE_THREAD] = functools.partial(kernels.on_one_thread, one_pass, ())
@@ -1021,3 +1145,24 @@ def ours_unmix_rope(z3: torch.Tensor, woodbury_rows: torch.Tensor, a: torch.Tens
 def empty_team(barriers: int = 0) -> None:
     """One team of torch's threads that only waits at `barriers` barriers: what starting a team costs (`in_team`)."""
     _module().empty_team(barriers)
+
+
+def rms_norm(x: torch.Tensor, branch: torch.Tensor | None, scaled: torch.Tensor, eps_d: torch.Tensor, out: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`tee_ops.RmsNorm.after` in one call: (x + branch, its RMSNorm into `out`), or (x, its RMSNorm) with no branch;
+    x, branch and out contiguous, in one dtype."""
+    total = None if branch is None else torch.empty_like(x)
+    _module().rms_norm_rows(x, branch, scaled, eps_d, out, total)
+    return (x if total is None else total), out
+
+
+def silu_gate(gate_up: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """`tee_ops.silu_gate` in one call, into `out` (both contiguous, in one dtype)."""
+    _module().silu_gate_rows(gate_up, out)
+    return out
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """`tee_ops.apply_rope` in one call, into `out` (contiguous; x [B, heads, n, h] a view with h contiguous)."""
+    _module().rope_rows(x, cos, sin, out)
+    return out

@@ -18,6 +18,12 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 from splitinfer import native
 from splitinfer.kernels import tee_kernel
 
+# Steps with a form in `native`'s C++ kernels, one form picked per shape in set-up (`native.in_picked_form`): the TEE
+# kernel (compiled, or eager where set-up measured that faster), or the C++ one. The plain split's small ops cost a
+# GPU host more in calls than in arithmetic (tee_gpu/ROUNDS.md, "Thirty-third round"): the C++ form is one call.
+KERNEL = "kernel"
+RMS_NORM, RESIDUAL_RMS_NORM, SILU_GATE, ROPE = "rms_norm", "residual_rms_norm", "silu_gate", "rope"
+
 
 @dataclass(frozen=True)
 class RmsNorm:
@@ -42,9 +48,15 @@ class RmsNorm:
         """(x + branch, its norm): the residual add of the block before this norm, fused with it (one kernel
         compiled, one pass fewer); with no branch (the first block), (x, its norm)."""
         out = torch.empty_like(x) if out is None else out
+        same = [x, out] if branch is None else [x, branch, out]
+        usable = all(t.is_contiguous() and t.dtype == x.dtype for t in same)
+        one_call = lambda: native.rms_norm(x, branch, self.scaled, self.eps_d, out)  # noqa: E731
         if branch is None:
-            return x, rms_norm(x, self.scaled, self.eps_d, out)
-        return residual_rms_norm(x, branch, self.scaled, self.eps_d, out)
+            return native.in_picked_form(RMS_NORM, x, {KERNEL: lambda: (x, rms_norm(x, self.scaled, self.eps_d, out))},
+                                         one_call, usable)
+        return native.in_picked_form(RESIDUAL_RMS_NORM, x,
+                                     {KERNEL: lambda: residual_rms_norm(x, branch, self.scaled, self.eps_d, out)},
+                                     one_call, usable)
 
 
 @tee_kernel
@@ -107,7 +119,10 @@ class Rotary:
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """Rotate x [B, heads, N, head_dim] by position: x·cos + rotate_half(x)·sin, into `out` where given."""
-    return _rope(x, cos, sin, torch.empty(x.shape, dtype=x.dtype) if out is None else out)
+    out = torch.empty(x.shape, dtype=x.dtype) if out is None else out
+    return native.in_picked_form(ROPE, x, {KERNEL: lambda: _rope(x, cos, sin, out)}, lambda: native.rope(x, cos, sin, out),
+                                 x.dim() == 4 and x.stride(-1) == 1 and out.is_contiguous()
+                                 and all(t.dtype == x.dtype for t in (cos, sin, out)))
 
 
 def _rope_by_halves(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -226,8 +241,10 @@ def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: tor
 
 def silu_gate(gate_up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """SiLU(gate) * up, where gate_up holds [gate | up] along the last dimension."""
-    return silu_product(gate_up, torch.empty((*gate_up.shape[:-1], gate_up.shape[-1] // 2), dtype=gate_up.dtype)
-                        if out is None else out)
+    out = torch.empty((*gate_up.shape[:-1], gate_up.shape[-1] // 2), dtype=gate_up.dtype) if out is None else out
+    return native.in_picked_form(SILU_GATE, gate_up, {KERNEL: lambda: silu_product(gate_up, out)},
+                                 lambda: native.silu_gate(gate_up, out),
+                                 gate_up.is_contiguous() and out.is_contiguous() and out.dtype == gate_up.dtype)
 
 
 def gated(form: Callable, gate_up: torch.Tensor) -> tuple[None, torch.Tensor]:
@@ -256,7 +273,6 @@ def grouped_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 # the causal blocks' softmax's forms, one picked per shape in set-up (`kernels.pick`): the TEE kernel, or the C++ one
 SOFTMAX_BLOCKS = "softmax_blocks"
-BLOCKS = "kernel"
 ROWS = 64   # no part below this many rows: a short prompt keeps one op per step
 MOST = 16  # at 2048 tokens and more: 17/32 of n² for the causal blocks, within 7% of the triangle
 INDEX_BYTES = 64 * 2 ** 20  # the most a gather index of the packed scores may take (`CausalBlocks.gathers`)
@@ -392,7 +408,7 @@ class CausalBlocks:
         out = torch.empty_like(scores) if out is None else out
         return native.in_picked_form(
             SOFTMAX_BLOCKS, scores,
-            {BLOCKS: lambda: _softmax_blocks(scores, bias, out, self.batch, self.heads, self.starts, self.padded)},
+            {KERNEL: lambda: _softmax_blocks(scores, bias, out, self.batch, self.heads, self.starts, self.padded)},
             lambda: native.softmax_blocks(scores, bias, out, self.batch, self.heads, self.starts),
             usable=scores.is_contiguous() and out.is_contiguous())
 

@@ -153,8 +153,11 @@ def test_kernel_bench_times_each_step_both_ways(tmp_path, capsys):
                               "--round-trip-device", "cpu", "--out", str(out)]) == 0
     results = json.loads(out.read_text())
     steps = results["lengths"]["4"]
-    # the C++ kernels (the softmaxes in one pass, ours' permutations and hops) are offered with compiled kernels only
-    assert set(steps["compiled"]) - set(steps["eager"]) == {"ours: softmax hop, one pass (C++)",
+    # the C++ kernels (the plain split's small ops, the softmaxes in one pass, ours' permutations and hops) are offered
+    # with compiled kernels only
+    assert set(steps["compiled"]) - set(steps["eager"]) == {"plain: 2 x RMSNorm with the residual add (C++)",
+                                                            "plain: RoPE on q and k (C++)", "plain: SiLU·up (C++)",
+                                                            "ours: softmax hop, one pass (C++)",
                                                             "plain, otp: softmax of the causal blocks, one pass (C++)",
                                                             "ours: both matmuls' masks, C++ permutations",
                                                             "ours: RoPE hop, C++ kernels",
@@ -165,9 +168,12 @@ def test_kernel_bench_times_each_step_both_ways(tmp_path, capsys):
             "otp: RoPE hop, fused"} <= set(steps["compiled"])
     costs = results["fixed_costs"]
     assert set(costs) == {"1", "2"} and all(min(row.values()) > 0 for row in costs.values())
-    # on two threads, the RMSNorm's kernel built on one too, after each wait; an empty team after each, and with
-    # barriers
-    assert len(costs["1"]) == 19 and len(costs["2"]) == 24
+    # on two threads, the RMSNorm's kernel built on one too, after each wait; the RMSNorm as one C++ call after each
+    # (and on two threads on one of them too); an empty team after each, and with barriers
+    assert len(costs["1"]) == 24 and len(costs["2"]) == 34
+    assert {"RMSNorm with the residual add, 128 tokens, C++, after 30 ms idle",
+            "RMSNorm with the residual add, 128 tokens, C++ on one thread, straight after a round trip to cpu"
+            } <= set(costs["2"])
     assert {"an empty team of every thread (C++), after 2 ms idle", "an empty team of every thread (C++), 4 barriers",
             "an empty team of every thread (C++), straight after a round trip to cpu"} <= set(costs["2"])
     assert "RMSNorm with the residual add, 128 tokens, compiled on one thread, after 30 ms idle" in costs["2"]
@@ -199,7 +205,7 @@ def test_kernel_bench_fixed_costs_under_a_wait_policy(tmp_path, monkeypatch):
     results = json.loads(out.read_text())
     assert set(results["fixed_costs_by_wait_policy"]) == {"PASSIVE"} and results["lengths"] == {}
     row = results["fixed_costs_by_wait_policy"]["PASSIVE"]["1"]
-    assert min(row.values()) > 0 and sum("round trip to cpu" in step for step in row) == 3  # the flag goes along
+    assert min(row.values()) > 0 and sum("round trip to cpu" in step for step in row) == 4  # the flag goes along
     monkeypatch.setattr(kernel_bench.sys, "executable", "false")
     assert kernel_bench.main(["--lengths", "", "--repeat", "1", "--threads", "1", "--wait-policies", "ACTIVE",
                               "--out", str(out)]) == 0
@@ -506,17 +512,27 @@ def test_fused_hops_compile_to_one_call_each(tiny_models, scheme, monkeypatch):
 
 def test_a_cpp_form_is_also_offered_on_one_thread(monkeypatch, two_threads):
     """`native.in_picked_form` offers set-up the C++ form on torch's threads and, where there are several, on one:
-    run so, the call sees one thread, and the count is back to two after. On one thread there is no second form."""
+    run so, the call sees one thread, and the count is back to two after. On one thread there is no second form.
+    Outside set-up the form picked is looked up, not picked again, and run the same way; a step picked nowhere runs
+    its first form."""
     from splitinfer import native
     offered = []
     monkeypatch.setattr(native, "offered", lambda t: True)
     monkeypatch.setattr(kernels, "pick", lambda step, t, forms: (offered.append(list(forms)), native.ONE_PASS_ONE_THREAD
                                                                   if native.ONE_PASS_ONE_THREAD in forms else "steps")[1])
+    with kernels.choosing():
+        assert native.in_picked_form("step", torch.ones(3), {"steps": lambda: 0}, torch.get_num_threads) == 1
+        assert torch.get_num_threads() == 2 and offered == [["steps", native.ONE_PASS, native.ONE_PASS_ONE_THREAD]]
+        torch.set_num_threads(1)
+        assert native.in_picked_form("step", torch.ones(3), {"steps": lambda: 0}, torch.get_num_threads) == 0
+        assert offered[-1] == ["steps", native.ONE_PASS]
+    torch.set_num_threads(2)
+    looked_up = {"step": native.ONE_PASS_ONE_THREAD, "other": native.ONE_PASS}
+    monkeypatch.setattr(kernels, "picked", lambda step, t, default: looked_up.get(step, default))
     assert native.in_picked_form("step", torch.ones(3), {"steps": lambda: 0}, torch.get_num_threads) == 1
-    assert torch.get_num_threads() == 2 and offered == [["steps", native.ONE_PASS, native.ONE_PASS_ONE_THREAD]]
-    torch.set_num_threads(1)
-    assert native.in_picked_form("step", torch.ones(3), {"steps": lambda: 0}, torch.get_num_threads) == 0
-    assert offered[-1] == ["steps", native.ONE_PASS]
+    assert native.in_picked_form("other", torch.ones(3), {"steps": lambda: 0}, torch.get_num_threads) == 2
+    assert native.in_picked_form("nowhere", torch.ones(3), {"steps": lambda: 0}, torch.get_num_threads) == 0
+    assert len(offered) == 2 and torch.get_num_threads() == 2
 
 
 def test_set_up_picks_the_faster_form_of_a_step(monkeypatch, capsys):

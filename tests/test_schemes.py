@@ -498,6 +498,35 @@ def test_ours_runs_its_cpp_kernels_where_set_up_picks_them(tiny_models, monkeypa
     assert compare(logits, reference_logits(model.config, model.state_dict, ids, mask))["rel_logit_error"] < 1e-4
 
 
+def test_the_plain_split_runs_its_cpp_kernels_where_set_up_picks_them(tiny_models, monkeypatch):
+    """Set-up times the C++ form of the plain split's TEE ops (RMSNorm with the residual add and without, SiLU·up,
+    RoPE, the causal blocks' softmax) against their TEE kernels, and an inference with every C++ form in force gives
+    transformers' logits, for two sequences, one padded, with GQA and a head_dim of its own."""
+    from splitinfer import kernels, native, tee_ops
+    monkeypatch.setattr(kernels, "picks", {})
+    model = load_model(tiny_models["gqa-head-dim"], torch.float32, CPU)
+    ids, mask = build_batch(model.tokenizer, ["The plain split in C++.", "And a longer second prompt, padded."], 12,
+                            2, True)
+    calls = []
+    for name in ("rms_norm", "silu_gate", "rope", "softmax_blocks"):
+        monkeypatch.setattr(native, name, functools.partial(lambda fn, name, *a: (calls.append(name), fn(*a))[1],
+                                                            getattr(native, name), name))
+    try:
+        engine = SplitLlama(model.config, model.state_dict, make_scheme("plain"), CPU, torch.float32, compiled=True)
+        engine.warm_kernels(*ids.shape)
+        steps = {k.split()[0] for k, v in kernels.chosen().items() if f"{native.ONE_PASS}_ms" in v}
+        assert steps == {tee_ops.RMS_NORM, tee_ops.RESIDUAL_RMS_NORM, tee_ops.SILU_GATE, tee_ops.ROPE,
+                         tee_ops.SOFTMAX_BLOCKS}
+        run_cpp_forms()
+        calls.clear()
+        logits = engine.timed_forward(ids, mask)[0]
+    finally:
+        kernels.select(False)
+    layers = model.config.num_hidden_layers
+    assert sorted(calls) == sorted(["rms_norm"] * (2 * layers + 1) + ["silu_gate", "rope", "softmax_blocks"] * layers)
+    assert compare(logits, reference_logits(model.config, model.state_dict, ids, mask))["rel_logit_error"] < 1e-4
+
+
 def test_an_engine_without_cpp_kernels_runs_none(tiny_models, monkeypatch):
     """`SplitLlama(native_kernels=False)` runs every step in its other form, whatever set-up picked (here the C++
     form everywhere), giving transformers' logits; set-up's picks and the kernels' offer are as they were after."""

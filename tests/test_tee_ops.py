@@ -88,6 +88,37 @@ def test_causal_blocks_softmax_in_one_pass_is_the_kernels(dtype, tolerance):
                                rtol=2e-3, atol=2e-3)
 
 
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.float16, 2e-3)])
+def test_plain_ops_in_cpp_are_the_kernels(dtype, tolerance):
+    """The plain split's small TEE ops in C++ (`native.rms_norm`, `native.silu_gate`, `native.rope`: each row in
+    float32, rounded once) give the TEE kernels' answers within rounding: RMSNorm with the residual add (whose sum
+    is rounded as the kernel rounds it: the very values) and without, SiLU·up, and RoPE on q and k as a strided view
+    of the projection's output; at widths that are no multiple of a vector's, for two sequences."""
+    from splitinfer import native
+    torch.manual_seed(5)
+    d, inner, heads, n, h = 50, 300, 5, 9, 24
+    norm = RmsNorm.of(1 + 0.3 * torch.randn(d), 1e-5)
+    x, branch = (3 * torch.randn(2, n, d)).to(dtype), (3 * torch.randn(2, n, d)).to(dtype)
+    want_sum, want = tee_ops.residual_rms_norm.eager(x, branch, norm.scaled, norm.eps_d, torch.empty_like(x))
+    got_sum, got = native.rms_norm(x, branch, norm.scaled, norm.eps_d, torch.empty_like(x))
+    assert torch.equal(got_sum, want_sum)
+    torch.testing.assert_close(got, want, rtol=tolerance, atol=tolerance)
+    kept, got = native.rms_norm(x, None, norm.scaled, norm.eps_d, torch.empty_like(x))
+    assert kept is x
+    torch.testing.assert_close(got, tee_ops.rms_norm.eager(x, norm.scaled, norm.eps_d, torch.empty_like(x)),
+                               rtol=tolerance, atol=tolerance)
+    gate_up = (4 * torch.randn(2, n, 2 * inner)).to(dtype)
+    want = tee_ops.silu_product.eager(gate_up, torch.empty(2, n, inner, dtype=dtype))
+    torch.testing.assert_close(native.silu_gate(gate_up, torch.empty_like(want)), want, rtol=tolerance,
+                               atol=4 * tolerance)
+    q_and_k = tee_ops.split_heads(torch.randn(2, n, heads * h).to(dtype), h)  # [2, heads, n, h], strided
+    angles = torch.rand(n, h) * 6
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    want = tee_ops._rope_by_halves(q_and_k, cos, sin, torch.empty(q_and_k.shape, dtype=dtype))
+    torch.testing.assert_close(native.rope(q_and_k, cos, sin, torch.empty_like(want)), want, rtol=tolerance,
+                               atol=tolerance)
+
+
 def test_causal_blocks_equal_the_full_attention():
     """Scores, softmax and P·V over uneven row blocks, with GQA and a padded sequence, against the full
     n×n computation, block by block and packed from (and unpacked into) full matrices; and the packed size
