@@ -1,5 +1,5 @@
 """Hand-written C++ kernels for the TEE's two softmaxes, which neither eager PyTorch nor inductor runs in one pass,
-for ours' permutations of a matmul's operands, and for ours' hops into a linear.
+for ours' permutations of a matmul's operands, for ours' hops into a linear, and for the plain split's small ops.
 
 - ours' softmax hop, where the scores come back in their masks' order (`schemes.Matrix.softmax_hop`). Its steps make
   five passes over the n² scores (unscale and hide, softmax, the probabilities' rows and columns gathered, the next
@@ -10,6 +10,11 @@ for ours' permutations of a matmul's operands, and for ours' hops into a linear.
   scales, in float32 in the cache, rounded once.
 - the causal blocks' softmax of the plain split and otp (`tee_ops.CausalBlocks.softmax`): each row read once with
   its row of the bias, one exp a score, written once, every block in one call.
+- the plain split's RMSNorm (with the residual add or without), SiLU·up and RoPE (`tee_ops.RmsNorm.after`,
+  `tee_ops.silu_gate`, `tee_ops.apply_rope`): one call each where the eager ops make three to eight and inductor's
+  kernel is a compiled call, each row in float32, rounded once. At 128 tokens a GPU host's TEE op costs it far more
+  in calls and thread wake-ups than in arithmetic (the twenty-sixth round's H100 host: 10.0 ms of the plain
+  split's inference in its TEE ops, about 80); on the VM these took the plain split's TEE ops at 128 tokens from 3.3-4.0 to 2.7-3.5 ms (2 layers).
 - ours' masks on a matmul's operands (rows and columns permuted and scaled: `schemes._permute_scale`): both
   operands in one call where the steps make three an operand (an `index_select` of the rows, an integer gather of
   the columns, the scales), each row gathered and scaled in float32 and rounded once, a source row prefetched
@@ -662,14 +667,51 @@ static void check_unmix(const torch::Tensor& z, const torch::Tensor& woodbury, c
 // eager ops three to eight (`tee_ops.RmsNorm.after`, `tee_ops.silu_gate`, `tee_ops.apply_rope`): rows cut among the
 // team's threads, each row in float32 and rounded once.
 
-// (x + branch, where there is one, rounded to x's dtype) and its RMSNorm total·scaled/√(‖total‖² + eps_d), rows of d
-// values; the sum into `total` (x's shape, unless no branch)
-void rms_norm_rows(torch::Tensor x, c10::optional<torch::Tensor> branch, torch::Tensor scaled, torch::Tensor eps_d,
-                   torch::Tensor out, c10::optional<torch::Tensor> total) {
+// y = x + b rounded to T, into `t` (T) and `y` (float32), m values: one pass, each sum rounded once; returns Σ y²
+static inline float add_rounded(const at::Half* x, const at::Half* b, at::Half* t, float* y, int64_t m) {
+  int64_t j = 0;
+  float sum = 0.0f;
+#ifdef __F16C__
+  __m256 squares = _mm256_setzero_ps();
+  for (; j + 8 <= m; j += 8) {
+    const __m256 total = _mm256_add_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + j))),
+                                       _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + j))));
+    const __m128i half = _mm256_cvtps_ph(total, _MM_FROUND_TO_NEAREST_INT);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(t + j), half);
+    const __m256 rounded_total = _mm256_cvtph_ps(half);
+    _mm256_storeu_ps(y + j, rounded_total);
+    squares = _mm256_add_ps(squares, _mm256_mul_ps(rounded_total, rounded_total));
+  }
+  float lanes[8];
+  _mm256_storeu_ps(lanes, squares);
+  for (const float lane : lanes) sum += lane;
+#endif
+  for (; j < m; ++j) {
+    t[j] = static_cast<at::Half>(static_cast<float>(x[j]) + static_cast<float>(b[j]));
+    y[j] = static_cast<float>(t[j]);
+    sum += y[j] * y[j];
+  }
+  return sum;
+}
+static inline float add_rounded(const float* x, const float* b, float* t, float* y, int64_t m) {
+  float sum = 0.0f;
+  #pragma omp simd reduction(+:sum)
+  for (int64_t j = 0; j < m; ++j) {
+    y[j] = x[j] + b[j];
+    t[j] = y[j];
+    sum += y[j] * y[j];
+  }
+  return sum;
+}
+
+// (x + branch, where there is one, rounded to x's dtype) and its RMSNorm total·scaled/√(‖total‖² + eps_d) into
+// `out`, rows of d values; returns the sum (a new tensor; x itself with no branch)
+torch::Tensor rms_norm_rows(torch::Tensor x, c10::optional<torch::Tensor> branch, torch::Tensor scaled,
+                            torch::Tensor eps_d, torch::Tensor out) {
   const int64_t d = x.size(-1), rows = x.numel() / d;
-  TORCH_CHECK(branch.has_value() == total.has_value(), "rms_norm_rows: a branch and its sum, or neither");
-  std::vector<torch::Tensor> same = {x, out};
-  if (branch) same.insert(same.end(), {*branch, *total});
+  const torch::Tensor total = branch ? at::empty_like(x) : x;
+  std::vector<torch::Tensor> same = {x, out, total};
+  if (branch) same.push_back(*branch);
   for (const auto& t : same)
     TORCH_CHECK(t.is_contiguous() && t.scalar_type() == x.scalar_type() && t.numel() == x.numel(),
                 "rms_norm_rows: contiguous tensors of x's shape and dtype");
@@ -679,23 +721,20 @@ void rms_norm_rows(torch::Tensor x, c10::optional<torch::Tensor> branch, torch::
   in_dtype(x, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     const T *xs = x.data_ptr<T>(), *bs = branch ? branch->data_ptr<T>() : nullptr;
-    T *os = out.data_ptr<T>(), *ts = total ? total->data_ptr<T>() : nullptr;
+    T *os = out.data_ptr<T>(), *ts = total.data_ptr<T>();
     const float* w = scaled.data_ptr<float>();
     in_team([&](const Member& me) {
       std::vector<float> y(d), u(d);
       for (int64_t r = me.first(rows); r < me.last(rows); ++r) {
-        const float* v = as_float(xs + r * d, y.data(), d);
-        if (bs != nullptr) {
-          const float* b = as_float(bs + r * d, u.data(), d);
-          #pragma omp simd
-          for (int64_t j = 0; j < d; ++j) y[j] = v[j] + b[j];
-          rounded(y.data(), d, xs);
-          store(ts + r * d, y.data(), d);
-          v = y.data();
-        }
+        const float* v = y.data();
         float sum = 0.0f;
-        #pragma omp simd reduction(+:sum)
-        for (int64_t j = 0; j < d; ++j) sum += v[j] * v[j];
+        if (bs != nullptr) {
+          sum = add_rounded(xs + r * d, bs + r * d, ts + r * d, y.data(), d);
+        } else {
+          v = as_float(xs + r * d, y.data(), d);
+          #pragma omp simd reduction(+:sum)
+          for (int64_t j = 0; j < d; ++j) sum += v[j] * v[j];
+        }
         const float inv = 1.0f / std::sqrt(sum + eps);
         #pragma omp simd
         for (int64_t j = 0; j < d; ++j) u[j] = v[j] * inv * w[j];
@@ -703,6 +742,7 @@ void rms_norm_rows(torch::Tensor x, c10::optional<torch::Tensor> branch, torch::
       }
     });
   });
+  return total;
 }
 
 // SiLU(gate)·up of gate_up [..., 2m] (gate, then up) into out [..., m], a chunk of a row at a time
@@ -1150,10 +1190,8 @@ def empty_team(barriers: int = 0) -> None:
 def rms_norm(x: torch.Tensor, branch: torch.Tensor | None, scaled: torch.Tensor, eps_d: torch.Tensor, out: torch.Tensor
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """`tee_ops.RmsNorm.after` in one call: (x + branch, its RMSNorm into `out`), or (x, its RMSNorm) with no branch;
-    x, branch and out contiguous, in one dtype."""
-    total = None if branch is None else torch.empty_like(x)
-    _module().rms_norm_rows(x, branch, scaled, eps_d, out, total)
-    return (x if total is None else total), out
+    x, branch and out contiguous, in one dtype. The sum is made in C++: a call fewer from Python."""
+    return _module().rms_norm_rows(x, branch, scaled, eps_d, out), out
 
 
 def silu_gate(gate_up: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
