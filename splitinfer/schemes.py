@@ -15,7 +15,7 @@ import functools
 import math
 import secrets
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -26,6 +26,19 @@ from splitinfer.tee_ops import (CausalBlocks, _hide_later_keys, gated, grouped_m
 
 MaskShapes = dict[str, tuple[int, ...]]
 MatmulShapes = dict[str, tuple[tuple[int, ...], tuple[int, ...]]]
+
+
+class MixArgs(NamedTuple):
+    """`_mix_rows`' arguments after the rows, for one linear's mask (`Matrix._mix_args`)."""
+    d: torch.Tensor
+    a: torch.Tensor
+    b_t_over_d: torch.Tensor
+    dummy: torch.Tensor | None  # the mask's dummy rows, where it has them (the C++ hops take none)
+    out: torch.Tensor | None  # where the mixed rows go: a pinned buffer, or None for a fresh tensor
+
+    def into(self, width: int, dtype: torch.dtype) -> torch.Tensor:
+        """Where a C++ hop writes the mixed rows, `width` wide: `out`, or a fresh tensor of d's rows."""
+        return torch.empty(*self.d.shape, width, dtype=dtype) if self.out is None else self.out
 
 
 class Plain:
@@ -291,11 +304,11 @@ class Matrix(Plain):
         mixed, scale = _mix_rows(x.reshape(sequences, n, x.shape[-1]), *self._mix_args(name, x.shape[-1], x.dtype))
         return self._mixed(mixed, scale, name, x.shape, n)
 
-    def _mix_args(self, name: str, width: int, dtype: torch.dtype) -> tuple:
+    def _mix_args(self, name: str, width: int, dtype: torch.dtype) -> MixArgs:
         """`_mix_rows`' arguments after the rows (`width` wide): linear `name`'s mask, and where its result goes."""
         mask = self.linear_masks[name]
-        return (mask["d"], mask["a"], mask["b_t_over_d"], mask.get("dummy"),
-                self.pinned_buffer((*mask["d"].shape, width), dtype))
+        return MixArgs(mask["d"], mask["a"], mask["b_t_over_d"], mask.get("dummy"),
+                       self.pinned_buffer((*mask["d"].shape, width), dtype))
 
     def _mixed(self, mixed: torch.Tensor, scale: torch.Tensor, name: str, shape: torch.Size, n: int):
         """protect_linear's answer from `_mix_rows`' for an input of `shape` (n rows a sequence)."""
@@ -322,23 +335,21 @@ class Matrix(Plain):
             return fused(_unmix_op_mix, op)(z3, mask["woodbury_rows"], mask["a"], scale, n, bias, op_args, *mix_args)
 
         one_pass = functools.partial(self._linear_hop_one_pass, z3, mask, scale, op, op_args, mix_args)
-        usable = bias is None and mix_args[3] is None and op in (gated, sum_and_norm)
+        usable = bias is None and mix_args.dummy is None and op in (gated, sum_and_norm)
         kept, mixed, next_scale = native.in_picked_form(f"{LINEAR_HOP}_{op.__name__}", z, {STEPS: one_kernel},
                                                         one_pass, usable)
         return (kept, *self._mixed(mixed, next_scale, name, (*in_shape[:-1], width), n))
 
     def _linear_hop_one_pass(self, z3: torch.Tensor, mask: dict[str, torch.Tensor], scale: torch.Tensor, op: Callable,
-                             op_args: tuple, mix_args: tuple) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+                             op_args: tuple, mix_args: MixArgs) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
         """`_unmix_op_mix`'s (kept, mixed, next scale) in one C++ call (`native.ours_linear_hop`), for SiLU·up
         (`gated`) or the residual sum's RMSNorm (`sum_and_norm`), with no dummy rows."""
-        d, a_next, b_t_over_d, _, out = mix_args
         norm = None if op is gated else op_args
-        width = z3.shape[-1] // 2 if norm is None else z3.shape[-1]
-        out = torch.empty(*d.shape, width, dtype=z3.dtype) if out is None else out
+        out = mix_args.into(z3.shape[-1] // 2 if norm is None else z3.shape[-1], z3.dtype)
         # the residual stream, which the layer keeps; or SiLU·up, which nothing keeps
         kept = self._scratch(out.shape, out.dtype) if norm is None else torch.empty_like(out)
-        next_scale = native.ours_linear_hop(z3, mask["woodbury_rows"], mask["a"], scale, norm, d, a_next, b_t_over_d,
-                                            out, kept)
+        next_scale = native.ours_linear_hop(z3, mask["woodbury_rows"], mask["a"], scale, norm, mix_args.d, mix_args.a,
+                                            mix_args.b_t_over_d, out, kept)
         return (None if norm is None else kept), out, next_scale
 
     def warm_kernels(self, linears, matmuls, outputs, dtype, softmax_of=None, hops=(), products=None,
@@ -489,17 +500,16 @@ class Matrix(Plain):
 
         one_pass = functools.partial(self._attend_hop_one_pass, c, m, mix_args)
         kept, mixed, scale = native.in_picked_form(ATTEND_HOP, c, {STEPS: one_kernel}, one_pass,
-                                                   usable=op is merged and mix_args[3] is None)
+                                                   usable=op is merged and mix_args.dummy is None)
         return (kept, *self._mixed(mixed, scale, name, shape, shape[-2]))
 
-    def _attend_hop_one_pass(self, c: torch.Tensor, m: dict[str, torch.Tensor], mix_args: tuple
+    def _attend_hop_one_pass(self, c: torch.Tensor, m: dict[str, torch.Tensor], mix_args: MixArgs
                              ) -> tuple[None, torch.Tensor, torch.Tensor]:
         """`_unpermute_op_mix`'s (kept, mixed, next scale) for the merged heads, in one C++ call."""
-        d, a_next, b_t_over_d, _, out = mix_args
         batch, heads, n, h = c.shape
-        out = torch.empty(batch, n, heads * h, dtype=c.dtype) if out is None else out
-        scale = native.ours_attend_hop(c, m["rows_p1_inverse"], m["c_columns"], m["d1"], m["d3"], d, a_next,
-                                       b_t_over_d, out, self._scratch(out.shape, out.dtype))
+        out = mix_args.into(heads * h, c.dtype)
+        scale = native.ours_attend_hop(c, m["rows_p1_inverse"], m["c_columns"], m["d1"], m["d3"], mix_args.d,
+                                       mix_args.a, mix_args.b_t_over_d, out, self._scratch(out.shape, out.dtype))
         return None, out, scale
 
     def _scratch(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
