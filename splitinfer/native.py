@@ -14,7 +14,8 @@ for ours' permutations of a matmul's operands, for ours' hops into a linear, and
   `tee_ops.silu_gate`, `tee_ops.apply_rope`): one call each where the eager ops make three to eight and inductor's
   kernel is a compiled call, each row in float32, rounded once. At 128 tokens a GPU host's TEE op costs it far more
   in calls and thread wake-ups than in arithmetic (the twenty-sixth round's H100 host: 10.0 ms of the plain
-  split's inference in its TEE ops, about 80); on the VM these took the plain split's TEE ops at 128 tokens from 3.3-4.0 to 2.7-3.5 ms (2 layers).
+  split's inference in its TEE ops, about 80); on the VM these took the plain split's TEE ops at 128 tokens from
+  3.2-3.3 to 2.5-2.9 ms (2 layers; tee_gpu/ROUNDS.md, "Thirty-third round").
 - ours' masks on a matmul's operands (rows and columns permuted and scaled: `schemes._permute_scale`): both
   operands in one call where the steps make three an operand (an `index_select` of the rows, an integer gather of
   the columns, the scales), each row gathered and scaled in float32 and rounded once, a source row prefetched
