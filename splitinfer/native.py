@@ -771,12 +771,21 @@ void silu_gate_rows(torch::Tensor gate_up, torch::Tensor out) {
   });
 }
 
+// one head's row x of h values rotated by its position's cos and sin: o = x·cos + rotate_half(x)·sin
+static inline void rotate_row(const float* x, const float* cos, const float* sin, float* o, int64_t h) {
+  const int64_t half = h / 2;
+  #pragma omp simd
+  for (int64_t j = 0; j < half; ++j) o[j] = x[j] * cos[j] - x[j + half] * sin[j];
+  #pragma omp simd
+  for (int64_t j = half; j < h; ++j) o[j] = x[j] * cos[j] + x[j - half] * sin[j];
+}
+
 // RoPE of x [B, heads, n, h] (any strides along its first three dimensions: a view of the heads of [B, n, heads·h])
 // by cos and sin [n, h] into out (x's shape, contiguous): x·cos + rotate_half(x)·sin
 void rope_rows(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, torch::Tensor out) {
   TORCH_CHECK(x.dim() == 4 && x.stride(3) == 1 && out.is_contiguous() && cos.is_contiguous() && sin.is_contiguous(),
               "rope_rows: x [B, heads, n, h] with h contiguous, the rest contiguous");
-  const int64_t heads = x.size(1), n = x.size(2), h = x.size(3), rows = x.numel() / h, half = h / 2;
+  const int64_t heads = x.size(1), n = x.size(2), h = x.size(3), rows = x.numel() / h;
   for (const auto& t : {cos, sin, out})
     TORCH_CHECK(t.scalar_type() == x.scalar_type(), "rope_rows: one dtype");
   TORCH_CHECK(h % 2 == 0 && h <= COLUMNS && out.numel() == x.numel() && cos.numel() == n * h && sin.numel() == n * h,
@@ -800,11 +809,7 @@ void rope_rows(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, torch::Ten
       for (int64_t r = me.first(rows); r < me.last(rows); ++r) {
         const int64_t i = r % n, head = r / n % heads, b = r / n / heads;
         const float* v = as_float(xs + b * s0 + head * s1 + i * s2, a, h);
-        const float *cr = cf + i * h, *sr = sf + i * h;
-        #pragma omp simd
-        for (int64_t j = 0; j < half; ++j) o[j] = v[j] * cr[j] - v[j + half] * sr[j];
-        #pragma omp simd
-        for (int64_t j = half; j < h; ++j) o[j] = v[j] * cr[j] + v[j - half] * sr[j];
+        rotate_row(v, cf + i * h, sf + i * h, o, h);
         store(os + r * h, o, h);
       }
     });
@@ -928,7 +933,7 @@ void ours_unmix_rope(torch::Tensor z, torch::Tensor woodbury, torch::Tensor a, t
         T* vs = v.data_ptr<T>() + s * R * G * h;
         runs.each(me, [&](int64_t, int64_t r0, int64_t r1) {
           float y[COLUMNS], c[COLUMNS], sine[COLUMNS], o[COLUMNS];
-          const int64_t half = h / 2, heads_a_chunk = COLUMNS / h;
+          const int64_t heads_a_chunk = COLUMNS / h;
           for (int64_t r = r0; r < r1; ++r) {
             load(c, cs + r * h, h);
             load(sine, sn + r * h, h);
@@ -941,10 +946,7 @@ void ours_unmix_rope(torch::Tensor z, torch::Tensor woodbury, torch::Tensor a, t
                   store(vs + r * G * h + (head - rotated_heads) * h, x, h);
                   continue;
                 }
-                #pragma omp simd
-                for (int64_t j = 0; j < half; ++j) o[j] = x[j] * c[j] - x[j + half] * sine[j];
-                #pragma omp simd
-                for (int64_t j = half; j < h; ++j) o[j] = x[j] * c[j] + x[j - half] * sine[j];
+                rotate_row(x, c, sine, o, h);
                 store(rot + (head * R + r) * h, o, h);
               }
             }
