@@ -26,7 +26,7 @@ from splitinfer.results import (MemoryPhases, environment_block, memory_block, p
 from splitinfer.schemes import make_scheme
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-KERNEL_MODES = ("compiled", "eager")  # --kernels: see `compiled_kernels`
+KERNEL_MODES = ("compiled", "cpp", "eager")  # --kernels: see `kernel_options`
 SWITCH = {"on": True, "off": False, AUTO: AUTO}  # --cuda-graphs, --fuse-hops: as SplitLlama takes them
 TEE_ONLY = "tee_only"
 
@@ -101,13 +101,14 @@ def build_parser(config, scheme: str, prog: str) -> argparse.ArgumentParser:
                        help="with a tied LM head, keep a copy of the embedding table in the TEE instead of reading "
                             "the GPU's whole at every inference: one table copy faster, a table's size more memory")
         add_switch(p, "--fuse-hops", getattr(config, "FUSE_HOPS", AUTO),
-                   "make each of the TEE's hops one call, one compiled kernel where set-up measures that faster: "
+                   "make each of the TEE's hops one call, one compiled or C++ kernel where set-up measures that faster: "
                    "between two linears, recovering the answer, the residual add and RMSNorm (or SiLU·up), and "
                    "protecting the next input (three such hops a layer); from the qkv projection to the scores, "
                    "recovering it, RoPE, and protecting q and kᵀ; between the attention matmuls, recovering the "
                    "scores, their softmax and protecting P·V's operands; from P·V to the o projection, recovering "
                    "it and protecting o's input. The JSON then times those RMSNorms, SiLUs, RoPEs and softmaxes as "
-                   "crypto (timing.fused_hops_ms). JSON: benchmark_info.fused_hops", "with compiled kernels (else off)")
+                   "crypto (timing.fused_hops_ms). JSON: benchmark_info.fused_hops",
+                   "with compiled or C++ kernels (else off)")
     if scheme == "matrix":
         p.add_argument("--mask-rank", type=int, default=config.MASK_RANK,
                        help="rank k of the token-mixing part of M = D + ABᵀ (1: the original D + αβᵀ); "
@@ -161,20 +162,25 @@ def resolve_gpu_device(name: str) -> tuple[torch.device, bool]:
 
 
 def add_kernels_flag(p: argparse.ArgumentParser, default: str | None = None, more: str = "") -> None:
-    """--kernels, as every entry point takes it (`compiled_kernels` reads it)."""
+    """--kernels, as every entry point takes it (`kernel_options` reads it)."""
     p.add_argument("--kernels", choices=KERNEL_MODES, default=default,
-                   help="the TEE's fused kernels (RMSNorm with the residual add, SiLU, ours' masks): compiled by "
-                        "inductor in set-up (needs a C++ compiler; eager with a warning without one), or eager "
-                        "PyTorch ops; unset: compiled with CUDA, eager without (with the linears on the CPU between "
-                        "them, compiled kernels measured slower)" + more)
+                   help="the TEE's fused kernels (RMSNorm with the residual add, SiLU, RoPE, the softmax, ours' "
+                        "masks): 'compiled' by inductor in set-up (needs a C++ compiler; eager with a warning "
+                        "without one), 'cpp': eager PyTorch ops and hand-written C++ kernels (built once per "
+                        "machine), or 'eager' PyTorch ops alone; with either of the first two, set-up times each "
+                        "step's forms at this input's shapes and keeps the fastest. Unset: compiled with CUDA, cpp "
+                        "without (with the linears on the CPU between them, inductor's kernels measured slower)"
+                        + more)
 
 
-def compiled_kernels(choice: str | None, gpu_device: torch.device) -> bool:
-    """Whether the TEE's kernels are compiled: as chosen, else where the linears run on a GPU. On the 2-core
-    VM, with the linears' CPU products between them, the compiled kernels ran slower than the eager ops
-    (default model, float32, 128 tokens: RMSNorm 10.5 against 6.5 ms per inference, ours' crypto 46 against
-    33); while the TEE waits on a GPU, as in a busy-wait between calls, they ran up to 3x faster."""
-    return choice == "compiled" if choice else gpu_device.type == "cuda"
+def kernel_options(choice: str | None, gpu_device: torch.device) -> dict[str, bool]:
+    """`SplitLlama`'s `compiled` and `cpp` for --kernels `choice`; unset, compiled where the linears run on a GPU,
+    cpp where they do not. On the 2-core VM, with the linears' CPU products between them, inductor's kernels ran
+    slower than the eager ops (default model, float32, 128 tokens: RMSNorm 10.5 against 6.5 ms per inference,
+    ours' crypto 46 against 33); while the TEE waits on a GPU, as in a busy-wait between calls, they ran up to 3x
+    faster. The C++ kernels beside eager ops need no compile in set-up (tee_gpu/ROUNDS.md, "Thirty-fourth round")."""
+    mode = choice or ("compiled" if gpu_device.type == "cuda" else "cpp")
+    return {"compiled": mode == "compiled", "cpp": mode == "cpp"}
 
 
 def check_writable(path: str, flag: str) -> None:
@@ -239,13 +245,15 @@ def run(args, scheme_name: str) -> dict:
                         resident_embedding=getattr(args, "resident_embedding", False),
                         fuse_hops=SWITCH[getattr(args, "fuse_hops", "off")],
                         cuda_graphs=SWITCH[getattr(args, "cuda_graphs", "off")],
-                        compiled=compiled_kernels(args.kernels, gpu_device),
+                        **kernel_options(args.kernels, gpu_device),
                         attention=None if getattr(args, "attention", "auto") == "auto" else args.attention)
     phases.mark("weights_placed")
     if gpu_device.type == "cuda":  # context and cuBLAS handle belong to set-up, not to the first inference
         torch.ones(8, 8, device=gpu_device, dtype=dtype) @ torch.ones(8, 8, device=gpu_device, dtype=dtype)
     if engine.compiled:
         progress("compiling the TEE's kernels for this input's shapes (inductor)")
+    elif engine.cpp:
+        progress("timing the TEE's steps in their eager and C++ forms at this input's shapes (--kernels cpp)")
     started = kernels.start_ms()  # nonzero: an earlier engine in this process started the compiler
     compile_ms = engine.warm_kernels(*ids.shape)
     phases.mark("kernels_built")

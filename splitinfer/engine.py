@@ -272,7 +272,7 @@ class SplitLlama:
                  triangle: bool = True, block_rows: int | None = None, overlap: bool = False,
                  resident_embedding: bool = False, compiled: bool = False, choose_kernels: bool = True,
                  attention: str | None = None, fuse_hops: bool | str = False, cuda_graphs: bool | str = False,
-                 kept_buffers: bool = True, copy_streams: int = 1, native_kernels: bool = True):
+                 kept_buffers: bool = True, copy_streams: int = 1, native_kernels: bool = True, cpp: bool = False):
         """`pinned` and `triangle` (the scores' causal block triangle) exist to be switched off for ablations;
         `block_rows` sets the triangle's least rows per block (tee_ops.ROWS unless given), to compare sizes.
         `overlap` makes the plain split's two largest hops (scores -> softmax -> probabilities, gate/up ->
@@ -281,7 +281,9 @@ class SplitLlama:
         `resident_embedding` makes a masked scheme with a tied LM head keep its own copy of the embedding
         table in the TEE instead of reading the GPU's at every inference (`streamed_embedding`).
         `compiled` runs the TEE's fused kernels compiled (`kernels`; `warm_kernels` builds them in set-up),
-        each eager at the shapes where set-up measured that faster, unless not `choose_kernels`.
+        each eager at the shapes where set-up measured that faster, unless not `choose_kernels`. `cpp`, with eager
+        kernels (not `compiled`), makes `native`'s C++ kernels forms of their steps too, picked per shape in set-up as
+        they are beside compiled kernels (`kernels.CPP`), with no compile but their one build per machine.
         `fuse_hops` makes each of a masked scheme's TEE hops one call: between two linears (`fused_hop`),
         recovering the answer, the residual add and RMSNorm or SiLU·up, and protecting the next linear's input;
         from the qkv projection to the scores (`rope_hop`), recovering it, RoPE, and protecting q and kᵀ; between
@@ -295,7 +297,7 @@ class SplitLlama:
         twenty-sixth round (tee_gpu/ROUNDS.md). Both are off here by
         default; the runners leave both to set-up (tee_gpu/config.py). Either may be AUTO: off until
         `choose_configuration` times each way in set-up and keeps the faster; graphs only on CUDA, fused hops only
-        for a masked scheme with compiled kernels (elsewhere AUTO is off, untimed).
+        for a masked scheme with compiled kernels or the C++ ones (`picks_forms`; elsewhere AUTO is off, untimed).
         `kept_buffers` off gives the plain split a fresh pinned buffer for every copy instead of buffers kept from
         hop to hop (`Boundary.kept_buffer`), to measure what keeping them saves. Masked schemes keep none: ours'
         host peak at 512 tokens was 22 MiB under its limit on the H100 machine (twenty-sixth round), and a buffer
@@ -312,6 +314,7 @@ class SplitLlama:
         self.resident_embedding = resident_embedding
         self.allocator = keep_freed_memory()
         self.compiled, self.choose_kernels, self.native_kernels = compiled, choose_kernels, native_kernels
+        self.cpp = cpp and not compiled
         # the mode in force (`kernels.select`), set by `warm_kernels` or an inference: not here, so that the
         # compiler's first start in the process counts as building the kernels
         self.kernels: str | None = None
@@ -324,7 +327,7 @@ class SplitLlama:
         self.gpu = Gpu(gpu_device, self.metrics, in_tee=tee_only)
         # the options left to set-up (`choose_configuration`), where they can pay; off until then
         self.auto = {name for name, value, applies in (("cuda_graphs", cuda_graphs, gpu_device.type == "cuda"),
-                                                       ("fuse_hops", fuse_hops, compiled and scheme.masked))
+                                                       ("fuse_hops", fuse_hops, self.picks_forms and scheme.masked))
                      if value == AUTO and applies and not tee_only}
         # what set-up's choice found: each way's median ms, the one kept, and any left out for its logits
         self.configuration: dict = {}
@@ -358,6 +361,12 @@ class SplitLlama:
     def use_graphs(self, graphs: CallGraphs | None) -> None:
         """Replay the GPU's calls from `graphs`, into whose landings the copies to the GPU go (None: no graphs)."""
         self.gpu.graphs, self.link.landing = graphs, None if graphs is None else graphs.landing
+
+    @property
+    def picks_forms(self) -> bool:
+        """Whether set-up picks the TEE's steps' forms per shape: with compiled kernels, or eager ones with the C++
+        kernels beside them (`cpp`)."""
+        return self.compiled or self.cpp
 
     @property
     def cuda_graphs(self) -> bool:
@@ -443,11 +452,13 @@ class SplitLlama:
         """Build the compiled TEE kernels for one inference of `batch` sequences of n tokens, by running each
         on zeros of the shapes (and outputs) the inference gives it: set-up, so that the inference compiles
         nothing; each is timed against its eager form there, and the faster kept for that shape
-        (`kernels.choosing`). Returns the milliseconds it took, the compiler's first start in the process
-        included where it happens here (0 with eager kernels)."""
+        (`kernels.choosing`). With `cpp`, no kernel is compiled: each step with a C++ form is timed in its forms
+        there, and the fastest kept for that shape (the C++ kernels' one build per machine included where it happens
+        here). Returns the milliseconds it took, the compiler's first start in the process included where it happens
+        here (0 with eager kernels alone)."""
         start = time.perf_counter()
-        self.kernels = kernels.select(self.compiled, self.choose_kernels)
-        if self.kernels != kernels.COMPILED:
+        self.kernels = kernels.select(self.compiled, self.choose_kernels, self.cpp)
+        if not (kernels.on() or kernels.picking() and self.choose_kernels):  # eager: nothing to build or pick
             return 0.0
         # each kernel also timed eager, at each shape, the faster kept there
         with kernels.choosing() if self.choose_kernels else NOTHING:
@@ -645,9 +656,10 @@ class SplitLlama:
     def softmax_of(self) -> dict[str, str]:
         """Each layer's P·V matmul -> its scores matmul, whose product's row softmax is P·V's left operand, for
         a scheme that may then leave the scores in its masks' order (`Plain.scores_order`): two gathers over
-        the n² scores fewer per layer. Only with compiled kernels: eager, hiding the keys in that order costs
-        more than the gathers (`tee_ops._hide_later_keys`)."""
-        if not (self.scheme.keeps_scores_order and self.kernels == kernels.COMPILED):
+        the n² scores fewer per layer. Only with compiled kernels or the C++ ones (whose softmax hop takes the scores
+        in that order in one pass): eager, hiding the keys in that order costs more than the gathers
+        (`tee_ops._hide_later_keys`)."""
+        if not (self.scheme.keeps_scores_order and self.kernels in (kernels.COMPILED, kernels.CPP)):
             return {}
         return {f"{i}.attend": f"{i}.scores" for i in range(len(self.layers))}
 
@@ -885,7 +897,7 @@ class SplitLlama:
         (`choose_configuration`), never for a prompt's."""
         self.metrics.reset()
         self.metrics.instrumented = instrumented
-        self.kernels = kernels.select(self.compiled, self.choose_kernels)  # process-wide: another engine may have switched it
+        self.kernels = kernels.select(self.compiled, self.choose_kernels, self.cpp)  # process-wide: another engine may have switched it
         self.link.reset()
         mask_bytes, self.offline_fetched_bytes = 0, 0
         try:

@@ -29,8 +29,11 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 COMPILED = "compiled (inductor C++)"
 EAGER = "eager"
-_state = {"on": False, "mode": EAGER, "threads": None, "failure": None, "start_ms": 0.0, "choosing": False,
-          "chosen": True, "builds": 0}
+# eager kernels, and `native`'s hand-written C++ kernels as forms of their steps, picked per shape in set-up: no
+# inductor, so no compile in set-up beyond the C++ kernels' one build per machine
+CPP = "cpp (eager kernels and splitinfer.native's C++ kernels, picked per shape)"
+_state = {"on": False, "cpp": False, "mode": EAGER, "threads": None, "failure": None, "start_ms": 0.0,
+          "choosing": False, "chosen": True, "builds": 0}
 failed: dict[str, str] = {}  # kernel -> why it could not be compiled (it runs eager), for the JSON
 # (kernel, its first argument's shape, its strides) -> {"eager_ms", "compiled_ms", "eager_one_thread_ms"} as
 # set-up timed them (`choosing`); the kernel runs in the fastest form at that layout (`_form_at`, where that is
@@ -285,9 +288,9 @@ def pick(step: str, t: torch.Tensor, forms: dict[str, Callable[[], object]]) -> 
 
 
 def picked(step: str, t: torch.Tensor, default: str) -> str:
-    """The form of `step` kept for `t`'s shape and dtype (`pick`), where compiled kernels are on and chosen per
-    shape; else `default`."""
-    if not (_state["on"] and _state["chosen"]):
+    """The form of `step` kept for `t`'s shape and dtype (`pick`), where forms are chosen per shape (compiled kernels
+    chosen per shape, or the C++ kernels beside eager ones: `picking`); else `default`."""
+    if not picking():
         return default
     return str(picks.get((step, tuple(t.shape), t.dtype), {}).get("runs", default))
 
@@ -327,10 +330,11 @@ def timed(step: Callable[[object], object], fresh: Callable[[], object] = lambda
     return statistics.median(once() for _ in range(repeat)) * 1e3
 
 
-def select(compiled: bool, chosen: bool = True) -> str:
+def select(compiled: bool, chosen: bool = True, cpp: bool = False) -> str:
     """Switch the process's TEE kernels to compiled (when `compiled` and a compiler works) or eager, with
-    the eager form where set-up measured it faster (`chosen`; else compiled at every shape); returns
-    the mode now in force, for the JSON. The first switch on compiles a probe, so a missing compiler shows
+    the eager form where set-up measured it faster (`chosen`; else compiled at every shape); eager with `cpp`, the
+    C++ kernels (`native`) are forms of their steps too, picked per shape in set-up (`CPP`), as they are beside
+    compiled kernels; returns the mode now in force, for the JSON. The first switch on compiles a probe, so a missing compiler shows
     here, not in the middle of an inference; its milliseconds are `start_ms()`. A changed torch thread count
     drops compiled code, whose parallel loops keep the count they were built with."""
     if compiled and _state["failure"] is None:
@@ -349,15 +353,26 @@ def select(compiled: bool, chosen: bool = True) -> str:
                 print(f"warning: the TEE's kernels run eager: compiling failed ({_state['failure']})",
                       file=sys.stderr)
     _state["on"] = compiled and _state["failure"] is None
+    _state["cpp"] = cpp and not compiled
     _state["chosen"] = chosen
-    _state["mode"] = COMPILED if _state["on"] else EAGER + (f" (compile failed: {_state['failure']})"
-                                                            if compiled and _state["failure"] else "")
+    _state["mode"] = (COMPILED if _state["on"] else CPP if _state["cpp"] else
+                      EAGER + (f" (compile failed: {_state['failure']})" if compiled and _state["failure"] else ""))
     return _state["mode"]
 
 
 def on() -> bool:
     """Whether the process's TEE kernels are compiled (`select`)."""
     return _state["on"]
+
+
+def cpp_offered() -> bool:
+    """Whether `native`'s C++ kernels are among their steps' forms: beside compiled kernels, or eager ones (`CPP`)."""
+    return _state["on"] or _state["cpp"]
+
+
+def picking() -> bool:
+    """Whether steps run in the form set-up picked at each shape (`pick`): compiled kernels chosen per shape, or `CPP`."""
+    return (_state["on"] and _state["chosen"]) or _state["cpp"]
 
 
 def vector_isa(mode: str = COMPILED) -> str | None:

@@ -39,9 +39,9 @@ host a team's start cost about 45 µs. ours' C++ forms started 20 teams a layer,
 inference with every C++ form in force started 59, now 31, the GPU's stand-in included).
 
 Built with the machine's own compiler for its own CPU (`-march=native`: the TEE runs where it is built), once per
-source, machine and torch version (torch's extension cache, `TORCH_EXTENSIONS_DIR`), and only where compiled
-kernels are on; set-up times each against the forms it would replace at each shape and keeps the fastest
-(`kernels.pick`). Where they cannot be built (no compiler, no ninja), set-up leaves them out with a warning, the
+source, machine and torch version (torch's extension cache, `TORCH_EXTENSIONS_DIR`; 33 s on the 2-core VM), and
+only where compiled kernels are on or the eager ones are with them (`kernels.CPP`, the default without CUDA); set-up
+times each against the forms it would replace at each shape and keeps the fastest (`kernels.pick`). Where they cannot be built (no compiler, no ninja), set-up leaves them out with a warning, the
 JSON lists why (`tee_kernels_failed`), and the other forms run.
 """
 from __future__ import annotations
@@ -1074,10 +1074,10 @@ def left_out():
 
 
 def offered(t: torch.Tensor) -> bool:
-    """Whether the kernels are a form of a step on tensors like `t`: where compiled kernels are on, in float16 or
-    float32, unless they failed to build or are `left_out`. They are built at their first call, in set-up's choice
-    of form (`kernels.pick`)."""
-    return kernels.on() and t.dtype in DTYPES and NAME not in kernels.failed and not _left_out[0]
+    """Whether the kernels are a form of a step on tensors like `t`: beside compiled kernels or eager ones
+    (`kernels.cpp_offered`), in float16 or float32, unless they failed to build or are `left_out`. They are built at
+    their first call, in set-up's choice of form (`kernels.pick`)."""
+    return kernels.cpp_offered() and t.dtype in DTYPES and NAME not in kernels.failed and not _left_out[0]
 
 
 def in_picked_form(step: str, key: torch.Tensor, forms: dict[str, Callable[[], object]],

@@ -32,7 +32,7 @@ import torch
 
 from splitinfer import kernels
 from splitinfer.boundary import copy_in_slices
-from splitinfer.cli import DTYPES, SWITCH, add_kernels_flag, compiled_kernels, load_config, progress, resolve_gpu_device
+from splitinfer.cli import DTYPES, SWITCH, add_kernels_flag, kernel_options, load_config, progress, resolve_gpu_device
 from splitinfer.engine import CHOSEN_OPTIONS, SplitLlama
 from splitinfer.errors import OneLineParser, UserError, one_line_errors
 from splitinfer.inputs import build_batch, read_prompts
@@ -78,11 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with compiled kernels, skip the plain split and ours with eager kernels (*_eager_kernels) "
                         "and with compiled kernels at every shape (*_all_compiled: no per-shape choice in set-up)")
     p.add_argument("--without-cpp", action="store_true",
-                   help="with compiled kernels, also time each split runner with the C++ kernels left out "
+                   help="with compiled or C++ kernels, also time each split runner with the C++ kernels left out "
                         "(*_no_cpp_kernels: each step in its other form), round by round with the runners: what "
                         "they save")
     p.add_argument("--no-fused-hops", action="store_true",
-                   help="with compiled kernels, skip ours and otp with fused hops (*_fused_hops: each of the TEE's "
+                   help="with compiled or C++ kernels, skip ours and otp with fused hops (*_fused_hops: each of the TEE's "
                         "hops as one call), and keep them off in the runners as they ship (else as tee_gpu/config.py "
                         "sets them: auto, set-up's choice)")
     p.add_argument("--no-cuda-graphs", action="store_true",
@@ -228,12 +228,12 @@ def variants(overlap: bool, ablations: bool, thread_sweep: str | None, kernel_va
     128 rows (half as many TEE ops, a little more of n²), and ours with its own copy of a tied embedding
     table (what reading the GPU's costs); the plain split and ours with eager TEE kernels, and with compiled
     ones at every shape (`kernel_variants`: what compiling buys, and what set-up's per-shape choice of
-    eager or compiled buys); ours and otp with fused hops (`fused_hops`: with compiled kernels, where a hop
+    eager or compiled buys); ours and otp with fused hops (`fused_hops`: with compiled or C++ kernels, where a hop
     can become one call); each runner with its GPU calls replayed from CUDA graphs (`cuda_graphs`: on CUDA,
     first among the variants), and ours and otp with both; the plain split with a fresh pinned buffer for every
     copy instead of buffers kept from hop to hop, and with its copies to the GPU cut into two slices on two streams
     (`fresh_buffers`: on CUDA; timed in turn with the runners, see `measure`); each runner with `native`'s C++
-    kernels left out (`without_cpp`: what they save, with compiled kernels); and each runner at each thread count
+    kernels left out (`without_cpp`: what they save, with compiled or C++ kernels); and each runner at each thread count
     of the sweep. Those three name both options set-up may choose, each on or off; every other variant takes what
     set-up chose for its runner at its length (`measure`)."""
     out = [(method, scheme, dict(shipped or {}), None) for method, scheme in RUNNERS.items()]
@@ -361,14 +361,15 @@ def measure(args, results: dict) -> None:
     tee_name = args.tee_dtype or ("bfloat16" if cuda else dtype_name)
     dtype, tee_dtype = DTYPES[dtype_name], DTYPES[tee_name]
     lengths = parse_counts(args.lengths, "--lengths")
-    compiled = compiled_kernels(args.kernels, gpu_device)
+    mode = kernel_options(args.kernels, gpu_device)
+    picks = mode["compiled"] or mode["cpp"]  # set-up picks each step's form: C++ kernels among them
     split_variants = variants(cuda and not args.no_overlap, cuda and not args.no_ablations,  # a bad sweep fails first
-                              args.thread_sweep, compiled and not args.no_kernel_variants,
-                              compiled and not (args.no_fused_hops or args.no_option_variants),
+                              args.thread_sweep, mode["compiled"] and not args.no_kernel_variants,
+                              picks and not (args.no_fused_hops or args.no_option_variants),
                               cuda and not (args.no_cuda_graphs or args.no_option_variants),
                               shipped_options(args.no_cuda_graphs, args.no_fused_hops),
                               fresh_buffers=cuda and not args.no_buffer_variants,
-                              without_cpp=compiled and args.without_cpp)
+                              without_cpp=picks and args.without_cpp)
     prompts = read_prompts(DEFAULT_PROMPTS)
     progress(f"loading {args.model} ({dtype_name}; TEE-only {tee_name})")
     model = load_model(args.model, dtype, gpu_device)
@@ -408,7 +409,7 @@ def measure(args, results: dict) -> None:
                     progress(f"{n} tokens: {method}")
                     inherited = {} if method in RUNNERS else chosen.get((n, scheme), {})  # `options` come first
                     engine = SplitLlama(model.config, state, make_scheme(scheme), gpu_device, dtype,
-                                        **{"compiled": compiled, **inherited, **options})
+                                        **{**mode, **inherited, **options})
                     timers[method] = EngineTimer(engine, ids, mask, args.warmup)
                     if method in RUNNERS:
                         chosen[n, scheme] = kept_options(engine)
@@ -476,7 +477,7 @@ def baseline_timers(args, model, state: dict, batch: tuple[torch.Tensor, torch.T
     cuda, n = gpu_device.type == "cuda", ids.shape[1]
     progress(f"{n} tokens: tee_only ({str(tee_dtype).removeprefix('torch.')})")
     engine = SplitLlama(model.config, state, make_scheme("plain"), torch.device("cpu"), tee_dtype, tee_only=True,
-                        compiled=compiled_kernels(args.kernels, torch.device("cpu")))
+                        **kernel_options(args.kernels, torch.device("cpu")))
     timers: dict[str, CallTimer | EngineTimer] = {"tee_only": EngineTimer(engine, ids, mask, args.warmup)}
     for label, device, hf_dtype in (("transformers_cpu", torch.device("cpu"), dtype if not cuda else tee_dtype),
                                     ("transformers_gpu", gpu_device, dtype)):
@@ -596,8 +597,10 @@ def print_table(results: dict) -> None:
             print(f"  {name:<34} {value:8.2f}" + (f"  round by round {rounds}" if rounds else ""))
 
 
-class Stopped(Exception):
-    """SIGTERM arrived (a time limit, such as gpu_benchmark.sh's): stop, keeping what was measured."""
+class Stopped(BaseException):
+    """SIGTERM arrived (a time limit, such as gpu_benchmark.sh's): stop, keeping what was measured. A BaseException,
+    as KeyboardInterrupt is, so that no `except Exception` on the way swallows it (the C++ kernels' build, which
+    leaves them out on any failure, took one arriving during it for a failed build, and the run went on)."""
 
 
 def _stop(signum, frame) -> None:

@@ -14,7 +14,7 @@ import sys
 import torch
 
 from splitinfer import kernels
-from splitinfer.cli import DTYPES, add_kernels_flag, compiled_kernels, progress, resolve_gpu_device
+from splitinfer.cli import DTYPES, add_kernels_flag, kernel_options, progress, resolve_gpu_device
 from splitinfer.engine import SplitLlama
 from splitinfer.errors import OneLineParser, UserError, one_line_errors
 from splitinfer.inputs import build_batch, read_prompts
@@ -59,7 +59,7 @@ def measure(args) -> dict:
         for seed in seeds if SCHEMES[scheme].masked else seeds[:1]:
             progress(f"{runner}, mask seed {seed}")
             engine = SplitLlama(model.config, model.state_dict, make_scheme(scheme, seed=seed), gpu_device, dtype,
-                                compiled=compiled_kernels(args.kernels, gpu_device))
+                                **kernel_options(args.kernels, gpu_device))
             if seed == seeds[0]:  # set-up, as the runners': the forms it keeps (for every seed: the same shapes)
                 engine.warm_kernels(*ids.shape)
             logits, _ = engine.timed_forward(ids, mask)

@@ -14,6 +14,6 @@ WEIGHTS_SEED = 0             # seed of a preset's random weights, the same for e
 WARMUP = 0                   # 0: the first inference is the one timed
 REPEAT = 0                   # extra inferences for steady-state statistics
 ATTENTION = "auto"           # "one-block", "causal-blocks", "fused", or "auto": the fastest, timed on this CPU in set-up
-KERNELS = None               # the TEE's fused kernels: "compiled" (torch.compile, in set-up), "eager", or None: compiled with CUDA
+KERNELS = None               # the TEE's kernels: "compiled" (inductor, in set-up), "cpp" (eager ops and C++ kernels), "eager", or None: compiled with CUDA, cpp without
 OUTPUT_FILE = "tee_only_results.json"
 PROMPTS_FILE = os.path.join(_HERE, "prompts.txt")

@@ -141,6 +141,25 @@ def test_the_headline_comes_first_at_every_length(tiny_models, tmp_path, monkeyp
         assert row["ratios"]["ours_over_plain"] > 0 and "optimized_full_scores" not in row
 
 
+def test_a_stop_during_the_cpp_build_stops_the_run(monkeypatch):
+    """A SIGTERM arriving while the C++ kernels build (the first step with a C++ form, in set-up) stops the run as
+    it would anywhere else: the build, which leaves the kernels out on any failure of its own, does not take it for
+    one (it did, and a run past its budget went on with the kernels left out)."""
+    import functools
+    from torch.utils import cpp_extension
+    from splitinfer import kernels, native
+
+    def stopped(*args, **kwargs):
+        raise perf.Stopped("stopped by SIGTERM (a time limit)")
+
+    monkeypatch.setattr(cpp_extension, "load_inline", stopped)
+    monkeypatch.setattr(native, "_built", functools.cache(native._built.__wrapped__))  # a fresh try
+    monkeypatch.setattr(kernels, "failed", {})
+    with pytest.raises(perf.Stopped):
+        native._built()
+    assert kernels.failed == {}
+
+
 def test_the_runners_inferences_interleave(tiny_models):
     """Engines timed together (the runners as they ship, and the baselines) are set up and warmed in turn, then
     take turns at every timed round, so that a drift in the host's speed meets each alike; each keeps its own

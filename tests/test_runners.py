@@ -28,7 +28,9 @@ def run(scheme: str, *argv: str) -> int:
 def test_json_result(tiny_models, tmp_path, scheme):
     out = tmp_path / "r.json"
     logits_path = tmp_path / "l.pt"
-    overlap = ["--overlap"] if scheme == "plain" else []  # the plain runner's hops in parts (nothing to overlap here)
+    # the plain runner's hops in parts (nothing to overlap here); a masked runner's steps apart, each timed on its own
+    # (fused hops time both steps of a hop as one: `test_kernels_flag`)
+    overlap = ["--overlap"] if scheme == "plain" else ["--fuse-hops", "off"] if scheme in CRYPTO_STEPS else []
     assert run(scheme, "--model", tiny_models["gqa-tied"], "--prefill-length", "10", "--batch-size", "2",
                "--ragged", "--repeat", "2", "--output", str(out), "--save-logits", str(logits_path), *overlap) == 0
     r = json.loads(out.read_text())
@@ -89,20 +91,28 @@ def test_json_result(tiny_models, tmp_path, scheme):
     assert compare(saved["logits"], ref)["rel_logit_error"] <= 1e-4
 
 
-@pytest.mark.parametrize("kernels", ["compiled", "eager"])
-def test_kernels_flag(tiny_models, tmp_path, kernels, capsys):
-    """Compiled kernels are built in set-up (timing.kernel_compile_ms) and the JSON says which ran; without
-    CUDA the default is eager. With compiled ones, fused hops too: their time is crypto, apart from either step's.
-    CUDA graphs asked for without CUDA: a warning, and the JSON says none ran. Compiled, fused hops are left to
-    set-up by default (auto): it times the engine both ways and keeps the faster (benchmark_info.configuration);
-    eager, they stay off, untimed."""
+@pytest.mark.parametrize("kernels", ["compiled", "cpp", "eager"])
+def test_kernels_flag(tiny_models, tmp_path, kernels, capsys, monkeypatch):
+    """Compiled kernels are built in set-up (timing.kernel_compile_ms) and the JSON says which ran; without CUDA the
+    default is cpp: eager kernels and the C++ ones, each step's forms timed in set-up (no compiler started), the
+    picks in the JSON. With either, fused hops too: their time is crypto, apart from either step's. CUDA graphs
+    asked for without CUDA: a warning, and the JSON says none ran. With either, fused hops are left to set-up by
+    default (auto): it times the engine both ways and keeps the faster (benchmark_info.configuration); eager, they
+    stay off, untimed."""
+    from splitinfer import kernels as tee_kernels
+    monkeypatch.setattr(tee_kernels, "choices", {})  # process-wide: not another test's
+    monkeypatch.setattr(tee_kernels, "picks", {})
     out = tmp_path / "r.json"
-    flag = ["--kernels", kernels] if kernels == "compiled" else ["--cuda-graphs"]
+    flag = ["--cuda-graphs"] if kernels == "cpp" else ["--kernels", kernels]
     assert run("matrix", "--model", tiny_models["gqa-tied"], "--prefill-length", "8", "--output", str(out), *flag) == 0
     r = json.loads(out.read_text())
     assert r["environment"]["tee_kernels"].startswith(kernels)
-    assert (r["environment"]["tee_kernel_vector_isa"] is None) == (kernels == "eager")  # compiled: what it is built for
-    assert (r["timing"]["kernel_compile_ms"] > 0) == (kernels == "compiled")
+    assert (r["environment"]["tee_kernel_vector_isa"] is None) == (kernels != "compiled")  # what it is built for
+    assert (r["timing"]["kernel_compile_ms"] > 0) == (kernels != "eager")
+    picks = r["environment"]["tee_kernel_choices"]
+    if kernels == "cpp":  # the steps' picks alone: no kernel compiled, so none timed against its eager form
+        assert r["timing"]["compiler_start_ms"] == 0 and picks
+        assert all("compiled_ms" not in v and any(k.startswith("one_pass") for k in v) for v in picks.values())
     assert r["timing"]["device_warmup_ms"] > 0  # each GPU op once, in set-up
     assert r["timing"]["setup_ms"] >= r["timing"]["kernel_compile_ms"] + r["timing"]["device_warmup_ms"]
     assert 0 <= r["timing"]["compiler_start_ms"] <= r["timing"]["kernel_compile_ms"]
@@ -110,14 +120,14 @@ def test_kernels_flag(tiny_models, tmp_path, kernels, capsys):
     t, chosen = r["timing"], r["benchmark_info"]["configuration"]
     fused = chosen.get("kept") == "fuse_hops"
     assert r["benchmark_info"]["fused_hops"] is fused and (t["fused_hops_ms"] > 0) is fused
-    if kernels == "compiled":
+    if kernels != "eager":
         assert chosen["options"] == ["fuse_hops"] and set(chosen["median_ms"]) == {"neither", "fuse_hops"}
         assert 0 < t["configuration_choice_ms"] <= t["setup_ms"]
     else:
         assert chosen == {} and t["configuration_choice_ms"] == 0
     assert abs(t["encryption_ms"] + t["decryption_ms"] + t["fused_hops_ms"] - t["total_crypto_ms"]) < 1e-6
     assert r["benchmark_info"]["cuda_graphs"] is False and r["benchmark_info"]["cuda_graphs_captured"] == 0
-    assert ("CUDA graphs need a CUDA device" in capsys.readouterr().err) is (kernels == "eager")
+    assert ("CUDA graphs need a CUDA device" in capsys.readouterr().err) is (kernels == "cpp")
 
 
 def test_preset_and_half_precision(tmp_path):

@@ -466,11 +466,12 @@ def test_ours_runs_its_steps_where_its_kernels_cannot_be_built(tiny_models, monk
     assert compare(logits, reference_logits(model.config, model.state_dict, ids, mask))["rel_logit_error"] < 1e-4
 
 
-@pytest.mark.parametrize("threads", [2, 1])
-def test_ours_runs_its_cpp_kernels_where_set_up_picks_them(tiny_models, monkeypatch, threads):
+@pytest.mark.parametrize("threads, mode", [(2, "compiled"), (1, "compiled"), (2, "cpp")])
+def test_ours_runs_its_cpp_kernels_where_set_up_picks_them(tiny_models, monkeypatch, threads, mode):
     """Set-up times both forms of each of ours' steps that a C++ kernel takes (every hop of a layer, the matmul
     operands' masks), the C++ form on torch's two threads and on one, and an inference with every one of those
-    kernels in force on either count gives transformers' logits, for two sequences, one padded."""
+    kernels in force on either count gives transformers' logits, for two sequences, one padded; beside compiled
+    kernels and beside eager ones (`cpp`)."""
     from splitinfer import kernels, native
     monkeypatch.setattr(kernels, "picks", {})
     torch_threads = torch.get_num_threads()
@@ -480,7 +481,7 @@ def test_ours_runs_its_cpp_kernels_where_set_up_picks_them(tiny_models, monkeypa
                             True)
     try:
         engine = SplitLlama(model.config, model.state_dict, make_scheme("matrix", seed=1), CPU, torch.float32,
-                            compiled=True, fuse_hops=True)
+                            fuse_hops=True, **{mode: True})
         engine.warm_kernels(*ids.shape)
         picked = {k: v for k, v in kernels.chosen().items() if k.startswith(OURS_CPP_STEPS)}
         assert {k.split()[0] for k in picked} == set(OURS_CPP_STEPS)
@@ -498,10 +499,12 @@ def test_ours_runs_its_cpp_kernels_where_set_up_picks_them(tiny_models, monkeypa
     assert compare(logits, reference_logits(model.config, model.state_dict, ids, mask))["rel_logit_error"] < 1e-4
 
 
-def test_the_plain_split_runs_its_cpp_kernels_where_set_up_picks_them(tiny_models, monkeypatch):
+@pytest.mark.parametrize("mode", ["compiled", "cpp"])
+def test_the_plain_split_runs_its_cpp_kernels_where_set_up_picks_them(tiny_models, monkeypatch, mode):
     """Set-up times the C++ form of the plain split's TEE ops (RMSNorm with the residual add and without, SiLU·up,
-    RoPE, the causal blocks' softmax) against their TEE kernels, and an inference with every C++ form in force gives
-    transformers' logits, for two sequences, one padded, with GQA and a head_dim of its own."""
+    RoPE, the causal blocks' softmax) against their TEE kernels, compiled or eager (`cpp`: no kernel compiled), and
+    an inference with every C++ form in force gives transformers' logits, for two sequences, one padded, with GQA
+    and a head_dim of its own."""
     from splitinfer import kernels, native, tee_ops
     monkeypatch.setattr(kernels, "picks", {})
     model = load_model(tiny_models["gqa-head-dim"], torch.float32, CPU)
@@ -512,8 +515,10 @@ def test_the_plain_split_runs_its_cpp_kernels_where_set_up_picks_them(tiny_model
         monkeypatch.setattr(native, name, functools.partial(lambda fn, name, *a: (calls.append(name), fn(*a))[1],
                                                             getattr(native, name), name))
     try:
-        engine = SplitLlama(model.config, model.state_dict, make_scheme("plain"), CPU, torch.float32, compiled=True)
+        engine = SplitLlama(model.config, model.state_dict, make_scheme("plain"), CPU, torch.float32, **{mode: True})
+        builds = kernels.builds()
         engine.warm_kernels(*ids.shape)
+        assert (kernels.builds() == builds and not kernels.on()) is (mode == "cpp")  # cpp: inductor built nothing
         steps = {k.split()[0] for k, v in kernels.chosen().items() if f"{native.ONE_PASS}_ms" in v}
         assert steps == {tee_ops.RMS_NORM, tee_ops.RESIDUAL_RMS_NORM, tee_ops.SILU_GATE, tee_ops.ROPE,
                          tee_ops.SOFTMAX_BLOCKS}
