@@ -297,7 +297,9 @@ class SplitLlama:
         twenty-sixth round (tee_gpu/ROUNDS.md). Both are off here by
         default; the runners leave both to set-up (tee_gpu/config.py). Either may be AUTO: off until
         `choose_configuration` times each way in set-up and keeps the faster; graphs only on CUDA, fused hops only
-        for a masked scheme with compiled kernels or the C++ ones (`picks_forms`; elsewhere AUTO is off, untimed).
+        for a masked scheme with compiled kernels, or with the C++ ones where its hops have C++ forms (ours: with
+        otp's, a fused hop without inductor is the steps' eager ops in one Python call, and whether it pays is noise;
+        elsewhere AUTO is off, untimed).
         `kept_buffers` off gives the plain split a fresh pinned buffer for every copy instead of buffers kept from
         hop to hop (`Boundary.kept_buffer`), to measure what keeping them saves. Masked schemes keep none: ours'
         host peak at 512 tokens was 22 MiB under its limit on the H100 machine (twenty-sixth round), and a buffer
@@ -327,7 +329,8 @@ class SplitLlama:
         self.gpu = Gpu(gpu_device, self.metrics, in_tee=tee_only)
         # the options left to set-up (`choose_configuration`), where they can pay; off until then
         self.auto = {name for name, value, applies in (("cuda_graphs", cuda_graphs, gpu_device.type == "cuda"),
-                                                       ("fuse_hops", fuse_hops, self.picks_forms and scheme.masked))
+                                                       ("fuse_hops", fuse_hops, scheme.masked and (
+                                                           compiled or self.cpp and scheme.hops_in_cpp)))
                      if value == AUTO and applies and not tee_only}
         # what set-up's choice found: each way's median ms, the one kept, and any left out for its logits
         self.configuration: dict = {}
@@ -361,12 +364,6 @@ class SplitLlama:
     def use_graphs(self, graphs: CallGraphs | None) -> None:
         """Replay the GPU's calls from `graphs`, into whose landings the copies to the GPU go (None: no graphs)."""
         self.gpu.graphs, self.link.landing = graphs, None if graphs is None else graphs.landing
-
-    @property
-    def picks_forms(self) -> bool:
-        """Whether set-up picks the TEE's steps' forms per shape: with compiled kernels, or eager ones with the C++
-        kernels beside them (`cpp`)."""
-        return self.compiled or self.cpp
 
     @property
     def cuda_graphs(self) -> bool:

@@ -1032,9 +1032,10 @@ torch::Tensor ours_attend_hop(torch::Tensor c, torch::Tensor rows, torch::Tensor
 
 @functools.cache
 def _built():
-    """The extension module, built on first use (about 20 s; then loaded from the cache), or None where it cannot
-    be (`kernels.failed` says why)."""
-    print("building the TEE's C++ kernels (once per machine)", file=sys.stderr, flush=True)
+    """The extension module, built on first use (33 s on the 2-core VM; then loaded from the cache, 0.2 s), or None
+    where it cannot be (`kernels.failed` says why)."""
+    print("loading the TEE's C++ kernels (built once per machine: about half a minute the first time)",
+          file=sys.stderr, flush=True)
     try:
         from torch.utils.cpp_extension import load_inline
         # a build per torch version, each against its own headers (a machine may hold two, as the VM does); OpenMP

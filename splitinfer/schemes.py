@@ -50,6 +50,7 @@ class Plain:
     causal_blocks = True      # whether the scores may be only their causal block triangle (tee_ops.CausalBlocks)
     keeps_scores_order = False  # whether the scores may stay in the masks' order when recovered (`scores_order`)
     least_rows = 1            # the fewest rows a protected linear input crosses with (ours pads one row to two)
+    hops_in_cpp = False       # whether its fused hops have C++ forms (`native`), so that they may pay without inductor
     steps = ("encryption", "decryption")  # how the JSON names the protect and recover steps
 
     def __init__(self, seed: int | None = None):
@@ -206,6 +207,7 @@ class Matrix(Plain):
     causal_blocks = False  # permuted rows and keys scatter the triangle: every score must cross
     keeps_scores_order = True
     least_rows = 2  # `_mixing_masks`' dummy row
+    hops_in_cpp = True
     D_RANGE = (1.0, 2.0)        # |diagonal entries|, signs random: recovery divides by at most 1
     LOW_RANK_RANGE = (0.5, 1.5)  # |A_ij|, |B_ij| before the (n^(1/4)·√k) scaling that keeps ABᵀX about as large as DX
 
