@@ -101,9 +101,9 @@ def build_parser(config, scheme: str, prog: str) -> argparse.ArgumentParser:
                        help="with a tied LM head, keep a copy of the embedding table in the TEE instead of reading "
                             "the GPU's whole at every inference: one table copy faster, a table's size more memory")
         add_switch(p, "--fuse-hops", getattr(config, "FUSE_HOPS", AUTO),
-                   "make each of the TEE's hops one call, one compiled or C++ kernel where set-up measures that faster: "
-                   "between two linears, recovering the answer, the residual add and RMSNorm (or SiLU·up), and "
-                   "protecting the next input (three such hops a layer); from the qkv projection to the scores, "
+                   "make each of the TEE's hops one call, one compiled or C++ kernel where set-up measures that "
+                   "faster: between two linears, recovering the answer, the residual add and RMSNorm (or SiLU·up), "
+                   "and protecting the next input (three such hops a layer); from the qkv projection to the scores, "
                    "recovering it, RoPE, and protecting q and kᵀ; between the attention matmuls, recovering the "
                    "scores, their softmax and protecting P·V's operands; from P·V to the o projection, recovering "
                    "it and protecting o's input. The JSON then times those RMSNorms, SiLUs, RoPEs and softmaxes as "

@@ -894,7 +894,8 @@ class SplitLlama:
         (`choose_configuration`), never for a prompt's."""
         self.metrics.reset()
         self.metrics.instrumented = instrumented
-        self.kernels = kernels.select(self.compiled, self.choose_kernels, self.cpp)  # process-wide: another engine may have switched it
+        # process-wide: another engine may have switched it
+        self.kernels = kernels.select(self.compiled, self.choose_kernels, self.cpp)
         self.link.reset()
         mask_bytes, self.offline_fetched_bytes = 0, 0
         try:

@@ -334,9 +334,9 @@ def select(compiled: bool, chosen: bool = True, cpp: bool = False) -> str:
     """Switch the process's TEE kernels to compiled (when `compiled` and a compiler works) or eager, with
     the eager form where set-up measured it faster (`chosen`; else compiled at every shape); eager with `cpp`, the
     C++ kernels (`native`) are forms of their steps too, picked per shape in set-up (`CPP`), as they are beside
-    compiled kernels; returns the mode now in force, for the JSON. The first switch on compiles a probe, so a missing compiler shows
-    here, not in the middle of an inference; its milliseconds are `start_ms()`. A changed torch thread count
-    drops compiled code, whose parallel loops keep the count they were built with."""
+    compiled kernels; returns the mode now in force, for the JSON. The first switch on compiles a probe, so a
+    missing compiler shows here, not in the middle of an inference; its milliseconds are `start_ms()`. A changed
+    torch thread count drops compiled code, whose parallel loops keep the count they were built with."""
     if compiled and _state["failure"] is None:
         if _state["threads"] not in (None, torch.get_num_threads()):
             for kernel in Built.all:
@@ -371,7 +371,8 @@ def cpp_offered() -> bool:
 
 
 def picking() -> bool:
-    """Whether steps run in the form set-up picked at each shape (`pick`): compiled kernels chosen per shape, or `CPP`."""
+    """Whether steps run in the form set-up picked at each shape (`pick`): compiled kernels chosen per shape, or
+    `CPP`."""
     return (_state["on"] and _state["chosen"]) or _state["cpp"]
 
 

@@ -41,8 +41,9 @@ inference with every C++ form in force started 59, now 31, the GPU's stand-in in
 Built with the machine's own compiler for its own CPU (`-march=native`: the TEE runs where it is built), once per
 source, machine and torch version (torch's extension cache, `TORCH_EXTENSIONS_DIR`; 33 s on the 2-core VM), and
 only where compiled kernels are on or the eager ones are with them (`kernels.CPP`, the default without CUDA); set-up
-times each against the forms it would replace at each shape and keeps the fastest (`kernels.pick`). Where they cannot be built (no compiler, no ninja), set-up leaves them out with a warning, the
-JSON lists why (`tee_kernels_failed`), and the other forms run.
+times each against the forms it would replace at each shape and keeps the fastest (`kernels.pick`). Where they
+cannot be built (no compiler, no ninja), set-up leaves them out with a warning, the JSON lists why
+(`tee_kernels_failed`), and the other forms run.
 """
 from __future__ import annotations
 

@@ -82,9 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(*_no_cpp_kernels: each step in its other form), round by round with the runners: what "
                         "they save")
     p.add_argument("--no-fused-hops", action="store_true",
-                   help="with compiled or C++ kernels, skip ours and otp with fused hops (*_fused_hops: each of the TEE's "
-                        "hops as one call), and keep them off in the runners as they ship (else as tee_gpu/config.py "
-                        "sets them: auto, set-up's choice)")
+                   help="with compiled or C++ kernels, skip ours and otp with fused hops (*_fused_hops: each of "
+                        "the TEE's hops as one call), and keep them off in the runners as they ship (else as "
+                        "tee_gpu/config.py sets them: auto, set-up's choice)")
     p.add_argument("--no-cuda-graphs", action="store_true",
                    help="on CUDA, skip the split runners with each GPU call replayed from a CUDA graph (*_cuda_graphs), "
                         "and keep graphs off in the runners as they ship (else as tee_gpu/config.py sets them)")
