@@ -59,6 +59,8 @@ from splitinfer import kernels
 
 NAME = "splitinfer.native (C++)"  # as `kernels.failed` and the warnings name the kernels
 DTYPES = (torch.float16, torch.float32)
+# the plain split's ops and the causal blocks' softmax take bfloat16 too: the TEE-only runner's dtype beside a GPU
+ANY_DTYPES = (*DTYPES, torch.bfloat16)
 ONE_PASS = "one_pass"  # the kernels' form, where set-up picks between forms (`kernels.pick`)
 ONE_PASS_ONE_THREAD = "one_pass_one_thread"  # that form with torch's other threads left waiting
 
@@ -95,6 +97,37 @@ static inline void store(at::Half* out, const float* x, int64_t m) {
 }
 static inline void store(float* out, const float* x, int64_t m) { std::memcpy(out, x, m * sizeof(float)); }
 
+// bfloat16 rows to and from float32, 8 values at a time: a bfloat16 is a float32's upper half (at::BFloat16 converts
+// one value at a time), rounded to nearest even, a NaN kept a NaN, as at::BFloat16 rounds
+static inline const float* as_float(const at::BFloat16* x, float* into, int64_t m) {
+  int64_t j = 0;
+#ifdef __AVX2__
+  for (; j + 8 <= m; j += 8) {
+    const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + j)));
+    _mm256_storeu_ps(into + j, _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16)));
+  }
+#endif
+  for (; j < m; ++j) into[j] = static_cast<float>(x[j]);
+  return into;
+}
+static inline void store(at::BFloat16* out, const float* x, int64_t m) {
+  int64_t j = 0;
+#ifdef __AVX2__
+  const __m256i half_ulp = _mm256_set1_epi32(0x7FFF), one = _mm256_set1_epi32(1), nan = _mm256_set1_epi32(0x7FC0);
+  for (; j + 8 <= m; j += 8) {
+    const __m256 v = _mm256_loadu_ps(x + j);
+    const __m256i bits = _mm256_castps_si256(v);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), one);
+    __m256i upper = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(half_ulp, odd)), 16);
+    upper = _mm256_blendv_epi8(upper, nan, _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+    // 32-bit lanes to 16: packed within each 128-bit half, then the halves' low quadwords side by side
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(upper, upper), 0x08);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + j), _mm256_castsi256_si128(packed));
+  }
+#endif
+  for (; j < m; ++j) out[j] = static_cast<at::BFloat16>(x[j]);
+}
+
 // a row of m values fetched into the cache ahead of its use: ours' rows are read in its masks' random order, which no
 // hardware prefetcher guesses (on the VM, q's and kᵀ's masks at 512 tokens after the caches were flushed took 1.39
 // ms without, 0.57 with)
@@ -109,6 +142,14 @@ template <typename F>
 static void in_dtype(const torch::Tensor& t, const F& f) {
   if (t.scalar_type() == at::kHalf) f(static_cast<at::Half*>(nullptr));
   else f(static_cast<float*>(nullptr));
+}
+
+// the same, bfloat16 too: for the plain split's ops and the causal blocks' softmax, which the TEE-only runner runs in
+// bfloat16 beside a GPU (ours' kernels take float16 and float32 alone)
+template <typename F>
+static void in_any_dtype(const torch::Tensor& t, const F& f) {
+  if (t.scalar_type() == at::kBFloat16) f(static_cast<at::BFloat16*>(nullptr));
+  else in_dtype(t, f);
 }
 
 // one thread's place in a team that runs a kernel's passes (`in_team`): the whole team, or one thread alone
@@ -367,8 +408,8 @@ torch::Tensor softmax_blocks(torch::Tensor x, torch::Tensor bias, torch::Tensor 
                              std::vector<int64_t> starts) {
   for (const auto& t : {x, bias, out})
     TORCH_CHECK(t.is_contiguous() && t.device().is_cpu() && t.scalar_type() == x.scalar_type()
-                && (t.scalar_type() == at::kHalf || t.scalar_type() == at::kFloat),
-                "softmax_blocks takes contiguous CPU tensors, all float16 or all float32");
+                && (t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kFloat),
+                "softmax_blocks takes contiguous CPU tensors, all float16, all bfloat16 or all float32");
   const int64_t n = starts.back(), blocks = static_cast<int64_t>(starts.size()) - 1;
   std::vector<int64_t> first_row(blocks + 1, 0), offset(blocks + 1, 0);
   for (int64_t r = 0; r < blocks; ++r) {
@@ -388,7 +429,7 @@ torch::Tensor softmax_blocks(torch::Tensor x, torch::Tensor bias, torch::Tensor 
     while (target >= offset[r + 1]) ++r;
     split[t] = first_row[r] + (target - offset[r]) / starts[r + 1];
   }
-  in_dtype(x, [&](auto* tag) {
+  in_any_dtype(x, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     const T *xs = x.data_ptr<T>(), *bs = bias.data_ptr<T>();
     T* os = out.data_ptr<T>();
@@ -695,6 +736,22 @@ static inline float add_rounded(const at::Half* x, const at::Half* b, at::Half* 
   }
   return sum;
 }
+static inline float add_rounded(const at::BFloat16* x, const at::BFloat16* b, at::BFloat16* t, float* y, int64_t m) {
+  float part[COLUMNS];
+  for (int64_t j0 = 0; j0 < m; j0 += COLUMNS) {
+    const int64_t c = std::min(COLUMNS, m - j0);
+    as_float(x + j0, y + j0, c);
+    as_float(b + j0, part, c);
+    #pragma omp simd
+    for (int64_t j = 0; j < c; ++j) y[j0 + j] += part[j];
+    store(t + j0, y + j0, c);
+    as_float(t + j0, y + j0, c);
+  }
+  float sum = 0.0f;
+  #pragma omp simd reduction(+:sum)
+  for (int64_t j = 0; j < m; ++j) sum += y[j] * y[j];
+  return sum;
+}
 static inline float add_rounded(const float* x, const float* b, float* t, float* y, int64_t m) {
   float sum = 0.0f;
   #pragma omp simd reduction(+:sum)
@@ -720,7 +777,7 @@ torch::Tensor rms_norm_rows(torch::Tensor x, c10::optional<torch::Tensor> branch
   TORCH_CHECK(scaled.is_contiguous() && scaled.scalar_type() == at::kFloat && scaled.numel() == d
               && eps_d.scalar_type() == at::kFloat && eps_d.numel() == 1, "rms_norm_rows: a float32 weight of d, eps");
   const float eps = eps_d.data_ptr<float>()[0];
-  in_dtype(x, [&](auto* tag) {
+  in_any_dtype(x, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     const T *xs = x.data_ptr<T>(), *bs = branch ? branch->data_ptr<T>() : nullptr;
     T *os = out.data_ptr<T>(), *ts = total.data_ptr<T>();
@@ -752,7 +809,7 @@ void silu_gate_rows(torch::Tensor gate_up, torch::Tensor out) {
   const int64_t m = out.size(-1), rows = out.numel() / std::max<int64_t>(1, m);
   TORCH_CHECK(gate_up.is_contiguous() && out.is_contiguous() && gate_up.scalar_type() == out.scalar_type()
               && gate_up.numel() == 2 * out.numel(), "silu_gate_rows: contiguous, gate_up twice out's width, one dtype");
-  in_dtype(out, [&](auto* tag) {
+  in_any_dtype(out, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     const T* gu = gate_up.data_ptr<T>();
     T* os = out.data_ptr<T>();
@@ -792,7 +849,7 @@ void rope_rows(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, torch::Ten
   TORCH_CHECK(h % 2 == 0 && h <= COLUMNS && out.numel() == x.numel() && cos.numel() == n * h && sin.numel() == n * h,
               "rope_rows: shapes do not match");
   const int64_t s0 = x.stride(0), s1 = x.stride(1), s2 = x.stride(2);
-  in_dtype(x, [&](auto* tag) {
+  in_any_dtype(x, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     const T *xs = x.data_ptr<T>(), *cs = cos.data_ptr<T>(), *sn = sin.data_ptr<T>();
     T* os = out.data_ptr<T>();
@@ -1075,17 +1132,17 @@ def left_out():
         _left_out[0] = False
 
 
-def offered(t: torch.Tensor) -> bool:
+def offered(t: torch.Tensor, dtypes: tuple[torch.dtype, ...] = DTYPES) -> bool:
     """Whether the kernels are a form of a step on tensors like `t`: beside compiled kernels or eager ones
-    (`kernels.cpp_offered`), in float16 or float32, unless they failed to build or are `left_out`. They are built at
-    their first call, in set-up's choice of form (`kernels.pick`)."""
-    return kernels.cpp_offered() and t.dtype in DTYPES and NAME not in kernels.failed and not _left_out[0]
+    (`kernels.cpp_offered`), in one of the step's `dtypes`, unless they failed to build or are `left_out`. They are
+    built at their first call, in set-up's choice of form (`kernels.pick`)."""
+    return kernels.cpp_offered() and t.dtype in dtypes and NAME not in kernels.failed and not _left_out[0]
 
 
 def in_picked_form(step: str, key: torch.Tensor, forms: dict[str, Callable[[], object]],
-                   one_pass: Callable[[], object], usable: bool = True):
+                   one_pass: Callable[[], object], usable: bool = True, dtypes: tuple[torch.dtype, ...] = DTYPES):
     """What one of `step`'s forms (calls of no arguments) returns, or `one_pass` (with these kernels) where they are
-    offered for tensors like `key` (and `usable`), on torch's threads or on one (`kernels.on_one_thread`): the one
+    offered for tensors like `key` (in one of `dtypes`, and `usable`), on torch's threads or on one (`kernels.on_one_thread`): the one
     set-up picked at key's shape (`kernels.pick`), the first of `forms` elsewhere.
 
     One thread, not a few: `at::parallel_for` starts every thread of torch's OpenMP pool whatever the work, and runs
@@ -1094,7 +1151,7 @@ def in_picked_form(step: str, key: torch.Tensor, forms: dict[str, Callable[[], o
 
     Outside set-up the pick is only looked up: the plain split makes 81 such calls an inference, and building the
     forms for `kernels.pick` took 4 µs of each on the VM."""
-    offer = usable and offered(key)
+    offer = usable and offered(key, dtypes)
     if not kernels.choosing_now():
         form = kernels.picked(step, key, "") if offer else ""
         if form == ONE_PASS:

@@ -53,10 +53,10 @@ class RmsNorm:
         one_call = lambda: native.rms_norm(x, branch, self.scaled, self.eps_d, out)  # noqa: E731
         if branch is None:
             return native.in_picked_form(RMS_NORM, x, {KERNEL: lambda: (x, rms_norm(x, self.scaled, self.eps_d, out))},
-                                         one_call, usable)
+                                         one_call, usable, native.ANY_DTYPES)
         return native.in_picked_form(RESIDUAL_RMS_NORM, x,
                                      {KERNEL: lambda: residual_rms_norm(x, branch, self.scaled, self.eps_d, out)},
-                                     one_call, usable)
+                                     one_call, usable, native.ANY_DTYPES)
 
 
 @tee_kernel
@@ -122,7 +122,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch
     out = torch.empty(x.shape, dtype=x.dtype) if out is None else out
     return native.in_picked_form(ROPE, x, {KERNEL: lambda: _rope(x, cos, sin, out)}, lambda: native.rope(x, cos, sin, out),
                                  x.dim() == 4 and x.stride(-1) == 1 and out.is_contiguous()
-                                 and all(t.dtype == x.dtype for t in (cos, sin, out)))
+                                 and all(t.dtype == x.dtype for t in (cos, sin, out)), native.ANY_DTYPES)
 
 
 def _rope_by_halves(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -244,7 +244,8 @@ def silu_gate(gate_up: torch.Tensor, out: torch.Tensor | None = None) -> torch.T
     out = torch.empty((*gate_up.shape[:-1], gate_up.shape[-1] // 2), dtype=gate_up.dtype) if out is None else out
     return native.in_picked_form(SILU_GATE, gate_up, {KERNEL: lambda: silu_product(gate_up, out)},
                                  lambda: native.silu_gate(gate_up, out),
-                                 gate_up.is_contiguous() and out.is_contiguous() and out.dtype == gate_up.dtype)
+                                 gate_up.is_contiguous() and out.is_contiguous() and out.dtype == gate_up.dtype,
+                                 native.ANY_DTYPES)
 
 
 def gated(form: Callable, gate_up: torch.Tensor) -> tuple[None, torch.Tensor]:
@@ -410,7 +411,7 @@ class CausalBlocks:
             SOFTMAX_BLOCKS, scores,
             {KERNEL: lambda: _softmax_blocks(scores, bias, out, self.batch, self.heads, self.starts, self.padded)},
             lambda: native.softmax_blocks(scores, bias, out, self.batch, self.heads, self.starts),
-            usable=scores.is_contiguous() and out.is_contiguous())
+            usable=scores.is_contiguous() and out.is_contiguous(), dtypes=native.ANY_DTYPES)
 
     def softmax_block(self, r: int, block: torch.Tensor, bias: torch.Tensor, out: torch.Tensor) -> None:
         """masked_softmax of block r into `out`. Without padding the bias is zero left of the block's

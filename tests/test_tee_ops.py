@@ -64,7 +64,7 @@ def test_masked_softmax_blocks_future_and_padding(dtype):
                                atol=1e-2)
 
 
-@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-6), (torch.float16, 1e-3)])
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-6), (torch.float16, 1e-3), (torch.bfloat16, 8e-3)])
 def test_causal_blocks_softmax_in_one_pass_is_the_kernels(dtype, tolerance):
     """The causal blocks' softmax in one pass (`native.softmax_blocks`, C++: each row with its row of the bias, in
     float32, rounded once) gives the TEE kernel's probabilities within rounding, with a zero exactly where they have
@@ -88,12 +88,13 @@ def test_causal_blocks_softmax_in_one_pass_is_the_kernels(dtype, tolerance):
                                rtol=2e-3, atol=2e-3)
 
 
-@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.float16, 2e-3)])
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)])
 def test_plain_ops_in_cpp_are_the_kernels(dtype, tolerance):
     """The plain split's small TEE ops in C++ (`native.rms_norm`, `native.silu_gate`, `native.rope`: each row in
     float32, rounded once) give the TEE kernels' answers within rounding: RMSNorm with the residual add (whose sum
     is rounded as the kernel rounds it: the very values) and without, SiLU·up, and RoPE on q and k as a strided view
-    of the projection's output; at widths that are no multiple of a vector's, for two sequences."""
+    of the projection's output; at widths that are no multiple of a vector's, for two sequences; in bfloat16 too,
+    the TEE-only runner's dtype beside a GPU."""
     from splitinfer import native
     torch.manual_seed(5)
     d, inner, heads, n, h = 50, 300, 5, 9, 24
