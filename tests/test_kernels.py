@@ -517,7 +517,7 @@ def test_a_cpp_form_is_also_offered_on_one_thread(monkeypatch, two_threads):
     its first form."""
     from splitinfer import native
     offered = []
-    monkeypatch.setattr(native, "offered", lambda t: True)
+    monkeypatch.setattr(native, "offered", lambda t, dtypes=native.DTYPES: True)
     monkeypatch.setattr(kernels, "pick", lambda step, t, forms: (offered.append(list(forms)), native.ONE_PASS_ONE_THREAD
                                                                   if native.ONE_PASS_ONE_THREAD in forms else "steps")[1])
     with kernels.choosing():
