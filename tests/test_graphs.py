@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from splitinfer.engine import AUTO, SplitLlama
+from splitinfer.engine import AUTO, Gpu, SplitLlama
 from splitinfer.graphs import CallGraphs
 from splitinfer.inputs import build_batch
 from splitinfer.models import load_model
@@ -137,6 +137,9 @@ def test_graphed_calls_give_the_same_inference(tiny_models, scheme, variant, fus
     output, its heads merged there, so no input is copied again on the GPU. The scores are two causal blocks
     (4-row blocks), a padded batch of 2. With fused hops too, whose protected operands land as the steps' do."""
     monkeypatch.setattr(tee_ops, "ROWS", 4)
+    # the LM head's form as F.linear in both engines: set-up's timing of its two forms (`Gpu.choose_head`) may keep
+    # either, and a host busy with other work made the two engines keep different ones, a product rounded apart
+    monkeypatch.setattr(Gpu, "choose_head", lambda self, rows, repeat=3: None)
     model = load_model(tiny_models[variant], torch.float32, CPU)
     ids, mask = build_batch(model.tokenizer, PROMPTS, 8, 2, ragged=True)
     runs = {}
