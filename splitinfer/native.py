@@ -705,7 +705,6 @@ static void check_unmix(const torch::Tensor& z, const torch::Tensor& woodbury, c
               "ours' hops: the recovery's shapes do not match");
 }
 
-// one sequence of ours' hop between two linears (`ours_linear_hop`): z unmixed, then SiLU·up or the residual sum
 // The plain split's three small TEE ops, each one call and one team where inductor's kernel is a compiled call and the
 // eager ops three to eight (`tee_ops.RmsNorm.after`, `tee_ops.silu_gate`, `tee_ops.apply_rope`): rows cut among the
 // team's threads, each row in float32 and rounded once.
@@ -874,6 +873,7 @@ void rope_rows(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, torch::Ten
   });
 }
 
+// one sequence of ours' hop between two linears (`ours_linear_hop`): z unmixed, then SiLU·up or the residual sum
 template <typename T>
 struct LinearHop {
   Unmix<T> unmix;
@@ -1142,8 +1142,8 @@ def offered(t: torch.Tensor, dtypes: tuple[torch.dtype, ...] = DTYPES) -> bool:
 def in_picked_form(step: str, key: torch.Tensor, forms: dict[str, Callable[[], object]],
                    one_pass: Callable[[], object], usable: bool = True, dtypes: tuple[torch.dtype, ...] = DTYPES):
     """What one of `step`'s forms (calls of no arguments) returns, or `one_pass` (with these kernels) where they are
-    offered for tensors like `key` (in one of `dtypes`, and `usable`), on torch's threads or on one (`kernels.on_one_thread`): the one
-    set-up picked at key's shape (`kernels.pick`), the first of `forms` elsewhere.
+    offered for tensors like `key` (in one of `dtypes`, and `usable`), on torch's threads or on one
+    (`kernels.on_one_thread`): the one set-up picked at key's shape (`kernels.pick`), the first of `forms` elsewhere.
 
     One thread, not a few: `at::parallel_for` starts every thread of torch's OpenMP pool whatever the work, and runs
     inline on one. A count between would make the pool end its other threads, which the next call on all of them
