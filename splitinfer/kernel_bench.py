@@ -287,17 +287,14 @@ def cpp_calls(waits: list[tuple[str, float, Callable[[], None] | None]], repeat:
     def rms_norm_call(_) -> None:
         native.rms_norm(x, branch, norm.scaled, norm.eps_d, torch.empty_like(x))
 
-    forms = {"C++": rms_norm_call}
+    calls = {"RMSNorm with the residual add, 128 tokens, C++": rms_norm_call}
     if torch.get_num_threads() > 1:
-        forms["C++ on one thread"] = lambda _: kernels.on_one_thread(rms_norm_call, (None,))
+        calls["RMSNorm with the residual add, 128 tokens, C++ on one thread"] = \
+            lambda _: kernels.on_one_thread(rms_norm_call, (None,))
+    calls["an empty team of every thread (C++)"] = lambda _: native.empty_team()
     try:
-        row = {f"RMSNorm with the residual add, 128 tokens, {form}{label}": timed(
-                   call, before or (lambda: None), repeat=repeat, wait_s=wait_s)
-               for form, call in forms.items() for label, wait_s, before in waits}
-        row.update({f"an empty team of every thread (C++){label}": timed(lambda _: native.empty_team(),
-                                                                         before or (lambda: None), repeat=repeat,
-                                                                         wait_s=wait_s)
-                    for label, wait_s, before in waits})
+        row = {f"{name}{label}": timed(call, before or (lambda: None), repeat=repeat, wait_s=wait_s)
+               for name, call in calls.items() for label, wait_s, before in waits}
         row["an empty team of every thread (C++), 4 barriers"] = timed(lambda _: native.empty_team(4), repeat=repeat)
         return row
     except RuntimeError as e:  # they could not be built here
