@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import VARIANTS
 
-from splitinfer import schemes
+from splitinfer import schemes, tee_ops
 from splitinfer.engine import CAUSAL_BLOCKS, SplitLlama
 from splitinfer.inputs import build_batch
 from splitinfer.models import load_model
@@ -499,36 +499,52 @@ def test_ours_runs_its_cpp_kernels_where_set_up_picks_them(tiny_models, monkeypa
     assert compare(logits, reference_logits(model.config, model.state_dict, ids, mask))["rel_logit_error"] < 1e-4
 
 
+# the plain split's steps with a C++ form (and the TEE-only runner's)
+PLAIN_CPP_STEPS = {tee_ops.RMS_NORM, tee_ops.RESIDUAL_RMS_NORM, tee_ops.SILU_GATE, tee_ops.ROPE, tee_ops.SOFTMAX_BLOCKS}
+
+
+def counted_plain_cpp_calls(monkeypatch) -> list[str]:
+    """The names of the plain split's C++ kernels (`native.rms_norm`, `silu_gate`, `rope`, `softmax_blocks`), one a
+    call, in a list that fills as they run."""
+    from splitinfer import native
+    calls = []
+    for name in ("rms_norm", "silu_gate", "rope", "softmax_blocks"):
+        monkeypatch.setattr(native, name, functools.partial(lambda fn, name, *a: (calls.append(name), fn(*a))[1],
+                                                            getattr(native, name), name))
+    return calls
+
+
+def plain_cpp_calls(layers: int) -> list[str]:
+    """The C++ calls (sorted) of one inference of `layers` layers with every C++ form in force: two RMSNorms a layer
+    and the final one, and SiLU·up, RoPE and the softmax a layer."""
+    return sorted(["rms_norm"] * (2 * layers + 1) + ["silu_gate", "rope", "softmax_blocks"] * layers)
+
+
 @pytest.mark.parametrize("mode", ["compiled", "cpp"])
 def test_the_plain_split_runs_its_cpp_kernels_where_set_up_picks_them(tiny_models, monkeypatch, mode):
     """Set-up times the C++ form of the plain split's TEE ops (RMSNorm with the residual add and without, SiLU·up,
     RoPE, the causal blocks' softmax) against their TEE kernels, compiled or eager (`cpp`: no kernel compiled), and
     an inference with every C++ form in force gives transformers' logits, for two sequences, one padded, with GQA
     and a head_dim of its own."""
-    from splitinfer import kernels, native, tee_ops
+    from splitinfer import kernels, native
     monkeypatch.setattr(kernels, "picks", {})
     model = load_model(tiny_models["gqa-head-dim"], torch.float32, CPU)
     ids, mask = build_batch(model.tokenizer, ["The plain split in C++.", "And a longer second prompt, padded."], 12,
                             2, True)
-    calls = []
-    for name in ("rms_norm", "silu_gate", "rope", "softmax_blocks"):
-        monkeypatch.setattr(native, name, functools.partial(lambda fn, name, *a: (calls.append(name), fn(*a))[1],
-                                                            getattr(native, name), name))
+    calls = counted_plain_cpp_calls(monkeypatch)
     try:
         engine = SplitLlama(model.config, model.state_dict, make_scheme("plain"), CPU, torch.float32, **{mode: True})
         builds = kernels.builds()
         engine.warm_kernels(*ids.shape)
         assert (kernels.builds() == builds and not kernels.on()) is (mode == "cpp")  # cpp: inductor built nothing
         steps = {k.split()[0] for k, v in kernels.chosen().items() if f"{native.ONE_PASS}_ms" in v}
-        assert steps == {tee_ops.RMS_NORM, tee_ops.RESIDUAL_RMS_NORM, tee_ops.SILU_GATE, tee_ops.ROPE,
-                         tee_ops.SOFTMAX_BLOCKS}
+        assert steps == PLAIN_CPP_STEPS
         run_cpp_forms()
         calls.clear()
         logits = engine.timed_forward(ids, mask)[0]
     finally:
         kernels.select(False)
-    layers = model.config.num_hidden_layers
-    assert sorted(calls) == sorted(["rms_norm"] * (2 * layers + 1) + ["silu_gate", "rope", "softmax_blocks"] * layers)
+    assert sorted(calls) == plain_cpp_calls(model.config.num_hidden_layers)
     assert compare(logits, reference_logits(model.config, model.state_dict, ids, mask))["rel_logit_error"] < 1e-4
 
 
@@ -537,15 +553,12 @@ def test_the_tee_only_runner_runs_its_cpp_kernels_in_bfloat16(tiny_models, monke
     set-up times their bfloat16 form of its RMSNorms, SiLU·up, RoPE and the causal blocks' softmax, and an inference
     with every one of them in force gives transformers' float32 logits within bfloat16's error, and the eager ops'
     logits within a few of its rounding steps, for two sequences, one padded."""
-    from splitinfer import kernels, native, tee_ops
+    from splitinfer import kernels, native
     monkeypatch.setattr(kernels, "picks", {})
     model = load_model(tiny_models["gqa-head-dim"], torch.bfloat16, CPU)
     ids, mask = build_batch(model.tokenizer, ["The TEE alone, in bfloat16.", "And a second prompt, padded."], 12, 2,
                             True)
-    calls = []
-    for name in ("rms_norm", "silu_gate", "rope", "softmax_blocks"):
-        monkeypatch.setattr(native, name, functools.partial(lambda fn, name, *a: (calls.append(name), fn(*a))[1],
-                                                            getattr(native, name), name))
+    calls = counted_plain_cpp_calls(monkeypatch)
     logits = {}
     try:
         for cpp in (False, True):
@@ -555,15 +568,13 @@ def test_the_tee_only_runner_runs_its_cpp_kernels_in_bfloat16(tiny_models, monke
             if cpp:
                 steps = {k.split()[0] for k, v in kernels.chosen().items()
                          if f"{native.ONE_PASS}_ms" in v and k.endswith("bfloat16")}
-                assert steps == {tee_ops.RMS_NORM, tee_ops.RESIDUAL_RMS_NORM, tee_ops.SILU_GATE, tee_ops.ROPE,
-                                 tee_ops.SOFTMAX_BLOCKS}
+                assert steps == PLAIN_CPP_STEPS
                 run_cpp_forms()
             calls.clear()
             logits[cpp] = engine.timed_forward(ids, mask)[0]
     finally:
         kernels.select(False)
-    layers = model.config.num_hidden_layers
-    assert sorted(calls) == sorted(["rms_norm"] * (2 * layers + 1) + ["silu_gate", "rope", "softmax_blocks"] * layers)
+    assert sorted(calls) == plain_cpp_calls(model.config.num_hidden_layers)
     float32 = load_model(tiny_models["gqa-head-dim"], torch.float32, CPU)
     reference = reference_logits(float32.config, float32.state_dict, ids, mask)
     # on this model both read 0.011 against transformers, 0.006 apart
