@@ -289,17 +289,18 @@ class SplitLlama:
         from the qkv projection to the scores (`rope_hop`), recovering it, RoPE, and protecting q and kᵀ; between
         the two attention matmuls (`softmax_hop`), recovering the scores, their softmax and protecting P·V's
         operands; from P·V to the o projection (`attend_hop`), recovering it and protecting o's input. Six hops a
-        layer, each one call (one compiled kernel where set-up measured that faster) where it made two or three;
-        the call is timed as crypto, so that category then holds those RMSNorms, SiLUs, RoPEs and softmaxes too.
+        layer, each one call (one compiled kernel or C++ call where set-up measured that faster) where it made two
+        or three; the call is timed as crypto, so that category then holds those RMSNorms, SiLUs, RoPEs and
+        softmaxes too.
         `cuda_graphs` replays each of the GPU's calls from a CUDA graph (`splitinfer.graphs`), captured in set-up
         (`warm_device`): one launch where a linear makes several host calls, and an attention matmul more. Only
         on CUDA (elsewhere it warns and does nothing); set-up kept them for every runner on the H100 machine of the
         twenty-sixth round (tee_gpu/ROUNDS.md). Both are off here by
         default; the runners leave both to set-up (tee_gpu/config.py). Either may be AUTO: off until
         `choose_configuration` times each way in set-up and keeps the faster; graphs only on CUDA, fused hops only
-        for a masked scheme with compiled kernels, or with the C++ ones where its hops have C++ forms (ours: with
-        otp's, a fused hop without inductor is the steps' eager ops in one Python call, and whether it pays is noise;
-        elsewhere AUTO is off, untimed).
+        for a masked scheme with compiled kernels or with the C++ ones (`cpp`: both schemes' hops between two linears
+        have C++ forms; without them a fused hop is its steps' eager ops in one Python call, and whether it pays is
+        noise; elsewhere AUTO is off, untimed).
         `kept_buffers` off gives the plain split a fresh pinned buffer for every copy instead of buffers kept from
         hop to hop (`Boundary.kept_buffer`), to measure what keeping them saves. Masked schemes keep none: ours'
         host peak at 512 tokens was 22 MiB under its limit on the H100 machine (twenty-sixth round), and a buffer
@@ -328,10 +329,9 @@ class SplitLlama:
         scheme.pinned_buffer = self.link.pinned_buffer  # protected operands are written where the GPU reads them
         self.gpu = Gpu(gpu_device, self.metrics, in_tee=tee_only)
         # the options left to set-up (`choose_configuration`), where they can pay; off until then
-        self.auto = {name for name, value, applies in (("cuda_graphs", cuda_graphs, gpu_device.type == "cuda"),
-                                                       ("fuse_hops", fuse_hops, scheme.masked and (
-                                                           compiled or self.cpp and scheme.hops_in_cpp)))
-                     if value == AUTO and applies and not tee_only}
+        applicable = (("cuda_graphs", cuda_graphs, gpu_device.type == "cuda"),
+                      ("fuse_hops", fuse_hops, scheme.masked and (compiled or self.cpp)))
+        self.auto = {name for name, value, applies in applicable if value == AUTO and applies and not tee_only}
         # what set-up's choice found: each way's median ms, the one kept, and any left out for its logits
         self.configuration: dict = {}
         self.graphs_held: CallGraphs | None = None  # graphs made for `choose_configuration` to try

@@ -873,6 +873,108 @@ void rope_rows(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, torch::Ten
   });
 }
 
+// x rounded to bfloat16 and back, in place, a chunk at a time
+static inline void rounded(float* x, int64_t m, const at::BFloat16*) {
+  at::BFloat16 chunk[COLUMNS];
+  for (int64_t j0 = 0; j0 < m; j0 += COLUMNS) {
+    const int64_t c = std::min(COLUMNS, m - j0);
+    store(chunk, x + j0, c);
+    as_float(chunk, x + j0, c);
+  }
+}
+
+// y = z + s·p, m values, rounded to T: otp's recovery of a linear's answer (`schemes.Otp.recover_linear`'s addcmul)
+template <typename T>
+static inline void recovered(const T* z, const T* p, float s, float* y, float* scratch, int64_t m) {
+  const float* zs = as_float(z, y, m);
+  const float* ps = as_float(p, scratch, m);
+  #pragma omp simd
+  for (int64_t j = 0; j < m; ++j) y[j] = zs[j] + s * ps[j];
+  rounded(y, m, z);
+}
+
+// otp's whole hop between two linears (`schemes.Otp.hop`: `schemes._add_op_pad`), a row at a time: the answer z
+// [rows, W] recovered, z + σ·projected (σ a value a row, projected the pad's N·Wᵀ), rounded to T; then
+// SiLU(gate)·up (`gated`: W/2 wide) or the residual sum x + y, kept in `kept`, and its RMSNorm (`weight`: float32,
+// times √W; eps_d = W·eps); the result h rounded to T and padded for the next linear: σ' = pad_scale·rms(h)
+// rounded to T, out = h − σ'·noise rounded once. Returns σ' [rows, 1] in T. Each row stays in float32 in the
+// cache: the steps read and write each row four to eight times.
+torch::Tensor otp_linear_hop(torch::Tensor z, torch::Tensor sigma, torch::Tensor projected, bool gated,
+                             torch::Tensor x, torch::Tensor weight, double eps_d, torch::Tensor noise,
+                             double pad_scale, torch::Tensor out, torch::Tensor kept) {
+  const int64_t W = z.size(-1), D2 = gated ? W / 2 : W, rows = z.numel() / std::max<int64_t>(1, W);
+  TORCH_CHECK(!gated || W % 2 == 0, "otp_linear_hop: gate and up take half the answer each");
+  std::vector<torch::Tensor> wide = {z, projected}, narrow = {noise, out};
+  if (!gated) wide.insert(wide.end(), {x, kept});
+  for (const auto& t : wide)
+    TORCH_CHECK(t.is_contiguous() && t.scalar_type() == z.scalar_type() && t.numel() == rows * W,
+                "otp_linear_hop: contiguous tensors of z's shape and dtype");
+  for (const auto& t : narrow)
+    TORCH_CHECK(t.is_contiguous() && t.scalar_type() == z.scalar_type() && t.numel() == rows * D2,
+                "otp_linear_hop: the pad and the output in z's dtype, one row an answer's");
+  TORCH_CHECK(sigma.is_contiguous() && sigma.scalar_type() == z.scalar_type() && sigma.numel() == rows,
+              "otp_linear_hop: one scale a row, in z's dtype");
+  TORCH_CHECK(gated || (weight.is_contiguous() && weight.scalar_type() == at::kFloat && weight.numel() == W),
+              "otp_linear_hop: the norm's float32 weight");
+  torch::Tensor next_sigma = at::empty({rows, 1}, z.options());
+  const float eps = static_cast<float>(eps_d), scale = static_cast<float>(pad_scale),
+              per_value = static_cast<float>(1.0 / std::sqrt(static_cast<double>(D2)));
+  in_any_dtype(z, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    const T *zs = z.data_ptr<T>(), *ss = sigma.data_ptr<T>(), *ps = projected.data_ptr<T>(),
+            *ns = noise.data_ptr<T>(), *xs = gated ? nullptr : x.data_ptr<T>();
+    T *os = out.data_ptr<T>(), *ks = gated ? nullptr : kept.data_ptr<T>(), *next = next_sigma.data_ptr<T>();
+    const float* w = gated ? nullptr : weight.data_ptr<float>();
+    in_team([&](const Member& me) {
+      std::vector<float> h(D2);
+      float y[COLUMNS], u[COLUMNS], scratch[COLUMNS];
+      for (int64_t r = me.first(rows); r < me.last(rows); ++r) {
+        const T *zr = zs + r * W, *pr = ps + r * W;
+        const float s = static_cast<float>(ss[r]);
+        float squares = 0.0f;
+        for (int64_t j0 = 0; j0 < D2; j0 += COLUMNS) {
+          const int64_t c = std::min(COLUMNS, D2 - j0);
+          recovered(zr + j0, pr + j0, s, y, scratch, c);
+          float* hj = h.data() + j0;
+          if (gated) {
+            recovered(zr + D2 + j0, pr + D2 + j0, s, u, scratch, c);
+            #pragma omp simd
+            for (int64_t j = 0; j < c; ++j) hj[j] = silu(y[j]) * u[j];
+          } else {  // the residual sum, kept in T
+            const float* xr = as_float(xs + r * W + j0, u, c);
+            #pragma omp simd
+            for (int64_t j = 0; j < c; ++j) hj[j] = y[j] + xr[j];
+            rounded(hj, c, zs);
+            store(ks + r * W + j0, hj, c);
+            #pragma omp simd reduction(+:squares)
+            for (int64_t j = 0; j < c; ++j) squares += hj[j] * hj[j];
+          }
+        }
+        if (!gated) {
+          const float inv = 1.0f / std::sqrt(squares + eps);
+          #pragma omp simd
+          for (int64_t j = 0; j < D2; ++j) h[j] *= inv * w[j];
+        }
+        rounded(h.data(), D2, zs);
+        float sum = 0.0f;
+        #pragma omp simd reduction(+:sum)
+        for (int64_t j = 0; j < D2; ++j) sum += h[j] * h[j];
+        const T sigma_next = static_cast<T>(scale * std::max(std::sqrt(sum) * per_value, 1e-12f));
+        next[r] = sigma_next;
+        const float pad = static_cast<float>(sigma_next);
+        for (int64_t j0 = 0; j0 < D2; j0 += COLUMNS) {
+          const int64_t c = std::min(COLUMNS, D2 - j0);
+          const float* nr = as_float(ns + r * D2 + j0, u, c);
+          #pragma omp simd
+          for (int64_t j = 0; j < c; ++j) y[j] = h[j0 + j] - pad * nr[j];
+          store(os + r * D2 + j0, y, c);
+        }
+      }
+    });
+  });
+  return next_sigma;
+}
+
 // one sequence of ours' hop between two linears (`ours_linear_hop`): z unmixed, then SiLU·up or the residual sum
 template <typename T>
 struct LinearHop {
@@ -1101,7 +1203,7 @@ def _built():
         return load_inline(f"splitinfer_native_{re.sub(r'[^0-9a-zA-Z]', '_', torch.__version__)}", cpp_sources=SOURCE,
                            functions=["ours_softmax_hop", "softmax_blocks", "permute_scales", "ours_linear_hop",
                                       "ours_attend_hop", "ours_unmix_rope", "empty_team", "rms_norm_rows",
-                                      "silu_gate_rows", "rope_rows"],
+                                      "silu_gate_rows", "rope_rows", "otp_linear_hop"],
                            extra_ldflags=["-fopenmp"], verbose=False,
                            extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"])
     except Exception as e:  # no compiler, no ninja, a failed build: the steps run instead
@@ -1266,3 +1368,17 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tenso
     """`tee_ops.apply_rope` in one call, into `out` (contiguous; x [B, heads, n, h] a view with h contiguous)."""
     _module().rope_rows(x, cos, sin, out)
     return out
+
+
+def otp_linear_hop(z: torch.Tensor, sigma: torch.Tensor, projected: torch.Tensor,
+                   norm: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, noise: torch.Tensor, pad_scale: float,
+                   out: torch.Tensor, kept: torch.Tensor | None) -> torch.Tensor:
+    """otp's hop between two linears in one call (`schemes._add_op_pad`'s values, each row in float32, rounded where
+    the steps round): the answer z [..., W] recovered with its row scales sigma [..., 1] and the pad's product
+    `projected` (z's shape); then SiLU(gate)·up where `norm` is None, else the residual sum x + y into `kept` and its
+    RMSNorm, norm = (x in z's shape, the float32 weight times √W, W·eps as a tensor); the result padded with `noise`
+    [..., W or W/2] at pad_scale times each row's RMS into `out` (noise's shape). All contiguous, in one dtype.
+    Returns the new row scales [..., 1]."""
+    x, weight, eps_d = norm if norm is not None else (z, sigma, torch.zeros(()))
+    return _module().otp_linear_hop(z, sigma, projected, norm is None, x, weight, float(eps_d), noise,
+                                    float(pad_scale), out, z if kept is None else kept).view(*noise.shape[:-1], 1)

@@ -50,7 +50,6 @@ class Plain:
     causal_blocks = True      # whether the scores may be only their causal block triangle (tee_ops.CausalBlocks)
     keeps_scores_order = False  # whether the scores may stay in the masks' order when recovered (`scores_order`)
     least_rows = 1            # the fewest rows a protected linear input crosses with (ours pads one row to two)
-    hops_in_cpp = False       # whether its fused hops have C++ forms (`native`), so that they may pay without inductor
     steps = ("encryption", "decryption")  # how the JSON names the protect and recover steps
 
     def __init__(self, seed: int | None = None):
@@ -207,7 +206,6 @@ class Matrix(Plain):
     causal_blocks = False  # permuted rows and keys scatter the triangle: every score must cross
     keeps_scores_order = True
     least_rows = 2  # `_mixing_masks`' dummy row
-    hops_in_cpp = True
     D_RANGE = (1.0, 2.0)        # |diagonal entries|, signs random: recovery divides by at most 1
     LOW_RANK_RANGE = (0.5, 1.5)  # |A_ij|, |B_ij| before the (n^(1/4)·√k) scaling that keeps ABᵀX about as large as DX
 
@@ -532,12 +530,13 @@ class Matrix(Plain):
         return _permute(c5, m["rows_p1_inverse"], m["cols_c"]).view(c.shape)
 
 
-# ours' steps that set-up picks a form of per shape (`kernels.pick`): its steps (or one TEE kernel, for a hop), or
-# `native`'s C++ kernels. The softmax hop's, where the scores stay in their masks' order
+# ours' and otp's steps that set-up picks a form of per shape (`kernels.pick`): its steps (or one TEE kernel, for a
+# hop), or `native`'s C++ kernels. The softmax hop's, where the scores stay in their masks' order
 SOFTMAX_HOP = "ours_softmax_hop"
 PROTECT_MATMUL, ROPE_HOP = "ours_protect_matmul", "ours_rope_hop"
 LINEAR_HOP = "ours_hop"  # a hop between two linears, as its op names it: ours_hop_gated, ours_hop_sum_and_norm
 ATTEND_HOP = "ours_attend_hop"
+OTP_LINEAR_HOP = "otp_hop"  # otp's hop between two linears, as its op names it: otp_hop_gated, otp_hop_sum_and_norm
 STEPS = "steps"
 
 
@@ -615,10 +614,25 @@ class Otp(Plain):
         return torch.addcmul(z, sigma, projected)
 
     def hop(self, z, secret, bias, op, op_args, name):
+        """In the form set-up picked at z's shape for the op: one TEE kernel (`_add_op_pad`), or one C++ call
+        (`native.otp_linear_hop`) where the op is SiLU·up or the residual sum's RMSNorm and no bias comes in."""
         projected, sigma = secret
         noise, next_projected = self.linear_pads[name]
-        kept, masked, next_sigma = fused(_add_op_pad, op)(z, sigma, projected, bias, op_args, noise, self.pad_scale,
-                                                          self.pinned_buffer(noise.shape, z.dtype))
+        out = self.pinned_buffer(noise.shape, z.dtype)
+
+        def one_kernel():
+            return fused(_add_op_pad, op)(z, sigma, projected, bias, op_args, noise, self.pad_scale, out)
+
+        def one_pass():
+            norm = None if op is gated else op_args  # (x, the weight times √W, W·eps)
+            kept = None if norm is None else torch.empty_like(z)  # the residual stream, which the layer keeps
+            masked = torch.empty(noise.shape, dtype=z.dtype) if out is None else out
+            return kept, masked, native.otp_linear_hop(z, sigma, projected, norm, noise, self.pad_scale, masked, kept)
+
+        usable = (bias is None and op in (gated, sum_and_norm)
+                  and all(t.is_contiguous() and t.dtype == z.dtype for t in (z, sigma, projected, noise, *op_args[:1])))
+        kept, masked, next_sigma = native.in_picked_form(f"{OTP_LINEAR_HOP}_{op.__name__}", z, {STEPS: one_kernel},
+                                                         one_pass, usable, native.ANY_DTYPES)
         return kept, masked, (next_projected, next_sigma)
 
     def protect_matmul(self, a, b, name):

@@ -420,6 +420,47 @@ def test_ours_rope_hop_in_cpp_is_its_steps(dtype):
     assert not kernels.on()  # the steps ran eager
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("op_name", ["gated", "sum_and_norm"])
+def test_otp_linear_hop_in_one_call_is_its_steps(dtype, op_name):
+    """otp's hop between two linears in one C++ call (`native.otp_linear_hop`) gives what its steps give
+    (`_add_op_pad`): the next linear's padded input, its row scales and what the op keeps, within rounding, for two
+    sequences across more rows than one thread's share; and the pad it subtracts is the one its scales and noise make,
+    so that the next recovery adds back what was taken."""
+    from splitinfer import kernels, native
+    from splitinfer.kernels import fused
+    from splitinfer.schemes import _add_op_pad
+    from splitinfer.tee_ops import RmsNorm, gated, sum_and_norm
+    n, d, inner = 13, 40, 264  # widths off the C++ chunks' 8 and 256
+    gate_up = op_name == "gated"
+    op = gated if gate_up else sum_and_norm
+    width, next_width = (2 * inner, inner) if gate_up else (d, d)
+    generator = torch.Generator().manual_seed(3)
+    draw = lambda *shape, scale=1.0: (torch.randn(*shape, generator=generator) * scale).to(dtype)  # noqa: E731
+    z, projected, sigma = draw(2, n, width, scale=3.0), draw(2, n, width), draw(2, n, 1).abs() + 0.25
+    noise = draw(2, n, next_width)
+    norm = RmsNorm.of(torch.rand(d, generator=generator) + 0.5, 1e-5)
+    op_args = () if gate_up else (draw(2, n, d), norm.scaled, norm.eps_d)
+    kept, masked, next_sigma = fused(_add_op_pad, op)(z, sigma, projected, None, op_args, noise, 1.5, None)
+    one_kept = None if gate_up else torch.empty_like(z)
+    one_masked = torch.empty_like(noise)
+    one_sigma = native.otp_linear_hop(z, sigma, projected, None if gate_up else op_args, noise, 1.5, one_masked,
+                                      one_kept)
+    tolerance = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    assert one_masked.dtype == one_sigma.dtype == dtype and one_sigma.shape == (2, n, 1)
+    torch.testing.assert_close(one_sigma, next_sigma, rtol=tolerance, atol=0)
+    torch.testing.assert_close(one_masked, masked, rtol=tolerance, atol=tolerance * masked.abs().max().item())
+    if gate_up:
+        assert kept is None
+    else:
+        torch.testing.assert_close(one_kept, kept, rtol=tolerance, atol=tolerance * kept.abs().max().item())
+    # what crossed plus the pad its scales and noise make is the op's result, as the steps make it
+    h = (masked.float() + next_sigma.float() * noise.float())
+    unpadded = one_masked.float() + one_sigma.float() * noise.float()
+    torch.testing.assert_close(unpadded, h, rtol=4 * tolerance, atol=4 * tolerance * h.abs().max().item())
+    assert not kernels.on()  # the steps ran eager
+
+
 # ours' steps that set-up may run as `native`'s C++ kernels, as `kernels.chosen` names them
 OURS_CPP_STEPS = (schemes.SOFTMAX_HOP, schemes.PROTECT_MATMUL, schemes.ROPE_HOP, schemes.ATTEND_HOP,
                   *(f"{schemes.LINEAR_HOP}_{op}" for op in ("gated", "sum_and_norm")))
@@ -497,6 +538,38 @@ def test_ours_runs_its_cpp_kernels_where_set_up_picks_them(tiny_models, monkeypa
         torch.set_num_threads(torch_threads)
     assert len(counts) == 0 if threads == 2 else len(counts) >= len(picked)
     assert compare(logits, reference_logits(model.config, model.state_dict, ids, mask))["rel_logit_error"] < 1e-4
+
+
+@pytest.mark.parametrize("mode, dtype", [("compiled", torch.float32), ("cpp", torch.float32), ("cpp", torch.float16)])
+def test_otp_runs_its_cpp_hops_where_set_up_picks_them(tiny_models, monkeypatch, mode, dtype):
+    """Set-up times otp's hops between two linears (SiLU's, and the residual sum's RMSNorm) as one C++ call against
+    its steps, beside compiled kernels and beside eager ones (`cpp`), and an inference with those calls in force (three
+    a layer but the first layer's first) gives transformers' logits, for two sequences, one padded."""
+    from splitinfer import kernels, native
+    monkeypatch.setattr(kernels, "picks", {})
+    model = load_model(tiny_models["gqa-tied"], dtype, CPU)
+    ids, mask = build_batch(model.tokenizer, ["otp's hops in C++.", "And a longer second prompt, padded."], 12, 2,
+                            True)
+    calls = []
+    monkeypatch.setattr(native, "otp_linear_hop", functools.partial(lambda fn, *a: (calls.append(a[3]), fn(*a))[1],
+                                                                    native.otp_linear_hop))
+    try:
+        engine = SplitLlama(model.config, model.state_dict, make_scheme("otp", seed=1), CPU, dtype, fuse_hops=True,
+                            **{mode: True})
+        engine.warm_kernels(*ids.shape)
+        picked = {k.split()[0]: v for k, v in kernels.chosen().items() if k.startswith(schemes.OTP_LINEAR_HOP)}
+        assert set(picked) == {f"{schemes.OTP_LINEAR_HOP}_{op}" for op in ("gated", "sum_and_norm")}
+        assert all(v[f"{native.ONE_PASS}_ms"] > 0 and v[f"{schemes.STEPS}_ms"] > 0 for v in picked.values())
+        run_cpp_forms()
+        calls.clear()
+        logits = engine.timed_forward(ids, mask)[0]
+    finally:
+        kernels.select(False)
+    layers = model.config.num_hidden_layers
+    assert sum(norm is None for norm in calls) == layers and sum(norm is not None for norm in calls) == 2 * layers - 1
+    float32 = model if dtype == torch.float32 else load_model(tiny_models["gqa-tied"], torch.float32, CPU)
+    reference = reference_logits(float32.config, float32.state_dict, ids, mask)
+    assert compare(logits, reference)["rel_logit_error"] < (1e-4 if dtype == torch.float32 else 2e-2)
 
 
 # the plain split's steps with a C++ form (and the TEE-only runner's)
