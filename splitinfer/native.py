@@ -975,6 +975,107 @@ torch::Tensor otp_linear_hop(torch::Tensor z, torch::Tensor sigma, torch::Tensor
   return next_sigma;
 }
 
+// pad = noise·σ and out = x − pad, m values, each rounded to T once: otp's protect of a matmul operand
+// (`schemes._pad_tensor`), a row at a time
+template <typename T>
+static inline void pad_row(const float* x, const T* noise, float sigma, T* pad, T* out, float* scratch, int64_t m) {
+  const float* ns = as_float(noise, scratch, m);
+  float p[COLUMNS], o[COLUMNS];
+  #pragma omp simd
+  for (int64_t j = 0; j < m; ++j) p[j] = ns[j] * sigma;
+  rounded(p, m, noise);
+  #pragma omp simd
+  for (int64_t j = 0; j < m; ++j) o[j] = x[j] - p[j];
+  store(pad, p, m);
+  store(out, o, m);
+}
+
+// otp's hop from the qkv projection to the scores (`schemes.Otp.rope_hop`: `schemes._add_op_pad_both` with
+// `tee_ops.rotated_heads`), for the answer z [B, N, (H + 2G)·h]: each row recovered, z + σ·projected rounded to T; q's
+// and k's heads rotated by cos and sin [N, h] into `rotated` [B, H + G, N, h], v's heads into `v` [B, N, G·h]; then q
+// (rotated's first H heads) and kᵀ padded, each at pad_scale times its whole tensor's RMS, σ rounded to T: the pads
+// noise·σ into pad_a [B, H, N, h] and pad_b [B, G, h, N], the operands less them into out_a and out_b (their shapes).
+// Two passes, apart by the team's sums: each row recovered and rotated; each operand's rows padded (kᵀ's read down
+// k's columns).
+void otp_rope_hop(torch::Tensor z, torch::Tensor sigma, torch::Tensor projected, torch::Tensor cos, torch::Tensor sin,
+                  torch::Tensor rotated, torch::Tensor v, torch::Tensor noise_a, torch::Tensor noise_b, double pad_scale,
+                  torch::Tensor out_a, torch::Tensor out_b, torch::Tensor pad_a, torch::Tensor pad_b) {
+  TORCH_CHECK(z.dim() == 3 && rotated.dim() == 4, "otp_rope_hop: z [B, N, W], rotated [B, H + G, N, h]");
+  const int64_t B = z.size(0), N = z.size(1), W = z.size(2), h = rotated.size(3), both = rotated.size(1),
+                H = noise_a.size(1), G = both - H;
+  TORCH_CHECK(h % 2 == 0 && h <= COLUMNS && G > 0 && (both + G) * h == W && rotated.size(0) == B && rotated.size(2) == N,
+              "otp_rope_hop: rotated's heads and z's width do not match");
+  const std::vector<std::pair<torch::Tensor, int64_t>> sized = {
+      {z, B * N * W}, {projected, B * N * W}, {sigma, B * N}, {cos, N * h}, {sin, N * h}, {rotated, B * both * N * h},
+      {v, B * N * G * h}, {noise_a, B * H * N * h}, {out_a, B * H * N * h}, {pad_a, B * H * N * h},
+      {noise_b, B * G * h * N}, {out_b, B * G * h * N}, {pad_b, B * G * h * N}};
+  for (const auto& [t, numel] : sized)
+    TORCH_CHECK(t.is_contiguous() && t.scalar_type() == z.scalar_type() && t.numel() == numel,
+                "otp_rope_hop: contiguous tensors in z's dtype, of the shapes the hop's steps give");
+  std::vector<double> sums(2 * std::max(1, omp_get_max_threads()), 0.0);  // each thread's q and k square sums
+  in_any_dtype(z, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    const T *zs = z.data_ptr<T>(), *ss = sigma.data_ptr<T>(), *ps = projected.data_ptr<T>(), *cs = cos.data_ptr<T>(),
+            *sn = sin.data_ptr<T>(), *na = noise_a.data_ptr<T>(), *nb = noise_b.data_ptr<T>();
+    T *rot = rotated.data_ptr<T>(), *vs = v.data_ptr<T>(), *oa = out_a.data_ptr<T>(), *ob = out_b.data_ptr<T>(),
+      *pa = pad_a.data_ptr<T>(), *pb = pad_b.data_ptr<T>();
+    in_team([&](const Member& me) {
+      float y[COLUMNS], scratch[COLUMNS], c[COLUMNS], sine[COLUMNS], o[COLUMNS];
+      double q_squares = 0.0, k_squares = 0.0;
+      for (int64_t r = me.first(B * N); r < me.last(B * N); ++r) {
+        const int64_t b = r / N, i = r % N;
+        const float s = static_cast<float>(ss[r]);
+        load(c, cs + i * h, h);
+        load(sine, sn + i * h, h);
+        for (int64_t head = 0; head < both + G; ++head) {
+          recovered(zs + r * W + head * h, ps + r * W + head * h, s, y, scratch, h);
+          if (head >= both) {  // v, as recovered
+            store(vs + r * G * h + (head - both) * h, y, h);
+            continue;
+          }
+          rotate_row(y, c, sine, o, h);
+          rounded(o, h, zs);
+          float sum = 0.0f;
+          #pragma omp simd reduction(+:sum)
+          for (int64_t j = 0; j < h; ++j) sum += o[j] * o[j];
+          (head < H ? q_squares : k_squares) += sum;
+          store(rot + ((b * both + head) * N + i) * h, o, h);
+        }
+      }
+      sums[2 * me.thread] = q_squares;
+      sums[2 * me.thread + 1] = k_squares;
+      me.sync();
+      double q_total = 0.0, k_total = 0.0;
+      for (int64_t t = 0; t < me.threads; ++t) {
+        q_total += sums[2 * t];
+        k_total += sums[2 * t + 1];
+      }
+      // each operand's σ as `_pad_tensor` takes it: pad_scale times its RMS in float32, rounded to T
+      const auto scale_of = [&](double total, int64_t count) {
+        const float rms = static_cast<float>(std::sqrt(total)) * static_cast<float>(1.0 / std::sqrt(double(count)));
+        return static_cast<float>(static_cast<T>(static_cast<float>(pad_scale) * rms));
+      };
+      const float sigma_a = scale_of(q_total, B * H * N * h), sigma_b = scale_of(k_total, B * G * N * h);
+      for (int64_t r = me.first(B * H * N); r < me.last(B * H * N); ++r) {  // q's rows, as rotated holds them
+        const int64_t b = r / (H * N), rest = r % (H * N);
+        const float* x = as_float(rot + (b * both * N) * h + rest * h, y, h);
+        pad_row(x, na + r * h, sigma_a, pa + r * h, oa + r * h, scratch, h);
+      }
+      T column[COLUMNS];
+      for (int64_t r = me.first(B * G * h); r < me.last(B * G * h); ++r) {  // kᵀ's rows: k's columns
+        const int64_t b = r / (G * h), g = r / h % G, j = r % h;
+        const T* k = rot + ((b * both + H + g) * N) * h + j;
+        for (int64_t i0 = 0; i0 < N; i0 += COLUMNS) {
+          const int64_t m = std::min(COLUMNS, N - i0);
+          for (int64_t i = 0; i < m; ++i) column[i] = k[(i0 + i) * h];
+          const float* x = as_float(column, y, m);
+          pad_row(x, nb + r * N + i0, sigma_b, pb + r * N + i0, ob + r * N + i0, scratch, m);
+        }
+      }
+    });
+  });
+}
+
 // one sequence of ours' hop between two linears (`ours_linear_hop`): z unmixed, then SiLU·up or the residual sum
 template <typename T>
 struct LinearHop {
@@ -1203,7 +1304,7 @@ def _built():
         return load_inline(f"splitinfer_native_{re.sub(r'[^0-9a-zA-Z]', '_', torch.__version__)}", cpp_sources=SOURCE,
                            functions=["ours_softmax_hop", "softmax_blocks", "permute_scales", "ours_linear_hop",
                                       "ours_attend_hop", "ours_unmix_rope", "empty_team", "rms_norm_rows",
-                                      "silu_gate_rows", "rope_rows", "otp_linear_hop"],
+                                      "silu_gate_rows", "rope_rows", "otp_linear_hop", "otp_rope_hop"],
                            extra_ldflags=["-fopenmp"], verbose=False,
                            extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"])
     except Exception as e:  # no compiler, no ninja, a failed build: the steps run instead
@@ -1382,3 +1483,21 @@ def otp_linear_hop(z: torch.Tensor, sigma: torch.Tensor, projected: torch.Tensor
     x, weight, eps_d = norm if norm is not None else (z, sigma, torch.zeros(()))
     return _module().otp_linear_hop(z, sigma, projected, norm is None, x, weight, float(eps_d), noise,
                                     float(pad_scale), out, z if kept is None else kept).view(*noise.shape[:-1], 1)
+
+
+def otp_rope_hop(z: torch.Tensor, sigma: torch.Tensor, projected: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 heads: int, rotated: torch.Tensor, noise_a: torch.Tensor, noise_b: torch.Tensor, pad_scale: float,
+                 out_a: torch.Tensor, out_b: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """otp's hop from the qkv projection to the scores in one call (`schemes._add_op_pad_both` with
+    `tee_ops.rotated_heads`, each value in float32, rounded where the steps round): the answer z [B, N, W] recovered
+    with its row scales sigma and the pad's product `projected`; q's and k's heads rotated by cos and sin into
+    `rotated` [B, H + G, N, h]; q and kᵀ padded with noise_a [B, H, N, h] and noise_b [B, G, h, N], each at pad_scale
+    times its tensor's RMS, into out_a and out_b. All contiguous, in one dtype. Returns what the steps return: (v
+    [B, G, N, h], q and kᵀ padded, q, q's pad, kᵀ's pad)."""
+    batch, n, _ = z.shape
+    head_dim = rotated.shape[-1]
+    v = torch.empty(batch, n, (rotated.shape[1] - heads) * head_dim, dtype=z.dtype)
+    pad_a, pad_b = torch.empty_like(noise_a), torch.empty_like(noise_b)
+    _module().otp_rope_hop(z, sigma, projected, cos, sin, rotated, v, noise_a, noise_b, float(pad_scale), out_a, out_b,
+                           pad_a, pad_b)
+    return v.view(batch, n, -1, head_dim).transpose(1, 2), out_a, out_b, rotated[:, :heads], pad_a, pad_b

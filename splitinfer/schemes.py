@@ -537,6 +537,7 @@ PROTECT_MATMUL, ROPE_HOP = "ours_protect_matmul", "ours_rope_hop"
 LINEAR_HOP = "ours_hop"  # a hop between two linears, as its op names it: ours_hop_gated, ours_hop_sum_and_norm
 ATTEND_HOP = "ours_attend_hop"
 OTP_LINEAR_HOP = "otp_hop"  # otp's hop between two linears, as its op names it: otp_hop_gated, otp_hop_sum_and_norm
+OTP_ROPE_HOP = "otp_rope_hop"
 STEPS = "steps"
 
 
@@ -645,9 +646,20 @@ class Otp(Plain):
         return noise_a, noise_b, self.pad_scale, *(self._result(t.shape, dtype) for t in (noise_a, noise_b))
 
     def rope_hop(self, z, secret, bias, op, op_args, name):
+        """In the form set-up picked at z's shape: one TEE kernel (`_add_op_pad_both`), or one C++ call
+        (`native.otp_rope_hop`) where no bias comes in."""
         projected, sigma = secret
-        kept, masked_a, masked_b, a, pad_a, pad_b = fused(_add_op_pad_both, op, exact=True)(
-            z, sigma, projected, bias, op_args, *self._pad_args(name, z.dtype))
+        pad_args = self._pad_args(name, z.dtype)
+
+        def one_kernel():
+            return fused(_add_op_pad_both, op, exact=True)(z, sigma, projected, bias, op_args, *pad_args)
+
+        usable = bias is None and op is rotated_heads and all(
+            t.is_contiguous() and t.dtype == z.dtype for t in (z, sigma, projected, *op_args[:2], op_args[-1],
+                                                                *pad_args[:2]))
+        kept, masked_a, masked_b, a, pad_a, pad_b = native.in_picked_form(
+            OTP_ROPE_HOP, z, {STEPS: one_kernel}, lambda: native.otp_rope_hop(z, sigma, projected, *op_args, *pad_args),
+            usable, native.ANY_DTYPES)
         return kept, masked_a, masked_b, (a, pad_a, pad_b, masked_b)
 
     def attend_hop(self, c, secret, product, op, op_args, name):

@@ -461,6 +461,47 @@ def test_otp_linear_hop_in_one_call_is_its_steps(dtype, op_name):
     assert not kernels.on()  # the steps ran eager
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_otp_rope_hop_in_one_call_is_its_steps(dtype):
+    """otp's hop from the qkv projection to the scores in one C++ call (`native.otp_rope_hop`) gives what its steps
+    give (`_add_op_pad_both` with `rotated_heads`): v, q and kᵀ padded, q and both pads, within rounding, for two
+    sequences under GQA, across more rows than one thread's share; each operand less its pad is what crossed, and
+    the scores recovered from what crossed are q·kᵀ."""
+    from splitinfer import kernels, native
+    from splitinfer.kernels import fused
+    from splitinfer.schemes import _add_op_pad_both
+    from splitinfer.tee_ops import rotated_heads
+    heads, groups, n, h = 4, 2, 37, 8
+    width = (heads + 2 * groups) * h
+    generator = torch.Generator().manual_seed(11)
+    draw = lambda *shape, scale=1.0: (torch.randn(*shape, generator=generator) * scale).to(dtype)  # noqa: E731
+    z, projected, sigma = draw(2, n, width, scale=2.0), draw(2, n, width), draw(2, n, 1).abs() + 0.25
+    cos, sin = torch.rand(n, h, generator=generator).to(dtype), torch.rand(n, h, generator=generator).to(dtype)
+    noise_a, noise_b = draw(2, heads, n, h), draw(2, groups, h, n)
+
+    def args():  # where RoPE and the pads write: fresh for each form
+        return ((cos, sin, heads, torch.empty(2, heads + groups, n, h, dtype=dtype)), noise_a, noise_b, 1.5,
+                torch.empty(noise_a.shape, dtype=dtype), torch.empty(noise_b.shape, dtype=dtype))
+
+    rope_args, *pad_args = args()
+    steps = fused(_add_op_pad_both, rotated_heads, exact=True)(z, sigma, projected, None, rope_args, *pad_args)
+    rope_args, *pad_args = args()
+    one = native.otp_rope_hop(z, sigma, projected, *rope_args, *pad_args)
+    tolerance = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    for got, want in zip(one, steps):
+        assert got.shape == want.shape and got.dtype == dtype
+        torch.testing.assert_close(got, want, rtol=tolerance, atol=tolerance * want.abs().max().item())
+    v, masked_a, masked_b, a, pad_a, pad_b = one
+    b = rope_args[-1][:, heads:].transpose(-1, -2)
+    torch.testing.assert_close((masked_a.float() + pad_a.float()), a.float(), rtol=0, atol=tolerance * 4)
+    torch.testing.assert_close((masked_b.float() + pad_b.float()), b.float(), rtol=0, atol=tolerance * 4)
+    scores = grouped_matmul(masked_a.float(), masked_b.float())  # what the GPU computes
+    recovered = Otp().recover_matmul(scores.to(dtype), (a, pad_a, pad_b, masked_b))
+    want = grouped_matmul(a.float(), b.float())
+    torch.testing.assert_close(recovered.float(), want, rtol=0, atol=8 * tolerance * want.abs().max().item())
+    assert not kernels.on()  # the steps ran eager
+
+
 # ours' steps that set-up may run as `native`'s C++ kernels, as `kernels.chosen` names them
 OURS_CPP_STEPS = (schemes.SOFTMAX_HOP, schemes.PROTECT_MATMUL, schemes.ROPE_HOP, schemes.ATTEND_HOP,
                   *(f"{schemes.LINEAR_HOP}_{op}" for op in ("gated", "sum_and_norm")))
@@ -540,33 +581,48 @@ def test_ours_runs_its_cpp_kernels_where_set_up_picks_them(tiny_models, monkeypa
     assert compare(logits, reference_logits(model.config, model.state_dict, ids, mask))["rel_logit_error"] < 1e-4
 
 
+# otp's steps that set-up may run as `native`'s C++ kernels, as `kernels.chosen` names them
+OTP_CPP_STEPS = {schemes.OTP_ROPE_HOP, *(f"{schemes.OTP_LINEAR_HOP}_{op}" for op in ("gated", "sum_and_norm"))}
+
+
 @pytest.mark.parametrize("mode, dtype", [("compiled", torch.float32), ("cpp", torch.float32), ("cpp", torch.float16)])
 def test_otp_runs_its_cpp_hops_where_set_up_picks_them(tiny_models, monkeypatch, mode, dtype):
-    """Set-up times otp's hops between two linears (SiLU's, and the residual sum's RMSNorm) as one C++ call against
-    its steps, beside compiled kernels and beside eager ones (`cpp`), and an inference with those calls in force (three
-    a layer but the first layer's first) gives transformers' logits, for two sequences, one padded."""
+    """Set-up times otp's hops between two linears (SiLU's, and the residual sum's RMSNorm) and from the qkv
+    projection to the scores as one C++ call each against their steps, beside compiled kernels and beside eager ones
+    (`cpp`), and an inference with those calls in force (four a layer but the first layer's first) gives
+    transformers' logits, for two sequences, one padded."""
     from splitinfer import kernels, native
     monkeypatch.setattr(kernels, "picks", {})
     model = load_model(tiny_models["gqa-tied"], dtype, CPU)
     ids, mask = build_batch(model.tokenizer, ["otp's hops in C++.", "And a longer second prompt, padded."], 12, 2,
                             True)
     calls = []
-    monkeypatch.setattr(native, "otp_linear_hop", functools.partial(lambda fn, *a: (calls.append(a[3]), fn(*a))[1],
-                                                                    native.otp_linear_hop))
+
+    def counted(fn):  # each call named by its hop: the RoPE hop's, SiLU's, or a norm's (`norm` given)
+        rope = fn is native.otp_rope_hop
+
+        def call(*args):
+            calls.append("rope" if rope else "gated" if args[3] is None else "norm")
+            return fn(*args)
+        return call
+
+    for fn in (native.otp_linear_hop, native.otp_rope_hop):
+        monkeypatch.setattr(native, fn.__name__, counted(fn))
     try:
         engine = SplitLlama(model.config, model.state_dict, make_scheme("otp", seed=1), CPU, dtype, fuse_hops=True,
                             **{mode: True})
         engine.warm_kernels(*ids.shape)
-        picked = {k.split()[0]: v for k, v in kernels.chosen().items() if k.startswith(schemes.OTP_LINEAR_HOP)}
-        assert set(picked) == {f"{schemes.OTP_LINEAR_HOP}_{op}" for op in ("gated", "sum_and_norm")}
-        assert all(v[f"{native.ONE_PASS}_ms"] > 0 and v[f"{schemes.STEPS}_ms"] > 0 for v in picked.values())
+        picked = {k.split()[0]: v for k, v in kernels.chosen().items() if k.startswith("otp_")}
+        assert set(picked) - {schemes.SCORES_CROSS} == OTP_CPP_STEPS
+        assert all(v[f"{native.ONE_PASS}_ms"] > 0 and v[f"{schemes.STEPS}_ms"] > 0
+                   for k, v in picked.items() if k in OTP_CPP_STEPS)
         run_cpp_forms()
         calls.clear()
         logits = engine.timed_forward(ids, mask)[0]
     finally:
         kernels.select(False)
     layers = model.config.num_hidden_layers
-    assert sum(norm is None for norm in calls) == layers and sum(norm is not None for norm in calls) == 2 * layers - 1
+    assert sorted(calls) == sorted(["norm"] * (2 * layers - 1) + ["gated", "rope"] * layers)
     float32 = model if dtype == torch.float32 else load_model(tiny_models["gqa-tied"], torch.float32, CPU)
     reference = reference_logits(float32.config, float32.state_dict, ids, mask)
     assert compare(logits, reference)["rel_logit_error"] < (1e-4 if dtype == torch.float32 else 2e-2)
