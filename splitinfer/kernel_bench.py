@@ -148,6 +148,14 @@ def layer_steps(preset: str, n: int, dtype: torch.dtype, compiled: bool, repeat:
 
         return timed(one_call if fused else separate, answer.clone, repeat)
 
+    def otp_hop_args(source, op, args, target) -> tuple:  # as `Otp.hop` gives `_linear_hop_one_pass` them, after z
+        projected, sigma = otp_secrets[source]
+        return sigma, projected, op, args, otp.linear_pads[target][0], None
+
+    def otp_rope_hop_args() -> tuple:  # as `Otp.rope_hop` gives `native.otp_rope_hop` them, after z
+        projected, sigma = otp_secrets["qkv"]
+        return sigma, projected, *rope_args(), *otp._pad_args("s", dtype)
+
     def linear_hop_args(z, source, op, args, target) -> tuple:  # as `Matrix.hop` gives `_linear_hop_one_pass` them
         mask, _, scale, _ = secrets[source]
         return _rows_of(z, scale), mask, scale, op, args, ours._mix_args(target, ours.linear_shapes[target][-1], dtype)
@@ -184,7 +192,12 @@ def layer_steps(preset: str, n: int, dtype: torch.dtype, compiled: bool, repeat:
                             "o", ours.linear_shapes["o"][-1], dtype)), masked_out.clone, repeat),
                     "ours: 3 hops, one C++ call each": sum(
                         timed(lambda z, hop=hop: ours._linear_hop_one_pass(*linear_hop_args(z, *hop)),
-                              outputs[hop[0]].clone, repeat) for hop in hops)}
+                              outputs[hop[0]].clone, repeat) for hop in hops),
+                    "otp: RoPE hop, one C++ call": timed(
+                        lambda z: native.otp_rope_hop(z, *otp_rope_hop_args()), outputs["qkv"].clone, repeat),
+                    "otp: 3 hops, one C++ call each": sum(
+                        timed(lambda z, hop=hop: otp._linear_hop_one_pass(z, *otp_hop_args(*hop)), outputs[hop[0]].clone,
+                              repeat) for hop in hops)}
         except RuntimeError as e:  # they could not be built here
             print(f"warning: {e}", file=sys.stderr)
             return {}

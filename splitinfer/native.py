@@ -1,5 +1,6 @@
 """Hand-written C++ kernels for the TEE's two softmaxes, which neither eager PyTorch nor inductor runs in one pass,
-for ours' permutations of a matmul's operands, for ours' hops into a linear, and for the plain split's small ops.
+for ours' permutations of a matmul's operands, for ours' hops into a linear, for otp's hops into a linear and into
+the scores, and for the plain split's small ops.
 
 - ours' softmax hop, where the scores come back in their masks' order (`schemes.Matrix.softmax_hop`). Its steps make
   five passes over the n² scores (unscale and hide, softmax, the probabilities' rows and columns gathered, the next
@@ -33,6 +34,13 @@ for ours' permutations of a matmul's operands, for ours' hops into a linear, and
 - ours' hop from P·V to the o projection (`schemes.Matrix.attend_hop`): each head's rows unscaled and unpermuted,
   the heads merged and mixed for o, in two passes (each output row gathered head by head, a source row prefetched
   ahead; each row mixed).
+- otp's hops between two linears and from the qkv projection to the scores (`schemes.Otp.hop`,
+  `schemes.Otp.rope_hop`): the answer recovered with its pad's product, then SiLU·up, the residual sum's RMSNorm, or
+  RoPE on q and k, and the next operands padded, a row at a time in float32, rounded where the steps round. A linear
+  input's pad is scaled by its row's RMS, so that hop is one pass; q's and kᵀ's by their whole tensors', so the RoPE
+  hop makes two, apart by the team's sums. The steps made eight to twelve eager ops, each a pass over the rows, and
+  without inductor a fused hop was those ops in one Python call, which did not pay (tee_gpu/ROUNDS.md,
+  "Thirty-fourth round"; "Thirty-fifth round" for these).
 
 Each call starts one team of torch's threads (`in_team`), its passes apart by barriers: on the thirtieth round's H100
 host a team's start cost about 45 µs. ours' C++ forms started 20 teams a layer, now 6 (on the VM, a 2-layer 1B-shape

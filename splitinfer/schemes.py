@@ -624,17 +624,22 @@ class Otp(Plain):
         def one_kernel():
             return fused(_add_op_pad, op)(z, sigma, projected, bias, op_args, noise, self.pad_scale, out)
 
-        def one_pass():
-            norm = None if op is gated else op_args  # (x, the weight times √W, W·eps)
-            kept = None if norm is None else torch.empty_like(z)  # the residual stream, which the layer keeps
-            masked = torch.empty(noise.shape, dtype=z.dtype) if out is None else out
-            return kept, masked, native.otp_linear_hop(z, sigma, projected, norm, noise, self.pad_scale, masked, kept)
-
+        one_pass = functools.partial(self._linear_hop_one_pass, z, sigma, projected, op, op_args, noise, out)
         usable = (bias is None and op in (gated, sum_and_norm)
                   and all(t.is_contiguous() and t.dtype == z.dtype for t in (z, sigma, projected, noise, *op_args[:1])))
         kept, masked, next_sigma = native.in_picked_form(f"{OTP_LINEAR_HOP}_{op.__name__}", z, {STEPS: one_kernel},
                                                          one_pass, usable, native.ANY_DTYPES)
         return kept, masked, (next_projected, next_sigma)
+
+    def _linear_hop_one_pass(self, z: torch.Tensor, sigma: torch.Tensor, projected: torch.Tensor, op: Callable,
+                             op_args: tuple, noise: torch.Tensor, out: torch.Tensor | None
+                             ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """`_add_op_pad`'s (kept, padded, next row scales) in one C++ call (`native.otp_linear_hop`), for SiLU·up
+        (`gated`) or the residual sum's RMSNorm (`sum_and_norm`), the padded input into `out` where given."""
+        norm = None if op is gated else op_args  # (x, the weight times √W, W·eps)
+        kept = None if norm is None else torch.empty_like(z)  # the residual stream, which the layer keeps
+        masked = torch.empty(noise.shape, dtype=z.dtype) if out is None else out
+        return kept, masked, native.otp_linear_hop(z, sigma, projected, norm, noise, self.pad_scale, masked, kept)
 
     def protect_matmul(self, a, b, name):
         masked_a, masked_b, pad_a, pad_b = _pad_both(kernels.as_chosen, a, b, *self._pad_args(name, a.dtype))

@@ -153,8 +153,8 @@ def test_kernel_bench_times_each_step_both_ways(tmp_path, capsys):
                               "--round-trip-device", "cpu", "--out", str(out)]) == 0
     results = json.loads(out.read_text())
     steps = results["lengths"]["4"]
-    # the C++ kernels (the plain split's small ops, the softmaxes in one pass, ours' permutations and hops) are offered
-    # with compiled kernels only
+    # the C++ kernels (the plain split's small ops, the softmaxes in one pass, ours' permutations, ours' and otp's
+    # hops) are offered with compiled kernels only
     assert set(steps["compiled"]) - set(steps["eager"]) == {"plain: 2 x RMSNorm with the residual add (C++)",
                                                             "plain: RoPE on q and k (C++)", "plain: SiLU·up (C++)",
                                                             "ours: softmax hop, one pass (C++)",
@@ -162,7 +162,9 @@ def test_kernel_bench_times_each_step_both_ways(tmp_path, capsys):
                                                             "ours: both matmuls' masks, C++ permutations",
                                                             "ours: RoPE hop, C++ kernels",
                                                             "ours: P·V hop, one C++ call",
-                                                            "ours: 3 hops, one C++ call each"}
+                                                            "ours: 3 hops, one C++ call each",
+                                                            "otp: RoPE hop, one C++ call",
+                                                            "otp: 3 hops, one C++ call each"}
     assert len(steps["eager"]) == 29
     assert {"ours: 3 hops, fused", "otp: 3 hops, separate steps", "ours: softmax hop, fused",
             "otp: RoPE hop, fused"} <= set(steps["compiled"])
