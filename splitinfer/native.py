@@ -83,10 +83,14 @@ SOURCE = r"""
 #include <type_traits>
 #include <vector>
 
-// float16 rows to and from float32 with F16C, 8 values at a time (at::Half converts one value at a time, in integer
-// arithmetic; GCC 12's _Float16 vectorises only with AVX512-FP16)
+// float16 rows to and from float32 with F16C, 8 values at a time, 16 with AVX-512 (at::Half converts one value at a
+// time, in integer arithmetic; GCC 12's _Float16 vectorises only with AVX512-FP16)
 static inline const float* as_float(const at::Half* x, float* into, int64_t m) {
   int64_t j = 0;
+#ifdef __AVX512F__
+  for (; j + 16 <= m; j += 16)
+    _mm512_storeu_ps(into + j, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + j))));
+#endif
 #ifdef __F16C__
   for (; j + 8 <= m; j += 8)
     _mm256_storeu_ps(into + j, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + j))));
@@ -97,6 +101,11 @@ static inline const float* as_float(const at::Half* x, float* into, int64_t m) {
 static inline const float* as_float(const float* x, float*, int64_t) { return x; }
 static inline void store(at::Half* out, const float* x, int64_t m) {
   int64_t j = 0;
+#ifdef __AVX512F__
+  for (; j + 16 <= m; j += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j),
+                        _mm512_cvtps_ph(_mm512_loadu_ps(x + j), _MM_FROUND_TO_NEAREST_INT));
+#endif
 #ifdef __F16C__
   for (; j + 8 <= m; j += 8)
     _mm_storeu_si128(reinterpret_cast<__m128i*>(out + j), _mm256_cvtps_ph(_mm256_loadu_ps(x + j), _MM_FROUND_TO_NEAREST_INT));
@@ -891,22 +900,22 @@ static inline void rounded(float* x, int64_t m, const at::BFloat16*) {
   }
 }
 
-// y = z + s·p, m values, rounded to T: otp's recovery of a linear's answer (`schemes.Otp.recover_linear`'s addcmul)
+// y = z + s·p, m values, in float32: otp's recovery of a linear's answer (`schemes.Otp.recover_linear`'s addcmul)
 template <typename T>
 static inline void recovered(const T* z, const T* p, float s, float* y, float* scratch, int64_t m) {
   const float* zs = as_float(z, y, m);
   const float* ps = as_float(p, scratch, m);
   #pragma omp simd
   for (int64_t j = 0; j < m; ++j) y[j] = zs[j] + s * ps[j];
-  rounded(y, m, z);
 }
 
 // otp's whole hop between two linears (`schemes.Otp.hop`: `schemes._add_op_pad`), a row at a time: the answer z
-// [rows, W] recovered, z + σ·projected (σ a value a row, projected the pad's N·Wᵀ), rounded to T; then
-// SiLU(gate)·up (`gated`: W/2 wide) or the residual sum x + y, kept in `kept`, and its RMSNorm (`weight`: float32,
-// times √W; eps_d = W·eps); the result h rounded to T and padded for the next linear: σ' = pad_scale·rms(h)
-// rounded to T, out = h − σ'·noise rounded once. Returns σ' [rows, 1] in T. Each row stays in float32 in the
-// cache: the steps read and write each row four to eight times.
+// [rows, W] recovered, z + σ·projected (σ a value a row, projected the pad's N·Wᵀ); then SiLU(gate)·up (`gated`: W/2
+// wide) or the residual sum x + y, rounded to T into `kept`, and its RMSNorm (`weight`: float32, times √W; eps_d =
+// W·eps); the result h padded for the next linear: σ' = pad_scale·rms(h) rounded to T, out = h − σ'·noise. Returns σ'
+// [rows, 1] in T. Each row in float32 in the cache, rounded once where it is written (the steps round each of their
+// four to eight results, each a pass over the rows): two passes over it, three with the norm (its sums, then h and
+// its sums, then the pad).
 torch::Tensor otp_linear_hop(torch::Tensor z, torch::Tensor sigma, torch::Tensor projected, bool gated,
                              torch::Tensor x, torch::Tensor weight, double eps_d, torch::Tensor noise,
                              double pad_scale, torch::Tensor out, torch::Tensor kept) {
@@ -934,40 +943,48 @@ torch::Tensor otp_linear_hop(torch::Tensor z, torch::Tensor sigma, torch::Tensor
     T *os = out.data_ptr<T>(), *ks = gated ? nullptr : kept.data_ptr<T>(), *next = next_sigma.data_ptr<T>();
     const float* w = gated ? nullptr : weight.data_ptr<float>();
     in_team([&](const Member& me) {
-      std::vector<float> h(D2);
+      // the row, and the weight, through pointers of this thread's own: read through the lambda's captures, the
+      // simd loops below gathered every value (five times slower)
+      std::vector<float> row(D2);
+      float* const h = row.data();
+      const float* const weights = w;
       float y[COLUMNS], u[COLUMNS], scratch[COLUMNS];
       for (int64_t r = me.first(rows); r < me.last(rows); ++r) {
         const T *zr = zs + r * W, *pr = ps + r * W;
         const float s = static_cast<float>(ss[r]);
-        float squares = 0.0f;
+        float squares = 0.0f;  // of h, or of the residual sum before its norm
         for (int64_t j0 = 0; j0 < D2; j0 += COLUMNS) {
           const int64_t c = std::min(COLUMNS, D2 - j0);
+          float* hj = h + j0;
           recovered(zr + j0, pr + j0, s, y, scratch, c);
-          float* hj = h.data() + j0;
           if (gated) {
             recovered(zr + D2 + j0, pr + D2 + j0, s, u, scratch, c);
-            #pragma omp simd
-            for (int64_t j = 0; j < c; ++j) hj[j] = silu(y[j]) * u[j];
-          } else {  // the residual sum, kept in T
+            #pragma omp simd reduction(+:squares)
+            for (int64_t j = 0; j < c; ++j) {
+              hj[j] = silu(y[j]) * u[j];
+              squares += hj[j] * hj[j];
+            }
+          } else {  // the residual sum, kept in T, its norm taken of what is kept
             const float* xr = as_float(xs + r * W + j0, u, c);
             #pragma omp simd
-            for (int64_t j = 0; j < c; ++j) hj[j] = y[j] + xr[j];
-            rounded(hj, c, zs);
-            store(ks + r * W + j0, hj, c);
+            for (int64_t j = 0; j < c; ++j) y[j] += xr[j];
+            store(ks + r * W + j0, y, c);
+            const float* t = as_float(ks + r * W + j0, hj, c);
+            if (t != hj) std::memcpy(hj, t, c * sizeof(float));
             #pragma omp simd reduction(+:squares)
             for (int64_t j = 0; j < c; ++j) squares += hj[j] * hj[j];
           }
         }
         if (!gated) {
           const float inv = 1.0f / std::sqrt(squares + eps);
-          #pragma omp simd
-          for (int64_t j = 0; j < D2; ++j) h[j] *= inv * w[j];
+          squares = 0.0f;
+          #pragma omp simd reduction(+:squares)
+          for (int64_t j = 0; j < D2; ++j) {
+            h[j] *= inv * weights[j];
+            squares += h[j] * h[j];
+          }
         }
-        rounded(h.data(), D2, zs);
-        float sum = 0.0f;
-        #pragma omp simd reduction(+:sum)
-        for (int64_t j = 0; j < D2; ++j) sum += h[j] * h[j];
-        const T sigma_next = static_cast<T>(scale * std::max(std::sqrt(sum) * per_value, 1e-12f));
+        const T sigma_next = static_cast<T>(scale * std::max(std::sqrt(squares) * per_value, 1e-12f));
         next[r] = sigma_next;
         const float pad = static_cast<float>(sigma_next);
         for (int64_t j0 = 0; j0 < D2; j0 += COLUMNS) {
@@ -999,12 +1016,12 @@ static inline void pad_row(const float* x, const T* noise, float sigma, T* pad, 
 }
 
 // otp's hop from the qkv projection to the scores (`schemes.Otp.rope_hop`: `schemes._add_op_pad_both` with
-// `tee_ops.rotated_heads`), for the answer z [B, N, (H + 2G)·h]: each row recovered, z + σ·projected rounded to T; q's
-// and k's heads rotated by cos and sin [N, h] into `rotated` [B, H + G, N, h], v's heads into `v` [B, N, G·h]; then q
-// (rotated's first H heads) and kᵀ padded, each at pad_scale times its whole tensor's RMS, σ rounded to T: the pads
-// noise·σ into pad_a [B, H, N, h] and pad_b [B, G, h, N], the operands less them into out_a and out_b (their shapes).
-// Two passes, apart by the team's sums: each row recovered and rotated; each operand's rows padded (kᵀ's read down
-// k's columns).
+// `tee_ops.rotated_heads`), for the answer z [B, N, (H + 2G)·h]: each row recovered, z + σ·projected, in float32; q's
+// and k's heads rotated by cos and sin [N, h] into `rotated` [B, H + G, N, h], v's heads into `v` [B, N, G·h], each
+// rounded once; then q (rotated's first H heads) and kᵀ padded, each at pad_scale times its whole tensor's RMS, σ
+// rounded to T: the pads noise·σ, rounded, into pad_a [B, H, N, h] and pad_b [B, G, h, N], the operands less them into
+// out_a and out_b (their shapes). Two passes, apart by the team's sums: each row recovered and rotated; each
+// operand's rows padded (kᵀ's read down k's columns).
 void otp_rope_hop(torch::Tensor z, torch::Tensor sigma, torch::Tensor projected, torch::Tensor cos, torch::Tensor sin,
                   torch::Tensor rotated, torch::Tensor v, torch::Tensor noise_a, torch::Tensor noise_b, double pad_scale,
                   torch::Tensor out_a, torch::Tensor out_b, torch::Tensor pad_a, torch::Tensor pad_b) {
@@ -1042,7 +1059,6 @@ void otp_rope_hop(torch::Tensor z, torch::Tensor sigma, torch::Tensor projected,
             continue;
           }
           rotate_row(y, c, sine, o, h);
-          rounded(o, h, zs);
           float sum = 0.0f;
           #pragma omp simd reduction(+:sum)
           for (int64_t j = 0; j < h; ++j) sum += o[j] * o[j];
