@@ -108,7 +108,7 @@ def build_parser(config, scheme: str, prog: str) -> argparse.ArgumentParser:
                    "scores, their softmax and protecting P·V's operands; from P·V to the o projection, recovering "
                    "it and protecting o's input. The JSON then times those RMSNorms, SiLUs, RoPEs and softmaxes as "
                    "crypto (timing.fused_hops_ms). JSON: benchmark_info.fused_hops",
-                   "with compiled kernels, and for ours with C++ ones too (else off)")
+                   "with compiled or C++ kernels (else off)")
     if scheme == "matrix":
         p.add_argument("--mask-rank", type=int, default=config.MASK_RANK,
                        help="rank k of the token-mixing part of M = D + ABᵀ (1: the original D + αβᵀ); "

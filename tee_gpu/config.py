@@ -22,5 +22,5 @@ MIX_SCALE = 1.0              # ours: size of the token mixing ABᵀX against DX
 OVERLAP = False              # optimized: copies in parts, overlapping the TEE's work (CUDA; slower on the H100 machine, README "Overlap")
 RESIDENT_EMBEDDING = False   # ours, otp: with a tied LM head, the TEE keeps its own embedding table (else reads the GPU's)
 # "on", "off", or "auto": set-up times each way on this machine before the first inference and keeps the faster
-FUSE_HOPS = "auto"           # ours, otp: recover, RMSNorm, SiLU, RoPE or softmax, and protect as one TEE call per hop (crypto then holds those ops); auto: with compiled kernels only
+FUSE_HOPS = "auto"           # ours, otp: recover, RMSNorm, SiLU, RoPE or softmax, and protect as one TEE call per hop (crypto then holds those ops); auto: with compiled or C++ kernels only
 CUDA_GRAPHS = "auto"         # replay each GPU call from a CUDA graph captured in set-up (CUDA only; not yet measured on a GPU)
