@@ -36,7 +36,7 @@ the scores, and for the plain split's small ops.
   ahead; each row mixed).
 - otp's hops between two linears and from the qkv projection to the scores (`schemes.Otp.hop`,
   `schemes.Otp.rope_hop`): the answer recovered with its pad's product, then SiLU·up, the residual sum's RMSNorm, or
-  RoPE on q and k, and the next operands padded, a row at a time in float32, rounded where the steps round. A linear
+  RoPE on q and k, and the next operands padded, a row at a time in float32, rounded once where written. A linear
   input's pad is scaled by its row's RMS, so that hop is one pass; q's and kᵀ's by their whole tensors', so the RoPE
   hop makes two, apart by the team's sums. The steps made eight to twelve eager ops, each a pass over the rows, and
   without inductor a fused hop was those ops in one Python call, which did not pay (tee_gpu/ROUNDS.md,
@@ -1498,12 +1498,12 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tenso
 def otp_linear_hop(z: torch.Tensor, sigma: torch.Tensor, projected: torch.Tensor,
                    norm: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, noise: torch.Tensor, pad_scale: float,
                    out: torch.Tensor, kept: torch.Tensor | None) -> torch.Tensor:
-    """otp's hop between two linears in one call (`schemes._add_op_pad`'s values, each row in float32, rounded where
-    the steps round): the answer z [..., W] recovered with its row scales sigma [..., 1] and the pad's product
-    `projected` (z's shape); then SiLU(gate)·up where `norm` is None, else the residual sum x + y into `kept` and its
-    RMSNorm, norm = (x in z's shape, the float32 weight times √W, W·eps as a tensor); the result padded with `noise`
-    [..., W or W/2] at pad_scale times each row's RMS into `out` (noise's shape). All contiguous, in one dtype.
-    Returns the new row scales [..., 1]."""
+    """otp's hop between two linears in one call (`schemes._add_op_pad`'s values, each row in float32, rounded once
+    where it is written: the residual sum, the padded input, the scales): the answer z [..., W] recovered with its row
+    scales sigma [..., 1] and the pad's product `projected` (z's shape); then SiLU(gate)·up where `norm` is None,
+    else the residual sum x + y into `kept` and its RMSNorm, norm = (x in z's shape, the float32 weight times √W,
+    W·eps as a tensor); the result padded with `noise` [..., W or W/2] at pad_scale times each row's RMS into `out`
+    (noise's shape). All contiguous, in one dtype. Returns the new row scales [..., 1]."""
     x, weight, eps_d = norm if norm is not None else (z, sigma, torch.zeros(()))
     return _module().otp_linear_hop(z, sigma, projected, norm is None, x, weight, float(eps_d), noise,
                                     float(pad_scale), out, z if kept is None else kept).view(*noise.shape[:-1], 1)
@@ -1513,7 +1513,7 @@ def otp_rope_hop(z: torch.Tensor, sigma: torch.Tensor, projected: torch.Tensor, 
                  heads: int, rotated: torch.Tensor, noise_a: torch.Tensor, noise_b: torch.Tensor, pad_scale: float,
                  out_a: torch.Tensor, out_b: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """otp's hop from the qkv projection to the scores in one call (`schemes._add_op_pad_both` with
-    `tee_ops.rotated_heads`, each value in float32, rounded where the steps round): the answer z [B, N, W] recovered
+    `tee_ops.rotated_heads`, each value in float32, rounded once where it is written): the answer z [B, N, W] recovered
     with its row scales sigma and the pad's product `projected`; q's and k's heads rotated by cos and sin into
     `rotated` [B, H + G, N, h]; q and kᵀ padded with noise_a [B, H, N, h] and noise_b [B, G, h, N], each at pad_scale
     times its tensor's RMS, into out_a and out_b. All contiguous, in one dtype. Returns what the steps return: (v

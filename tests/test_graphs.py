@@ -235,7 +235,7 @@ def test_set_up_keeps_graphs_where_they_are_faster_and_compute_the_same(tiny_mod
 def test_set_up_chooses_among_graphs_and_fused_hops_together(tiny_models):
     """Both options left to set-up: all four ways timed, the fastest of them kept. Fused hops are left to set-up
     only for a masked scheme with compiled kernels, or with the C++ ones beside eager kernels (its hops between two
-    linears have C++ forms); here the eager engine is given the choice, as a compiled one has it."""
+    linears have C++ forms); here the eager engine is given the choice a compiled one has."""
     model = load_model(tiny_models["gqa-tied"], torch.float32, CPU)
     for scheme, kernels, auto in (("matrix", "compiled", {"fuse_hops"}), ("matrix", "eager", set()),
                                   ("plain", "compiled", set()), ("matrix", "cpp", {"fuse_hops"}),
