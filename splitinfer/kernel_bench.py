@@ -149,12 +149,7 @@ def layer_steps(preset: str, n: int, dtype: torch.dtype, compiled: bool, repeat:
         return timed(one_call if fused else separate, answer.clone, repeat)
 
     def otp_hop_args(source, op, args, target) -> tuple:  # as `Otp.hop` gives `_linear_hop_one_pass` them, after z
-        projected, sigma = otp_secrets[source]
-        return sigma, projected, op, args, otp.linear_pads[target][0], None
-
-    def otp_rope_hop_args() -> tuple:  # as `Otp.rope_hop` gives `native.otp_rope_hop` them, after z
-        projected, sigma = otp_secrets["qkv"]
-        return sigma, projected, *rope_args(), *otp._pad_args("s", dtype)
+        return otp_secrets[source], op, args, otp.linear_pads[target][0], None
 
     def linear_hop_args(z, source, op, args, target) -> tuple:  # as `Matrix.hop` gives `_linear_hop_one_pass` them
         mask, _, scale, _ = secrets[source]
@@ -194,7 +189,8 @@ def layer_steps(preset: str, n: int, dtype: torch.dtype, compiled: bool, repeat:
                         timed(lambda z, hop=hop: ours._linear_hop_one_pass(*linear_hop_args(z, *hop)),
                               outputs[hop[0]].clone, repeat) for hop in hops),
                     "otp: RoPE hop, one C++ call": timed(
-                        lambda z: native.otp_rope_hop(z, *otp_rope_hop_args()), outputs["qkv"].clone, repeat),
+                        lambda z: otp._rope_hop_one_pass(z, otp_secrets["qkv"], rope_args(), otp._pad_args("s", dtype)),
+                        outputs["qkv"].clone, repeat),
                     "otp: 3 hops, one C++ call each": sum(
                         timed(lambda z, hop=hop: otp._linear_hop_one_pass(z, *otp_hop_args(*hop)), outputs[hop[0]].clone,
                               repeat) for hop in hops)}

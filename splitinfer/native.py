@@ -969,8 +969,7 @@ torch::Tensor otp_linear_hop(torch::Tensor z, torch::Tensor sigma, torch::Tensor
             #pragma omp simd
             for (int64_t j = 0; j < c; ++j) y[j] += xr[j];
             store(ks + r * W + j0, y, c);
-            const float* t = as_float(ks + r * W + j0, hj, c);
-            if (t != hj) std::memcpy(hj, t, c * sizeof(float));
+            load(hj, ks + r * W + j0, c);
             #pragma omp simd reduction(+:squares)
             for (int64_t j = 0; j < c; ++j) squares += hj[j] * hj[j];
           }

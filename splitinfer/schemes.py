@@ -624,18 +624,20 @@ class Otp(Plain):
         def one_kernel():
             return fused(_add_op_pad, op)(z, sigma, projected, bias, op_args, noise, self.pad_scale, out)
 
-        one_pass = functools.partial(self._linear_hop_one_pass, z, sigma, projected, op, op_args, noise, out)
+        one_pass = functools.partial(self._linear_hop_one_pass, z, secret, op, op_args, noise, out)
         usable = (bias is None and op in (gated, sum_and_norm)
                   and all(t.is_contiguous() and t.dtype == z.dtype for t in (z, sigma, projected, noise, *op_args[:1])))
         kept, masked, next_sigma = native.in_picked_form(f"{OTP_LINEAR_HOP}_{op.__name__}", z, {STEPS: one_kernel},
                                                          one_pass, usable, native.ANY_DTYPES)
         return kept, masked, (next_projected, next_sigma)
 
-    def _linear_hop_one_pass(self, z: torch.Tensor, sigma: torch.Tensor, projected: torch.Tensor, op: Callable,
+    def _linear_hop_one_pass(self, z: torch.Tensor, secret: tuple[torch.Tensor, torch.Tensor], op: Callable,
                              op_args: tuple, noise: torch.Tensor, out: torch.Tensor | None
                              ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
-        """`_add_op_pad`'s (kept, padded, next row scales) in one C++ call (`native.otp_linear_hop`), for SiLU·up
-        (`gated`) or the residual sum's RMSNorm (`sum_and_norm`), the padded input into `out` where given."""
+        """`_add_op_pad`'s (kept, padded, next row scales) in one C++ call (`native.otp_linear_hop`), for z's
+        `secret` (protect_linear's), SiLU·up (`gated`) or the residual sum's RMSNorm (`sum_and_norm`), and the next
+        linear's `noise`, the padded input into `out` where given."""
+        projected, sigma = secret
         norm = None if op is gated else op_args  # (x, the weight times √W, W·eps)
         kept = None if norm is None else torch.empty_like(z)  # the residual stream, which the layer keeps
         masked = torch.empty(noise.shape, dtype=z.dtype) if out is None else out
@@ -662,10 +664,18 @@ class Otp(Plain):
         usable = bias is None and op is rotated_heads and all(
             t.is_contiguous() and t.dtype == z.dtype for t in (z, sigma, projected, *op_args[:2], op_args[-1],
                                                                 *pad_args[:2]))
-        kept, masked_a, masked_b, a, pad_a, pad_b = native.in_picked_form(
-            OTP_ROPE_HOP, z, {STEPS: one_kernel}, lambda: native.otp_rope_hop(z, sigma, projected, *op_args, *pad_args),
-            usable, native.ANY_DTYPES)
+        one_pass = functools.partial(self._rope_hop_one_pass, z, secret, op_args, pad_args)
+        kept, masked_a, masked_b, a, pad_a, pad_b = native.in_picked_form(OTP_ROPE_HOP, z, {STEPS: one_kernel},
+                                                                          one_pass, usable, native.ANY_DTYPES)
         return kept, masked_a, masked_b, (a, pad_a, pad_b, masked_b)
+
+    @staticmethod
+    def _rope_hop_one_pass(z: torch.Tensor, secret: tuple[torch.Tensor, torch.Tensor], op_args: tuple,
+                           pad_args: tuple) -> tuple[torch.Tensor, ...]:
+        """`_add_op_pad_both`'s values with `rotated_heads` in one C++ call (`native.otp_rope_hop`), for z's `secret`
+        (protect_linear's), RoPE's arguments and the scores' pads (`_pad_args`)."""
+        projected, sigma = secret
+        return native.otp_rope_hop(z, sigma, projected, *op_args, *pad_args)
 
     def attend_hop(self, c, secret, product, op, op_args, name):
         noise, projected = self.linear_pads[name]
