@@ -145,6 +145,37 @@ static inline void store(at::BFloat16* out, const float* x, int64_t m) {
   for (; j < m; ++j) out[j] = static_cast<at::BFloat16>(x[j]);
 }
 
+// 16 values of a row as float32 in one register, and back, rounded as `store` rounds, returning the value stored
+// (AVX-512): arithmetic on values as they are read and written, where `as_float` and `store` pass a chunk through a
+// buffer first
+#ifdef __AVX512F__
+static inline __m512 load16(const float* x) { return _mm512_loadu_ps(x); }
+static inline __m512 load16(const at::Half* x) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
+}
+static inline __m512 load16(const at::BFloat16* x) {
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+static inline __m512 store16(float* out, __m512 v) {
+  _mm512_storeu_ps(out, v);
+  return v;
+}
+static inline __m512 store16(at::Half* out, __m512 v) {
+  const __m256i halves = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), halves);
+  return _mm512_cvtph_ps(halves);
+}
+static inline __m512 store16(at::BFloat16* out, __m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i upper = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), odd)), 16);
+  upper = _mm512_mask_mov_epi32(upper, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm512_cvtepi32_epi16(upper));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(upper, 16));
+}
+#endif
+
 // a row of m values fetched into the cache ahead of its use: ours' rows are read in its masks' random order, which no
 // hardware prefetcher guesses (on the VM, q's and kᵀ's masks at 512 tokens after the caches were flushed took 1.39
 // ms without, 0.57 with)
@@ -903,10 +934,60 @@ static inline void rounded(float* x, int64_t m, const at::BFloat16*) {
 // y = z + s·p, m values, in float32: otp's recovery of a linear's answer (`schemes.Otp.recover_linear`'s addcmul)
 template <typename T>
 static inline void recovered(const T* z, const T* p, float s, float* y, float* scratch, int64_t m) {
-  const float* zs = as_float(z, y, m);
-  const float* ps = as_float(p, scratch, m);
+  int64_t j = 0;
+#ifdef __AVX512F__
+  const __m512 scale = _mm512_set1_ps(s);
+  for (; j + 16 <= m; j += 16) _mm512_storeu_ps(y + j, _mm512_fmadd_ps(scale, load16(p + j), load16(z + j)));
+#endif
+  const float* zs = as_float(z + j, y + j, m - j);
+  const float* ps = as_float(p + j, scratch, m - j);
   #pragma omp simd
-  for (int64_t j = 0; j < m; ++j) y[j] = zs[j] + s * ps[j];
+  for (int64_t i = 0; i < m - j; ++i) y[j + i] = zs[i] + s * ps[i];
+}
+
+// kept = y + x rounded to T, and h = kept in float32, m <= COLUMNS values: otp's residual sum, kept by the layer,
+// whose norm is taken of what is kept; returns Σ h²
+template <typename T>
+static inline float kept_sum(const float* y, const T* x, T* kept, float* h, float* scratch, int64_t m) {
+  int64_t j = 0;
+  float squares = 0.0f;
+#ifdef __AVX512F__
+  __m512 sums = _mm512_setzero_ps();
+  for (; j + 16 <= m; j += 16) {
+    const __m512 v = store16(kept + j, _mm512_add_ps(_mm512_loadu_ps(y + j), load16(x + j)));
+    _mm512_storeu_ps(h + j, v);
+    sums = _mm512_fmadd_ps(v, v, sums);
+  }
+  squares = _mm512_reduce_add_ps(sums);
+#endif
+  const int64_t rest = m - j;
+  const float* xs = as_float(x + j, scratch, rest);
+  float sum[COLUMNS];
+  #pragma omp simd
+  for (int64_t i = 0; i < rest; ++i) sum[i] = y[j + i] + xs[i];
+  store(kept + j, sum, rest);
+  load(h + j, kept + j, rest);
+  #pragma omp simd reduction(+:squares)
+  for (int64_t i = 0; i < rest; ++i) squares += h[j + i] * h[j + i];
+  return squares;
+}
+
+// out = h − σ·noise, m values, rounded to T: otp's pad of a linear's input (`schemes._pad_rows`), a row at a time
+template <typename T>
+static inline void padded(const float* h, const T* noise, float sigma, T* out, float* scratch, int64_t m) {
+  int64_t j = 0;
+#ifdef __AVX512F__
+  const __m512 scale = _mm512_set1_ps(sigma);
+  for (; j + 16 <= m; j += 16) store16(out + j, _mm512_fnmadd_ps(scale, load16(noise + j), _mm512_loadu_ps(h + j)));
+#endif
+  for (; j < m; j += COLUMNS) {
+    const int64_t c = std::min(COLUMNS, m - j);
+    const float* ns = as_float(noise + j, scratch, c);
+    float o[COLUMNS];
+    #pragma omp simd
+    for (int64_t i = 0; i < c; ++i) o[i] = h[j + i] - sigma * ns[i];
+    store(out + j, o, c);
+  }
 }
 
 // otp's whole hop between two linears (`schemes.Otp.hop`: `schemes._add_op_pad`), a row at a time: the answer z
@@ -965,13 +1046,7 @@ torch::Tensor otp_linear_hop(torch::Tensor z, torch::Tensor sigma, torch::Tensor
               squares += hj[j] * hj[j];
             }
           } else {  // the residual sum, kept in T, its norm taken of what is kept
-            const float* xr = as_float(xs + r * W + j0, u, c);
-            #pragma omp simd
-            for (int64_t j = 0; j < c; ++j) y[j] += xr[j];
-            store(ks + r * W + j0, y, c);
-            load(hj, ks + r * W + j0, c);
-            #pragma omp simd reduction(+:squares)
-            for (int64_t j = 0; j < c; ++j) squares += hj[j] * hj[j];
+            squares += kept_sum(y, xs + r * W + j0, ks + r * W + j0, hj, u, c);
           }
         }
         if (!gated) {
@@ -985,14 +1060,7 @@ torch::Tensor otp_linear_hop(torch::Tensor z, torch::Tensor sigma, torch::Tensor
         }
         const T sigma_next = static_cast<T>(scale * std::max(std::sqrt(squares) * per_value, 1e-12f));
         next[r] = sigma_next;
-        const float pad = static_cast<float>(sigma_next);
-        for (int64_t j0 = 0; j0 < D2; j0 += COLUMNS) {
-          const int64_t c = std::min(COLUMNS, D2 - j0);
-          const float* nr = as_float(ns + r * D2 + j0, u, c);
-          #pragma omp simd
-          for (int64_t j = 0; j < c; ++j) y[j] = h[j0 + j] - pad * nr[j];
-          store(os + r * D2 + j0, y, c);
-        }
+        padded(h, ns + r * D2, static_cast<float>(sigma_next), os + r * D2, scratch, D2);
       }
     });
   });
@@ -1003,15 +1071,22 @@ torch::Tensor otp_linear_hop(torch::Tensor z, torch::Tensor sigma, torch::Tensor
 // (`schemes._pad_tensor`), a row at a time
 template <typename T>
 static inline void pad_row(const float* x, const T* noise, float sigma, T* pad, T* out, float* scratch, int64_t m) {
-  const float* ns = as_float(noise, scratch, m);
+  int64_t j = 0;
+#ifdef __AVX512F__
+  const __m512 scale = _mm512_set1_ps(sigma);
+  for (; j + 16 <= m; j += 16)
+    store16(out + j, _mm512_sub_ps(_mm512_loadu_ps(x + j), store16(pad + j, _mm512_mul_ps(load16(noise + j), scale))));
+#endif
+  const int64_t rest = m - j;
+  const float* ns = as_float(noise + j, scratch, rest);
   float p[COLUMNS], o[COLUMNS];
   #pragma omp simd
-  for (int64_t j = 0; j < m; ++j) p[j] = ns[j] * sigma;
-  rounded(p, m, noise);
+  for (int64_t i = 0; i < rest; ++i) p[i] = ns[i] * sigma;
+  rounded(p, rest, noise);
   #pragma omp simd
-  for (int64_t j = 0; j < m; ++j) o[j] = x[j] - p[j];
-  store(pad, p, m);
-  store(out, o, m);
+  for (int64_t i = 0; i < rest; ++i) o[i] = x[j + i] - p[i];
+  store(pad + j, p, rest);
+  store(out + j, o, rest);
 }
 
 // otp's hop from the qkv projection to the scores (`schemes.Otp.rope_hop`: `schemes._add_op_pad_both` with
