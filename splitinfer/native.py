@@ -538,6 +538,26 @@ static inline float silu(float g) {
   return g * (g < 0.0f ? e : 1.0f) / (1.0f + e);
 }
 
+#ifdef __AVX512F__
+// exp_nonpositive and silu, 16 values at a time, in the same operations
+static inline __m512 exp16_nonpositive(__m512 x) {
+  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.693147180559945309f));
+  __m512 p = _mm512_fmadd_ps(f, _mm512_set1_ps(0.00138888889f), _mm512_set1_ps(0.00833333333f));
+  for (const float c : {0.0416666667f, 0.166666667f, 0.5f, 1.0f, 1.0f}) p = _mm512_fmadd_ps(f, p, _mm512_set1_ps(c));
+  const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  const __m512 e = _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
+  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_LT_OQ), e, _mm512_setzero_ps());
+}
+static inline __m512 silu16(__m512 g) {
+  const __mmask16 negative = _mm512_cmp_ps_mask(g, _mm512_setzero_ps(), _CMP_LT_OQ);
+  const __m512 e = exp16_nonpositive(_mm512_mask_blend_ps(negative, _mm512_sub_ps(_mm512_setzero_ps(), g), g));
+  const __m512 numerator = _mm512_mul_ps(g, _mm512_mask_blend_ps(negative, _mm512_set1_ps(1.0f), e));
+  return _mm512_div_ps(numerator, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+}
+#endif
+
 // ours' hops work on rows in groups of ROWS, a chunk of COLUMNS at a time: a group's chunks in float32 stay in the
 // core's first-level cache, and each running column sum is read and written once a group
 constexpr int64_t ROWS = 4, COLUMNS = 256;
@@ -757,55 +777,31 @@ static void check_unmix(const torch::Tensor& z, const torch::Tensor& woodbury, c
 // eager ops three to eight (`tee_ops.RmsNorm.after`, `tee_ops.silu_gate`, `tee_ops.apply_rope`): rows cut among the
 // team's threads, each row in float32 and rounded once.
 
-// y = x + b rounded to T, into `t` (T) and `y` (float32), m values: one pass, each sum rounded once; returns Σ y²
-static inline float add_rounded(const at::Half* x, const at::Half* b, at::Half* t, float* y, int64_t m) {
+// t = x + b rounded to T, and y = t in float32, m values (x and b in T or float32), each sum rounded once: the residual
+// stream as the layer keeps it, and what its norm is taken of; returns Σ y²
+template <typename X, typename B, typename T>
+static inline float add_rounded(const X* x, const B* b, T* t, float* y, int64_t m) {
   int64_t j = 0;
   float sum = 0.0f;
-#ifdef __F16C__
-  __m256 squares = _mm256_setzero_ps();
-  for (; j + 8 <= m; j += 8) {
-    const __m256 total = _mm256_add_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + j))),
-                                       _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + j))));
-    const __m128i half = _mm256_cvtps_ph(total, _MM_FROUND_TO_NEAREST_INT);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(t + j), half);
-    const __m256 rounded_total = _mm256_cvtph_ps(half);
-    _mm256_storeu_ps(y + j, rounded_total);
-    squares = _mm256_add_ps(squares, _mm256_mul_ps(rounded_total, rounded_total));
+#ifdef __AVX512F__
+  __m512 squares = _mm512_setzero_ps();
+  for (; j + 16 <= m; j += 16) {
+    const __m512 total = store16(t + j, _mm512_add_ps(load16(x + j), load16(b + j)));
+    _mm512_storeu_ps(y + j, total);
+    squares = _mm512_fmadd_ps(total, total, squares);
   }
-  float lanes[8];
-  _mm256_storeu_ps(lanes, squares);
-  for (const float lane : lanes) sum += lane;
+  sum = _mm512_reduce_add_ps(squares);
 #endif
-  for (; j < m; ++j) {
-    t[j] = static_cast<at::Half>(static_cast<float>(x[j]) + static_cast<float>(b[j]));
-    y[j] = static_cast<float>(t[j]);
-    sum += y[j] * y[j];
-  }
-  return sum;
-}
-static inline float add_rounded(const at::BFloat16* x, const at::BFloat16* b, at::BFloat16* t, float* y, int64_t m) {
-  float part[COLUMNS];
-  for (int64_t j0 = 0; j0 < m; j0 += COLUMNS) {
-    const int64_t c = std::min(COLUMNS, m - j0);
-    as_float(x + j0, y + j0, c);
-    as_float(b + j0, part, c);
+  float xs[COLUMNS], bs[COLUMNS];
+  for (; j < m; j += COLUMNS) {
+    const int64_t c = std::min(COLUMNS, m - j);
+    const float *xv = as_float(x + j, xs, c), *bv = as_float(b + j, bs, c);
     #pragma omp simd
-    for (int64_t j = 0; j < c; ++j) y[j0 + j] += part[j];
-    store(t + j0, y + j0, c);
-    as_float(t + j0, y + j0, c);
-  }
-  float sum = 0.0f;
-  #pragma omp simd reduction(+:sum)
-  for (int64_t j = 0; j < m; ++j) sum += y[j] * y[j];
-  return sum;
-}
-static inline float add_rounded(const float* x, const float* b, float* t, float* y, int64_t m) {
-  float sum = 0.0f;
-  #pragma omp simd reduction(+:sum)
-  for (int64_t j = 0; j < m; ++j) {
-    y[j] = x[j] + b[j];
-    t[j] = y[j];
-    sum += y[j] * y[j];
+    for (int64_t i = 0; i < c; ++i) y[j + i] = xv[i] + bv[i];
+    store(t + j, y + j, c);
+    load(y + j, t + j, c);
+    #pragma omp simd reduction(+:sum)
+    for (int64_t i = 0; i < c; ++i) sum += y[j + i] * y[j + i];
   }
   return sum;
 }
@@ -842,9 +838,14 @@ torch::Tensor rms_norm_rows(torch::Tensor x, c10::optional<torch::Tensor> branch
           for (int64_t j = 0; j < d; ++j) sum += v[j] * v[j];
         }
         const float inv = 1.0f / std::sqrt(sum + eps);
+        int64_t j0 = 0;
+#ifdef __AVX512F__
+        for (const __m512 by = _mm512_set1_ps(inv); j0 + 16 <= d; j0 += 16)
+          store16(os + r * d + j0, _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(v + j0), by), _mm512_loadu_ps(w + j0)));
+#endif
         #pragma omp simd
-        for (int64_t j = 0; j < d; ++j) u[j] = v[j] * inv * w[j];
-        store(os + r * d, u.data(), d);
+        for (int64_t j = j0; j < d; ++j) u[j] = v[j] * inv * w[j];
+        store(os + r * d + j0, u.data() + j0, d - j0);
       }
     });
   });
@@ -863,7 +864,12 @@ void silu_gate_rows(torch::Tensor gate_up, torch::Tensor out) {
     in_team([&](const Member& me) {
       float g[COLUMNS], u[COLUMNS], y[COLUMNS];
       for (int64_t r = me.first(rows); r < me.last(rows); ++r) {
-        for (int64_t j0 = 0; j0 < m; j0 += COLUMNS) {
+        int64_t j0 = 0;
+#ifdef __AVX512F__
+        for (const T* gate = gu + r * 2 * m; j0 + 16 <= m; j0 += 16)
+          store16(os + r * m + j0, _mm512_mul_ps(silu16(load16(gate + j0)), load16(gate + m + j0)));
+#endif
+        for (; j0 < m; j0 += COLUMNS) {
           const int64_t c = std::min(COLUMNS, m - j0);
           const float* gs = as_float(gu + r * 2 * m + j0, g, c);
           const float* us = as_float(gu + r * 2 * m + m + j0, u, c);
@@ -945,33 +951,6 @@ static inline void recovered(const T* z, const T* p, float s, float* y, float* s
   for (int64_t i = 0; i < m - j; ++i) y[j + i] = zs[i] + s * ps[i];
 }
 
-// kept = y + x rounded to T, and h = kept in float32, m <= COLUMNS values: otp's residual sum, kept by the layer,
-// whose norm is taken of what is kept; returns Σ h²
-template <typename T>
-static inline float kept_sum(const float* y, const T* x, T* kept, float* h, float* scratch, int64_t m) {
-  int64_t j = 0;
-  float squares = 0.0f;
-#ifdef __AVX512F__
-  __m512 sums = _mm512_setzero_ps();
-  for (; j + 16 <= m; j += 16) {
-    const __m512 v = store16(kept + j, _mm512_add_ps(_mm512_loadu_ps(y + j), load16(x + j)));
-    _mm512_storeu_ps(h + j, v);
-    sums = _mm512_fmadd_ps(v, v, sums);
-  }
-  squares = _mm512_reduce_add_ps(sums);
-#endif
-  const int64_t rest = m - j;
-  const float* xs = as_float(x + j, scratch, rest);
-  float sum[COLUMNS];
-  #pragma omp simd
-  for (int64_t i = 0; i < rest; ++i) sum[i] = y[j + i] + xs[i];
-  store(kept + j, sum, rest);
-  load(h + j, kept + j, rest);
-  #pragma omp simd reduction(+:squares)
-  for (int64_t i = 0; i < rest; ++i) squares += h[j + i] * h[j + i];
-  return squares;
-}
-
 // out = h − σ·noise, m values, rounded to T: otp's pad of a linear's input (`schemes._pad_rows`), a row at a time
 template <typename T>
 static inline void padded(const float* h, const T* noise, float sigma, T* out, float* scratch, int64_t m) {
@@ -1046,7 +1025,7 @@ torch::Tensor otp_linear_hop(torch::Tensor z, torch::Tensor sigma, torch::Tensor
               squares += hj[j] * hj[j];
             }
           } else {  // the residual sum, kept in T, its norm taken of what is kept
-            squares += kept_sum(y, xs + r * W + j0, ks + r * W + j0, hj, u, c);
+            squares += add_rounded(y, xs + r * W + j0, ks + r * W + j0, hj, c);
           }
         }
         if (!gated) {
