@@ -385,15 +385,27 @@ static void hop_rows(int64_t begin, int64_t end, const T* c, const T* d1, const 
   for (int64_t r = begin; r < end; ++r) {
     const int64_t g = r / rows_per_group, src = a_rows[r];
     if (r + 2 < end) prefetch_row(c + a_rows[r + 2] * m, m);  // the source row after next
-    const float* x = as_float(c + src * m, row.data(), m);
     const float* inv = inv_d3 + g * m;
     const int32_t* key = keys + g * m;
     const int32_t at = rows_at[src];
     const float inv_d1 = 1.0f / static_cast<float>(d1[src]);
     float most = -3.0e38f;
+    int64_t j0 = 0;
+#ifdef __AVX512F__
+    __m512 largest = _mm512_set1_ps(most);
+    for (const T* z = c + src * m; j0 + 16 <= m; j0 += 16) {
+      const __mmask16 hidden = _mm512_cmpgt_epi32_mask(_mm512_loadu_si512(key + j0), _mm512_set1_epi32(at));
+      const __m512 v = _mm512_mask_blend_ps(hidden, _mm512_mul_ps(_mm512_mul_ps(load16(z + j0), _mm512_set1_ps(inv_d1)),
+                                                                  _mm512_loadu_ps(inv + j0)), _mm512_set1_ps(blocked));
+      _mm512_storeu_ps(p + j0, v);
+      largest = _mm512_max_ps(largest, v);
+    }
+    most = _mm512_reduce_max_ps(largest);
+#endif
+    const float* x = as_float(c + src * m + j0, row.data(), m - j0);  // the rest, from j0
     #pragma omp simd reduction(max:most)
-    for (int64_t j = 0; j < m; ++j) {
-      p[j] = key[j] > at ? blocked : x[j] * inv_d1 * inv[j];
+    for (int64_t j = j0; j < m; ++j) {
+      p[j] = key[j] > at ? blocked : x[j - j0] * inv_d1 * inv[j];
       most = p[j] > most ? p[j] : most;
     }
     const float row_scale = static_cast<float>(next_d1[r]) / exp_below(p, m, most);
@@ -739,16 +751,26 @@ struct Unmix {
 
   // columns j0 to j0 + m of row r recovered, in float32
   void row(int64_t r, int64_t j0, int64_t m, const float* shared, float* y) const {
-    load(y, z + r * W + j0, m);
+    const float inv_scale = 1.0f / scale[r];
+    int64_t i = 0;
+#ifdef __AVX512F__
+    for (; i + 16 <= m; i += 16) {  // in registers, the same operations as below
+      __m512 v = load16(z + r * W + j0 + i);
+      for (int64_t q = 0; q < k; ++q)
+        v = _mm512_fnmadd_ps(_mm512_set1_ps(a[r * k + q]), _mm512_loadu_ps(shared + q * W + j0 + i), v);
+      _mm512_storeu_ps(y + i, _mm512_mul_ps(v, _mm512_set1_ps(inv_scale)));
+    }
+#endif
+    float* rest = y + i;
+    load(rest, z + r * W + j0 + i, m - i);
     for (int64_t q = 0; q < k; ++q) {
       const float aq = a[r * k + q];
-      const float* sh = shared + q * W + j0;
+      const float* sh = shared + q * W + j0 + i;
       #pragma omp simd
-      for (int64_t j = 0; j < m; ++j) y[j] -= aq * sh[j];
+      for (int64_t j = 0; j < m - i; ++j) rest[j] -= aq * sh[j];
     }
-    const float inv_scale = 1.0f / scale[r];
     #pragma omp simd
-    for (int64_t j = 0; j < m; ++j) y[j] *= inv_scale;
+    for (int64_t j = 0; j < m - i; ++j) rest[j] *= inv_scale;
   }
 };
 
