@@ -83,13 +83,43 @@ SOURCE = r"""
 #include <type_traits>
 #include <vector>
 
+// 16 values of a row as float32 in one register, and back, rounded as `store` rounds, returning the value stored
+// (AVX-512): arithmetic on values as they are read and written, where `as_float` and `store` pass a chunk through a
+// buffer first
+#ifdef __AVX512F__
+static inline __m512 load16(const float* x) { return _mm512_loadu_ps(x); }
+static inline __m512 load16(const at::Half* x) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
+}
+static inline __m512 load16(const at::BFloat16* x) {
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+static inline __m512 store16(float* out, __m512 v) {
+  _mm512_storeu_ps(out, v);
+  return v;
+}
+static inline __m512 store16(at::Half* out, __m512 v) {
+  const __m256i halves = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), halves);
+  return _mm512_cvtph_ps(halves);
+}
+static inline __m512 store16(at::BFloat16* out, __m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i upper = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), odd)), 16);
+  upper = _mm512_mask_mov_epi32(upper, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm512_cvtepi32_epi16(upper));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(upper, 16));
+}
+#endif
+
 // float16 rows to and from float32 with F16C, 8 values at a time, 16 with AVX-512 (at::Half converts one value at a
 // time, in integer arithmetic; GCC 12's _Float16 vectorises only with AVX512-FP16)
 static inline const float* as_float(const at::Half* x, float* into, int64_t m) {
   int64_t j = 0;
 #ifdef __AVX512F__
-  for (; j + 16 <= m; j += 16)
-    _mm512_storeu_ps(into + j, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + j))));
+  for (; j + 16 <= m; j += 16) _mm512_storeu_ps(into + j, load16(x + j));
 #endif
 #ifdef __F16C__
   for (; j + 8 <= m; j += 8)
@@ -102,9 +132,7 @@ static inline const float* as_float(const float* x, float*, int64_t) { return x;
 static inline void store(at::Half* out, const float* x, int64_t m) {
   int64_t j = 0;
 #ifdef __AVX512F__
-  for (; j + 16 <= m; j += 16)
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j),
-                        _mm512_cvtps_ph(_mm512_loadu_ps(x + j), _MM_FROUND_TO_NEAREST_INT));
+  for (; j + 16 <= m; j += 16) store16(out + j, _mm512_loadu_ps(x + j));
 #endif
 #ifdef __F16C__
   for (; j + 8 <= m; j += 8)
@@ -144,37 +172,6 @@ static inline void store(at::BFloat16* out, const float* x, int64_t m) {
 #endif
   for (; j < m; ++j) out[j] = static_cast<at::BFloat16>(x[j]);
 }
-
-// 16 values of a row as float32 in one register, and back, rounded as `store` rounds, returning the value stored
-// (AVX-512): arithmetic on values as they are read and written, where `as_float` and `store` pass a chunk through a
-// buffer first
-#ifdef __AVX512F__
-static inline __m512 load16(const float* x) { return _mm512_loadu_ps(x); }
-static inline __m512 load16(const at::Half* x) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
-}
-static inline __m512 load16(const at::BFloat16* x) {
-  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
-}
-static inline __m512 store16(float* out, __m512 v) {
-  _mm512_storeu_ps(out, v);
-  return v;
-}
-static inline __m512 store16(at::Half* out, __m512 v) {
-  const __m256i halves = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT);
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), halves);
-  return _mm512_cvtph_ps(halves);
-}
-static inline __m512 store16(at::BFloat16* out, __m512 v) {
-  const __m512i bits = _mm512_castps_si512(v);
-  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  __m512i upper = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), odd)), 16);
-  upper = _mm512_mask_mov_epi32(upper, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm512_cvtepi32_epi16(upper));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(upper, 16));
-}
-#endif
 
 // a row of m values fetched into the cache ahead of its use: ours' rows are read in its masks' random order, which no
 // hardware prefetcher guesses (on the VM, q's and kᵀ's masks at 512 tokens after the caches were flushed took 1.39
