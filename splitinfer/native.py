@@ -628,17 +628,31 @@ struct Mix {
   T *kept, *out;
   float* next_scale;
 
+#ifdef __AVX512F__
+  // columns j to j + 16 of row r of h, times cr = c[r], in a register: the same operations as `input`
+  __m512 input16(int64_t r, int64_t j, float cr) const {
+    const __m512 c16 = _mm512_set1_ps(cr);
+    const __m512 by = weight == nullptr ? c16 : _mm512_mul_ps(_mm512_loadu_ps(weight + j), c16);
+    return _mm512_mul_ps(load16(kept + r * D2 + j), by);
+  }
+#endif
+
   // columns j0 to j0 + m of row r of h, times c[r]
   void input(int64_t r, int64_t j0, int64_t m, const float* c, float* h) const {
-    load(h, kept + r * D2 + j0, m);
     const float cr = c[r];
+    int64_t i = 0;
+#ifdef __AVX512F__
+    for (; i + 16 <= m; i += 16) _mm512_storeu_ps(h + i, input16(r, j0 + i, cr));
+#endif
+    float* rest = h + i;
+    load(rest, kept + r * D2 + j0 + i, m - i);
     if (weight == nullptr) {
       #pragma omp simd
-      for (int64_t j = 0; j < m; ++j) h[j] *= cr;
+      for (int64_t j = 0; j < m - i; ++j) rest[j] *= cr;
     } else {
-      const float* w = weight + j0;
+      const float* w = weight + j0 + i;
       #pragma omp simd
-      for (int64_t j = 0; j < m; ++j) h[j] *= w[j] * cr;
+      for (int64_t j = 0; j < m - i; ++j) rest[j] *= w[j] * cr;
     }
   }
 
@@ -661,8 +675,17 @@ struct Mix {
   // rows r0 to r1 mixed, given the column sums `shared`
   void rows(int64_t r0, int64_t r1, const float* shared, const float* c) const {
     float h[COLUMNS];
-    for (int64_t r = r0; r < r1; ++r)
-      for (int64_t j0 = 0; j0 < D2; j0 += COLUMNS) {
+    for (int64_t r = r0; r < r1; ++r) {
+      int64_t j1 = 0;
+#ifdef __AVX512F__
+      for (; j1 + 16 <= D2; j1 += 16) {  // in registers, the same operations as below
+        __m512 v = input16(r, j1, c[r]);
+        for (int64_t q = 0; q < k; ++q)
+          v = _mm512_fmadd_ps(_mm512_set1_ps(a_next[r * k + q]), _mm512_loadu_ps(shared + q * D2 + j1), v);
+        store16(out + r * D2 + j1, v);
+      }
+#endif
+      for (int64_t j0 = j1; j0 < D2; j0 += COLUMNS) {
         const int64_t m = std::min(COLUMNS, D2 - j0);
         input(r, j0, m, c, h);
         for (int64_t q = 0; q < k; ++q) {
@@ -673,6 +696,7 @@ struct Mix {
         }
         store(out + r * D2 + j0, h, m);
       }
+    }
   }
 
   // `me`'s part of the whole mix, once `produce(r0, r1, acc, c)` has written h's rows r0 to r1 and called `group` on
