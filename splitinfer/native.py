@@ -453,9 +453,16 @@ static void hop_rows(int64_t begin, int64_t end, const T* c, const T* d1, const 
     const float row_scale = static_cast<float>(next_d1[r]) / exp_below(p, m, most);
     const int32_t* col = cols + g * m;
     const float* col_scale = next_d2 + g * m;
+    int64_t j1 = 0;
+#ifdef __AVX512F__
+    for (; j1 + 16 <= m; j1 += 16)  // gathered, scaled and written in registers: the same operations as below
+      store16(out + r * m + j1, _mm512_mul_ps(_mm512_mul_ps(_mm512_i32gather_ps(_mm512_loadu_si512(col + j1), p, 4),
+                                                            _mm512_set1_ps(row_scale)),
+                                              _mm512_loadu_ps(col_scale + j1)));
+#endif
     #pragma omp simd
-    for (int64_t j = 0; j < m; ++j) q[j] = p[col[j]] * row_scale * col_scale[j];
-    store(out + r * m, q, m);
+    for (int64_t j = j1; j < m; ++j) q[j] = p[col[j]] * row_scale * col_scale[j];
+    store(out + r * m + j1, q + j1, m - j1);
   }
 }
 
