@@ -21,6 +21,8 @@ the scores, and for the plain split's small ops.
   operands in one call where the steps make three an operand (an `index_select` of the rows, an integer gather of
   the columns, the scales), each row gathered and scaled in float32 and rounded once, a source row prefetched
   ahead (on the VM, q's and kᵀ's masks at 512 tokens after the caches were flushed: 1.39 ms without, 0.57 with).
+  A row of up to 128 values (a head's width: q's and v's) is permuted in registers, where a vector gather loads
+  one value at a time (q's masks at 512 tokens, float16: 0.29 -> 0.19 ms on the VM, "Thirty-seventh round").
   The softmax hop's kernel takes v's in the same call, and the RoPE hop's q's and kᵀ's.
 - the first half of ours' RoPE hop (`schemes.Matrix.rope_hop`): the qkv answer unmixed and q's and k's heads
   rotated, in two passes (the Woodbury column sums; each row recovered a chunk of whole heads at a time and
