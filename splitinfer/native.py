@@ -291,7 +291,7 @@ static Rows rows_of(const torch::Tensor& t) {
 #ifdef __AVX512F__
 // out[j] = v[c[j]] * s * cs[j] for j < m, a row of m ≤ 128 values (v, float32) permuted and scaled, rounded to T:
 // v held in registers, each 16 indices served by permutes of two registers at a time and blends, where a gather
-// loads each value alone (61% of the operands' masks on the VM's AMD cores). False where m > 128: nothing done.
+// loads each value alone (61% of the operands' masks' time on the VM's AMD cores). False where m > 128: none done.
 template <typename T>
 static inline bool permuted_in_registers(const float* v, const int32_t* c, float s, const float* cs, T* out,
                                          int64_t m) {
