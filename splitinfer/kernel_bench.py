@@ -170,7 +170,8 @@ def layer_steps(preset: str, n: int, dtype: torch.dtype, compiled: bool, repeat:
                     "plain: SiLU·up (C++)": timed(lambda _: native.silu_gate(gate_up, torch.empty_like(inputs["down"])),
                                                   repeat=repeat),
                     "plain, otp: softmax of the causal blocks, one pass (C++)": timed(
-                        lambda s: native.softmax_blocks(s, bias, out, 1, heads, blocks.starts), packed.clone, repeat),
+                        lambda s: native.softmax_blocks(s, bias, out, 1, heads, blocks.starts, blocks.padded), packed.clone,
+                        repeat),
                     "ours: softmax hop, one pass (C++)": timed(
                         lambda c: ours._softmax_one_pass(c.view(1, groups, heads // groups, n, n), m, positions, v, "p"),
                         masked_scores.clone, repeat),

@@ -410,7 +410,7 @@ class CausalBlocks:
         return native.in_picked_form(
             SOFTMAX_BLOCKS, scores,
             {KERNEL: lambda: _softmax_blocks(scores, bias, out, self.batch, self.heads, self.starts, self.padded)},
-            lambda: native.softmax_blocks(scores, bias, out, self.batch, self.heads, self.starts),
+            lambda: native.softmax_blocks(scores, bias, out, self.batch, self.heads, self.starts, self.padded),
             usable=scores.is_contiguous() and out.is_contiguous(), dtypes=native.ANY_DTYPES)
 
     def softmax_block(self, r: int, block: torch.Tensor, bias: torch.Tensor, out: torch.Tensor) -> None:

@@ -65,17 +65,20 @@ def test_masked_softmax_blocks_future_and_padding(dtype):
 
 
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-6), (torch.float16, 1e-3), (torch.bfloat16, 8e-3)])
-def test_causal_blocks_softmax_in_one_pass_is_the_kernels(dtype, tolerance):
+@pytest.mark.parametrize("starts", [(0, 3, 4, 9, 11), (0, 17, 33, 40)], ids=["short", "long"])
+def test_causal_blocks_softmax_in_one_pass_is_the_kernels(dtype, tolerance, starts):
     """The causal blocks' softmax in one pass (`native.softmax_blocks`, C++: each row with its row of the bias, in
     float32, rounded once) gives the TEE kernel's probabilities within rounding, with a zero exactly where they have
-    one (a later key, a padding key), over uneven blocks and a padded sequence. A row with no key to see (a query
-    before a left-padded sequence starts) sums to 1 in both; its weights are the scores' own softmax here, where the
-    float16 kernel's sum with the bias rounds the scores away first (no real token's answer reads such a row)."""
+    one (a later key, a padding key), over uneven blocks and a padded sequence, in rows shorter and longer than a
+    register's 16 values. A row with no key to see (a query before a left-padded sequence starts) sums to 1 in both;
+    its weights are the scores' own softmax here, where the float16 kernel's sum with the bias rounds the scores away
+    first (no real token's answer reads such a row). Where no sequence is padded, later keys hidden by their index
+    (the bias unread) give the very same probabilities as the bias does."""
     from splitinfer import native
     torch.manual_seed(4)
-    batch, heads, n = 3, 4, 11
-    mask = torch.tensor([[1] * n, [1] * 7 + [0] * 4, [0, 0] + [1] * 9])
-    blocks = CausalBlocks(batch, heads, (0, 3, 4, 9, 11))
+    batch, heads, n = 3, 4, starts[-1]
+    mask = torch.tensor([[1] * n, [1] * 7 + [0] * (n - 7), [0, 0] + [1] * (n - 2)])
+    blocks = CausalBlocks(batch, heads, starts)
     scores, bias = (4 * torch.randn(blocks.shape)).to(dtype), attention_bias(mask, dtype)
     want = tee_ops._softmax_blocks.eager(scores.clone(), bias, torch.empty_like(scores), batch, heads, blocks.starts,
                                          True)
@@ -86,6 +89,11 @@ def test_causal_blocks_softmax_in_one_pass_is_the_kernels(dtype, tolerance):
     assert torch.equal(got == 0, want == 0) and (got == 0).sum() > got.numel() // 3
     torch.testing.assert_close(every[~seeing].float().sum(-1), torch.ones((~seeing).sum().item()),
                                rtol=2e-3, atol=2e-3)
+    causal = attention_bias(torch.ones_like(mask), dtype)
+    by_bias = native.softmax_blocks(scores, causal, torch.empty_like(scores), batch, heads, starts)
+    by_index = native.softmax_blocks(scores, torch.full_like(causal, float("nan")), torch.empty_like(scores), batch,
+                                     heads, starts, padded=False)
+    assert torch.equal(by_index, by_bias) and not by_index.isnan().any()
 
 
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)])
