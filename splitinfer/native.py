@@ -21,7 +21,9 @@ the scores, and for the plain split's small ops.
   kernel is a compiled call, each row in float32, rounded once. At 128 tokens a GPU host's TEE op costs it far more
   in calls and thread wake-ups than in arithmetic (the twenty-sixth round's H100 host: 10.0 ms of the plain
   split's inference in its TEE ops, about 80); on the VM these took the plain split's TEE ops at 128 tokens from
-  3.2-3.3 to 2.5-2.9 ms (2 layers; tee_gpu/ROUNDS.md, "Thirty-third round").
+  3.2-3.3 to 2.5-2.9 ms (2 layers; tee_gpu/ROUNDS.md, "Thirty-third round"). RoPE takes heads of a multiple of 32
+  (64 and 128 in the LLaMA shapes) straight from the strided view, each half 16 values a register (at 512 tokens
+  in float16 on the VM, 0.24-0.37 of the last build's time, inside an inference too; "Thirty-eighth round").
 - ours' masks on a matmul's operands (rows and columns permuted and scaled: `schemes._permute_scale`): both
   operands in one call where the steps make three an operand (an `index_select` of the rows, an integer gather of
   the columns, the scales), each row gathered and scaled in float32 and rounded once, a source row prefetched
@@ -1028,6 +1030,20 @@ static inline void rotate_row(const float* x, const float* cos, const float* sin
   for (int64_t j = half; j < h; ++j) o[j] = x[j] * cos[j] + x[j - half] * sin[j];
 }
 
+#ifdef __AVX512F__
+// rotate_row of a row of T into out, its halves (h / 2 a multiple of 16) 16 values a register
+template <typename T>
+static inline void rotate16(const T* x, const float* cos, const float* sin, T* out, int64_t h) {
+  const int64_t half = h / 2;
+  for (int64_t j = 0; j < half; j += 16) {
+    const __m512 first = load16(x + j), second = load16(x + half + j);
+    store16(out + j, _mm512_fmsub_ps(first, _mm512_loadu_ps(cos + j), _mm512_mul_ps(second, _mm512_loadu_ps(sin + j))));
+    store16(out + half + j, _mm512_fmadd_ps(second, _mm512_loadu_ps(cos + half + j),
+                                            _mm512_mul_ps(first, _mm512_loadu_ps(sin + half + j))));
+  }
+}
+#endif
+
 // RoPE of x [B, heads, n, h] (any strides along its first three dimensions: a view of the heads of [B, n, heads·h])
 // by cos and sin [n, h] into out (x's shape, contiguous): x·cos + rotate_half(x)·sin
 void rope_rows(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, torch::Tensor out) {
@@ -1056,7 +1072,14 @@ void rope_rows(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, torch::Ten
       float a[COLUMNS], o[COLUMNS];
       for (int64_t r = me.first(rows); r < me.last(rows); ++r) {
         const int64_t i = r % n, head = r / n % heads, b = r / n / heads;
-        const float* v = as_float(xs + b * s0 + head * s1 + i * s2, a, h);
+        const T* row = xs + b * s0 + head * s1 + i * s2;
+#ifdef __AVX512F__
+        if (h % 32 == 0) {  // both halves 16 values a register: the same operations as rotate_row
+          rotate16(row, cf + i * h, sf + i * h, os + r * h, h);
+          continue;
+        }
+#endif
+        const float* v = as_float(row, a, h);
         rotate_row(v, cf + i * h, sf + i * h, o, h);
         store(os + r * h, o, h);
       }

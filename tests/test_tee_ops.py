@@ -101,8 +101,8 @@ def test_plain_ops_in_cpp_are_the_kernels(dtype, tolerance):
     """The plain split's small TEE ops in C++ (`native.rms_norm`, `native.silu_gate`, `native.rope`: each row in
     float32, rounded once) give the TEE kernels' answers within rounding: RMSNorm with the residual add (whose sum
     is rounded as the kernel rounds it: the very values) and without, SiLU·up, and RoPE on q and k as a strided view
-    of the projection's output; at widths that are no multiple of a vector's, for two sequences; in bfloat16 too,
-    the TEE-only runner's dtype beside a GPU."""
+    of the projection's output; at widths that are no multiple of a vector's (and RoPE at heads of 32 too), for two
+    sequences; in bfloat16 too, the TEE-only runner's dtype beside a GPU."""
     from splitinfer import native
     torch.manual_seed(5)
     d, inner, heads, n, h = 50, 300, 5, 9, 24
@@ -125,6 +125,13 @@ def test_plain_ops_in_cpp_are_the_kernels(dtype, tolerance):
     cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
     want = tee_ops._rope_by_halves(q_and_k, cos, sin, torch.empty(q_and_k.shape, dtype=dtype))
     torch.testing.assert_close(native.rope(q_and_k, cos, sin, torch.empty_like(want)), want, rtol=tolerance,
+                               atol=tolerance)
+    # heads of 32: each half one register, read straight from the strided view, where 24 takes the row's buffers
+    wide = tee_ops.split_heads(torch.randn(2, n, 3 * 32).to(dtype), 32)
+    angles = torch.rand(n, 32) * 6
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    want = tee_ops._rope_by_halves(wide, cos, sin, torch.empty(wide.shape, dtype=dtype))
+    torch.testing.assert_close(native.rope(wide, cos, sin, torch.empty_like(want)), want, rtol=tolerance,
                                atol=tolerance)
 
 
