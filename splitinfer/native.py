@@ -13,7 +13,7 @@ the scores, and for the plain split's small ops.
   of the time to gather every key, per call and inside an inference; "Thirty-eighth round").
 - the causal blocks' softmax of the plain split and otp (`tee_ops.CausalBlocks.softmax`): each row read once with
   its row of the bias, one exp a score, written once, every block in one call, 16 values a register. Where no
-  sequence is padded the bias is the causal mask alone, and a later key is hidden by its index, the bias unread (at
+  sequence is padded the bias is the causal mask alone, and a later key is hidden by its index, the bias unused (at
   512 tokens in float16 on the VM: 0.72 of the last build's time a call in registers, 0.90 of that by index; the
   plain split's softmax inside an inference 3.66 -> 2.60 ms for 2 layers; "Thirty-eighth round").
 - the plain split's RMSNorm (with the residual add or without), SiLU·up and RoPE (`tee_ops.RmsNorm.after`,
@@ -508,7 +508,7 @@ static void hop(const T* c, const T* d1, const T* d3, const int32_t* rows_at, co
 // the softmax of each row of packed causal blocks plus its row of the [B, 1, n, n] bias (`tee_ops.CausalBlocks`):
 // block r holds [B, H, end_r - start_r, end_r] scores, rows begin to end counted over every block in turn. Where no
 // sequence is `padded`, the bias is only the causal mask, so a key past the row is `blocked` by its index instead,
-// and the bias goes unread: the same weights, since either way a later key's exp underflows to exactly 0.
+// and the bias's values go unused: the same weights, since either way a later key's exp underflows to exactly 0.
 template <typename T>
 static void block_rows(int64_t begin, int64_t end, const T* x, const T* bias, T* out, const std::vector<int64_t>& starts,
                        const std::vector<int64_t>& first_row, const std::vector<int64_t>& offset, int64_t heads,
@@ -1629,7 +1629,7 @@ def softmax_blocks(scores: torch.Tensor, bias: torch.Tensor, out: torch.Tensor, 
                    starts: tuple[int, ...], padded: bool = True) -> torch.Tensor:
     """`tee_ops.CausalBlocks.softmax` of packed scores into `out` (both contiguous): each row's softmax with its row
     of the [B, 1, n, n] bias, in one pass, every block in one call; not `padded`, later keys hidden by their index,
-    the bias unread."""
+    the bias's values unused."""
     from splitinfer.tee_ops import BLOCKED  # here: tee_ops imports this module
     return _module().softmax_blocks(scores, bias.contiguous(), out, batch, heads, list(starts), padded, BLOCKED)
 

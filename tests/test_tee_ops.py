@@ -73,7 +73,7 @@ def test_causal_blocks_softmax_in_one_pass_is_the_kernels(dtype, tolerance, star
     register's 16 values. A row with no key to see (a query before a left-padded sequence starts) sums to 1 in both;
     its weights are the scores' own softmax here, where the float16 kernel's sum with the bias rounds the scores away
     first (no real token's answer reads such a row). Where no sequence is padded, later keys hidden by their index
-    (the bias unread) give the very same probabilities as the bias does."""
+    (the bias's values unused) give the very same probabilities as the bias does."""
     from splitinfer import native
     torch.manual_seed(4)
     batch, heads, n = 3, 4, starts[-1]
