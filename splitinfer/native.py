@@ -33,7 +33,7 @@ the scores, and for the plain split's small ops.
   The softmax hop's kernel takes v's in the same call, and the RoPE hop's q's and kᵀ's.
 - the first half of ours' RoPE hop (`schemes.Matrix.rope_hop`): the qkv answer unmixed and q's and k's heads
   rotated, in two passes (the Woodbury column sums; each row recovered a chunk of whole heads at a time and
-  rotated), then the operands' masks.
+  rotated, in registers for heads of a multiple of 32), then the operands' masks.
 - ours' hop between two linears (`schemes.Matrix.hop`): the answer unmixed, SiLU·up or the residual sum's RMSNorm,
   the result mixed for the next linear. Inductor's one kernel for it sums the Woodbury and mixing columns down
   rows of a power-of-two width (16384 values for gate/up), which share the cache's sets, and it took 9.2 ms at 512
@@ -1031,9 +1031,9 @@ static inline void rotate_row(const float* x, const float* cos, const float* sin
 }
 
 #ifdef __AVX512F__
-// rotate_row of a row of T into out, its halves (h / 2 a multiple of 16) 16 values a register
-template <typename T>
-static inline void rotate16(const T* x, const float* cos, const float* sin, T* out, int64_t h) {
+// rotate_row of a row (of T, or float32) into out, its halves (h / 2 a multiple of 16) 16 values a register
+template <typename X, typename T>
+static inline void rotate16(const X* x, const float* cos, const float* sin, T* out, int64_t h) {
   const int64_t half = h / 2;
   for (int64_t j = 0; j < half; j += 16) {
     const __m512 first = load16(x + j), second = load16(x + half + j);
@@ -1444,6 +1444,12 @@ void ours_unmix_rope(torch::Tensor z, torch::Tensor woodbury, torch::Tensor a, t
                   store(vs + r * G * h + (head - rotated_heads) * h, x, h);
                   continue;
                 }
+#ifdef __AVX512F__
+                if (h % 32 == 0) {  // rotated and rounded in registers: the same operations as rotate_row
+                  rotate16(x, c, sine, rot + (head * R + r) * h, h);
+                  continue;
+                }
+#endif
                 rotate_row(x, c, sine, o, h);
                 store(rot + (head * R + r) * h, o, h);
               }

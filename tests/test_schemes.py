@@ -399,15 +399,16 @@ def test_ours_attend_hop_in_one_call_is_its_steps(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_ours_rope_hop_in_cpp_is_its_steps(dtype):
+@pytest.mark.parametrize("h", [8, 32])
+def test_ours_rope_hop_in_cpp_is_its_steps(dtype, h):
     """ours' RoPE hop in `native`'s kernels (the recovery, RoPE and the operands' masks in one call,
     `native.ours_unmix_rope`) gives what its one TEE kernel gives (`_unmix_op_permute`): v, and the scores' two masked
-    operands, within rounding, for two sequences under GQA and a rank-2 mask."""
+    operands, within rounding, for two sequences under GQA and a rank-2 mask; heads of 32 are rotated in registers."""
     from splitinfer import kernels
     from splitinfer.kernels import fused
     from splitinfer.schemes import _rows_of, _unmix_op_permute
     from splitinfer.tee_ops import rotated_heads
-    heads, groups, n, h = 4, 2, 10, 8
+    heads, groups, n = 4, 2, 10
     width = (heads + 2 * groups) * h
     scheme = Matrix(seed=7, rank=2)
     scheme.prepare({"qkv": (2, n, 16)}, {"s": ((2, heads, n, h), (2, groups, h, n))}, dtype=dtype)
