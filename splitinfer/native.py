@@ -1031,9 +1031,11 @@ static inline void rotate_row(const float* x, const float* cos, const float* sin
 }
 
 #ifdef __AVX512F__
-// rotate_row of a row (of T, or float32) into out, its halves (h / 2 a multiple of 16) 16 values a register
+// rotate_row of a row (of T, or float32) into out, rounded to T, each half 16 values a register: the same operations.
+// False where h is no multiple of 32 (64 and 128 in the LLaMA shapes are): none done.
 template <typename X, typename T>
-static inline void rotate16(const X* x, const float* cos, const float* sin, T* out, int64_t h) {
+static inline bool rotated_in_registers(const X* x, const float* cos, const float* sin, T* out, int64_t h) {
+  if (h % 32 != 0) return false;
   const int64_t half = h / 2;
   for (int64_t j = 0; j < half; j += 16) {
     const __m512 first = load16(x + j), second = load16(x + half + j);
@@ -1041,6 +1043,7 @@ static inline void rotate16(const X* x, const float* cos, const float* sin, T* o
     store16(out + half + j, _mm512_fmadd_ps(second, _mm512_loadu_ps(cos + half + j),
                                             _mm512_mul_ps(first, _mm512_loadu_ps(sin + half + j))));
   }
+  return true;
 }
 #endif
 
@@ -1074,10 +1077,7 @@ void rope_rows(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, torch::Ten
         const int64_t i = r % n, head = r / n % heads, b = r / n / heads;
         const T* row = xs + b * s0 + head * s1 + i * s2;
 #ifdef __AVX512F__
-        if (h % 32 == 0) {  // both halves 16 values a register: the same operations as rotate_row
-          rotate16(row, cf + i * h, sf + i * h, os + r * h, h);
-          continue;
-        }
+        if (rotated_in_registers(row, cf + i * h, sf + i * h, os + r * h, h)) continue;
 #endif
         const float* v = as_float(row, a, h);
         rotate_row(v, cf + i * h, sf + i * h, o, h);
@@ -1445,10 +1445,7 @@ void ours_unmix_rope(torch::Tensor z, torch::Tensor woodbury, torch::Tensor a, t
                   continue;
                 }
 #ifdef __AVX512F__
-                if (h % 32 == 0) {  // rotated and rounded in registers: the same operations as rotate_row
-                  rotate16(x, c, sine, rot + (head * R + r) * h, h);
-                  continue;
-                }
+                if (rotated_in_registers(x, c, sine, rot + (head * R + r) * h, h)) continue;
 #endif
                 rotate_row(x, c, sine, o, h);
                 store(rot + (head * R + r) * h, o, h);
