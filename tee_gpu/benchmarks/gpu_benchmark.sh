@@ -51,7 +51,10 @@
 #   log.txt            with the seconds since the start at each step
 # One lent machine's 15 minutes hold two calls: this script with the default budget (the floor, the comparison
 # and the runner processes fit), then the rest on a second machine, STEPS=precision,kernel_bench DEADLINE=250,
-# into another folder; copy that folder's files beside the first's and run splitinfer.targets on it.
+# into another folder; copy that folder's files beside the first's and run splitinfer.targets on it. On one H200
+# (thirty-ninth round) STEPS=perf,kernel_bench WITHOUT_CPP=1 PERF_LIMIT=420 with kernel_bench at 16 threads and 512
+# tokens took 347 s, then STEPS=floor,runners,precision 248 s on the same machine, still warm: 12 minutes of
+# device time with the start.
 # Opt-in, each adding a step (and a file) and time:
 #   ABLATIONS=1   perf's ablations (pageable copies, the full scores, blocks of 128 rows, ours' own embedding
 #                 table) and the plain split with overlapped copies, after a smoke test of
