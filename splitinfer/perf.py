@@ -212,12 +212,12 @@ IN_TURN = (FRESH_BUFFERS, COPY_STREAMS, NO_CPP)  # the variants timed in turn wi
 def interleave(timers: dict[str, CallTimer | EngineTimer], repeat: int) -> None:
     """`repeat` rounds, each timing every timer once in turn: a drift in the host's speed while they are timed (a
     noisy neighbour, a clock) then falls on all of them alike, not on their ratios. Each round starts one timer
-    later than the last, so that no method always follows the same one: what one leaves behind (caches, the
-    clock after the CPU baselines' matrix units) would otherwise fall on one neighbour every round (H200 host,
+    later than the last, so that no method always follows the same one: what one leaves behind (the caches' state,
+    the CPU's after the baselines' matrix work) would otherwise fall on one neighbour every round (H200 host,
     128 tokens: the plain split, timed right after transformers, took 1.76 ms over its RMSNorms where its two
     variants, with the same code, took 1.10 and 1.17)."""
     order = list(timers.values())
-    for r in range(repeat):
+    for r in range(repeat if order else 0):
         for timer in order[r % len(order):] + order[:r % len(order)]:
             timer.round()
 
