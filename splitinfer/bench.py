@@ -32,7 +32,7 @@ ONLY_FOR = {"--pad-scale": ("otp",), "--mask-rank": ("ours",), "--mix-scale": ("
             "--resident-embedding": ("ours", "otp"), "--fuse-hops": ("ours", "otp"),
             "--cuda-graphs": ("optimized", "ours", "otp")}
 SWITCHES = ("--overlap", "--resident-embedding", "--fuse-hops", "--cuda-graphs")
-MAYBE_VALUED = ("--fuse-hops", "--cuda-graphs")  # alone: on; or followed by on, off or auto
+MAYBE_VALUED = ("--fuse-hops", "--cuda-graphs", "--resident-embedding")  # alone: on; or followed by on, off (or auto)
 RUNNER_SCHEMES = {**RUNNERS, "tee_only": TEE_ONLY}
 
 

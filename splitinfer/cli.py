@@ -23,12 +23,13 @@ from splitinfer.reference import compare, reference_logits
 from splitinfer.files import write_atomically, write_json
 from splitinfer.results import (MemoryPhases, environment_block, memory_block, percentage_block, steady_state_block,
                                 timing_block)
-from splitinfer.schemes import make_scheme
+from splitinfer.schemes import RUNNERS, make_scheme
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 KERNEL_MODES = ("compiled", "cpp", "eager")  # --kernels: see `kernel_options`
 SWITCH = {"on": True, "off": False, AUTO: AUTO}  # --cuda-graphs, --fuse-hops: as SplitLlama takes them
 TEE_ONLY = "tee_only"
+RUNNER_OF = {scheme: runner for runner, scheme in RUNNERS.items()}  # scheme -> the split runner that plugs it in
 
 
 def load_config(path: str):
@@ -36,6 +37,13 @@ def load_config(path: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def keeps_embedding(config, scheme: str) -> bool:
+    """Whether config.py has this masked scheme's runner keep its own copy of a tied embedding table
+    (RESIDENT_EMBEDDING: the runners that do, or a bool for both)."""
+    setting = getattr(config, "RESIDENT_EMBEDDING", ())
+    return setting if isinstance(setting, bool) else RUNNER_OF[scheme] in setting
 
 
 def build_parser(config, scheme: str, prog: str) -> argparse.ArgumentParser:
@@ -96,10 +104,12 @@ def build_parser(config, scheme: str, prog: str) -> argparse.ArgumentParser:
                        help="on CUDA, send the scores and gate/up's output to the TEE and back in parts, so that "
                             "copies run while the TEE works on other parts (timing JSON: overlap_ms)")
     if scheme in ("matrix", "otp"):
-        p.add_argument("--resident-embedding", action="store_true",
-                       default=getattr(config, "RESIDENT_EMBEDDING", False),
-                       help="with a tied LM head, keep a copy of the embedding table in the TEE instead of reading "
-                            "the GPU's whole at every inference: one table copy faster, a table's size more memory")
+        p.add_argument("--resident-embedding", nargs="?", choices=("on", "off"), const="on",
+                       default="on" if keeps_embedding(config, scheme) else "off",
+                       help="with a tied LM head, keep a copy of the embedding table in the TEE (on) instead of "
+                            "reading the GPU's whole at every inference (off): one table's copy less per inference "
+                            "(about 10 ms at the 1B shape on a GPU host), a table's size more host memory (501 MiB "
+                            "there). The flag alone means on. JSON: benchmark_info.resident_embedding")
         add_switch(p, "--fuse-hops", getattr(config, "FUSE_HOPS", AUTO),
                    "make each of the TEE's hops one call, one compiled or C++ kernel where set-up measures that "
                    "faster: between two linears, recovering the answer, the residual add and RMSNorm (or SiLU·up), "
@@ -242,7 +252,7 @@ def run(args, scheme_name: str) -> dict:
     scheme = make_scheme("plain" if tee_only else scheme_name, seed=args.seed, **options)
     engine = SplitLlama(model.config, model.state_dict, scheme, gpu_device, dtype, tee_only=tee_only,
                         overlap=getattr(args, "overlap", False),
-                        resident_embedding=getattr(args, "resident_embedding", False),
+                        resident_embedding=getattr(args, "resident_embedding", "off") == "on",
                         fuse_hops=SWITCH[getattr(args, "fuse_hops", "off")],
                         cuda_graphs=SWITCH[getattr(args, "cuda_graphs", "off")],
                         **kernel_options(args.kernels, gpu_device),
@@ -314,6 +324,7 @@ def run(args, scheme_name: str) -> dict:
                            "real_tokens": real_tokens, "ragged": args.ragged, "dtype": dtype_name,
                            "scheme": scheme_name, "encryption_scheme": scheme.encryption_scheme,
                            "fused_hops": engine.fuse_hops, "cuda_graphs": engine.cuda_graphs,
+                           "resident_embedding": engine.embed_table is not None and engine.tied,
                            "cuda_graphs_captured": engine.cuda_graphs_captured,
                            "configuration": engine.configuration,
                            "throughput_tokens_per_sec": real_tokens / (figures["total_ms"] / 1e3),

@@ -32,7 +32,8 @@ import torch
 
 from splitinfer import kernels
 from splitinfer.boundary import copy_in_slices
-from splitinfer.cli import DTYPES, SWITCH, add_kernels_flag, kernel_options, load_config, progress, resolve_gpu_device
+from splitinfer.cli import (DTYPES, SWITCH, add_kernels_flag, keeps_embedding, kernel_options, load_config, progress,
+                            resolve_gpu_device)
 from splitinfer.engine import CHOSEN_OPTIONS, SplitLlama
 from splitinfer.errors import OneLineParser, UserError, one_line_errors
 from splitinfer.inputs import build_batch, read_prompts
@@ -72,8 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split-only", action="store_true",
                    help="time only the split runners (no TEE-only baseline, no transformers, no ratios)")
     p.add_argument("--no-ablations", action="store_true",
-                   help="on CUDA, skip the pageable-copy, full-scores, 128-row-block and resident-embedding variants "
-                        "of the split runners")
+                   help="on CUDA, skip the pageable-copy, full-scores and 128-row-block variants of the split runners, "
+                        "and ours and otp with a tied embedding table the other way from how they ship (their own "
+                        "copy, or the GPU's read at every inference)")
     p.add_argument("--no-kernel-variants", action="store_true",
                    help="with compiled kernels, skip the plain split and ours with eager kernels (*_eager_kernels) "
                         "and with compiled kernels at every shape (*_all_compiled: no per-shape choice in set-up)")
@@ -185,17 +187,20 @@ class EngineTimer:
 
 
 def kept_options(engine: SplitLlama) -> dict[str, bool]:
-    """The options set-up may choose (`CHOSEN_OPTIONS`), as the engine runs them."""
-    return {name: getattr(engine, name) for name in CHOSEN_OPTIONS}
+    """The options set-up may choose (`CHOSEN_OPTIONS`), as the engine runs them, and whether a masked one keeps its
+    own copy of a tied table: what a runner's variants inherit from it."""
+    return {**{name: getattr(engine, name) for name in CHOSEN_OPTIONS}, "resident_embedding": engine.resident_embedding}
 
 
-def shipped_options(no_cuda_graphs: bool, no_fused_hops: bool) -> dict:
-    """`CHOSEN_OPTIONS` as the split runners ship them (tee_gpu/config.py: on, off or auto), each off where its flag
-    says so."""
+def shipped_options(no_cuda_graphs: bool, no_fused_hops: bool) -> dict[str, dict]:
+    """Each split runner's options as it ships them (tee_gpu/config.py): `CHOSEN_OPTIONS` (on, off or auto), each off
+    where its flag says so, and for a masked runner whether it keeps its own copy of a tied embedding table."""
     config = load_config(RUNNER_CONFIG)
-    return {name: False if off else SWITCH.get(value, value)
-            for name, value, off in (("cuda_graphs", config.CUDA_GRAPHS, no_cuda_graphs),
-                                     ("fuse_hops", config.FUSE_HOPS, no_fused_hops))}
+    chosen = {name: False if off else SWITCH.get(value, value)
+              for name, value, off in (("cuda_graphs", config.CUDA_GRAPHS, no_cuda_graphs),
+                                       ("fuse_hops", config.FUSE_HOPS, no_fused_hops))}
+    return {method: {**chosen, **({} if scheme == "plain" else {"resident_embedding": keeps_embedding(config, scheme)})}
+            for method, scheme in RUNNERS.items()}
 
 
 def spread(runs: list[float]) -> dict:
@@ -223,15 +228,15 @@ def interleave(timers: dict[str, CallTimer | EngineTimer], repeat: int) -> None:
 
 
 def variants(overlap: bool, ablations: bool, thread_sweep: str | None, kernel_variants: bool = False,
-             fused_hops: bool = False, cuda_graphs: bool = False, shipped: dict | None = None,
+             fused_hops: bool = False, cuda_graphs: bool = False, shipped: dict[str, dict] | None = None,
              fresh_buffers: bool = False, without_cpp: bool = False) -> list[tuple[str, str, dict, int | None]]:
     """(label, scheme, engine options, threads) of every split engine to time: the three runners as they
-    ship (`shipped`: the options set-up may choose, as tee_gpu/config.py sets them); the plain split with copies overlapping the TEE's work (`overlap`: on CUDA; off by default, as
+    ship (`shipped`, by runner: its options as tee_gpu/config.py sets them); the plain split with copies overlapping the TEE's work (`overlap`: on CUDA; off by default, as
     it measured slower on the H100 machine); ablations on the same machine (`ablations`: on CUDA): the
     plain split with pageable copies (what the pinned staging buys), the plain split and otp with the
     full n×n scores (what the causal block triangle buys), the plain split with blocks of at least
-    128 rows (half as many TEE ops, a little more of n²), and ours with its own copy of a tied embedding
-    table (what reading the GPU's costs); the plain split and ours with eager TEE kernels, and with compiled
+    128 rows (half as many TEE ops, a little more of n²), and each masked runner with a tied embedding table the
+    other way from how it ships, its own copy or the GPU's read at every inference (what reading the GPU's costs); the plain split and ours with eager TEE kernels, and with compiled
     ones at every shape (`kernel_variants`: what compiling buys, and what set-up's per-shape choice of
     eager or compiled buys); ours and otp with fused hops (`fused_hops`: with compiled or C++ kernels, where a hop
     can become one call); each runner with its GPU calls replayed from CUDA graphs (`cuda_graphs`: on CUDA,
@@ -241,7 +246,8 @@ def variants(overlap: bool, ablations: bool, thread_sweep: str | None, kernel_va
     kernels left out (`without_cpp`: what they save, with compiled or C++ kernels); and each runner at each thread count
     of the sweep. Those three name both options set-up may choose, each on or off; every other variant takes what
     set-up chose for its runner at its length (`measure`)."""
-    out = [(method, scheme, dict(shipped or {}), None) for method, scheme in RUNNERS.items()]
+    shipped = shipped or {}
+    out = [(method, scheme, dict(shipped.get(method, {})), None) for method, scheme in RUNNERS.items()]
     if fresh_buffers:
         out += [(f"optimized{FRESH_BUFFERS}", "plain", {"kept_buffers": False}, None),
                 (f"optimized{COPY_STREAMS}", "plain", {"copy_streams": 2}, None)]
@@ -261,7 +267,10 @@ def variants(overlap: bool, ablations: bool, thread_sweep: str | None, kernel_va
         out += [(f"{method}_full_scores", RUNNERS[method], {"triangle": False}, None)
                 for method in ("optimized", "otp")]
         out.append(("optimized_blocks128", "plain", {"block_rows": 128}, None))
-        out.append(("ours_resident_embedding", "matrix", {"resident_embedding": True}, None))
+        for method in ("ours", "otp"):
+            keeps = shipped.get(method, {}).get("resident_embedding", False)
+            out.append((f"{method}_{'streamed' if keeps else 'resident'}_embedding", RUNNERS[method],
+                        {"resident_embedding": not keeps}, None))
     if kernel_variants:
         for method in ("optimized", "ours"):
             out += [(f"{method}_eager_kernels", RUNNERS[method], {"compiled": False}, None),
@@ -426,7 +435,7 @@ def measure(args, results: dict) -> None:
             for method, scheme, options, threads in group:
                 timer = timers[method]
                 row[method] = timer.figures()
-                if args.profile and not threads and set(options) <= {"fuse_hops", "cuda_graphs"}:
+                if args.profile and not threads and (method in RUNNERS or set(options) <= set(CHOSEN_OPTIONS)):
                     table, called, compiled_calls = profile_engine(timer.engine, ids, mask, f"{n} tokens: {method}")
                     row[method].update(host_ops_per_inference=called, compiled_calls_per_inference=compiled_calls)
                     profiles.append(table)
@@ -546,8 +555,11 @@ def ratios(row: dict) -> dict:
                            ("otp_fused_hops_cuda_graphs", "otp_fused_hops_online_over_plain_cuda_graphs")):
         if {variant, "optimized_cuda_graphs"} <= set(row):
             out[ratio] = row[variant]["median_ms"] / row["optimized_cuda_graphs"]["median_ms"]
-    if "ours_resident_embedding" in row:
-        out["ours_streamed_over_resident_embedding"] = row["ours"]["median_ms"] / row["ours_resident_embedding"]["median_ms"]
+    for method in ("ours", "otp"):  # what reading the GPU's table costs: one of the two is the runner
+        pair = [f"{method}_streamed_embedding", f"{method}_resident_embedding"]
+        if method in row and len(set(pair) & set(row)) == 1:
+            streamed, resident = (row.get(label, row[method])["median_ms"] for label in pair)
+            out[f"{method}_streamed_over_resident_embedding"] = streamed / resident
     return out
 
 

@@ -34,8 +34,8 @@ FIRST_MINUS_WARM_MS = 150.0
 PEAK_RSS_MIB = {"optimized": 1536.0, "ours": 1536.0, "otp": 4096.0}  # TARGET_MODEL at 512 tokens
 EXCESS_BYTES = 0.10
 # a runner's configurations that may be shipped: the runner itself and these variants of it (not the ablations
-# that undo a measure, such as pageable copies or the full scores, nor a resident embedding table, which the
-# memory target rules out)
+# that undo a measure, such as pageable copies, the full scores or otp's table read from the GPU, nor ours with its
+# own table, which its memory target rules out)
 VARIANT = re.compile(r"_(cuda_graphs|fused_hops|fused_hops_cuda_graphs|eager_kernels|all_compiled|overlap|blocks128|"
                      r"copy_streams|no_cpp_kernels|threads\d+)")
 SAME_FUNCTION = 1e-2  # a variant whose logits differ from the plain split's by more is not counted as a configuration

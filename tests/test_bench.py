@@ -272,7 +272,8 @@ def test_scheme_flags_reach_only_their_runners():
     assert bench.flags_for("tee_only", flags, "bfloat16") == ["--model", "m", "--dtype", "bfloat16"]
     bench.check_runner_flags(tuple(bench.SCRIPTS), flags, None)  # each runner's own parser takes what it gets
     # on, off or auto after a switch is its value, and goes where the switch goes
-    valued = ["--fuse-hops", "off", "--model", "m", "--cuda-graphs", "auto", "--fuse-hops=on"]
+    valued = ["--fuse-hops", "off", "--model", "m", "--cuda-graphs", "auto", "--fuse-hops=on",
+              "--resident-embedding", "off"]
     assert bench.flags_for("optimized", valued, None) == ["--model", "m", "--cuda-graphs", "auto"]
     assert bench.flags_for("tee_only", valued, None) == ["--model", "m"]
     assert bench.flags_for("ours", valued, None) == valued

@@ -66,10 +66,13 @@ def test_json_result(tiny_models, tmp_path, scheme):
         assert "gpu_embedding" not in r["operation_counts"] and r["operation_counts"]["cpu_embedding"] == 1
         assert r["memory"]["offline_mask_mb"] > 0
     # the TEE's weights: the norms (5 of 64 floats, as given and scaled); the 320 x 64 embedding table is the
-    # tied LM head's, so a masked scheme reads it from the GPU at each inference instead of keeping a copy
-    assert r["memory"]["tee_weights_mb"] == pytest.approx(2 * 5 * 64 * 4 / 2 ** 20)
+    # tied LM head's, so ours reads it from the GPU at each inference, and otp keeps a copy (tee_gpu/config.py)
+    table = 320 * 64 * 4
+    assert info["resident_embedding"] == (scheme == "otp")
+    assert r["memory"]["tee_weights_mb"] == pytest.approx((2 * 5 * 64 * 4 + table * info["resident_embedding"]) / 2 ** 20)
     if scheme in CRYPTO_STEPS:
-        assert r["data_transfer"]["minimum_to_cpu_bytes"] >= 320 * 64 * 4
+        streamed = "embedding" in r["timing_breakdown"]["transfer_to_cpu"]  # the GPU's table, read whole
+        assert streamed != info["resident_embedding"]
         assert 0 <= r["data_transfer"]["excess_over_minimum"] <= 0.10
     assert r["data_transfer"].get("offline_weights_to_cpu_bytes", 0) == 0  # the "GPU" is the CPU: nothing to fetch
     memory = r["memory"]
@@ -223,6 +226,22 @@ def test_script_bad_input_has_no_traceback(tmp_path):
     assert "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1] == "error: unknown preset 'nope'; choose one of: " \
         "smollm2-135m, llama-3.2-1b, llama-3.2-3b, llama-2-7b, llama-3.1-8b, llama-3.2-1b-narrow"
+
+
+def test_resident_embedding_defaults_per_runner():
+    """config.py names the masked runners that keep their own copy of a tied table: otp (its memory target holds
+    it), not ours; the flag alone means on, and either runner takes on or off."""
+    config = cli.load_config(SPLIT_CONFIG)
+    defaults = {scheme: cli.build_parser(config, scheme, "r").parse_args([]).resident_embedding
+                for scheme in ("matrix", "otp")}
+    assert defaults == {"matrix": "off", "otp": "on"}
+    for scheme in ("matrix", "otp"):
+        parser = cli.build_parser(config, scheme, "r")
+        assert parser.parse_args(["--resident-embedding"]).resident_embedding == "on"
+        assert parser.parse_args(["--resident-embedding", "off"]).resident_embedding == "off"
+    assert not hasattr(cli.build_parser(config, "plain", "r").parse_args([]), "resident_embedding")
+    config.RESIDENT_EMBEDDING = True  # a bool sets both
+    assert cli.keeps_embedding(config, "matrix") and cli.keeps_embedding(config, "otp")
 
 
 def test_help_lists_every_flag():

@@ -201,8 +201,13 @@ def test_perf_counts_and_variants():
             perf.parse_counts(bad, "--lengths")
     names = [v[0] for v in perf.variants(overlap=True, ablations=True, thread_sweep="4")]
     assert names == ["optimized", "ours", "otp", "optimized_overlap", "optimized_pageable", "optimized_full_scores",
-                     "otp_full_scores", "optimized_blocks128", "ours_resident_embedding", "optimized_threads4",
-                     "ours_threads4", "otp_threads4"]
+                     "otp_full_scores", "optimized_blocks128", "ours_resident_embedding", "otp_resident_embedding",
+                     "optimized_threads4", "ours_threads4", "otp_threads4"]
+    # a masked runner's table the other way from how it ships: ours reads the GPU's, otp keeps its own (config.py)
+    tables = [v for v in perf.variants(False, True, None, shipped=perf.shipped_options(False, False))
+              if v[0].endswith("_embedding")]
+    assert tables == [("ours_resident_embedding", "matrix", {"resident_embedding": True}, None),
+                      ("otp_streamed_embedding", "otp", {"resident_embedding": False}, None)]
     assert [v[0] for v in perf.variants(overlap=True, ablations=False, thread_sweep=None)] == [
         "optimized", "ours", "otp", "optimized_overlap"]
     assert [v[0] for v in perf.variants(overlap=False, ablations=False, thread_sweep=None)] == ["optimized", "ours", "otp"]
@@ -214,10 +219,13 @@ def test_perf_counts_and_variants():
     assert all(v[2] == {"cuda_graphs": True, "fuse_hops": False} for v in graphed[3:6])
     assert all(v[2] == {"fuse_hops": True, "cuda_graphs": False} for v in graphed[6:8])
     assert all(v[2] == {"fuse_hops": True, "cuda_graphs": True} for v in graphed[8:])
-    shipped = {"cuda_graphs": "auto", "fuse_hops": "auto"}
-    assert all(v[2] == shipped for v in perf.variants(False, False, None, shipped=shipped)[:3])
+    chosen = {"cuda_graphs": "auto", "fuse_hops": "auto"}
+    shipped = {"optimized": chosen, "ours": {**chosen, "resident_embedding": False},
+               "otp": {**chosen, "resident_embedding": True}}
     assert perf.shipped_options(False, False) == shipped  # tee_gpu/config.py's
-    assert perf.shipped_options(True, False) == {"cuda_graphs": False, "fuse_hops": "auto"}
+    assert [v[2] for v in perf.variants(False, False, None, shipped=shipped)] == list(shipped.values())
+    assert perf.shipped_options(True, False)["ours"] == {"cuda_graphs": False, "fuse_hops": "auto",
+                                                         "resident_embedding": False}
     hops_only = perf.variants(overlap=False, ablations=False, thread_sweep=None, fused_hops=True)
     assert [v[0] for v in hops_only] == ["optimized", "ours", "otp", "ours_fused_hops", "otp_fused_hops"]
     # each runner without the C++ kernels, timed in turn with the runners; its ratio to the runner
@@ -227,6 +235,10 @@ def test_perf_counts_and_variants():
     row = {m: {"median_ms": ms, "first_ms": ms} for m, ms in (("optimized", 40.0), ("ours", 80.0), ("otp", 90.0),
                                                                ("ours_no_cpp_kernels", 100.0))}
     assert perf.ratios(row)["ours_no_cpp_kernels_over_with"] == 1.25
+    # what reading the GPU's table costs, whichever way the runner ships
+    row.update(ours_resident_embedding={"median_ms": 70.0}, otp_streamed_embedding={"median_ms": 99.0})
+    assert perf.ratios(row)["ours_streamed_over_resident_embedding"] == 80.0 / 70.0
+    assert perf.ratios(row)["otp_streamed_over_resident_embedding"] == 99.0 / 90.0
 
 
 def test_perf_ratios_with_cuda_graphs():

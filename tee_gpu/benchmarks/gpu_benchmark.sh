@@ -56,8 +56,8 @@
 # tokens took 347 s, then STEPS=floor,runners,precision 248 s on the same machine, still warm: 12 minutes of
 # device time with the start.
 # Opt-in, each adding a step (and a file) and time:
-#   ABLATIONS=1   perf's ablations (pageable copies, the full scores, blocks of 128 rows, ours' own embedding
-#                 table) and the plain split with overlapped copies, after a smoke test of
+#   ABLATIONS=1   perf's ablations (pageable copies, the full scores, blocks of 128 rows, ours with its own
+#                 embedding table and otp reading the GPU's) and the plain split with overlapped copies, after a smoke test of
 #                 --overlap in a process of its own (a CUDA error can poison the process it happens in).
 #                 On one H100 (eighth round) they made the comparison 225 s instead of about 100.
 #   WITHOUT_CPP=1 the comparison also times each split runner with the TEE's C++ kernels left out
