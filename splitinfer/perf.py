@@ -83,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with compiled or C++ kernels, also time each split runner with the C++ kernels left out "
                         "(*_no_cpp_kernels: each step in its other form), round by round with the runners: what "
                         "they save")
+    p.add_argument("--cpp-kernels", action="store_true",
+                   help="with compiled kernels, also time each split runner with --kernels cpp (*_cpp_kernels: eager "
+                        "ops and the C++ kernels, no inductor, each runner making its own set-up choices), round by "
+                        "round with the runners: which kernels the runners should ship with on this machine")
     p.add_argument("--no-fused-hops", action="store_true",
                    help="with compiled or C++ kernels, skip ours and otp with fused hops (*_fused_hops: each of "
                         "the TEE's hops as one call), and keep them off in the runners as they ship (else as "
@@ -211,7 +215,8 @@ def spread(runs: list[float]) -> dict:
 
 FRESH_BUFFERS, COPY_STREAMS = "_fresh_buffers", "_copy_streams"  # the plain split's variants of its copies
 NO_CPP = "_no_cpp_kernels"  # a runner with `native`'s C++ kernels left out
-IN_TURN = (FRESH_BUFFERS, COPY_STREAMS, NO_CPP)  # the variants timed in turn with the runners (`variants`, `measure`)
+CPP = "_cpp_kernels"  # a runner with --kernels cpp where it ships compiled
+IN_TURN = (FRESH_BUFFERS, COPY_STREAMS, NO_CPP, CPP)  # the variants timed in turn with the runners (`variants`, `measure`)
 
 
 def interleave(timers: dict[str, CallTimer | EngineTimer], repeat: int) -> None:
@@ -229,7 +234,8 @@ def interleave(timers: dict[str, CallTimer | EngineTimer], repeat: int) -> None:
 
 def variants(overlap: bool, ablations: bool, thread_sweep: str | None, kernel_variants: bool = False,
              fused_hops: bool = False, cuda_graphs: bool = False, shipped: dict[str, dict] | None = None,
-             fresh_buffers: bool = False, without_cpp: bool = False) -> list[tuple[str, str, dict, int | None]]:
+             fresh_buffers: bool = False, without_cpp: bool = False, cpp_kernels: bool = False
+             ) -> list[tuple[str, str, dict, int | None]]:
     """(label, scheme, engine options, threads) of every split engine to time: the three runners as they
     ship (`shipped`, by runner: its options as tee_gpu/config.py sets them); the plain split with copies overlapping the TEE's work (`overlap`: on CUDA; off by default, as
     it measured slower on the H100 machine); ablations on the same machine (`ablations`: on CUDA): the
@@ -243,7 +249,9 @@ def variants(overlap: bool, ablations: bool, thread_sweep: str | None, kernel_va
     first among the variants), and ours and otp with both; the plain split with a fresh pinned buffer for every
     copy instead of buffers kept from hop to hop, and with its copies to the GPU cut into two slices on two streams
     (`fresh_buffers`: on CUDA; timed in turn with the runners, see `measure`); each runner with `native`'s C++
-    kernels left out (`without_cpp`: what they save, with compiled or C++ kernels); and each runner at each thread count
+    kernels left out (`without_cpp`: what they save, with compiled or C++ kernels); each runner with the C++ kernels
+    beside eager ops and no compiled ones, its options as it ships them, so that set-up chooses them afresh
+    (`cpp_kernels`: where the runners ship compiled, timed in turn with them); and each runner at each thread count
     of the sweep. Those three name both options set-up may choose, each on or off; every other variant takes what
     set-up chose for its runner at its length (`measure`)."""
     shipped = shipped or {}
@@ -277,6 +285,9 @@ def variants(overlap: bool, ablations: bool, thread_sweep: str | None, kernel_va
                     (f"{method}_all_compiled", RUNNERS[method], {"choose_kernels": False}, None)]
     if without_cpp:
         out += [(f"{method}{NO_CPP}", scheme, {"native_kernels": False}, None) for method, scheme in RUNNERS.items()]
+    if cpp_kernels:
+        out += [(f"{method}{CPP}", scheme, {**shipped.get(method, {}), "compiled": False, "cpp": True}, None)
+                for method, scheme in RUNNERS.items()]
     for threads in parse_counts(thread_sweep, "--thread-sweep"):
         out += [(f"{method}_threads{threads}", scheme, {}, threads) for method, scheme in RUNNERS.items()]
     return out
@@ -383,7 +394,8 @@ def measure(args, results: dict) -> None:
                               cuda and not (args.no_cuda_graphs or args.no_option_variants),
                               shipped_options(args.no_cuda_graphs, args.no_fused_hops),
                               fresh_buffers=cuda and not args.no_buffer_variants,
-                              without_cpp=picks and args.without_cpp)
+                              without_cpp=picks and args.without_cpp,
+                              cpp_kernels=mode["compiled"] and args.cpp_kernels)
     prompts = read_prompts(DEFAULT_PROMPTS)
     progress(f"loading {args.model} ({dtype_name}; TEE-only {tee_name})")
     model = load_model(args.model, dtype, gpu_device)
@@ -539,6 +551,8 @@ def ratios(row: dict) -> dict:
     for method in RUNNERS:
         if method + NO_CPP in row:
             out[f"{method}{NO_CPP}_over_with"] = row[method + NO_CPP]["median_ms"] / row[method]["median_ms"]
+        if method + CPP in row:
+            out[f"{method}{CPP}_over_shipped"] = row[method + CPP]["median_ms"] / row[method]["median_ms"]
     for method, ratio in (("ours", "ours_fused_hops_over_plain"), ("otp", "otp_fused_hops_online_over_plain")):
         if f"{method}_fused_hops" in row:
             out[ratio] = row[f"{method}_fused_hops"]["median_ms"] / plain

@@ -22,7 +22,7 @@ import torch
 from splitinfer import kernels, native
 from splitinfer.kernels import fused, tee_kernel
 from splitinfer.tee_ops import (CausalBlocks, _hide_later_keys, gated, grouped_matmul, key_positions, merged,
-                                rotated_heads, split_heads, sum_and_norm)
+                                rotated_heads, split_heads, stacked_matmul, sum_and_norm)
 
 MaskShapes = dict[str, tuple[int, ...]]
 MatmulShapes = dict[str, tuple[tuple[int, ...], tuple[int, ...]]]
@@ -694,14 +694,17 @@ class Otp(Plain):
 def _float32_cross(a: torch.Tensor, pad_a: torch.Tensor, pad_b: torch.Tensor, masked_b: torch.Tensor, c: torch.Tensor,
                    product: Callable) -> torch.Tensor:
     """otp's matmul recovered, c + A R₂ + R₁ (B − R₂), the cross terms as float32 products in the form `product`
-    gives, added to c in float32 and rounded once (VM, 4.7 M scores: 0.78 ms against 1.22 for a float16 `out=`)."""
+    gives (each one product a KV group: `stacked_matmul`), added to c in float32 and rounded once (VM, 4.7 M
+    scores: 0.78 ms against 1.22 for a float16 `out=`)."""
     if a.dim() == 4:  # the product keeps the inner dimension whole: both terms as one product,
-        # [A | R₁] [R₂ ; B − R₂], which writes the answer once (VM, 1B shape, 512 tokens: 11.5 ms, not 13.2)
-        cross = product(*_side_by_side(a, pad_a, pad_b, masked_b, a.shape[-1]))
+        # [A | R₁] [R₂ ; B − R₂], which writes the answer once (VM, 1B shape, 512 tokens: 11.5 ms, not 13.2);
+        # the scores' causal blocks, or the full product
+        operands = _side_by_side(a, pad_a, pad_b, masked_b, a.shape[-1])
+        cross = product(*operands) if _scores_blocks(product) else stacked_matmul(*operands)
     else:  # packed probabilities: the same, a row block at a time, against the keys that block sees (VM, 1B
         # shape, 512 tokens: 10.6 ms against 11.8 for the two terms apart)
         blocks = product.__self__
-        cross = torch.cat([grouped_matmul(*_side_by_side(block, pad_block, pad_b[..., :end, :],
+        cross = torch.cat([stacked_matmul(*_side_by_side(block, pad_block, pad_b[..., :end, :],
                                                          masked_b[..., :end, :], end))
                            for (_, end), block, pad_block in zip(blocks.spans, blocks.views(a), blocks.views(pad_a))],
                           dim=-2)

@@ -37,7 +37,7 @@ EXCESS_BYTES = 0.10
 # that undo a measure, such as pageable copies, the full scores or otp's table read from the GPU, nor ours with its
 # own table, which its memory target rules out)
 VARIANT = re.compile(r"_(cuda_graphs|fused_hops|fused_hops_cuda_graphs|eager_kernels|all_compiled|overlap|blocks128|"
-                     r"copy_streams|no_cpp_kernels|threads\d+)")
+                     r"copy_streams|no_cpp_kernels|cpp_kernels|threads\d+)")
 SAME_FUNCTION = 1e-2  # a variant whose logits differ from the plain split's by more is not counted as a configuration
 
 

@@ -37,7 +37,7 @@ def failing_engine(option: str, message: str) -> type[SplitLlama]:
 
 
 def test_ratios_and_logits_against_the_plain_split(tiny_models, tmp_path, capsys):
-    lengths = run_perf(tiny_models, tmp_path, "--kernels", "compiled", lengths="8")  # more lengths: the next test
+    lengths = run_perf(tiny_models, tmp_path, "--kernels", "compiled", "--cpp-kernels", lengths="8")  # more: the next test
     assert set(lengths) == {"8"}
     # how the model was loaded, by which targets knows the default model whatever its display name
     assert json.loads((tmp_path / "perf.json").read_text())["setup"]["model_source"] == "checkpoint"
@@ -46,7 +46,13 @@ def test_ratios_and_logits_against_the_plain_split(tiny_models, tmp_path, capsys
         assert row["ratios"]["ours_over_plain"] == pytest.approx(row["ours"]["median_ms"] / row["optimized"]["median_ms"])
         assert row["optimized"]["rel_diff_from_optimized"] == 0
         # the runners as they ship and the baselines timed side by side; a variant alone
-        assert set(row["ours"]["timed_with"]) == {"optimized", "otp", "tee_only", "transformers_cpu"}
+        cpp = {f"{m}_cpp_kernels" for m in ("optimized", "ours", "otp")}  # --cpp-kernels: in turn with the runners
+        assert set(row["ours"]["timed_with"]) == {"optimized", "otp", "tee_only", "transformers_cpu", *cpp}
+        for method in ("optimized", "ours", "otp"):  # no inductor, set-up's choices made afresh
+            variant = row[f"{method}_cpp_kernels"]
+            assert variant["kernels"].startswith("cpp") and variant["kernel_compile_ms"] > 0
+            assert variant["rel_diff_from_optimized"] < 1e-3 and row["ratios"][f"{method}_cpp_kernels_over_shipped"] > 0
+        assert row["ours_cpp_kernels"]["configuration"]["options"] == ["fuse_hops"]
         assert "ours_eager_kernels" not in row["optimized"]["timed_with"] and row["ours_eager_kernels"]["timed_with"] == []
         # float32: the masks cost only rounding
         assert 0 < row["ours"]["rel_diff_from_optimized"] < 1e-3 and 0 < row["otp"]["rel_diff_from_optimized"] < 1e-3
@@ -100,7 +106,7 @@ def test_ratios_and_logits_against_the_plain_split(tiny_models, tmp_path, capsys
 def test_a_failing_variant_is_recorded_and_the_rest_still_run(tiny_models, tmp_path, monkeypatch, capsys):
     """One ablation failing on a lent GPU must not cost the whole comparison."""
     monkeypatch.setattr(perf, "variants", lambda overlap, ablations, sweep, kernel_variants=False, fused_hops=False, cuda_graphs=False, shipped=None,
-                        fresh_buffers=False, without_cpp=False: [
+                        fresh_buffers=False, without_cpp=False, cpp_kernels=False: [
         ("optimized", "plain", {}, None), ("ours", "matrix", {}, None), ("otp", "otp", {}, None),
         ("optimized_overlap", "plain", {"overlap": True}, None), ("optimized_threads1", "plain", {}, 1)])
     monkeypatch.setattr(perf, "SplitLlama", failing_engine(
@@ -122,7 +128,7 @@ def test_the_headline_comes_first_at_every_length(tiny_models, tmp_path, monkeyp
     """The runners as they ship and the baselines run at every length before any variant, so a run stopped
     by its budget among the variants still has the ratios the targets are stated in, at every length."""
     monkeypatch.setattr(perf, "variants", lambda overlap, ablations, sweep, kernel_variants=False, fused_hops=False, cuda_graphs=False, shipped=None,
-                        fresh_buffers=False, without_cpp=False: [
+                        fresh_buffers=False, without_cpp=False, cpp_kernels=False: [
         ("optimized", "plain", {}, None), ("ours", "matrix", {}, None), ("otp", "otp", {}, None),
         ("optimized_full_scores", "plain", {"triangle": False}, None)])
 

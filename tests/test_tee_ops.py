@@ -175,6 +175,23 @@ def test_causal_blocks_equal_the_full_attention():
     assert CausalBlocks.of(1, 1, 512, rows=128).starts == (0, 128, 256, 384, 512)
 
 
+def test_stacked_matmul_is_the_grouped_product():
+    """One product a KV group, the group's query heads' rows stacked: grouped_matmul's answer, from rows that are
+    stacked in memory or not (a row block), against kᵀ as a transposed view, into `out` where given; the causal
+    blocks' scores take it on the CPU."""
+    torch.manual_seed(5)
+    batch, heads, groups, n, head_dim = 2, 6, 2, 9, 8
+    q, k = torch.randn(batch, heads, n, head_dim), torch.randn(batch, groups, n, head_dim)
+    k_t = k.transpose(-1, -2)
+    torch.testing.assert_close(tee_ops.stacked_matmul(q, k_t), grouped_matmul(q, k_t))
+    out = torch.empty(batch, heads, 4, 6)
+    assert tee_ops.stacked_matmul(q[..., 2:6, :], k_t[..., :6], out) is out
+    torch.testing.assert_close(out, grouped_matmul(q, k_t)[..., 2:6, :6])
+    blocks = CausalBlocks(batch, heads, (0, 4, 9))
+    for (start, end), block in zip(blocks.spans, blocks.views(blocks.scores(q, k_t))):
+        torch.testing.assert_close(block, grouped_matmul(q, k_t)[..., start:end, :end])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(2, 3, 2, 5, 7), (2, 3, 4, 6)])
 @pytest.mark.parametrize("layout", ["contiguous", "transposed"])
@@ -232,6 +249,11 @@ def test_perf_counts_and_variants():
     without = perf.variants(overlap=False, ablations=False, thread_sweep=None, without_cpp=True)[3:]
     assert [v[0] for v in without] == ["optimized_no_cpp_kernels", "ours_no_cpp_kernels", "otp_no_cpp_kernels"]
     assert all(v[2] == {"native_kernels": False} and v[0].endswith(perf.IN_TURN) for v in without)
+    # each runner with --kernels cpp where it ships compiled: its shipped options, so that set-up chooses afresh
+    cpp = perf.variants(False, False, None, shipped=shipped, cpp_kernels=True)[3:]
+    assert [(v[0], v[2]) for v in cpp] == [(f"{m}_cpp_kernels", {**shipped[m], "compiled": False, "cpp": True})
+                                           for m in ("optimized", "ours", "otp")]
+    assert all(v[0].endswith(perf.IN_TURN) for v in cpp)
     row = {m: {"median_ms": ms, "first_ms": ms} for m, ms in (("optimized", 40.0), ("ours", 80.0), ("otp", 90.0),
                                                                ("ours_no_cpp_kernels", 100.0))}
     assert perf.ratios(row)["ours_no_cpp_kernels_over_with"] == 1.25

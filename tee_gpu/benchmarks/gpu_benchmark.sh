@@ -63,6 +63,9 @@
 #   WITHOUT_CPP=1 the comparison also times each split runner with the TEE's C++ kernels left out
 #                 (*_no_cpp_kernels, round by round with the runners; perf --without-cpp): what they save, in one
 #                 process (three more engines at each length: raise PERF_LIMIT, the comparison's limit, from 330 s)
+#   CPP_KERNELS=1 the comparison also times each split runner with --kernels cpp (*_cpp_kernels: no inductor,
+#                 each making its own set-up choices), round by round with the runners as they ship (compiled):
+#                 which kernels a GPU host's runners should ship with (three more engines: raise PERF_LIMIT)
 #   BASELINE=DIR  perf_baseline.json: the split runners of an older commit's tree (e.g. `git archive REF
 #                 splitinfer tee_gpu tee_only_llama | tar -x -C DIR`), timed the same way right after perf,
 #                 for a before/after on one machine (about 90 s)
@@ -165,7 +168,7 @@ if wants perf; then
   step "in-process comparison: split runners, TEE-only (bfloat16), transformers on CPU and GPU"
   within 60 "$perf_limit" python -m splitinfer.perf --model "$model" --lengths "$lengths" --dtype float16 --tee-dtype bfloat16 \
     "${counts[@]}" ${thread_sweep:+--thread-sweep "$thread_sweep"} $no_overlap $no_ablations $no_graphs --profile $kernels \
-    $variant_flags ${WITHOUT_CPP:+--without-cpp} \
+    $variant_flags ${WITHOUT_CPP:+--without-cpp} ${CPP_KERNELS:+--cpp-kernels} \
     --out-dir "$work/perf" || true
   cp "$work/perf/perf.json" "$out/perf.json" 2>/dev/null || true
   cp "$work/perf/perf.csv" "$out/perf.csv" 2>/dev/null || true
