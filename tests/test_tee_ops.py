@@ -188,8 +188,10 @@ def test_stacked_matmul_is_the_grouped_product():
     assert tee_ops.stacked_matmul(q[..., 2:6, :], k_t[..., :6], out) is out
     torch.testing.assert_close(out, grouped_matmul(q, k_t)[..., 2:6, :6])
     blocks = CausalBlocks(batch, heads, (0, 4, 9))
-    for (start, end), block in zip(blocks.spans, blocks.views(blocks.scores(q, k_t))):
-        torch.testing.assert_close(block, grouped_matmul(q, k_t)[..., start:end, :end])
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):  # float16: grouped_matmul's own product
+        qd, kd = q.to(dtype), k_t.to(dtype)
+        for (start, end), block in zip(blocks.spans, blocks.views(blocks.scores(qd, kd))):
+            torch.testing.assert_close(block, grouped_matmul(qd, kd)[..., start:end, :end])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
