@@ -1021,6 +1021,31 @@ void silu_gate_rows(torch::Tensor gate_up, torch::Tensor out) {
   });
 }
 
+// otp's matmul recovered (`schemes._float32_cross`): the float32 cross terms plus the GPU's answer c, each sum
+// rounded once into out (c's dtype and size): one pass where adding in place and rounding made three
+void add_cross_terms(torch::Tensor cross, torch::Tensor c, torch::Tensor out) {
+  TORCH_CHECK(cross.is_contiguous() && c.is_contiguous() && out.is_contiguous() && cross.scalar_type() == at::kFloat
+              && out.scalar_type() == c.scalar_type() && cross.numel() == c.numel() && out.numel() == c.numel(),
+              "add_cross_terms: contiguous float32 cross terms, c and out of one dtype and size");
+  const int64_t total = c.numel(), chunks = (total + COLUMNS - 1) / COLUMNS;
+  in_any_dtype(c, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    const float* xs = cross.data_ptr<float>();
+    const T* cs = c.data_ptr<T>();
+    T* os = out.data_ptr<T>();
+    in_team([&](const Member& me) {
+      float scratch[COLUMNS], y[COLUMNS];
+      for (int64_t chunk = me.first(chunks); chunk < me.last(chunks); ++chunk) {
+        const int64_t j0 = chunk * COLUMNS, m = std::min(COLUMNS, total - j0);
+        const float* cv = as_float(cs + j0, scratch, m);
+        #pragma omp simd
+        for (int64_t j = 0; j < m; ++j) y[j] = xs[j0 + j] + cv[j];
+        store(os + j0, y, m);
+      }
+    });
+  });
+}
+
 // one head's row x of h values rotated by its position's cos and sin: o = x·cos + rotate_half(x)·sin
 static inline void rotate_row(const float* x, const float* cos, const float* sin, float* o, int64_t h) {
   const int64_t half = h / 2;
@@ -1549,7 +1574,7 @@ def _built():
         return load_inline(f"splitinfer_native_{re.sub(r'[^0-9a-zA-Z]', '_', torch.__version__)}", cpp_sources=SOURCE,
                            functions=["ours_softmax_hop", "softmax_blocks", "permute_scales", "ours_linear_hop",
                                       "ours_attend_hop", "ours_unmix_rope", "empty_team", "rms_norm_rows",
-                                      "silu_gate_rows", "rope_rows", "otp_linear_hop", "otp_rope_hop"],
+                                      "silu_gate_rows", "rope_rows", "otp_linear_hop", "otp_rope_hop", "add_cross_terms"],
                            extra_ldflags=["-fopenmp"], verbose=False,
                            extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"])
     except Exception as e:  # no compiler, no ninja, a failed build: the steps run instead
@@ -1709,6 +1734,13 @@ def rms_norm(x: torch.Tensor, branch: torch.Tensor | None, scaled: torch.Tensor,
 def silu_gate(gate_up: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """`tee_ops.silu_gate` in one call, into `out` (both contiguous, in one dtype)."""
     _module().silu_gate_rows(gate_up, out)
+    return out
+
+
+def add_cross_terms(cross: torch.Tensor, c: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """otp's float32 cross terms plus the GPU's answer c, each sum rounded once into `out` (c's dtype and size; all
+    contiguous): `cross.add_(c).to(c.dtype)` in one pass."""
+    _module().add_cross_terms(cross, c, out)
     return out
 
 

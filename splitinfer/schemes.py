@@ -538,6 +538,7 @@ LINEAR_HOP = "ours_hop"  # a hop between two linears, as its op names it: ours_h
 ATTEND_HOP = "ours_attend_hop"
 OTP_LINEAR_HOP = "otp_hop"  # otp's hop between two linears, as its op names it: otp_hop_gated, otp_hop_sum_and_norm
 OTP_ROPE_HOP = "otp_rope_hop"
+ADD_CROSS_TERMS = "otp_add_cross_terms"  # otp's matmuls' answers plus their float32 cross terms, rounded
 STEPS = "steps"
 
 
@@ -585,15 +586,18 @@ class Otp(Plain):
             _pad_tensor(operand, torch.zeros(operand.shape, dtype=dtype), self.pad_scale,
                         self._result(operand.shape, dtype))
         for name, (a, b) in matmuls.items():
-            # the scores, their operands padded as the inference has them, where the integer form's two int32
-            # products fit in INTEGER_BYTES
+            # the scores, their operands padded as the inference has them: each form of their cross terms where the
+            # integer form's two int32 products fit in INTEGER_BYTES, else the float32 form (its sum's forms)
             blocks = _scores_blocks((products or {}).get(name))
-            full = 2 * 4 * math.prod(a.shape[:-1]) * b.shape[-1]
-            if blocks and dtype in INTEGER_DTYPES and full <= INTEGER_BYTES:
-                self.matmul_pads = {name: (torch.zeros(a.shape, dtype=dtype), torch.zeros(b.shape, dtype=dtype))}
-                secret, c = self.protect_matmul(a, b, name)[2], torch.zeros(blocks.shape, dtype=dtype)
+            if not blocks:
+                continue
+            self.matmul_pads = {name: (torch.zeros(a.shape, dtype=dtype), torch.zeros(b.shape, dtype=dtype))}
+            secret, c = self.protect_matmul(a, b, name)[2], torch.zeros(blocks.shape, dtype=dtype)
+            if dtype in INTEGER_DTYPES and 2 * 4 * math.prod(a.shape[:-1]) * b.shape[-1] <= INTEGER_BYTES:
                 kernels.pick(SCORES_CROSS, a, {form: lambda f=f: f(*secret, c, blocks.scores)
                                                for form, f in CROSS_FORMS.items()})
+            else:
+                _float32_cross(*secret, c, blocks.scores)
         # the fused hops, on zero pads: every matmul's, and the linears' at each hop's ends
         self.matmul_pads = {name: tuple(torch.zeros(t.shape, dtype=dtype) for t in pair) for name, pair in matmuls.items()}
         self.linear_pads = {name: (torch.zeros(linears[name], dtype=dtype),
@@ -694,8 +698,19 @@ class Otp(Plain):
 def _float32_cross(a: torch.Tensor, pad_a: torch.Tensor, pad_b: torch.Tensor, masked_b: torch.Tensor, c: torch.Tensor,
                    product: Callable) -> torch.Tensor:
     """otp's matmul recovered, c + A R₂ + R₁ (B − R₂), the cross terms as float32 products in the form `product`
-    gives (each one product a KV group: `stacked_matmul`), added to c in float32 and rounded once (VM, 4.7 M
-    scores: 0.78 ms against 1.22 for a float16 `out=`)."""
+    gives (`_cross_terms`), added to c in float32 and rounded once: in place then rounded, or in one pass in C++
+    (`native.add_cross_terms`), as set-up picked at c's shape (VM, 4.7 M float16 scores: 2.9 ms against 0.6, fortieth
+    round)."""
+    cross = _cross_terms(a, pad_a, pad_b, masked_b, product)
+    return native.in_picked_form(ADD_CROSS_TERMS, c, {STEPS: lambda: cross.add_(c).to(c.dtype)},
+                                 lambda: native.add_cross_terms(cross, c, torch.empty_like(c)), c.is_contiguous(),
+                                 native.ANY_DTYPES)
+
+
+def _cross_terms(a: torch.Tensor, pad_a: torch.Tensor, pad_b: torch.Tensor, masked_b: torch.Tensor, product: Callable
+                 ) -> torch.Tensor:
+    """otp's cross terms A R₂ + R₁ (B − R₂) as float32 products in the form `product` gives, each one product a KV
+    group (`stacked_matmul`)."""
     if a.dim() == 4:  # the product keeps the inner dimension whole: both terms as one product,
         # [A | R₁] [R₂ ; B − R₂], which writes the answer once (VM, 1B shape, 512 tokens: 11.5 ms, not 13.2);
         # the scores' causal blocks, or the full product
@@ -708,7 +723,7 @@ def _float32_cross(a: torch.Tensor, pad_a: torch.Tensor, pad_b: torch.Tensor, ma
                                                          masked_b[..., :end, :], end))
                            for (_, end), block, pad_block in zip(blocks.spans, blocks.views(a), blocks.views(pad_a))],
                           dim=-2)
-    return cross.add_(c).to(c.dtype)
+    return cross
 
 
 def _side_by_side(a: torch.Tensor, pad_a: torch.Tensor, pad_b: torch.Tensor, masked_b: torch.Tensor, k: int
@@ -822,7 +837,8 @@ def _cross_op_pad(form: Callable, op: Callable, a: torch.Tensor, pad_a: torch.Te
                   pad_scale: float, out: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """otp's hop from a matmul to a linear (`Plain.attend_hop`): recover c with float32 cross terms, op -> (kept, x),
     pad x's rows: (kept, x padded, its row scales)."""
-    kept, x = op(form, _float32_cross(a, pad_a, pad_b, masked_b, c, product), *op_args)
+    # added to c and rounded in the kernel, which a compiler fuses (no C++ call inside a traced kernel)
+    kept, x = op(form, _cross_terms(a, pad_a, pad_b, masked_b, product).add_(c).to(c.dtype), *op_args)
     return (kept, *form(_pad_rows)(x, noise, pad_scale, out))
 
 

@@ -432,6 +432,17 @@ def test_ours_rope_hop_in_cpp_is_its_steps(dtype, h):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_otp_sum_rounded_in_one_call_is_its_steps(dtype):
+    """otp's answer plus its float32 cross terms, rounded once in C++ (`native.add_cross_terms`), is the in-place sum
+    rounded, bit for bit, over a size that is no whole number of the kernel's chunks."""
+    from splitinfer import native
+    torch.manual_seed(9)
+    cross, c = torch.randn(3 * 1000 + 7) * 100, (torch.randn(3 * 1000 + 7) * 100).to(dtype)
+    want = cross.clone().add_(c).to(dtype)
+    assert torch.equal(native.add_cross_terms(cross, c, torch.empty_like(c)), want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("op_name", ["gated", "sum_and_norm"])
 def test_otp_linear_hop_in_one_call_is_its_steps(dtype, op_name):
     """otp's hop between two linears in one C++ call (`native.otp_linear_hop`) gives what its steps give
@@ -595,15 +606,17 @@ def test_ours_runs_its_cpp_kernels_where_set_up_picks_them(tiny_models, monkeypa
 
 
 # otp's steps that set-up may run as `native`'s C++ kernels, as `kernels.chosen` names them
-OTP_CPP_STEPS = {schemes.OTP_ROPE_HOP, *(f"{schemes.OTP_LINEAR_HOP}_{op}" for op in ("gated", "sum_and_norm"))}
+OTP_CPP_STEPS = {schemes.OTP_ROPE_HOP, schemes.ADD_CROSS_TERMS,
+                 *(f"{schemes.OTP_LINEAR_HOP}_{op}" for op in ("gated", "sum_and_norm"))}
 
 
 @pytest.mark.parametrize("mode, dtype", [("compiled", torch.float32), ("cpp", torch.float32), ("cpp", torch.float16)])
 def test_otp_runs_its_cpp_hops_where_set_up_picks_them(tiny_models, monkeypatch, mode, dtype):
     """Set-up times otp's hops between two linears (SiLU's, and the residual sum's RMSNorm) and from the qkv
-    projection to the scores as one C++ call each against their steps, beside compiled kernels and beside eager ones
-    (`cpp`), and an inference with those calls in force (four a layer but the first layer's first) gives
-    transformers' logits, for two sequences, one padded."""
+    projection to the scores, and the scores' sum with their cross terms, as one C++ call each against their steps,
+    beside compiled kernels and beside eager ones (`cpp`), and an inference with those calls in force (five a layer
+    but the first layer's first, four where the scores' cross terms run as integer products) gives transformers'
+    logits, for two sequences, one padded."""
     from splitinfer import kernels, native
     monkeypatch.setattr(kernels, "picks", {})
     model = load_model(tiny_models["gqa-tied"], dtype, CPU)  # the shapes of ours' test above
@@ -611,15 +624,15 @@ def test_otp_runs_its_cpp_hops_where_set_up_picks_them(tiny_models, monkeypatch,
                             True)
     calls = []
 
-    def counted(fn):  # each call named by its hop: the RoPE hop's, SiLU's, or a norm's (`norm` given)
-        rope = fn is native.otp_rope_hop
+    def counted(fn):  # each call named by its hop: the RoPE hop's, SiLU's, a norm's (`norm` given), the scores' sum
+        name = {native.otp_rope_hop: "rope", native.add_cross_terms: "cross"}.get(fn)
 
         def call(*args):
-            calls.append("rope" if rope else "gated" if args[3] is None else "norm")
+            calls.append(name or ("gated" if args[3] is None else "norm"))
             return fn(*args)
         return call
 
-    for fn in (native.otp_linear_hop, native.otp_rope_hop):
+    for fn in (native.otp_linear_hop, native.otp_rope_hop, native.add_cross_terms):
         monkeypatch.setattr(native, fn.__name__, counted(fn))
     try:
         engine = SplitLlama(model.config, model.state_dict, make_scheme("otp", seed=1), CPU, dtype, fuse_hops=True,
@@ -635,7 +648,9 @@ def test_otp_runs_its_cpp_hops_where_set_up_picks_them(tiny_models, monkeypatch,
     finally:
         kernels.select(False)
     layers = model.config.num_hidden_layers
-    assert sorted(calls) == sorted(["norm"] * (2 * layers - 1) + ["gated", "rope"] * layers)
+    cross = [k for k in kernels.picks if k[0] == schemes.SCORES_CROSS]  # in half precision: the form picked
+    summed = not cross or kernels.picks[cross[0]]["runs"] == schemes.FLOAT32
+    assert sorted(calls) == sorted(["norm"] * (2 * layers - 1) + ["gated", "rope"] * layers + ["cross"] * layers * summed)
     float32 = model if dtype == torch.float32 else load_model(tiny_models["gqa-tied"], torch.float32, CPU)
     reference = reference_logits(float32.config, float32.state_dict, ids, mask)
     assert compare(logits, reference)["rel_logit_error"] < (1e-4 if dtype == torch.float32 else 2e-2)
