@@ -699,8 +699,8 @@ def _float32_cross(a: torch.Tensor, pad_a: torch.Tensor, pad_b: torch.Tensor, ma
                    product: Callable) -> torch.Tensor:
     """otp's matmul recovered, c + A R₂ + R₁ (B − R₂), the cross terms as float32 products in the form `product`
     gives (`_cross_terms`), added to c in float32 and rounded once: in place then rounded, or in one pass in C++
-    (`native.add_cross_terms`), as set-up picked at c's shape (VM, 4.7 M float16 scores: 2.9 ms against 0.6, fortieth
-    round)."""
+    (`native.add_cross_terms`), as set-up picked at c's shape (VM, 4.7 M float16 scores: 1.38 ms against 0.53 in
+    set-up, fortieth round)."""
     cross = _cross_terms(a, pad_a, pad_b, masked_b, product)
     return native.in_picked_form(ADD_CROSS_TERMS, c, {STEPS: lambda: cross.add_(c).to(c.dtype)},
                                  lambda: native.add_cross_terms(cross, c, torch.empty_like(c)), c.is_contiguous(),
