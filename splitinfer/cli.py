@@ -23,13 +23,12 @@ from splitinfer.reference import compare, reference_logits
 from splitinfer.files import write_atomically, write_json
 from splitinfer.results import (MemoryPhases, environment_block, memory_block, percentage_block, steady_state_block,
                                 timing_block)
-from splitinfer.schemes import RUNNERS, make_scheme
+from splitinfer.schemes import RUNNER_OF, make_scheme
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 KERNEL_MODES = ("compiled", "cpp", "eager")  # --kernels: see `kernel_options`
 SWITCH = {"on": True, "off": False, AUTO: AUTO}  # --cuda-graphs, --fuse-hops: as SplitLlama takes them
 TEE_ONLY = "tee_only"
-RUNNER_OF = {scheme: runner for runner, scheme in RUNNERS.items()}  # scheme -> the split runner that plugs it in
 
 
 def load_config(path: str):

@@ -22,9 +22,8 @@ from splitinfer.inputs import read_prompts
 from splitinfer.models import load_model
 from splitinfer.report import markdown_table, write_files
 from splitinfer.files import write_json
-from splitinfer.schemes import RUNNERS, make_scheme
+from splitinfer.schemes import RUNNER_OF, make_scheme
 
-RUNNER_NAMES = {scheme: runner for runner, scheme in RUNNERS.items()}  # scheme -> the runner that uses it
 LATER_LAYER_ATTACKS = ("naive_match", "shared_direction")
 
 
@@ -78,7 +77,7 @@ def run_scheme(model, public: PublicModel, scheme_name: str, prompt_ids: list[to
     attacks = [{"attack": a, "layer": layer, "token_recovery_rate": hits[(a, layer)] / totals[(a, layer)],
                 "tokens": totals[(a, layer)], "correct": hits[(a, layer)]} for a, layer in totals]
     best = max(attacks, key=lambda r: r["token_recovery_rate"])
-    return {"runner": RUNNER_NAMES[scheme_name], "options": options, "attacks": attacks, "best": best,
+    return {"runner": RUNNER_OF[scheme_name], "options": options, "attacks": attacks, "best": best,
             "crypto_ms_median": statistics.median(crypto_ms)}
 
 
@@ -106,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def evaluate(args) -> dict:
     schemes = parse_list(args.schemes, str, "--schemes")
-    unknown = [s for s in schemes if s not in RUNNER_NAMES]
+    unknown = [s for s in schemes if s not in RUNNER_OF]
     if unknown:
         raise UserError(f"unknown scheme(s) {', '.join(unknown)}; choose from plain, matrix, otp")
     layers = parse_list(args.layers, int, "--layers")

@@ -1114,6 +1114,7 @@ def _sequences(shape: tuple[int, ...]) -> tuple[int, int]:
 
 SCHEMES = {"plain": Plain, "matrix": Matrix, "otp": Otp}
 RUNNERS = {"optimized": "plain", "ours": "matrix", "otp": "otp"}  # split runner -> the scheme it plugs in
+RUNNER_OF = {scheme: runner for runner, scheme in RUNNERS.items()}  # scheme -> the split runner that plugs it in
 
 
 def make_scheme(name: str, **kwargs) -> Plain:

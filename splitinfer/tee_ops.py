@@ -285,10 +285,10 @@ def stacked_matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = 
         return product if out is None else out.copy_(product)
     batch, heads, n, k = a.shape
     groups, m = b.shape[1], b.shape[-1]
-    rows = a.reshape(batch * groups, heads // groups * n, k)
+    rows, columns = a.reshape(batch * groups, heads // groups * n, k), b.reshape(batch * groups, k, m)
     if out is None:
-        return torch.bmm(rows, b.reshape(batch * groups, k, m)).view(batch, heads, n, m)
-    torch.bmm(rows, b.reshape(batch * groups, k, m), out=out.view(batch * groups, heads // groups * n, m))
+        return torch.bmm(rows, columns).view(batch, heads, n, m)
+    torch.bmm(rows, columns, out=out.view(rows.shape[0], rows.shape[1], m))
     return out
 
 
